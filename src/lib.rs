@@ -20,6 +20,7 @@
 #![deny(missing_docs)]
 
 mod buffer;
+mod cpu;
 #[cfg(attnkit_cuda)]
 mod cuda;
 mod device;

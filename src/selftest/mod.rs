@@ -67,12 +67,19 @@ pub fn scale<T: Element>(
         });
     }
     match &dev.backend {
-        Backend::Cpu { .. } => {
+        Backend::Cpu { threads } => {
             let x = x.host("x")?;
-            let y = y.host_mut("y")?;
-            for (i, out) in y.iter_mut().enumerate() {
-                *out = T::from_f32(alpha * x[i * x_stride].to_f32() + beta as f32);
-            }
+            let y = crate::cpu::DisjointSlice::new(y.host_mut("y")?);
+            let beta = beta as f32;
+            const CHUNK: usize = 1 << 16;
+            crate::cpu::par_for(*threads, n.div_ceil(CHUNK), |c| {
+                let start = c * CHUNK;
+                // SAFETY: chunk c owns elements [c*CHUNK, (c+1)*CHUNK) alone.
+                let out = unsafe { y.range_mut(start, CHUNK.min(n - start)) };
+                for (j, o) in out.iter_mut().enumerate() {
+                    *o = T::from_f32(alpha * x[(start + j) * x_stride].to_f32() + beta);
+                }
+            });
             Ok(())
         }
         #[cfg(attnkit_cuda)]
