@@ -27,3 +27,104 @@ template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
     return __float2bfloat16_rn(x);
 }
+
+// ---------------------------------------------------------------------------------------------
+// sm_80 building blocks: async copies, ldmatrix, mma.sync m16n8k16, and a swizzled shared
+// memory layout. Named so that the kernels read like their algorithms.
+// ---------------------------------------------------------------------------------------------
+
+// The block's dynamic shared memory, one declaration for every kernel of a file (two
+// `extern __shared__` arrays with different alignments in one file do not agree).
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+    extern __shared__ __align__(128) unsigned char attnkit_dynamic_smem[];
+    return attnkit_dynamic_smem;
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy that bypasses L1. When `valid` is false nothing is read and
+// the destination is zero-filled (src-size 0): out-of-range rows become zeros, never garbage.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+    const int bytes = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Four 8x8 b16 matrices from shared memory; lane i gives the address of row i % 8 of matrix
+// i / 8, and register j receives matrix j in the mma fragment layout.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+// The same, each matrix transposed: for B operands stored k-major (V in P V).
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// D = A B + D on tensor cores, A 16x16 (row), B 16x8 (col), f32 accumulators. Fragments:
+// a[0]: (row g, k 2t..2t+1), a[1]: (g+8, 2t), a[2]: (g, 2t+8), a[3]: (g+8, 2t+8);
+// b[0]: (k 2t..2t+1, col g), b[1]: (k 2t+8.., g); c[0..1]: (g, 2t..2t+1), c[2..3]: (g+8, ..),
+// where g = lane / 4 and t = lane % 4.
+template <typename T> __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two f32 rounded to T and packed into one register (lo in the low half), as mma operands and
+// 4-byte stores want them.
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// A shared-memory tile of rows of ROW_BYTES bytes, stored as 16-byte chunks whose position
+// inside each 128-byte line is XOR-swizzled by the line index. Eight rows read at the same
+// logical chunk (what ldmatrix and row-wise cp.async do) then hit eight different bank groups:
+// conflict-free without padding.
+template <int ROW_BYTES> struct SwizzledTile {
+    static_assert(ROW_BYTES % 64 == 0, "rows must be whole multiples of 64 bytes");
+    static constexpr int CHUNKS_PER_ROW = ROW_BYTES / 16;
+    // Byte offset of 16-byte chunk `chunk` of row `row`.
+    __device__ static __forceinline__ uint32_t offset(int row, int chunk) {
+        const int linear = row * CHUNKS_PER_ROW + chunk;
+        const int line = linear >> 3;
+        return (uint32_t)((line << 7) | ((((linear & 7) ^ (line & 7))) << 4));
+    }
+};
+
+// Max and sum across the four lanes of a quad (the lanes that share an mma row).
+__device__ __forceinline__ float quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}

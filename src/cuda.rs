@@ -362,6 +362,8 @@ pub(crate) fn echo_params<P: DeviceRepr + Copy>(
 
 // SAFETY: bindgen mirrors of C structs of integers, floats and pointers: plain old data.
 unsafe impl DeviceRepr for params::SelftestParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for params::FlashParams {}
 
 /// Every family's params struct, checked by [`crate::selftest::check_params_layout`]:
 /// (family, size in bytes, echo through the family's own module).

@@ -1,0 +1,176 @@
+//! CUDA launcher of the FlashAttention forward kernels (`kernels/flash.cu`).
+
+use cudarc::driver::LaunchConfig;
+
+use super::{Problem, Strides};
+use crate::buffer::{Buf, BufMut};
+use crate::cuda::{CudaDevice, DevPtrs, params as c};
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+
+/// The launch shape for a dtype and head dim, from the constants in `kernels/flash.h` (the
+/// same ones the kernels are instantiated with): (kernel, rows per block, threads, shared bytes).
+fn tile(dtype: DType, d: usize) -> (String, usize, u32, u32) {
+    let name = format!("flash_fwd_{dtype}_d{d}");
+    match dtype {
+        DType::F32 => {
+            let (bm, bn) = (
+                c::ATTNKIT_FLASH_F32_BLOCK_M as usize,
+                c::ATTNKIT_FLASH_F32_BLOCK_N as usize,
+            );
+            // sQ [bm][d], sK [bn][d + 1] (padded), sV [bn][d], sP [bm][bn], all f32.
+            let smem = (bm * d + bn * (d + 1) + bn * d + bm * bn) * 4;
+            (name, bm, c::ATTNKIT_FLASH_F32_THREADS, smem as u32)
+        }
+        DType::F16 | DType::Bf16 => {
+            let (warps, bn) = if d == 256 {
+                (
+                    c::ATTNKIT_FLASH_WARPS_D256 as usize,
+                    c::ATTNKIT_FLASH_BLOCK_N_D256 as usize,
+                )
+            } else {
+                (
+                    c::ATTNKIT_FLASH_WARPS_SMALL_D as usize,
+                    c::ATTNKIT_FLASH_BLOCK_N_SMALL_D as usize,
+                )
+            };
+            let bm = 16 * warps;
+            // sQ [bm][d], sK [bn][d], sV [bn][d], 2-byte elements.
+            (name, bm, 32 * warps as u32, ((bm + 2 * bn) * d * 2) as u32)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn forward<T: Element>(
+    dev: &CudaDevice,
+    p: &Problem<'_>,
+    q: &Buf<'_, T>,
+    k: &Buf<'_, T>,
+    v: &Buf<'_, T>,
+    cu: Option<&(Buf<'_, i32>, Buf<'_, i32>)>,
+    o: &mut BufMut<'_, T>,
+    lse: &mut BufMut<'_, f32>,
+) -> Result<()> {
+    let (qv, kv, vv) = (dev.view("q", q)?, dev.view("k", k)?, dev.view("v", v)?);
+    let cu_views = match cu {
+        Some((cq, ck)) => Some((dev.view("cu_seqlens_q", cq)?, dev.view("cu_seqlens_k", ck)?)),
+        None => None,
+    };
+    let ov = dev.view_mut("o", o)?;
+    let lv = dev.view_mut("lse", lse)?;
+    // The tensor-core kernels move rows in 16-byte pieces: pointers and strides must allow it.
+    let align = if T::DTYPE == DType::F32 { 4 } else { 16 };
+    if align == 16 {
+        let per = 16 / std::mem::size_of::<T>();
+        for (arg, s) in [("q", &p.q), ("k", &p.k), ("v", &p.v), ("o", &p.o)] {
+            let batch = if p.cu.is_some() { 0 } else { s.batch };
+            if [batch, s.row, s.head].iter().any(|x| x % per != 0) {
+                return Err(Error::Stride {
+                    arg,
+                    detail: format!(
+                        "{s:?}: batch, row and head strides must be multiples of {per} elements (16 bytes)"
+                    ),
+                });
+            }
+        }
+    }
+    let mut ptrs = DevPtrs::default();
+    let stream = &dev.stream;
+    let (cq, ck) = match cu_views {
+        Some((a, b)) => (
+            ptrs.read("cu_seqlens_q", a, stream, 4)? as *const i32,
+            ptrs.read("cu_seqlens_k", b, stream, 4)? as *const i32,
+        ),
+        None => (std::ptr::null(), std::ptr::null()),
+    };
+    let st = |s: &Strides| (s.batch as i64, s.row as i64, s.head as i64);
+    let (qb, qr, qh) = st(&p.q);
+    let (kb, kr, kh) = st(&p.k);
+    let (vb, vr, vh) = st(&p.v);
+    let (ob, or, oh) = st(&p.o);
+    let params = c::FlashParams {
+        q: ptrs.read("q", qv, stream, align)? as *const _,
+        k: ptrs.read("k", kv, stream, align)? as *const _,
+        v: ptrs.read("v", vv, stream, align)? as *const _,
+        o: ptrs.write("o", ov, stream, align)? as *mut _,
+        lse: ptrs.write("lse", lv, stream, 4)? as *mut f32,
+        cu_seqlens_q: cq,
+        cu_seqlens_k: ck,
+        q_batch_stride: qb,
+        q_row_stride: qr,
+        q_head_stride: qh,
+        k_batch_stride: kb,
+        k_row_stride: kr,
+        k_head_stride: kh,
+        v_batch_stride: vb,
+        v_row_stride: vr,
+        v_head_stride: vh,
+        o_batch_stride: ob,
+        o_row_stride: or,
+        o_head_stride: oh,
+        lse_batch_stride: p.lse_batch as i64,
+        lse_head_stride: p.lse_head as i64,
+        // All below were checked to fit i32 by `check`.
+        batch: p.batch as i32,
+        seq_q: p.seq_q as i32,
+        seq_k: p.seq_k as i32,
+        total_q: p.total_q as i32,
+        total_k: p.total_k as i32,
+        heads_q: p.heads_q as i32,
+        heads_kv: p.heads_kv as i32,
+        head_dim: p.d as i32,
+        causal: p.causal as i32,
+        scale_log2: p.scale * std::f32::consts::LOG2_E,
+    };
+    let (name, bm, threads, smem) = tile(T::DTYPE, p.d);
+    let tiles = p.seq_q.div_ceil(bm);
+    if tiles == 0 {
+        return Ok(()); // varlen with only empty query sequences is rejected earlier; nothing to do
+    }
+    let tiles = u32::try_from(tiles).map_err(|_| Error::Unsupported {
+        arg: "seq_q",
+        detail: "too many query tiles".into(),
+    })?;
+    let cfg = LaunchConfig {
+        grid_dim: (tiles, p.heads_q as u32, p.batch as u32),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem,
+    };
+    let name: &'static str = kernel_name(&name)?;
+    // SAFETY: every buffer was checked by `check` to hold the elements its strides reach for the
+    // given shape; o's strides do not overlap; the pointers come from live guards; the kernel
+    // reads cu_seqlens[0..=batch] from buffers checked to hold batch + 1 offsets.
+    unsafe { dev.launch("flash", name, cfg, &params) }?;
+    drop(ptrs);
+    Ok(())
+}
+
+/// The kernel names as `'static` strings (the function cache is keyed by them).
+fn kernel_name(name: &str) -> Result<&'static str> {
+    const NAMES: [&str; 15] = [
+        "flash_fwd_f32_d32",
+        "flash_fwd_f32_d64",
+        "flash_fwd_f32_d96",
+        "flash_fwd_f32_d128",
+        "flash_fwd_f32_d256",
+        "flash_fwd_f16_d32",
+        "flash_fwd_f16_d64",
+        "flash_fwd_f16_d96",
+        "flash_fwd_f16_d128",
+        "flash_fwd_f16_d256",
+        "flash_fwd_bf16_d32",
+        "flash_fwd_bf16_d64",
+        "flash_fwd_bf16_d96",
+        "flash_fwd_bf16_d128",
+        "flash_fwd_bf16_d256",
+    ];
+    NAMES
+        .iter()
+        .find(|n| **n == name)
+        .copied()
+        .ok_or_else(|| Error::Unsupported {
+            arg: "head_dim",
+            detail: format!("no kernel {name}"),
+        })
+}

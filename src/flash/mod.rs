@@ -1,0 +1,729 @@
+//! FlashAttention forward: `O = softmax(scale * Q K^T + mask) V`, tile by tile, never
+//! materialising the score matrix, plus the per-row log-sum-exp (f32).
+//!
+//! Layout `[batch, seq, heads, head_dim]` with explicit element strides (the last dimension
+//! contiguous), GQA/MQA (`heads_q % heads_kv == 0`, K/V heads shared without copies),
+//! `seq_q != seq_k` with the causal mask aligned bottom-right (query `i` sees keys
+//! `j <= i + seq_k - seq_q`, as FlashAttention >= 2.1), and packed variable-length batches
+//! ([`forward_varlen`]). A row that sees no key gets `O = 0` and `LSE = -inf`.
+//!
+//! Data flow: [`forward`] checks every argument against the problem ([`Attention`]), then runs
+//! the CPU implementation (`cpu.rs`: the same online-softmax tiling, on all cores) or the CUDA
+//! kernel (`kernels/flash.cu`: tensor cores for f16/bf16, CUDA cores for the exact f32 path)
+//! on the caller's stream, with no allocation or synchronisation.
+
+mod cpu;
+#[cfg(attnkit_cuda)]
+mod cuda;
+pub mod oracle;
+
+use crate::buffer::{Buf, BufMut};
+use crate::device::{Backend, Device};
+use crate::dtype::Element;
+use crate::error::{Error, Result};
+
+/// Head dimensions the kernels are built for.
+pub const HEAD_DIMS: [usize; 5] = [32, 64, 96, 128, 256];
+
+/// Element strides of a `[batch, seq, heads, head_dim]` tensor.
+///
+/// ```
+/// let s = attnkit::flash::Strides::contiguous(1024, 8, 64);
+/// assert_eq!((s.batch, s.row, s.head, s.dim), (1024 * 8 * 64, 8 * 64, 64, 1));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Strides {
+    /// Between batches (unused by packed variable-length inputs).
+    pub batch: usize,
+    /// Between sequence positions (rows).
+    pub row: usize,
+    /// Between heads.
+    pub head: usize,
+    /// Between elements of a head vector: must be 1 (the kernels read rows as vectors).
+    pub dim: usize,
+}
+
+impl Strides {
+    /// The strides of a contiguous `[batch, seq, heads, head_dim]` tensor.
+    ///
+    /// ```
+    /// let s = attnkit::flash::Strides::contiguous(4, 2, 8);
+    /// assert_eq!(s.row, 16);
+    /// ```
+    pub fn contiguous(seq: usize, heads: usize, head_dim: usize) -> Strides {
+        Strides {
+            batch: seq * heads * head_dim,
+            row: heads * head_dim,
+            head: head_dim,
+            dim: 1,
+        }
+    }
+}
+
+/// A fixed-length attention problem: shapes, mask, scale and strides.
+///
+/// ```
+/// use attnkit::flash::Attention;
+/// let a = Attention::new(2, 128, 128, 8, 2, 64).causal(true);
+/// assert_eq!(a.softmax_scale(), 0.125);
+/// assert_eq!(a.o_len(), 2 * 128 * 8 * 64);
+/// ```
+#[derive(Clone, Debug)]
+pub struct Attention {
+    /// Sequences in the batch.
+    pub batch: usize,
+    /// Query rows per sequence.
+    pub seq_q: usize,
+    /// Keys per sequence.
+    pub seq_k: usize,
+    /// Query heads.
+    pub heads_q: usize,
+    /// Key/value heads (`heads_q % heads_kv == 0`).
+    pub heads_kv: usize,
+    /// Head dimension, one of [`HEAD_DIMS`].
+    pub head_dim: usize,
+    /// Bottom-right aligned causal mask.
+    pub causal: bool,
+    /// Softmax scale; `None` means `1 / sqrt(head_dim)`.
+    pub scale: Option<f32>,
+    /// Strides of q (default: contiguous).
+    pub q_strides: Strides,
+    /// Strides of k (default: contiguous).
+    pub k_strides: Strides,
+    /// Strides of v (default: contiguous).
+    pub v_strides: Strides,
+    /// Strides of o (default: contiguous). Must not overlap itself.
+    pub o_strides: Strides,
+}
+
+impl Attention {
+    /// A non-causal problem with contiguous tensors and the default scale.
+    ///
+    /// ```
+    /// let a = attnkit::flash::Attention::new(1, 17, 33, 4, 4, 128);
+    /// assert_eq!(a.k_strides.row, 4 * 128);
+    /// ```
+    pub fn new(
+        batch: usize,
+        seq_q: usize,
+        seq_k: usize,
+        heads_q: usize,
+        heads_kv: usize,
+        head_dim: usize,
+    ) -> Self {
+        Attention {
+            batch,
+            seq_q,
+            seq_k,
+            heads_q,
+            heads_kv,
+            head_dim,
+            causal: false,
+            scale: None,
+            q_strides: Strides::contiguous(seq_q, heads_q, head_dim),
+            k_strides: Strides::contiguous(seq_k, heads_kv, head_dim),
+            v_strides: Strides::contiguous(seq_k, heads_kv, head_dim),
+            o_strides: Strides::contiguous(seq_q, heads_q, head_dim),
+        }
+    }
+
+    /// Sets the causal mask (bottom-right aligned).
+    ///
+    /// ```
+    /// assert!(attnkit::flash::Attention::new(1, 8, 8, 1, 1, 64).causal(true).causal);
+    /// ```
+    pub fn causal(mut self, causal: bool) -> Self {
+        self.causal = causal;
+        self
+    }
+
+    /// Sets the softmax scale (default `1 / sqrt(head_dim)`).
+    ///
+    /// ```
+    /// assert_eq!(attnkit::flash::Attention::new(1, 8, 8, 1, 1, 64).scale(0.5).softmax_scale(), 0.5);
+    /// ```
+    pub fn scale(mut self, scale: f32) -> Self {
+        self.scale = Some(scale);
+        self
+    }
+
+    /// The scale applied to `Q K^T`.
+    ///
+    /// ```
+    /// assert_eq!(attnkit::flash::Attention::new(1, 1, 1, 1, 1, 256).softmax_scale(), 0.0625);
+    /// ```
+    pub fn softmax_scale(&self) -> f32 {
+        self.scale.unwrap_or(1.0 / (self.head_dim as f32).sqrt())
+    }
+
+    /// Elements `o` must hold with contiguous strides (`batch * seq_q * heads_q * head_dim`).
+    ///
+    /// ```
+    /// assert_eq!(attnkit::flash::Attention::new(2, 3, 5, 4, 2, 32).o_len(), 2 * 3 * 4 * 32);
+    /// ```
+    pub fn o_len(&self) -> usize {
+        self.batch * self.seq_q * self.heads_q * self.head_dim
+    }
+
+    /// Elements of the LSE output, `[batch, heads_q, seq_q]`.
+    ///
+    /// ```
+    /// assert_eq!(attnkit::flash::Attention::new(2, 3, 5, 4, 2, 32).lse_len(), 2 * 4 * 3);
+    /// ```
+    pub fn lse_len(&self) -> usize {
+        self.batch * self.heads_q * self.seq_q
+    }
+
+    /// Floating-point operations of the forward pass, `4 * b * h * seq_q * seq_k * d`, only
+    /// the visible (query, key) pairs counted under the causal mask.
+    ///
+    /// ```
+    /// let a = attnkit::flash::Attention::new(1, 4, 4, 1, 1, 32);
+    /// assert_eq!(a.flops(), 4.0 * 16.0 * 32.0);
+    /// assert_eq!(a.causal(true).flops(), 4.0 * 10.0 * 32.0);
+    /// ```
+    pub fn flops(&self) -> f64 {
+        let pairs = visible_pairs(self.seq_q, self.seq_k, self.causal) as f64;
+        4.0 * (self.batch * self.heads_q * self.head_dim) as f64 * pairs
+    }
+}
+
+/// (query, key) pairs visible in one sequence under the mask.
+fn visible_pairs(seq_q: usize, seq_k: usize, causal: bool) -> u64 {
+    if !causal {
+        return seq_q as u64 * seq_k as u64;
+    }
+    let diag = seq_k as i64 - seq_q as i64;
+    (0..seq_q as i64)
+        .map(|i| (i + diag + 1).clamp(0, seq_k as i64) as u64)
+        .sum()
+}
+
+/// A packed variable-length problem: sequence `b` holds query rows
+/// `cu_seqlens_q[b]..cu_seqlens_q[b+1]` and key rows `cu_seqlens_k[b]..cu_seqlens_k[b+1]` of
+/// tensors laid out `[total, heads, head_dim]`. The offsets are host slices (they are checked,
+/// and size the launch); a GPU call also takes device copies of them.
+///
+/// ```
+/// use attnkit::flash::VarlenAttention;
+/// let cu = [0, 5, 5, 12];
+/// let a = VarlenAttention::new(&cu, &cu, 4, 1, 64).causal(true);
+/// assert_eq!(a.total_q(), 12);
+/// ```
+#[derive(Clone, Debug)]
+pub struct VarlenAttention<'a> {
+    /// Query row offsets, `[batch + 1]`, from 0, non-decreasing.
+    pub cu_seqlens_q: &'a [i32],
+    /// Key row offsets, `[batch + 1]`, from 0, non-decreasing.
+    pub cu_seqlens_k: &'a [i32],
+    /// Query heads.
+    pub heads_q: usize,
+    /// Key/value heads (`heads_q % heads_kv == 0`).
+    pub heads_kv: usize,
+    /// Head dimension, one of [`HEAD_DIMS`].
+    pub head_dim: usize,
+    /// Bottom-right aligned causal mask, per sequence.
+    pub causal: bool,
+    /// Softmax scale; `None` means `1 / sqrt(head_dim)`.
+    pub scale: Option<f32>,
+    /// Strides of q (`batch` unused; default contiguous `[total_q, heads_q, head_dim]`).
+    pub q_strides: Strides,
+    /// Strides of k.
+    pub k_strides: Strides,
+    /// Strides of v.
+    pub v_strides: Strides,
+    /// Strides of o. Must not overlap itself.
+    pub o_strides: Strides,
+}
+
+impl<'a> VarlenAttention<'a> {
+    /// A non-causal varlen problem with contiguous packed tensors and the default scale.
+    ///
+    /// ```
+    /// let (q, k) = ([0, 3, 7], [0, 10, 20]);
+    /// let a = attnkit::flash::VarlenAttention::new(&q, &k, 8, 8, 128);
+    /// assert_eq!(a.o_len(), 7 * 8 * 128);
+    /// ```
+    pub fn new(
+        cu_seqlens_q: &'a [i32],
+        cu_seqlens_k: &'a [i32],
+        heads_q: usize,
+        heads_kv: usize,
+        head_dim: usize,
+    ) -> Self {
+        VarlenAttention {
+            cu_seqlens_q,
+            cu_seqlens_k,
+            heads_q,
+            heads_kv,
+            head_dim,
+            causal: false,
+            scale: None,
+            q_strides: Strides::contiguous(0, heads_q, head_dim),
+            k_strides: Strides::contiguous(0, heads_kv, head_dim),
+            v_strides: Strides::contiguous(0, heads_kv, head_dim),
+            o_strides: Strides::contiguous(0, heads_q, head_dim),
+        }
+    }
+
+    /// Sets the causal mask (bottom-right aligned in each sequence).
+    ///
+    /// ```
+    /// let cu = [0, 1];
+    /// assert!(attnkit::flash::VarlenAttention::new(&cu, &cu, 1, 1, 32).causal(true).causal);
+    /// ```
+    pub fn causal(mut self, causal: bool) -> Self {
+        self.causal = causal;
+        self
+    }
+
+    /// Sets the softmax scale (default `1 / sqrt(head_dim)`).
+    ///
+    /// ```
+    /// let cu = [0, 1];
+    /// let a = attnkit::flash::VarlenAttention::new(&cu, &cu, 1, 1, 32).scale(1.0);
+    /// assert_eq!(a.scale, Some(1.0));
+    /// ```
+    pub fn scale(mut self, scale: f32) -> Self {
+        self.scale = Some(scale);
+        self
+    }
+
+    /// Packed query rows (`cu_seqlens_q[batch]`, 0 if the slice is empty).
+    ///
+    /// ```
+    /// let cu = [0, 2, 9];
+    /// assert_eq!(attnkit::flash::VarlenAttention::new(&cu, &cu, 1, 1, 32).total_q(), 9);
+    /// ```
+    pub fn total_q(&self) -> usize {
+        self.cu_seqlens_q.last().map_or(0, |&x| x.max(0) as usize)
+    }
+
+    /// Elements `o` must hold with contiguous strides (`total_q * heads_q * head_dim`).
+    ///
+    /// ```
+    /// let cu = [0, 2, 9];
+    /// assert_eq!(attnkit::flash::VarlenAttention::new(&cu, &cu, 2, 1, 32).o_len(), 9 * 2 * 32);
+    /// ```
+    pub fn o_len(&self) -> usize {
+        self.total_q() * self.heads_q * self.head_dim
+    }
+
+    /// Elements of the LSE output, `[heads_q, total_q]`.
+    ///
+    /// ```
+    /// let cu = [0, 2, 9];
+    /// assert_eq!(attnkit::flash::VarlenAttention::new(&cu, &cu, 2, 1, 32).lse_len(), 18);
+    /// ```
+    pub fn lse_len(&self) -> usize {
+        self.heads_q * self.total_q()
+    }
+}
+
+/// The checked problem both backends run: sizes, strides, and where sequences start.
+#[derive(Clone, Debug)]
+pub(crate) struct Problem<'a> {
+    pub batch: usize,
+    /// Fixed: rows per sequence. Varlen: the longest sequence.
+    pub seq_q: usize,
+    /// Fixed: keys per sequence. Varlen: the longest.
+    pub seq_k: usize,
+    pub heads_q: usize,
+    pub heads_kv: usize,
+    pub d: usize,
+    pub causal: bool,
+    pub scale: f32,
+    pub q: Strides,
+    pub k: Strides,
+    pub v: Strides,
+    pub o: Strides,
+    /// LSE strides (batch, head); the row stride is 1.
+    pub lse_batch: usize,
+    pub lse_head: usize,
+    /// Varlen offsets (host copies), or None for fixed batches.
+    pub cu: Option<(&'a [i32], &'a [i32])>,
+    pub total_q: usize,
+    pub total_k: usize,
+}
+
+impl Problem<'_> {
+    /// (rows, keys, first q row, first k row) of sequence `b`.
+    pub fn seq(&self, b: usize) -> (usize, usize, usize, usize) {
+        match self.cu {
+            Some((cq, ck)) => {
+                let (q0, q1) = (cq[b] as usize, cq[b + 1] as usize);
+                let (k0, k1) = (ck[b] as usize, ck[b + 1] as usize);
+                (q1 - q0, k1 - k0, q0, k0)
+            }
+            None => (self.seq_q, self.seq_k, 0, 0),
+        }
+    }
+
+    /// Element offset of (sequence b, row r counted from the sequence start, head h).
+    pub fn offset(&self, s: &Strides, b: usize, row0: usize, r: usize, h: usize) -> usize {
+        let batch = if self.cu.is_some() { 0 } else { b * s.batch };
+        batch + (row0 + r) * s.row + h * s.head
+    }
+
+    /// Index of (sequence b, head h, row r) in the LSE output.
+    pub fn lse_index(&self, b: usize, row0: usize, r: usize, h: usize) -> usize {
+        let batch = if self.cu.is_some() {
+            0
+        } else {
+            b * self.lse_batch
+        };
+        batch + h * self.lse_head + row0 + r
+    }
+}
+
+/// Runs attention on a fixed-length batch: `o = softmax(scale * q k^T + mask) v`, and `lse`,
+/// on `dev`'s backend. `q`, `k`, `v`, `o` are `[batch, seq, heads, head_dim]` with the strides in
+/// `attn`; `lse` is contiguous `[batch, heads_q, seq_q]`. Every argument is checked first;
+/// nothing is written on error.
+///
+/// ```
+/// use attnkit::{flash::{self, Attention}, Bf16, Device, Element};
+/// let a = Attention::new(1, 17, 17, 2, 1, 64).causal(true);
+/// let q: Vec<Bf16> = (0..a.o_len()).map(|i| Bf16::from_f32((i % 7) as f32 * 0.1)).collect();
+/// let kv: Vec<Bf16> = (0..17 * 64).map(|i| Bf16::from_f32((i % 5) as f32 * 0.1)).collect();
+/// let mut o = vec![Bf16::nan(); a.o_len()];
+/// let mut lse = vec![f32::NAN; a.lse_len()];
+/// flash::forward(&Device::cpu(), &a, (&q).into(), (&kv).into(), (&kv).into(), (&mut o).into(), (&mut lse).into())?;
+/// assert!(o.iter().all(|x| x.to_f32().is_finite()) && lse.iter().all(|x| x.is_finite()));
+/// # Ok::<(), attnkit::Error>(())
+/// ```
+pub fn forward<T: Element>(
+    dev: &Device,
+    attn: &Attention,
+    q: Buf<'_, T>,
+    k: Buf<'_, T>,
+    v: Buf<'_, T>,
+    o: BufMut<'_, T>,
+    lse: BufMut<'_, f32>,
+) -> Result<()> {
+    for (arg, n) in [
+        ("batch", attn.batch),
+        ("seq_q", attn.seq_q),
+        ("seq_k", attn.seq_k),
+    ] {
+        if n == 0 {
+            return Err(Error::Shape {
+                arg,
+                detail: "must be at least 1".into(),
+            });
+        }
+    }
+    let p = Problem {
+        batch: attn.batch,
+        seq_q: attn.seq_q,
+        seq_k: attn.seq_k,
+        heads_q: attn.heads_q,
+        heads_kv: attn.heads_kv,
+        d: attn.head_dim,
+        causal: attn.causal,
+        scale: attn.softmax_scale(),
+        q: attn.q_strides,
+        k: attn.k_strides,
+        v: attn.v_strides,
+        o: attn.o_strides,
+        lse_batch: attn.heads_q * attn.seq_q,
+        lse_head: attn.seq_q,
+        cu: None,
+        total_q: attn.batch * attn.seq_q,
+        total_k: attn.batch * attn.seq_k,
+    };
+    run(dev, &p, q, k, v, None, o, lse)
+}
+
+/// Runs attention on a packed variable-length batch (continuous batching): `q`, `o` are
+/// `[total_q, heads_q, head_dim]`, `k`, `v` are `[total_k, heads_kv, head_dim]` (strides in
+/// `attn`), `lse` is contiguous `[heads_q, total_q]`. Empty sequences are allowed.
+///
+/// `cu_seqlens_q`/`cu_seqlens_k` hold the same offsets as `attn`'s host slices, where the call
+/// runs: on the CPU pass the host slices again; on a GPU, device copies. (The kernel re-checks
+/// the device copies' bounds, so a stale copy cannot read or write out of bounds.)
+///
+/// ```
+/// use attnkit::{flash::{self, VarlenAttention}, Device};
+/// let cu_q = [0, 3, 3, 8];
+/// let cu_k = [0, 4, 6, 14];
+/// let a = VarlenAttention::new(&cu_q, &cu_k, 1, 1, 32);
+/// let q = vec![0.1f32; a.o_len()];
+/// let kv = vec![0.2f32; 14 * 32];
+/// let mut o = vec![f32::NAN; a.o_len()];
+/// let mut lse = vec![f32::NAN; a.lse_len()];
+/// flash::forward_varlen(&Device::cpu(), &a, (&q).into(), (&kv).into(), (&kv).into(),
+///     cu_q[..].into(), cu_k[..].into(), (&mut o).into(), (&mut lse).into())?;
+/// assert!((o[0] - 0.2).abs() < 1e-6);
+/// # Ok::<(), attnkit::Error>(())
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn forward_varlen<T: Element>(
+    dev: &Device,
+    attn: &VarlenAttention<'_>,
+    q: Buf<'_, T>,
+    k: Buf<'_, T>,
+    v: Buf<'_, T>,
+    cu_seqlens_q: Buf<'_, i32>,
+    cu_seqlens_k: Buf<'_, i32>,
+    o: BufMut<'_, T>,
+    lse: BufMut<'_, f32>,
+) -> Result<()> {
+    let (cq, ck) = (attn.cu_seqlens_q, attn.cu_seqlens_k);
+    if cq.len() < 2 {
+        return Err(Error::Shape {
+            arg: "cu_seqlens_q",
+            detail: "needs at least 2 offsets (one sequence)".into(),
+        });
+    }
+    if ck.len() != cq.len() {
+        return Err(Error::Shape {
+            arg: "cu_seqlens_k",
+            detail: format!("has {} offsets, cu_seqlens_q has {}", ck.len(), cq.len()),
+        });
+    }
+    let seq_q = check_offsets("cu_seqlens_q", cq)?;
+    let seq_k = check_offsets("cu_seqlens_k", ck)?;
+    for (arg, buf) in [
+        ("cu_seqlens_q", &cu_seqlens_q),
+        ("cu_seqlens_k", &cu_seqlens_k),
+    ] {
+        if buf.len() != cq.len() {
+            return Err(Error::Shape {
+                arg,
+                detail: format!("holds {} offsets, the problem has {}", buf.len(), cq.len()),
+            });
+        }
+    }
+    let total_q = attn.total_q();
+    let total_k = ck.last().map_or(0, |&x| x as usize);
+    if total_q == 0 {
+        return Err(Error::Shape {
+            arg: "cu_seqlens_q",
+            detail: "every sequence is empty".into(),
+        });
+    }
+    let p = Problem {
+        batch: cq.len() - 1,
+        seq_q,
+        seq_k,
+        heads_q: attn.heads_q,
+        heads_kv: attn.heads_kv,
+        d: attn.head_dim,
+        causal: attn.causal,
+        scale: attn.scale.unwrap_or(1.0 / (attn.head_dim as f32).sqrt()),
+        q: attn.q_strides,
+        k: attn.k_strides,
+        v: attn.v_strides,
+        o: attn.o_strides,
+        lse_batch: 0,
+        lse_head: total_q,
+        cu: Some((cq, ck)),
+        total_q,
+        total_k,
+    };
+    run(dev, &p, q, k, v, Some((cu_seqlens_q, cu_seqlens_k)), o, lse)
+}
+
+/// Checks offsets: from 0, non-decreasing, within i32. Returns the longest sequence.
+fn check_offsets(arg: &'static str, cu: &[i32]) -> Result<usize> {
+    if cu[0] != 0 {
+        return Err(Error::Value {
+            arg,
+            detail: format!("must start at 0, starts at {}", cu[0]),
+        });
+    }
+    let mut longest = 0usize;
+    for (i, w) in cu.windows(2).enumerate() {
+        if w[1] < w[0] {
+            return Err(Error::Value {
+                arg,
+                detail: format!("decreases at {}: {} -> {}", i + 1, w[0], w[1]),
+            });
+        }
+        longest = longest.max((w[1] - w[0]) as usize);
+    }
+    Ok(longest)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run<T: Element>(
+    dev: &Device,
+    p: &Problem<'_>,
+    q: Buf<'_, T>,
+    k: Buf<'_, T>,
+    v: Buf<'_, T>,
+    cu: Option<(Buf<'_, i32>, Buf<'_, i32>)>,
+    mut o: BufMut<'_, T>,
+    mut lse: BufMut<'_, f32>,
+) -> Result<()> {
+    check(p, q.len(), k.len(), v.len(), o.len(), lse.len())?;
+    match &dev.backend {
+        Backend::Cpu { threads } => {
+            if let Some((cq, ck)) = &cu {
+                cq.host("cu_seqlens_q")?;
+                ck.host("cu_seqlens_k")?;
+            }
+            let (q, k, v) = (q.host("q")?, k.host("k")?, v.host("v")?);
+            let lse = lse.host_mut("lse")?;
+            cpu::forward(*threads, p, q, k, v, o.host_mut("o")?, lse);
+            Ok(())
+        }
+        #[cfg(attnkit_cuda)]
+        Backend::Cuda(c) => cuda::forward(c, p, &q, &k, &v, cu.as_ref(), &mut o, &mut lse),
+    }
+}
+
+/// Every check that does not depend on the backend.
+fn check(
+    p: &Problem<'_>,
+    q_len: usize,
+    k_len: usize,
+    v_len: usize,
+    o_len: usize,
+    lse_len: usize,
+) -> Result<()> {
+    if !HEAD_DIMS.contains(&p.d) {
+        return Err(Error::Unsupported {
+            arg: "head_dim",
+            detail: format!("{} (supported: {HEAD_DIMS:?})", p.d),
+        });
+    }
+    if p.heads_q == 0 || p.heads_kv == 0 {
+        let arg = if p.heads_q == 0 {
+            "heads_q"
+        } else {
+            "heads_kv"
+        };
+        return Err(Error::Shape {
+            arg,
+            detail: "must be at least 1".into(),
+        });
+    }
+    if p.heads_q % p.heads_kv != 0 {
+        return Err(Error::Shape {
+            arg: "heads_kv",
+            detail: format!(
+                "heads_q ({}) is not a multiple of heads_kv ({})",
+                p.heads_q, p.heads_kv
+            ),
+        });
+    }
+    if !p.scale.is_finite() {
+        return Err(Error::Value {
+            arg: "scale",
+            detail: format!("{} is not finite", p.scale),
+        });
+    }
+    // The kernels index with i32 sizes and one grid dimension per batch and head.
+    for (arg, n) in [
+        ("batch", p.batch),
+        ("seq_q", p.seq_q),
+        ("seq_k", p.seq_k),
+        ("heads_q", p.heads_q),
+        ("total_q", p.total_q),
+        ("total_k", p.total_k),
+    ] {
+        if n > i32::MAX as usize {
+            return Err(Error::Unsupported {
+                arg,
+                detail: format!("{n} exceeds i32"),
+            });
+        }
+    }
+    if p.batch > 65535 || p.heads_q > 65535 {
+        let arg = if p.batch > 65535 { "batch" } else { "heads_q" };
+        return Err(Error::Unsupported {
+            arg,
+            detail: "at most 65535 (a CUDA grid dimension)".into(),
+        });
+    }
+    let fixed = p.cu.is_none();
+    let (rows_q, rows_k) = if fixed {
+        (p.seq_q, p.seq_k)
+    } else {
+        (p.total_q, p.total_k)
+    };
+    let batches = if fixed { p.batch } else { 1 };
+    for (arg, s, rows, heads, len) in [
+        ("q", &p.q, rows_q, p.heads_q, q_len),
+        ("k", &p.k, rows_k, p.heads_kv, k_len),
+        ("v", &p.v, rows_k, p.heads_kv, v_len),
+        ("o", &p.o, rows_q, p.heads_q, o_len),
+    ] {
+        check_strides(arg, s, [batches, rows, heads, p.d], len, arg == "o")?;
+    }
+    let lse_need = p.heads_q * p.total_q;
+    if lse_len < lse_need {
+        return Err(Error::Shape {
+            arg: "lse",
+            detail: format!(
+                "holds {lse_len} elements, needs {lse_need} ({} x heads x rows)",
+                if fixed { "batch" } else { "1" }
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Checks a 4-d strided tensor `[batch, rows, heads, d]` against its buffer: last dimension
+/// contiguous, every element inside the buffer, and (for outputs) no two elements at the same
+/// place.
+fn check_strides(
+    arg: &'static str,
+    s: &Strides,
+    dims: [usize; 4],
+    len: usize,
+    output: bool,
+) -> Result<()> {
+    if s.dim != 1 {
+        return Err(Error::Stride {
+            arg,
+            detail: format!("the head_dim stride must be 1, is {}", s.dim),
+        });
+    }
+    let strides = [s.batch, s.row, s.head, 1];
+    let overflow = || Error::Stride {
+        arg,
+        detail: "the extent overflows usize".into(),
+    };
+    let mut last = 0usize;
+    for (&n, &st) in dims.iter().zip(&strides) {
+        if n > 1 {
+            last = (n - 1)
+                .checked_mul(st)
+                .and_then(|x| x.checked_add(last))
+                .ok_or_else(overflow)?;
+        }
+    }
+    let need = last.checked_add(1).ok_or_else(overflow)?;
+    if need > len {
+        return Err(Error::Shape {
+            arg,
+            detail: format!(
+                "holds {len} elements, shape {dims:?} with strides {strides:?} reaches {need}"
+            ),
+        });
+    }
+    if output {
+        // Sorted by stride, each dimension must start past the whole extent of the smaller ones.
+        let mut ds: Vec<(usize, usize)> = strides
+            .iter()
+            .copied()
+            .zip(dims)
+            .filter(|&(_, n)| n > 1)
+            .collect();
+        ds.sort_unstable();
+        let mut extent = 1usize;
+        for (st, n) in ds {
+            if st < extent {
+                return Err(Error::Stride {
+                    arg,
+                    detail: format!("strides {strides:?} make elements overlap"),
+                });
+            }
+            extent = st.saturating_mul(n);
+        }
+    }
+    Ok(())
+}

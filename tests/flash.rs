@@ -1,0 +1,638 @@
+//! FlashAttention forward against the f64 oracle, on the CPU and (where present) the GPU.
+//!
+//! Tolerance: f32 is tight; f16/bf16 use FlashAttention's rule, relative to a naive
+//! computation in the same precision: `max|out - ref| <= 2 * max|naive_lp - ref| + 1e-3`.
+
+mod common;
+
+use attnkit::flash::{self, Attention, HEAD_DIMS, Strides, VarlenAttention, oracle};
+use attnkit::{Bf16, DType, Device, Element, Error, F16};
+use common::*;
+use rand::rngs::StdRng;
+
+/// The CPU, and the GPU where there is one.
+fn devices(test: &str) -> Vec<Device> {
+    let mut v = vec![Device::cpu()];
+    v.extend(gpu(test));
+    v
+}
+
+/// Runs `forward` on `dev` (uploading to and downloading from the GPU when it is one), with
+/// outputs poisoned with NaN beforehand. `o_len` lets a strided o be larger than the problem.
+fn run<T: Element>(
+    dev: &Device,
+    a: &Attention,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    o_len: usize,
+) -> attnkit::Result<(Vec<T>, Vec<f32>)> {
+    let mut o = poisoned::<T>(o_len);
+    let mut lse = vec![f32::NAN; a.lse_len()];
+    #[cfg(feature = "cuda")]
+    if let Some(s) = dev.stream() {
+        let (qd, kd, vd) = (
+            s.clone_htod(q).unwrap(),
+            s.clone_htod(k).unwrap(),
+            s.clone_htod(v).unwrap(),
+        );
+        let mut od = s.clone_htod(&o).unwrap();
+        let mut ld = s.clone_htod(&lse).unwrap();
+        flash::forward(
+            dev,
+            a,
+            (&qd).into(),
+            (&kd).into(),
+            (&vd).into(),
+            (&mut od).into(),
+            (&mut ld).into(),
+        )?;
+        return Ok((s.clone_dtoh(&od).unwrap(), s.clone_dtoh(&ld).unwrap()));
+    }
+    flash::forward(
+        dev,
+        a,
+        q.into(),
+        k.into(),
+        v.into(),
+        (&mut o).into(),
+        (&mut lse).into(),
+    )?;
+    Ok((o, lse))
+}
+
+/// Inputs for a contiguous problem, uniform in [-1, 1) times `amp` (a larger amp makes the
+/// softmax peakier and the exponent range wider).
+fn inputs<T: Element>(rng: &mut StdRng, a: &Attention, amp: f32) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let nq = a.batch * a.seq_q * a.heads_q * a.head_dim;
+    let nk = a.batch * a.seq_k * a.heads_kv * a.head_dim;
+    let scaled = |v: Vec<T>| {
+        v.into_iter()
+            .map(|x| T::from_f32(x.to_f32() * amp))
+            .collect::<Vec<T>>()
+    };
+    (scaled(random(rng, nq)), random(rng, nk), random(rng, nk))
+}
+
+/// The naive computation in T's precision: f32 scores and softmax from T inputs, P rounded to
+/// T (as the tensor cores take it), f32 sums, O rounded to T. Defines the low-precision
+/// tolerance.
+fn naive_lp_row<T: Element>(
+    a: &Attention,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    b: usize,
+    h: usize,
+    i: usize,
+) -> Vec<f64> {
+    let d = a.head_dim;
+    let hk = h / (a.heads_q / a.heads_kv);
+    let at = |s: &Strides, x: &[T], r: usize, hh: usize, c: usize| {
+        x[b * s.batch + r * s.row + hh * s.head + c].to_f32()
+    };
+    let diag = a.seq_k as i64 - a.seq_q as i64;
+    let s: Vec<f32> = (0..a.seq_k)
+        .map(|j| {
+            if a.causal && j as i64 > i as i64 + diag {
+                f32::NEG_INFINITY
+            } else {
+                (0..d)
+                    .map(|c| at(&a.q_strides, q, i, h, c) * at(&a.k_strides, k, j, hk, c))
+                    .sum::<f32>()
+                    * a.softmax_scale()
+            }
+        })
+        .collect();
+    let mx = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    if mx == f32::NEG_INFINITY {
+        return vec![0.0; d];
+    }
+    let p: Vec<f32> = s.iter().map(|x| (x - mx).exp()).collect();
+    let l: f32 = p.iter().sum();
+    (0..d)
+        .map(|c| {
+            let acc: f32 = p
+                .iter()
+                .enumerate()
+                .map(|(j, pj)| T::from_f32(*pj).to_f32() * at(&a.v_strides, v, j, hk, c))
+                .sum();
+            T::from_f32(acc / l).to_f32() as f64
+        })
+        .collect()
+}
+
+/// Query rows to check against the oracle: all of them up to 1200 rows, else a spread sample
+/// (the oracle is O(seq_k) per row in f64).
+fn rows_to_check(seq_q: usize) -> Vec<usize> {
+    if seq_q <= 1200 {
+        return (0..seq_q).collect();
+    }
+    let mut r: Vec<usize> = (0..64)
+        .chain(seq_q - 64..seq_q)
+        .chain((64..seq_q - 64).step_by(97))
+        .collect();
+    r.sort_unstable();
+    r
+}
+
+/// Compares one run against the oracle, with the tolerance of T. `o` is read through
+/// `a.o_strides`.
+fn check<T: Element>(what: &str, a: &Attention, q: &[T], k: &[T], v: &[T], o: &[T], lse: &[f32]) {
+    let d = a.head_dim;
+    let (mut err, mut lp_err, mut lse_bad) = (0.0f64, 0.0f64, 0usize);
+    let mut first_bad = None;
+    for b in 0..a.batch {
+        for h in 0..a.heads_q {
+            for i in rows_to_check(a.seq_q) {
+                let (want, want_lse) = oracle::attention_row(a, q, k, v, b, h, i);
+                let s = &a.o_strides;
+                let got: Vec<f64> = (0..d)
+                    .map(|c| o[b * s.batch + i * s.row + h * s.head + c].to_f32() as f64)
+                    .collect();
+                for c in 0..d {
+                    // NaN (a poisoned element never written) counts as infinitely wrong.
+                    let e = (got[c] - want[c]).abs();
+                    let e = if e.is_nan() { f64::INFINITY } else { e };
+                    if e > err {
+                        err = e;
+                        first_bad.get_or_insert((b, h, i, c, got[c], want[c]));
+                    }
+                }
+                if T::DTYPE != DType::F32 {
+                    let lp = naive_lp_row(a, q, k, v, b, h, i);
+                    lp_err = lp
+                        .iter()
+                        .zip(&want)
+                        .map(|(x, y)| (x - y).abs())
+                        .fold(lp_err, f64::max);
+                }
+                let gl = lse[(b * a.heads_q + h) * a.seq_q + i] as f64;
+                let ok = if want_lse == f64::NEG_INFINITY {
+                    gl == f64::NEG_INFINITY
+                } else {
+                    (gl - want_lse).abs() <= 2e-4 * (1.0 + want_lse.abs())
+                };
+                if !ok {
+                    if lse_bad < 5 {
+                        eprintln!(
+                            "{what}: lse mismatch at b={b} h={h} row={i}: got {gl}, want {want_lse}"
+                        );
+                    }
+                    lse_bad += 1;
+                }
+            }
+        }
+    }
+    let bound = if T::DTYPE == DType::F32 {
+        2e-5
+    } else {
+        2.0 * lp_err + 1e-3
+    };
+    assert!(
+        err <= bound,
+        "{what}: max |o - ref| = {err:e} > bound {bound:e} (first at b,h,row,col,got,want = {first_bad:?})"
+    );
+    assert_eq!(lse_bad, 0, "{what}: {lse_bad} LSE values off");
+}
+
+fn case<T: Element>(rng: &mut StdRng, dev: &Device, a: &Attention, amp: f32) {
+    let (q, k, v) = inputs::<T>(rng, a, amp);
+    let (o, lse) = run(dev, a, &q, &k, &v, a.o_len()).unwrap();
+    let what = format!(
+        "{} {} b={} sq={} sk={} hq={} hkv={} d={} causal={}",
+        dev.name(),
+        T::DTYPE,
+        a.batch,
+        a.seq_q,
+        a.seq_k,
+        a.heads_q,
+        a.heads_kv,
+        a.head_dim,
+        a.causal
+    );
+    check(&what, a, &q, &k, &v, &o, &lse);
+}
+
+fn every_dim_mask_gqa<T: Element>(test: &str) {
+    let mut rng = rng(test);
+    for dev in devices(test) {
+        for d in HEAD_DIMS {
+            for causal in [false, true] {
+                // Two KV heads, so a wrong query-head -> KV-head map cannot pass by luck.
+                for (batch, ratio, sq, sk) in [(2, 1, 67, 131), (1, 4, 131, 67), (1, 8, 77, 77)] {
+                    let a = Attention::new(batch, sq, sk, 2 * ratio, 2, d).causal(causal);
+                    case::<T>(&mut rng, &dev, &a, 1.0);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn f32_every_head_dim_mask_and_gqa_ratio() {
+    every_dim_mask_gqa::<f32>("f32_every_head_dim_mask_and_gqa_ratio");
+}
+
+#[test]
+fn f16_every_head_dim_mask_and_gqa_ratio() {
+    every_dim_mask_gqa::<F16>("f16_every_head_dim_mask_and_gqa_ratio");
+}
+
+#[test]
+fn bf16_every_head_dim_mask_and_gqa_ratio() {
+    every_dim_mask_gqa::<Bf16>("bf16_every_head_dim_mask_and_gqa_ratio");
+}
+
+#[test]
+fn sequence_lengths_that_are_not_tile_multiples() {
+    let mut rng = rng("sequence_lengths_that_are_not_tile_multiples");
+    for dev in devices("sequence_lengths_that_are_not_tile_multiples") {
+        for n in [1, 17, 127, 1000, 4097] {
+            for causal in [false, true] {
+                case::<Bf16>(
+                    &mut rng,
+                    &dev,
+                    &Attention::new(1, n, n, 2, 1, 64).causal(causal),
+                    1.0,
+                );
+            }
+        }
+        case::<f32>(
+            &mut rng,
+            &dev,
+            &Attention::new(1, 1000, 1000, 1, 1, 128).causal(true),
+            1.0,
+        );
+    }
+}
+
+#[test]
+fn seq_q_and_seq_k_differ_both_ways_and_empty_rows() {
+    let mut rng = rng("seq_q_and_seq_k_differ_both_ways_and_empty_rows");
+    for dev in devices("seq_q_and_seq_k_differ_both_ways_and_empty_rows") {
+        for (sq, sk) in [(1, 1000), (1000, 1), (17, 4097), (4097, 17), (300, 257)] {
+            for causal in [false, true] {
+                // Causal with seq_q > seq_k: the first seq_q - seq_k rows see no key (O = 0,
+                // LSE = -inf), which `check` verifies through the oracle.
+                case::<F16>(
+                    &mut rng,
+                    &dev,
+                    &Attention::new(1, sq, sk, 4, 2, 128).causal(causal),
+                    1.0,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn peaky_softmax_and_custom_scale() {
+    let mut rng = rng("peaky_softmax_and_custom_scale");
+    for dev in devices("peaky_softmax_and_custom_scale") {
+        // Large scores: the running max changes often and exp2 arguments span a wide range.
+        case::<f32>(
+            &mut rng,
+            &dev,
+            &Attention::new(1, 200, 333, 2, 2, 64).scale(3.0),
+            4.0,
+        );
+        case::<Bf16>(
+            &mut rng,
+            &dev,
+            &Attention::new(1, 200, 333, 2, 2, 64)
+                .causal(true)
+                .scale(3.0),
+            4.0,
+        );
+        case::<F16>(
+            &mut rng,
+            &dev,
+            &Attention::new(1, 65, 65, 1, 1, 32).scale(0.0),
+            1.0,
+        );
+    }
+}
+
+#[test]
+fn strided_inputs_and_output_gaps_untouched() {
+    let mut rng = rng("strided_inputs_and_output_gaps_untouched");
+    for dev in devices("strided_inputs_and_output_gaps_untouched") {
+        // q, k, v interleaved in one packed qkv buffer [b, s, 3, h, d]; o with padded rows.
+        let (b, s, h, d) = (2, 129, 2, 64);
+        let qkv: Vec<Bf16> = random(&mut rng, b * s * 3 * h * d);
+        let st = || Strides {
+            batch: s * 3 * h * d,
+            row: 3 * h * d,
+            head: d,
+            dim: 1,
+        };
+        let mut a = Attention::new(b, s, s, h, h, d).causal(true);
+        a.q_strides = st();
+        a.k_strides = st();
+        a.v_strides = st();
+        a.o_strides = Strides {
+            batch: s * (h * d + 8),
+            row: h * d + 8,
+            head: d,
+            dim: 1,
+        };
+        let o_len = b * s * (h * d + 8);
+        let (q, k, v) = (&qkv[..], &qkv[h * d..], &qkv[2 * h * d..]);
+        let (o, lse) = run(&dev, &a, q, k, v, o_len).unwrap();
+        check("strided bf16", &a, q, k, v, &o, &lse);
+        // The 8-element gap after each row was never written.
+        for row in 0..b * s {
+            let gap = &o[row * (h * d + 8) + h * d..(row + 1) * (h * d + 8)];
+            assert!(
+                gap.iter().all(|x| x.to_f32().is_nan()),
+                "row {row}: gap written"
+            );
+        }
+    }
+}
+
+#[test]
+fn long_sequence_16k() {
+    let mut rng = rng("long_sequence_16k");
+    for dev in devices("long_sequence_16k") {
+        case::<Bf16>(
+            &mut rng,
+            &dev,
+            &Attention::new(1, 16384, 16384, 1, 1, 64).causal(true),
+            1.0,
+        );
+    }
+}
+
+/// Runs varlen on `dev`; returns (o, lse).
+fn run_varlen<T: Element>(
+    dev: &Device,
+    a: &VarlenAttention<'_>,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+) -> attnkit::Result<(Vec<T>, Vec<f32>)> {
+    let mut o = poisoned::<T>(a.o_len());
+    let mut lse = vec![f32::NAN; a.lse_len()];
+    #[cfg(feature = "cuda")]
+    if let Some(s) = dev.stream() {
+        let (qd, kd, vd) = (
+            s.clone_htod(q).unwrap(),
+            s.clone_htod(k).unwrap(),
+            s.clone_htod(v).unwrap(),
+        );
+        let (cq, ck) = (
+            s.clone_htod(a.cu_seqlens_q).unwrap(),
+            s.clone_htod(a.cu_seqlens_k).unwrap(),
+        );
+        let mut od = s.clone_htod(&o).unwrap();
+        let mut ld = s.clone_htod(&lse).unwrap();
+        flash::forward_varlen(
+            dev,
+            a,
+            (&qd).into(),
+            (&kd).into(),
+            (&vd).into(),
+            (&cq).into(),
+            (&ck).into(),
+            (&mut od).into(),
+            (&mut ld).into(),
+        )?;
+        return Ok((s.clone_dtoh(&od).unwrap(), s.clone_dtoh(&ld).unwrap()));
+    }
+    flash::forward_varlen(
+        dev,
+        a,
+        q.into(),
+        k.into(),
+        v.into(),
+        a.cu_seqlens_q.into(),
+        a.cu_seqlens_k.into(),
+        (&mut o).into(),
+        (&mut lse).into(),
+    )?;
+    Ok((o, lse))
+}
+
+#[test]
+fn varlen_batches_match_the_oracle_per_sequence() {
+    let mut rng = rng("varlen_batches_match_the_oracle_per_sequence");
+    // Very different lengths; an empty sequence; a sequence with rows but no keys.
+    let cu_q = [0i32, 1, 1, 301, 318, 1318, 1321];
+    let cu_k = [0i32, 7, 7, 900, 901, 1901, 1901];
+    let (hq, hk, d) = (4, 2, 64);
+    for dev in devices("varlen_batches_match_the_oracle_per_sequence") {
+        for causal in [false, true] {
+            let a = VarlenAttention::new(&cu_q, &cu_k, hq, hk, d).causal(causal);
+            let tq = *cu_q.last().unwrap() as usize;
+            let tk = *cu_k.last().unwrap() as usize;
+            let q: Vec<Bf16> = random(&mut rng, tq * hq * d);
+            let k: Vec<Bf16> = random(&mut rng, tk * hk * d);
+            let v: Vec<Bf16> = random(&mut rng, tk * hk * d);
+            let (o, lse) = run_varlen(&dev, &a, &q, &k, &v).unwrap();
+            for bi in 0..cu_q.len() - 1 {
+                let (q0, q1) = (cu_q[bi] as usize, cu_q[bi + 1] as usize);
+                let (k0, k1) = (cu_k[bi] as usize, cu_k[bi + 1] as usize);
+                if q1 == q0 {
+                    continue;
+                }
+                // Sequence bi as a batch-1 problem over the same packed buffers.
+                let one = Attention::new(1, q1 - q0, (k1 - k0).max(1), hq, hk, d).causal(causal);
+                let qs = &q[q0 * hq * d..];
+                let os = &o[q0 * hq * d..];
+                let what = format!("{} varlen seq {bi} causal={causal}", dev.name());
+                if k1 == k0 {
+                    // No keys at all: every row is empty.
+                    assert!(
+                        os[..(q1 - q0) * hq * d].iter().all(|x| x.to_f32() == 0.0),
+                        "{what}: O not 0"
+                    );
+                    for h in 0..hq {
+                        assert!(
+                            lse[h * tq + q0..h * tq + q1]
+                                .iter()
+                                .all(|x| *x == f32::NEG_INFINITY),
+                            "{what}: LSE"
+                        );
+                    }
+                    continue;
+                }
+                let lse_seq: Vec<f32> = (0..hq)
+                    .flat_map(|h| lse[h * tq + q0..h * tq + q1].to_vec())
+                    .collect();
+                check(
+                    &what,
+                    &one,
+                    qs,
+                    &k[k0 * hk * d..],
+                    &v[k0 * hk * d..],
+                    os,
+                    &lse_seq,
+                );
+            }
+        }
+    }
+}
+
+fn expect_err(r: attnkit::Result<(Vec<f32>, Vec<f32>)>, arg: &str) {
+    match r {
+        Err(e) => assert_eq!(e.arg(), Some(arg), "wrong argument named: {e}"),
+        Ok(_) => panic!("expected an error naming `{arg}`"),
+    }
+}
+
+#[test]
+fn bad_input_is_a_typed_error_naming_the_argument() {
+    for dev in devices("bad_input_is_a_typed_error_naming_the_argument") {
+        let a = Attention::new(1, 16, 16, 2, 1, 64);
+        let q = vec![0.5f32; a.o_len()];
+        let kv = vec![0.5f32; 16 * 64];
+        expect_err(run(&dev, &a, &q[1..], &kv, &kv, a.o_len()), "q");
+        expect_err(run(&dev, &a, &q, &kv[1..], &kv, a.o_len()), "k");
+        expect_err(run(&dev, &a, &q, &kv, &kv[1..], a.o_len()), "v");
+        expect_err(run(&dev, &a, &q, &kv, &kv, a.o_len() - 1), "o");
+        expect_err(
+            run(
+                &dev,
+                &Attention::new(1, 16, 16, 2, 1, 80),
+                &q,
+                &kv,
+                &kv,
+                a.o_len(),
+            ),
+            "head_dim",
+        );
+        expect_err(
+            run(
+                &dev,
+                &Attention::new(1, 16, 16, 3, 2, 64),
+                &q,
+                &kv,
+                &kv,
+                a.o_len(),
+            ),
+            "heads_kv",
+        );
+        expect_err(
+            run(
+                &dev,
+                &Attention::new(1, 16, 16, 2, 0, 64),
+                &q,
+                &kv,
+                &kv,
+                a.o_len(),
+            ),
+            "heads_kv",
+        );
+        expect_err(
+            run(
+                &dev,
+                &Attention::new(0, 16, 16, 2, 1, 64),
+                &q,
+                &kv,
+                &kv,
+                a.o_len(),
+            ),
+            "batch",
+        );
+        expect_err(
+            run(
+                &dev,
+                &Attention::new(1, 0, 16, 2, 1, 64),
+                &q,
+                &kv,
+                &kv,
+                a.o_len(),
+            ),
+            "seq_q",
+        );
+        expect_err(
+            run(
+                &dev,
+                &Attention::new(1, 16, 0, 2, 1, 64),
+                &q,
+                &kv,
+                &kv,
+                a.o_len(),
+            ),
+            "seq_k",
+        );
+        expect_err(
+            run(&dev, &a.clone().scale(f32::NAN), &q, &kv, &kv, a.o_len()),
+            "scale",
+        );
+        let mut strided = a.clone();
+        strided.k_strides.dim = 2;
+        expect_err(run(&dev, &strided, &q, &kv, &kv, a.o_len()), "k");
+        let mut overlap = a.clone();
+        overlap.o_strides.head = 0;
+        expect_err(run(&dev, &overlap, &q, &kv, &kv, a.o_len()), "o");
+        let mut overrun = a.clone();
+        overrun.v_strides.row = usize::MAX / 2;
+        expect_err(run(&dev, &overrun, &q, &kv, &kv, a.o_len()), "v");
+        // Varlen offsets.
+        let bad: [(&[i32], &[i32], &str); 4] = [
+            (&[0, 5, 3], &[0, 4, 8], "cu_seqlens_q"),
+            (&[1, 5], &[0, 4], "cu_seqlens_q"),
+            (&[0, 5], &[0, 4, 8], "cu_seqlens_k"),
+            (&[0, 16], &[0, 17], "k"),
+        ];
+        for (cq, ck, arg) in bad {
+            let va = VarlenAttention::new(cq, ck, 2, 1, 64);
+            expect_err(run_varlen(&dev, &va, &q, &kv, &kv), arg);
+        }
+    }
+}
+
+#[test]
+fn nothing_is_written_on_error() {
+    let a = Attention::new(1, 16, 16, 1, 1, 64);
+    let q = vec![0.5f32; a.o_len()];
+    let mut o = vec![f32::NAN; a.o_len()];
+    let mut lse = vec![f32::NAN; a.lse_len()];
+    let e = flash::forward(
+        &Device::cpu(),
+        &a,
+        (&q).into(),
+        (&q[1..]).into(),
+        (&q).into(),
+        (&mut o).into(),
+        (&mut lse).into(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::Shape { arg: "k", .. }), "{e}");
+    assert!(o.iter().chain(&lse).all(|x| x.is_nan()));
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_rejects_strides_the_tensor_cores_cannot_load() {
+    let Some(dev) = gpu("gpu_rejects_strides_the_tensor_cores_cannot_load") else {
+        return;
+    };
+    let mut a = Attention::new(1, 16, 16, 1, 1, 64);
+    a.q_strides.row = 68; // not a multiple of 8 bf16 elements (16 bytes)
+    let q: Vec<Bf16> = vec![Bf16::from_f32(0.1); 16 * 68];
+    let kv: Vec<Bf16> = vec![Bf16::from_f32(0.1); 16 * 64];
+    let r = run(&dev, &a, &q, &kv, &kv, a.o_len());
+    match r {
+        Err(e) => assert_eq!(e.arg(), Some("q"), "{e}"),
+        Ok(_) => panic!("misaligned row stride accepted"),
+    }
+    // A host buffer on a GPU call is a placement error naming it.
+    let mut o = vec![Bf16::nan(); a.o_len()];
+    let mut lse = vec![f32::NAN; a.lse_len()];
+    let b = Attention::new(1, 16, 16, 1, 1, 64);
+    let e = flash::forward(
+        &dev,
+        &b,
+        (&kv).into(),
+        (&kv).into(),
+        (&kv).into(),
+        (&mut o).into(),
+        (&mut lse).into(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::Placement { arg: "q", .. }), "{e}");
+}
