@@ -28,6 +28,7 @@ pub mod dtype;
 mod error;
 pub mod flash;
 pub mod selftest;
+pub mod timing;
 
 pub use buffer::{Buf, BufMut};
 pub use device::{Device, build_info};

@@ -50,12 +50,12 @@ fn main() {
     }
     println!();
     println!(
-        "{:<10} {:<28} {:<34} {:>10} {:>14} {:>10}",
+        "{:<10} {:<36} {:<34} {:>10} {:>14} {:>10}",
         "family", "shape", "backend", "time ms", "rate", "max err"
     );
     for r in &rows {
         println!(
-            "{:<10} {:<28} {:<34} {:>10.3} {:>14} {:>10.2e}",
+            "{:<10} {:<36} {:<34} {:>10.3} {:>14} {:>10.2e}",
             r.family, r.shape, r.backend, r.ms, r.rate, r.max_err
         );
     }
