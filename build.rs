@@ -10,7 +10,8 @@
 //! - `ATTNKIT_CUDA_ARCHS`: SASS targets, comma separated (default `80,90a`).
 //! - `ATTNKIT_CUDA_PTX`: the virtual arch embedded as PTX for newer GPUs (default `90`).
 //! - `ATTNKIT_NO_NVCC=1`: behave as if nvcc were absent (to test the CPU-only build).
-//! - `ATTNKIT_PTXAS_VERBOSE=1`: print ptxas' register/spill report (shown by `cargo build -vv`).
+//! - `ATTNKIT_PTXAS_VERBOSE=1`: print ptxas' register/spill report (shown by `cargo build -vv`);
+//!   with `ATTNKIT_DENY_SPILLS=1` too, a kernel that spills registers fails the build.
 
 use std::env;
 use std::fs;
@@ -35,6 +36,7 @@ fn main() {
         "ATTNKIT_NO_NVCC",
         "ATTNKIT_REQUIRE_NVCC",
         "ATTNKIT_PTXAS_VERBOSE",
+        "ATTNKIT_DENY_SPILLS",
     ] {
         println!("cargo::rerun-if-env-changed={var}");
     }
@@ -219,12 +221,29 @@ fn compile(
         return Err(format!("nvcc failed on {}:\n{stderr}", src.display()));
     }
     if verbose {
-        // Plain lines show in `cargo build -vv`; spills are worth a warning in any build.
+        // Plain lines show in `cargo build -vv`; spills are a warning in any build, and an
+        // error under ATTNKIT_DENY_SPILLS=1 (CI: no shipped configuration may spill).
+        let deny = env::var("ATTNKIT_DENY_SPILLS").is_ok_and(|v| v == "1");
+        let mut function = String::new();
+        let mut spills = Vec::new();
         for line in stderr.lines() {
             println!("{name}: {line}");
-            if line.contains("spill") && !line.contains(" 0 bytes spill stores") {
-                println!("cargo::warning=attnkit {name}: {}", line.trim());
+            if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+                function = rest.replace('\'', "");
             }
+            if line.contains("spill")
+                && !line.contains(" 0 bytes spill stores, 0 bytes spill loads")
+            {
+                let msg = format!("{function}: {}", line.trim());
+                println!("cargo::warning=attnkit {msg}");
+                spills.push(msg);
+            }
+        }
+        if deny && !spills.is_empty() {
+            return Err(format!(
+                "register spills (ATTNKIT_DENY_SPILLS=1):\n{}",
+                spills.join("\n")
+            ));
         }
     }
     let mut checked = 0;

@@ -104,20 +104,34 @@ template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi
     return *reinterpret_cast<uint32_t*>(&v);
 }
 
-// A shared-memory tile of rows of ROW_BYTES bytes, stored as 16-byte chunks whose position
-// inside each 128-byte line is XOR-swizzled by the line index. Eight rows read at the same
-// logical chunk (what ldmatrix and row-wise cp.async do) then hit eight different bank groups:
-// conflict-free without padding.
+// A shared-memory tile of rows of ROW_BYTES bytes in 16-byte chunks, each row's chunks
+// XOR-permuted by the row index, so that the eight rows one ldmatrix (or a row-wise cp.async
+// sweep, or the epilogue's 4-byte stores) touches at the same logical chunk land in eight
+// different bank groups: conflict-free without padding, for rows of 64, 128, 192, 256 and
+// 512 bytes (checked by simulation for every access pattern the kernels use). Rows of a
+// multiple of 128 bytes permute within each group of 8 chunks by row; 64- and 192-byte rows
+// (two rows share a 128-byte line) permute within groups of 4 by row / 2.
+// (v1 XORed by the 128-byte line index instead: 2-way conflicts at 192/256-byte rows, 4-way at
+// 512.)
 template <int ROW_BYTES> struct SwizzledTile {
     static_assert(ROW_BYTES % 64 == 0, "rows must be whole multiples of 64 bytes");
     static constexpr int CHUNKS_PER_ROW = ROW_BYTES / 16;
     // Byte offset of 16-byte chunk `chunk` of row `row`.
     __device__ static __forceinline__ uint32_t offset(int row, int chunk) {
-        const int linear = row * CHUNKS_PER_ROW + chunk;
-        const int line = linear >> 3;
-        return (uint32_t)((line << 7) | ((((linear & 7) ^ (line & 7))) << 4));
+        const int permuted = CHUNKS_PER_ROW % 8 == 0 ? (chunk & ~7) | ((chunk ^ row) & 7)
+                                                     : (chunk & ~3) | ((chunk ^ (row >> 1)) & 3);
+        return (uint32_t)((row * CHUNKS_PER_ROW + permuted) * 16);
     }
 };
+
+// 2^x on the special function unit, flushing denormals (the fast form the softmax wants;
+// 2^-inf = +0). Relative error about 2^-22: for the tensor-core paths, whose P is rounded to
+// 16 bits anyway; the exact f32 path keeps exp2f.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
 
 // Max and sum across the four lanes of a quad (the lanes that share an mma row).
 __device__ __forceinline__ float quad_max(float x) {

@@ -62,10 +62,11 @@ __device__ __forceinline__ Seq locate(const FlashParams& p, int b, int h) {
 }
 
 // Number of key tiles a query tile [m0, m0 + BM) must visit: all of them, or under the
-// bottom-right causal mask only those with a key j <= (m0 + BM - 1) + (seq_k - seq_q).
+// bottom-right causal mask only those with a key j <= last_row + (seq_k - seq_q), last_row the
+// tile's last real row. (The host keeps sizes below 2^30, so none of this overflows int.)
 __device__ __forceinline__ int key_tiles(const FlashParams& p, const Seq& s, int m0, int BM, int BN) {
     int end = s.seq_k;
-    if (p.causal) end = min(end, m0 + BM + (s.seq_k - s.seq_q));
+    if (p.causal) end = min(end, min(m0 + BM, s.seq_q) + (s.seq_k - s.seq_q));
     return end > 0 ? (end + BN - 1) / BN : 0;
 }
 
@@ -101,12 +102,12 @@ __device__ __forceinline__ void online_softmax(float (&s)[NT_N][4], float (&o)[N
         // A row that has seen only masked keys keeps m = -inf: subtract 0 instead so that
         // exp2(-inf - -inf) never makes a NaN; its P and l stay exactly 0.
         const float m_use = m_new == -INFINITY ? 0.f : m_new;
-        const float alpha = exp2f(m[r] - m_use);
+        const float alpha = fast_exp2(m[r] - m_use);
         float sum = 0.f;
 #pragma unroll
         for (int n = 0; n < NT_N; ++n) {
-            s[n][2 * r] = exp2f(s[n][2 * r] - m_use);
-            s[n][2 * r + 1] = exp2f(s[n][2 * r + 1] - m_use);
+            s[n][2 * r] = fast_exp2(s[n][2 * r] - m_use);
+            s[n][2 * r + 1] = fast_exp2(s[n][2 * r + 1] - m_use);
             sum += s[n][2 * r] + s[n][2 * r + 1];
         }
         // l stays a per-thread partial sum; the quad reduces it once, at the end.
@@ -251,7 +252,7 @@ __device__ __forceinline__ void flash_fwd_tc(const FlashParams& p) {
         inv[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;
         const int row = m0 + warp * 16 + g + r * 8;
         if (t == 0 && row < s.seq_q) {
-            p.lse[s.lse_off + row] = l[r] > 0.f ? (m[r] + __log2f(l[r])) * LN2 : -INFINITY;
+            p.lse[s.lse_off + row] = l[r] > 0.f ? (m[r] + log2f(l[r])) * LN2 : -INFINITY;
         }
     }
     __syncwarp();
@@ -289,9 +290,11 @@ __device__ __forceinline__ void flash_fwd_f32(const FlashParams& p) {
     constexpr int BM = ATTNKIT_FLASH_F32_BLOCK_M, BN = ATTNKIT_FLASH_F32_BLOCK_N;
     constexpr int THREADS = ATTNKIT_FLASH_F32_THREADS;
     static_assert(BM * 8 == THREADS, "8 threads per query row");
-    constexpr int KP = D + 1;  // K rows padded: threads of a row read 8 different K rows
+    // Rows padded by one word: a warp covers 4 query rows (and reads 8 K rows) at once, and
+    // unpadded strides that are multiples of 32 words would put them all in one bank.
+    constexpr int QP = D + 1, KP = D + 1, PP = BN + 1;
     float* sQ = reinterpret_cast<float*>(dynamic_smem());
-    float* sK = sQ + BM * D;
+    float* sK = sQ + BM * QP;
     float* sV = sK + BN * KP;
     float* sP = sV + BN * D;
 
@@ -311,7 +314,7 @@ __device__ __forceinline__ void flash_fwd_f32(const FlashParams& p) {
 
     for (int i = threadIdx.x; i < BM * D; i += THREADS) {
         const int r = i / D, c = i % D;
-        sQ[i] = m0 + r < s.seq_q ? q[(int64_t)(m0 + r) * p.q_row_stride + c] : 0.f;
+        sQ[r * QP + c] = m0 + r < s.seq_q ? q[(int64_t)(m0 + r) * p.q_row_stride + c] : 0.f;
     }
     float acc[D / 8];
 #pragma unroll
@@ -335,7 +338,7 @@ __device__ __forceinline__ void flash_fwd_f32(const FlashParams& p) {
             const int key = sub + 8 * u;
             float dot = 0.f;
 #pragma unroll 8
-            for (int c = 0; c < D; ++c) dot = fmaf(sQ[row * D + c], sK[key * KP + c], dot);
+            for (int c = 0; c < D; ++c) dot = fmaf(sQ[row * QP + c], sK[key * KP + c], dot);
             float x = dot * p.scale_log2;
             if (n0 + key >= s.seq_k || (p.causal && n0 + key > grow + diag)) x = -INFINITY;
             sc[u] = x;
@@ -351,7 +354,7 @@ __device__ __forceinline__ void flash_fwd_f32(const FlashParams& p) {
         for (int u = 0; u < BN / 8; ++u) {
             const float pr = exp2f(sc[u] - m_use);
             sum += pr;
-            sP[row * BN + sub + 8 * u] = pr;
+            sP[row * PP + sub + 8 * u] = pr;
         }
         l = l * alpha + sum;
         m = m_new;
@@ -359,7 +362,7 @@ __device__ __forceinline__ void flash_fwd_f32(const FlashParams& p) {
 #pragma unroll
         for (int i = 0; i < D / 8; ++i) {
             float a = acc[i] * alpha;
-            for (int c = 0; c < BN; ++c) a = fmaf(sP[row * BN + c], sV[c * D + sub + 8 * i], a);
+            for (int c = 0; c < BN; ++c) a = fmaf(sP[row * PP + c], sV[c * D + sub + 8 * i], a);
             acc[i] = a;
         }
         __syncwarp();
@@ -370,7 +373,7 @@ __device__ __forceinline__ void flash_fwd_f32(const FlashParams& p) {
         const float inv = l > 0.f ? 1.f / l : 0.f;
 #pragma unroll
         for (int i = 0; i < D / 8; ++i) o_ptr[(int64_t)grow * p.o_row_stride + sub + 8 * i] = acc[i] * inv;
-        if (sub == 0) p.lse[s.lse_off + grow] = l > 0.f ? (m + __log2f(l)) * LN2 : -INFINITY;
+        if (sub == 0) p.lse[s.lse_off + grow] = l > 0.f ? (m + log2f(l)) * LN2 : -INFINITY;
     }
 }
 
@@ -395,7 +398,7 @@ FLASH_TC_SMALL(flash_fwd_f16_d128, __half, 128)
 FLASH_TC(flash_fwd_f16_d256, __half, 256, ATTNKIT_FLASH_WARPS_D256, ATTNKIT_FLASH_BLOCK_N_D256)
 
 #define FLASH_F32(NAME, D)                                                                         \
-    extern "C" __global__ void __launch_bounds__(ATTNKIT_FLASH_F32_THREADS) NAME(const __grid_constant__ FlashParams p) { \
+    extern "C" __global__ void __launch_bounds__(ATTNKIT_FLASH_F32_THREADS, 1) NAME(const __grid_constant__ FlashParams p) { \
         flash_fwd_f32<D>(p);                                                                      \
     }
 FLASH_F32(flash_fwd_f32_d32, 32)

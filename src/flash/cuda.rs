@@ -18,8 +18,8 @@ fn tile(dtype: DType, d: usize) -> (String, usize, u32, u32) {
                 c::ATTNKIT_FLASH_F32_BLOCK_M as usize,
                 c::ATTNKIT_FLASH_F32_BLOCK_N as usize,
             );
-            // sQ [bm][d], sK [bn][d + 1] (padded), sV [bn][d], sP [bm][bn], all f32.
-            let smem = (bm * d + bn * (d + 1) + bn * d + bm * bn) * 4;
+            // sQ [bm][d + 1], sK [bn][d + 1], sV [bn][d], sP [bm][bn + 1], all f32 (padded rows).
+            let smem = (bm * (d + 1) + bn * (d + 1) + bn * d + bm * (bn + 1)) * 4;
             (name, bm, c::ATTNKIT_FLASH_F32_THREADS, smem as u32)
         }
         DType::F16 | DType::Bf16 => {
@@ -63,9 +63,21 @@ pub(super) fn forward<T: Element>(
     let align = if T::DTYPE == DType::F32 { 4 } else { 16 };
     if align == 16 {
         let per = 16 / std::mem::size_of::<T>();
-        for (arg, s) in [("q", &p.q), ("k", &p.k), ("v", &p.v), ("o", &p.o)] {
-            let batch = if p.cu.is_some() { 0 } else { s.batch };
-            if [batch, s.row, s.head].iter().any(|x| x % per != 0) {
+        let batches = if p.cu.is_some() { 1 } else { p.batch };
+        let (rows_q, rows_k) = if p.cu.is_some() {
+            (p.total_q, p.total_k)
+        } else {
+            (p.seq_q, p.seq_k)
+        };
+        for (arg, s, rows, heads) in [
+            ("q", &p.q, rows_q, p.heads_q),
+            ("k", &p.k, rows_k, p.heads_kv),
+            ("v", &p.v, rows_k, p.heads_kv),
+            ("o", &p.o, rows_q, p.heads_q),
+        ] {
+            // A stride of a dimension of length 1 is never used: only the others must align.
+            let used = [(batches, s.batch), (rows, s.row), (heads, s.head)];
+            if used.iter().any(|&(n, st)| n > 1 && st % per != 0) {
                 return Err(Error::Stride {
                     arg,
                     detail: format!(

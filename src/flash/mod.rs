@@ -5,7 +5,9 @@
 //! contiguous), GQA/MQA (`heads_q % heads_kv == 0`, K/V heads shared without copies),
 //! `seq_q != seq_k` with the causal mask aligned bottom-right (query `i` sees keys
 //! `j <= i + seq_k - seq_q`, as FlashAttention >= 2.1), and packed variable-length batches
-//! ([`forward_varlen`]). A row that sees no key gets `O = 0` and `LSE = -inf`.
+//! ([`forward_varlen`]). A row that sees no key gets `O = 0` and `LSE = -inf`. Inputs must be
+//! finite: an inf or NaN anywhere in K or V may reach rows that give it zero weight (the GPU
+//! multiplies it by 0), and the backends need not agree on such rows.
 //!
 //! Data flow: [`forward`] checks every argument against the problem ([`Attention`]), then runs
 //! the CPU implementation (`cpu.rs`: the same online-softmax tiling, on all cores) or the CUDA
@@ -21,6 +23,10 @@ use crate::buffer::{Buf, BufMut};
 use crate::device::{Backend, Device};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
+
+/// The longest sequence (and packed total) a call takes: 2^30 rows, so that the kernels'
+/// 32-bit row arithmetic keeps a tile of headroom.
+pub const MAX_LEN: usize = 1 << 30;
 
 /// Head dimensions the kernels are built for.
 pub const HEAD_DIMS: [usize; 5] = [32, 64, 96, 128, 256];
@@ -615,7 +621,8 @@ fn check(
             detail: format!("{} is not finite", p.scale),
         });
     }
-    // The kernels index with i32 sizes and one grid dimension per batch and head.
+    // The kernels count rows and keys in i32 with a tile of headroom; one grid dimension per
+    // batch and head.
     for (arg, n) in [
         ("batch", p.batch),
         ("seq_q", p.seq_q),
