@@ -1,38 +1,42 @@
 // FlashAttention forward: O = softmax(scale Q K^T + mask) V and the row log-sum-exp, one query
-// tile per thread block, never materialising the score matrix.
+// tile per thread block, never materialising the score matrix. The variants of the source
+// documents are parameters of the same kernel, not copies of it: sliding windows and
+// StreamingLLM sinks (whole key tiles outside them are never visited), block-sparse masks
+// (skipped blocks are never loaded), the entropy-invariant scale (log_512 of the keys a row
+// sees), a learned per-head sink logit, relu^2 scores (GAU), and per-row entropy.
 //
 // Tensor-core path (f16, bf16), per block of BM = 16 * WARPS query rows:
 //   load Q tile (cp.async) ........................................ shared, swizzled
-//   for each key tile j (BN keys; causal: only tiles left of the diagonal):
+//   for each key tile j the tile's rows can see (Visibility::next_tile):
 //     S = Q K_j^T          mma.sync m16n8k16, f32 accumulators, each warp its 16 rows
-//     [K_{j+1} load overlaps the softmax and P V]
-//     mask (seq_k bound, causal), online softmax in the exp2 domain (scale * log2 e folded in)
+//     [the next visible K tile's load overlaps the softmax and P V]
+//     mask, online softmax in the exp2 domain (scale * log2 e folded in) or relu^2
 //     O = O * exp2(m_old - m_new) + P V_j   (P re-packed from S's accumulators, no smem trip)
-//     [V_{j+1} load overlaps the next S]
-//   O /= l; LSE = (m + log2 l) * ln 2; O staged through the warp's own Q rows, 16-byte stores.
-// f32 path: the same online softmax on CUDA cores, exact to f32 rounding.
+//     [the next V tile's load overlaps the next S]
+//   finish(): sink logit, O /= l, LSE, entropy; O staged through the warp's own Q rows.
+// f32 path: the same algorithm on CUDA cores, exact to f32 rounding.
 //
-// History: v1 (this file) is FA2's sm80 structure, written without a GPU at hand: not yet
-// measured or tuned.
+// History: v1 FA2's sm80 structure, written without a GPU at hand; v2 per-row swizzle, ftz
+// exp2, the variants as parameters. Not yet measured or tuned on a GPU.
 #include "common.cuh"
 #include "flash.h"
 
 namespace {
 
 constexpr float LN2 = 0.6931471805599453f;
+constexpr float LOG2E = 1.4426950408889634f;
 
 // Where one (sequence, head) lives, resolved once per block.
 struct Seq {
-    int seq_q, seq_k;     // rows and keys of this sequence
-    int64_t q_off, k_off, v_off, o_off;  // element offsets of row 0 for this head
-    int64_t lse_off;      // offset of row 0 in lse
+    int seq_q, seq_k;                   // rows and keys of this sequence
+    int64_t q_off, k_off, v_off, o_off; // element offsets of row 0 for this head
+    int64_t lse_off;                    // offset of row 0 in lse (and entropy)
     bool valid;
 };
 
 __device__ __forceinline__ Seq locate(const FlashParams& p, int b, int h) {
     Seq s;
     const int hk = h / (p.heads_q / p.heads_kv);
-    int64_t q_row0 = 0, k_row0 = 0;
     s.valid = true;
     if (p.cu_seqlens_q != nullptr) {
         const int q0 = p.cu_seqlens_q[b], q1 = p.cu_seqlens_q[b + 1];
@@ -40,15 +44,13 @@ __device__ __forceinline__ Seq locate(const FlashParams& p, int b, int h) {
         // The host validated its copy; the device copy is re-checked so a stale one can never
         // send a read or write out of bounds.
         s.valid = 0 <= q0 && q0 <= q1 && q1 <= p.total_q && 0 <= k0 && k0 <= k1 && k1 <= p.total_k;
-        q_row0 = q0;
-        k_row0 = k0;
         s.seq_q = q1 - q0;
         s.seq_k = k1 - k0;
-        s.q_off = q_row0 * p.q_row_stride + h * p.q_head_stride;
-        s.k_off = k_row0 * p.k_row_stride + hk * p.k_head_stride;
-        s.v_off = k_row0 * p.v_row_stride + hk * p.v_head_stride;
-        s.o_off = q_row0 * p.o_row_stride + h * p.o_head_stride;
-        s.lse_off = h * p.lse_head_stride + q_row0;
+        s.q_off = (int64_t)q0 * p.q_row_stride + h * p.q_head_stride;
+        s.k_off = (int64_t)k0 * p.k_row_stride + hk * p.k_head_stride;
+        s.v_off = (int64_t)k0 * p.v_row_stride + hk * p.v_head_stride;
+        s.o_off = (int64_t)q0 * p.o_row_stride + h * p.o_head_stride;
+        s.lse_off = h * p.lse_head_stride + q0;
     } else {
         s.seq_q = p.seq_q;
         s.seq_k = p.seq_k;
@@ -61,13 +63,120 @@ __device__ __forceinline__ Seq locate(const FlashParams& p, int b, int h) {
     return s;
 }
 
-// Number of key tiles a query tile [m0, m0 + BM) must visit: all of them, or under the
-// bottom-right causal mask only those with a key j <= last_row + (seq_k - seq_q), last_row the
-// tile's last real row. (The host keeps sizes below 2^30, so none of this overflows int.)
-__device__ __forceinline__ int key_tiles(const FlashParams& p, const Seq& s, int m0, int BM, int BN) {
-    int end = s.seq_k;
-    if (p.causal) end = min(end, min(m0 + BM, s.seq_q) + (s.seq_k - s.seq_q));
-    return end > 0 ? (end + BN - 1) / BN : 0;
+// Which keys a row sees: the window [lo(i), hi(i)] (bottom-right aligned, causal folded into
+// window_right), the sinks [0, n_sink) up to hi(i), and the block mask. lo and hi never
+// decrease with i, so a query tile [m0, m1) sees keys within [lo(m0), hi(m1 - 1)] and the sinks.
+// (The host keeps every size below 2^30, so none of this overflows int.)
+struct Visibility {
+    int seq_k, diag, left, right, n_sink;
+    const uint8_t* mask;
+    int block_q, block_k, mask_cols;
+
+    __device__ __forceinline__ Visibility(const FlashParams& p, const Seq& s)
+        : seq_k(s.seq_k), diag(s.seq_k - s.seq_q), left(p.window_left), right(p.window_right),
+          n_sink(min(p.n_sink, s.seq_k)), mask(p.block_mask), block_q(p.block_q), block_k(p.block_k),
+          mask_cols(p.mask_cols) {}
+
+    __device__ __forceinline__ int lo(int i) const { return left < 0 ? 0 : max(0, i + diag - left); }
+    __device__ __forceinline__ int hi(int i) const {
+        return right < 0 ? seq_k - 1 : min(seq_k - 1, i + diag + right);
+    }
+    __device__ __forceinline__ bool block(int i, int j) const {
+        return mask == nullptr || mask[(int64_t)(i / block_q) * mask_cols + j / block_k] != 0;
+    }
+    __device__ __forceinline__ bool visible(int i, int j) const {
+        const int h = hi(i);
+        return j <= h && (j >= lo(i) || j < n_sink) && block(i, j);
+    }
+    // Keys row i sees (without the block mask, which the host rules out where this is used).
+    __device__ __forceinline__ int count(int i) const {
+        const int l = lo(i), h = hi(i);
+        return max(0, h - l + 1) + max(0, min(n_sink, min(l, h + 1)));
+    }
+    // Does key tile [n0, n0 + BN) hold a key some row of [m0, m1) sees?
+    __device__ __forceinline__ bool tile_needed(int m0, int m1, int n0, int BN) const {
+        const int n1 = min(n0 + BN, seq_k);
+        const int h = hi(m1 - 1);
+        const bool in_window = n0 <= h && n1 - 1 >= lo(m0);
+        const bool in_sinks = n0 < min(n_sink, h + 1);
+        if (!in_window && !in_sinks) return false;
+        if (mask == nullptr) return true;
+        for (int qb = m0 / block_q; qb <= (m1 - 1) / block_q; ++qb)
+            for (int kb = n0 / block_k; kb <= (n1 - 1) / block_k; ++kb)
+                if (mask[(int64_t)qb * mask_cols + kb] != 0) return true;
+        return false;
+    }
+    // Is every (row, key) of the tile visible (so no per-element mask is needed)?
+    __device__ __forceinline__ bool tile_full(int m0, int m1, int n0, int BN) const {
+        return mask == nullptr && n0 + BN <= seq_k && lo(m1 - 1) <= n0 && hi(m0) >= n0 + BN - 1;
+    }
+    // The first key tile at or after j that rows [m0, m1) need; past the last: a value > last.
+    __device__ __forceinline__ int next_tile(int j, int m0, int m1, int BN) const {
+        const int last = hi(m1 - 1) / BN;
+        // Tiles between the sinks and the window are skipped without looking at them.
+        if (j * BN >= n_sink) j = max(j, lo(m0) / BN);
+        while (j <= last && !tile_needed(m0, m1, j * BN, BN)) ++j;
+        return j;
+    }
+    __device__ __forceinline__ int last_tile(int m1, int BN) const { return hi(m1 - 1) < 0 ? -1 : hi(m1 - 1) / BN; }
+};
+
+// Per-row constants: the exp2-domain scale (entropy scale: log_512(visible keys) times it)
+// and, for relu^2, 1/n.
+__device__ __forceinline__ void row_constants(const FlashParams& p, const Visibility& vis, const Seq& s, int row,
+                                              float& scale_log2, float& scale, float& inv_n) {
+    scale_log2 = p.scale_log2;
+    scale = p.scale;
+    const int n = p.entropy_scale || p.relu2_by_visible ? vis.count(row) : s.seq_k;
+    if (p.entropy_scale) {
+        const float f = log2f((float)n) * (1.f / 9.f);  // log_512(n) = log2(n) / 9
+        scale_log2 *= f;
+        scale *= f;
+    }
+    inv_n = n > 0 ? 1.f / (float)n : 0.f;
+}
+
+// The end of a row: folds in the sink logit, normalises, and returns (via refs) the factor O
+// is multiplied by, the LSE and the entropy. m, es are in the exp2 domain (scores times
+// scale * log2 e); l and es are the row's full sums. For relu^2 (no softmax) O is already
+// normalised and LSE is 0.
+__device__ __forceinline__ void finish_row(const FlashParams& p, int h, bool relu2, float m, float l, float es,
+                                           float& o_factor, float& lse, float& entropy) {
+    if (relu2) {
+        o_factor = 1.f;
+        lse = 0.f;
+        entropy = 0.f;
+        return;
+    }
+    if (p.sink_logits != nullptr) {
+        const float sink = p.sink_logits[h] * LOG2E;
+        if (sink == INFINITY) {  // all weight on the sink, which has no value vector
+            o_factor = 0.f;
+            lse = INFINITY;
+            entropy = 0.f;
+            return;
+        }
+        const float mf = fmaxf(m, sink);
+        if (mf != -INFINITY) {
+            const float a = exp2f(m - mf);  // 0 when the row saw no key
+            const float ps = exp2f(sink - mf);
+            l = l * a + ps;
+            es = es * a + (ps > 0.f ? ps * sink : 0.f);
+            o_factor = a / l;
+            m = mf;
+        } else {
+            o_factor = 0.f;
+        }
+    } else {
+        o_factor = l > 0.f ? 1.f / l : 0.f;
+    }
+    if (l > 0.f) {
+        lse = (m + log2f(l)) * LN2;
+        entropy = (m + log2f(l) - es / l) * LN2;
+    } else {
+        lse = -INFINITY;
+        entropy = 0.f;
+    }
 }
 
 // Copies rows [row0, row0 + ROWS) (those below `limit`; the rest zero-filled) of a
@@ -88,10 +197,12 @@ __device__ __forceinline__ void load_tile(uint32_t smem, const T* base, int64_t 
 }
 
 // Online-softmax update for the two rows a thread holds (r = 0: row g, r = 1: row g + 8).
-// s holds this tile's scores already multiplied by scale * log2(e); on return it holds
-// P = exp2(s - m_new), and o, l are rescaled by exp2(m_old - m_new).
+// s holds this tile's scores in the exp2 domain (masked ones -inf); on return it holds
+// P = exp2(s - m_new), and o, l, es are rescaled by exp2(m_old - m_new). es accumulates
+// sum(P * s) for the entropy when `track` is set.
 template <int NT_N, int NT_D>
-__device__ __forceinline__ void online_softmax(float (&s)[NT_N][4], float (&o)[NT_D][4], float (&m)[2], float (&l)[2]) {
+__device__ __forceinline__ void online_softmax(float (&s)[NT_N][4], float (&o)[NT_D][4], float (&m)[2], float (&l)[2],
+                                               float (&es)[2], bool track) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         float mx = -INFINITY;
@@ -103,15 +214,21 @@ __device__ __forceinline__ void online_softmax(float (&s)[NT_N][4], float (&o)[N
         // exp2(-inf - -inf) never makes a NaN; its P and l stay exactly 0.
         const float m_use = m_new == -INFINITY ? 0.f : m_new;
         const float alpha = fast_exp2(m[r] - m_use);
-        float sum = 0.f;
+        float sum = 0.f, ps = 0.f;
 #pragma unroll
         for (int n = 0; n < NT_N; ++n) {
-            s[n][2 * r] = fast_exp2(s[n][2 * r] - m_use);
-            s[n][2 * r + 1] = fast_exp2(s[n][2 * r + 1] - m_use);
-            sum += s[n][2 * r] + s[n][2 * r + 1];
+#pragma unroll
+            for (int e = 2 * r; e < 2 * r + 2; ++e) {
+                const float x = s[n][e];
+                const float pr = fast_exp2(x - m_use);
+                sum += pr;
+                if (track) ps += pr > 0.f ? pr * x : 0.f;  // masked: 0 * -inf must not be NaN
+                s[n][e] = pr;
+            }
         }
-        // l stays a per-thread partial sum; the quad reduces it once, at the end.
+        // l and es stay per-thread partial sums; the quad reduces them once, at the end.
         l[r] = l[r] * alpha + sum;
+        es[r] = es[r] * alpha + ps;
         m[r] = m_new;
 #pragma unroll
         for (int d = 0; d < NT_D; ++d) {
@@ -121,7 +238,7 @@ __device__ __forceinline__ void online_softmax(float (&s)[NT_N][4], float (&o)[N
     }
 }
 
-template <typename T, int D, int WARPS, int BN>
+template <typename T, int D, int WARPS, int BN, bool RELU2>
 __device__ __forceinline__ void flash_fwd_tc(const FlashParams& p) {
     constexpr int BM = 16 * WARPS;
     constexpr int THREADS = 32 * WARPS;
@@ -140,26 +257,34 @@ __device__ __forceinline__ void flash_fwd_tc(const FlashParams& p) {
     const Seq s = locate(p, b, h);
     const int m0 = tile * BM;
     if (!s.valid || m0 >= s.seq_q) return;
+    const int m1 = min(m0 + BM, s.seq_q);
     const T* q = static_cast<const T*>(p.q) + s.q_off;
     const T* k = static_cast<const T*>(p.k) + s.k_off;
     const T* v = static_cast<const T*>(p.v) + s.v_off;
     T* o_ptr = static_cast<T*>(p.o) + s.o_off;
+    const Visibility vis(p, s);
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
-    const int diag = s.seq_k - s.seq_q;
-    const int n_tiles = key_tiles(p, s, m0, BM, BN);
+    const bool track = p.entropy != nullptr;
+
+    // Per-row constants of the two rows this thread holds.
+    float rs_log2[2], rs[2], inv_n[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) row_constants(p, vis, s, m0 + warp * 16 + g + r * 8, rs_log2[r], rs[r], inv_n[r]);
 
     float o[NT_D][4];
 #pragma unroll
     for (int d = 0; d < NT_D; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, es[2] = {0.f, 0.f};
 
-    if (n_tiles > 0) {
+    const int last = vis.last_tile(m1, BN);
+    int j = vis.next_tile(0, m0, m1, BN);
+    if (j <= last) {
         load_tile<T, D, BM, THREADS>(sQ, q, p.q_row_stride, m0, s.seq_q);
-        load_tile<T, D, BN, THREADS>(sK, k, p.k_row_stride, 0, s.seq_k);
+        load_tile<T, D, BN, THREADS>(sK, k, p.k_row_stride, j * BN, s.seq_k);
         cp_async_commit();
-        load_tile<T, D, BN, THREADS>(sV, v, p.v_row_stride, 0, s.seq_k);
+        load_tile<T, D, BN, THREADS>(sV, v, p.v_row_stride, j * BN, s.seq_k);
         cp_async_commit();
     }
     // This warp's ldmatrix row addresses, fixed for the whole loop (see mma_16816's layout).
@@ -170,7 +295,7 @@ __device__ __forceinline__ void flash_fwd_tc(const FlashParams& p) {
     const int vb_row = (lane & 7) + ((lane >> 3) & 1) * 8;             // V rows for B (trans)
     const int vb_chunk = lane >> 4;
 
-    for (int j = 0; j < n_tiles; ++j) {
+    while (j <= last) {
         cp_async_wait<1>();  // Q and K_j have landed (V_j may still be in flight)
         __syncthreads();
 
@@ -191,32 +316,42 @@ __device__ __forceinline__ void flash_fwd_tc(const FlashParams& p) {
             }
         }
         __syncthreads();  // every warp is done with K_j: its buffer may be refilled
-        const bool more = j + 1 < n_tiles;
+        const int jn = vis.next_tile(j + 1, m0, m1, BN);
+        const bool more = jn <= last;
         if (more) {
-            load_tile<T, D, BN, THREADS>(sK, k, p.k_row_stride, (j + 1) * BN, s.seq_k);
+            load_tile<T, D, BN, THREADS>(sK, k, p.k_row_stride, jn * BN, s.seq_k);
             cp_async_commit();
         }
 
-        // Scale into the exp2 domain and mask: keys past seq_k, and (causal) keys right of
-        // the diagonal. Only tiles that reach past either bound pay for the mask.
+        // Scores, masked where the tile is not fully visible: exp2-domain for the softmax,
+        // relu^2 / n for GAU.
         const int n0 = j * BN;
-        const bool need_mask = n0 + BN > s.seq_k || (p.causal && n0 + BN - 1 > m0 + diag);
+        const bool need_mask = !vis.tile_full(m0, m1, n0, BN);
 #pragma unroll
         for (int n = 0; n < NT_N; ++n) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                float x = sc[n][e] * p.scale_log2;
+                const int r = e >> 1;
+                float x;
+                if (RELU2) {
+                    const float y = fmaxf(sc[n][e] * rs[r], 0.f);
+                    x = y * y * inv_n[r];
+                } else {
+                    x = sc[n][e] * rs_log2[r];
+                }
                 if (need_mask) {
                     const int key = n0 + n * 8 + 2 * t + (e & 1);
-                    const int row = m0 + warp * 16 + g + (e >> 1) * 8;
-                    if (key >= s.seq_k || (p.causal && key > row + diag)) x = -INFINITY;
+                    const int row = m0 + warp * 16 + g + r * 8;
+                    // Rows past the sequence are never written; skipping them also keeps
+                    // the block-mask lookup inside the mask.
+                    if (row >= s.seq_q || key >= s.seq_k || !vis.visible(row, key)) x = RELU2 ? 0.f : -INFINITY;
                 }
                 sc[n][e] = x;
             }
         }
-        online_softmax<NT_N, NT_D>(sc, o, m, l);
+        if (!RELU2) online_softmax<NT_N, NT_D>(sc, o, m, l, es, track);
 
-        // Wait for V_j (leaving K_{j+1} in flight if it was issued).
+        // Wait for V_j (leaving the next K tile in flight if it was issued).
         if (more) cp_async_wait<1>(); else cp_async_wait<0>();
         __syncthreads();
 
@@ -238,21 +373,24 @@ __device__ __forceinline__ void flash_fwd_tc(const FlashParams& p) {
         }
         if (more) {
             __syncthreads();  // every warp is done with V_j
-            load_tile<T, D, BN, THREADS>(sV, v, p.v_row_stride, (j + 1) * BN, s.seq_k);
+            load_tile<T, D, BN, THREADS>(sV, v, p.v_row_stride, jn * BN, s.seq_k);
             cp_async_commit();
         }
+        j = jn;
     }
 
-    // Epilogue: normalise, write LSE, stage O through this warp's own Q rows (no other warp
-    // reads them any more), then 16-byte coalesced stores.
-    float inv[2];
+    // Epilogue: finish each row, write LSE (and entropy), stage O through this warp's own Q
+    // rows (no other warp reads them any more), then 16-byte coalesced stores.
+    float factor[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        l[r] = quad_sum(l[r]);
-        inv[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        const float lr = quad_sum(l[r]), er = quad_sum(es[r]);
+        float lse, ent;
+        finish_row(p, h, RELU2, m[r], lr, er, factor[r], lse, ent);
         const int row = m0 + warp * 16 + g + r * 8;
         if (t == 0 && row < s.seq_q) {
-            p.lse[s.lse_off + row] = l[r] > 0.f ? (m[r] + log2f(l[r])) * LN2 : -INFINITY;
+            p.lse[s.lse_off + row] = lse;
+            if (track) p.entropy[s.lse_off + row] = ent;
         }
     }
     __syncwarp();
@@ -261,7 +399,7 @@ __device__ __forceinline__ void flash_fwd_tc(const FlashParams& p) {
     for (int d = 0; d < NT_D; ++d) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            const uint32_t packed = pack2<T>(o[d][2 * r] * inv[r], o[d][2 * r + 1] * inv[r]);
+            const uint32_t packed = pack2<T>(o[d][2 * r] * factor[r], o[d][2 * r + 1] * factor[r]);
             const int row = warp * 16 + g + r * 8;
             *reinterpret_cast<uint32_t*>(stage + Tile::offset(row, d) + t * 4) = packed;
         }
@@ -303,14 +441,18 @@ __device__ __forceinline__ void flash_fwd_f32(const FlashParams& p) {
     const Seq s = locate(p, b, h);
     const int m0 = tile * BM;
     if (!s.valid || m0 >= s.seq_q) return;
+    const int m1 = min(m0 + BM, s.seq_q);
     const float* q = static_cast<const float*>(p.q) + s.q_off;
     const float* k = static_cast<const float*>(p.k) + s.k_off;
     const float* v = static_cast<const float*>(p.v) + s.v_off;
     float* o_ptr = static_cast<float*>(p.o) + s.o_off;
+    const Visibility vis(p, s);
+    const bool relu2 = p.score == ATTNKIT_FLASH_SCORE_RELU2;
+    const bool track = p.entropy != nullptr;
     const int row = threadIdx.x / 8, sub = threadIdx.x % 8;
     const int grow = m0 + row;
-    const int diag = s.seq_k - s.seq_q;
-    const int n_tiles = key_tiles(p, s, m0, BM, BN);
+    float rs_log2, rs, inv_n;
+    row_constants(p, vis, s, grow, rs_log2, rs, inv_n);
 
     for (int i = threadIdx.x; i < BM * D; i += THREADS) {
         const int r = i / D, c = i % D;
@@ -319,9 +461,10 @@ __device__ __forceinline__ void flash_fwd_f32(const FlashParams& p) {
     float acc[D / 8];
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) acc[i] = 0.f;
-    float m = -INFINITY, l = 0.f;
+    float m = -INFINITY, l = 0.f, es = 0.f;
 
-    for (int j = 0; j < n_tiles; ++j) {
+    const int last = vis.last_tile(m1, BN);
+    for (int j = vis.next_tile(0, m0, m1, BN); j <= last; j = vis.next_tile(j + 1, m0, m1, BN)) {
         const int n0 = j * BN;
         __syncthreads();  // previous tile fully consumed (and sQ written, the first time)
         for (int i = threadIdx.x; i < BN * D; i += THREADS) {
@@ -339,25 +482,39 @@ __device__ __forceinline__ void flash_fwd_f32(const FlashParams& p) {
             float dot = 0.f;
 #pragma unroll 8
             for (int c = 0; c < D; ++c) dot = fmaf(sQ[row * QP + c], sK[key * KP + c], dot);
-            float x = dot * p.scale_log2;
-            if (n0 + key >= s.seq_k || (p.causal && n0 + key > grow + diag)) x = -INFINITY;
+            const bool vis_ok = grow < s.seq_q && n0 + key < s.seq_k && vis.visible(grow, n0 + key);
+            float x;
+            if (relu2) {
+                const float y = fmaxf(dot * rs, 0.f);
+                x = vis_ok ? y * y * inv_n : 0.f;
+            } else {
+                x = vis_ok ? dot * rs_log2 : -INFINITY;
+            }
             sc[u] = x;
             mx = fmaxf(mx, x);
         }
+        float alpha = 1.f;
+        if (relu2) {
 #pragma unroll
-        for (int off = 1; off < 8; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-        const float m_new = fmaxf(m, mx);
-        const float m_use = m_new == -INFINITY ? 0.f : m_new;
-        const float alpha = exp2f(m - m_use);
-        float sum = 0.f;
+            for (int u = 0; u < BN / 8; ++u) sP[row * PP + sub + 8 * u] = sc[u];
+        } else {
 #pragma unroll
-        for (int u = 0; u < BN / 8; ++u) {
-            const float pr = exp2f(sc[u] - m_use);
-            sum += pr;
-            sP[row * PP + sub + 8 * u] = pr;
+            for (int off = 1; off < 8; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+            const float m_new = fmaxf(m, mx);
+            const float m_use = m_new == -INFINITY ? 0.f : m_new;
+            alpha = exp2f(m - m_use);
+            float sum = 0.f, ps = 0.f;
+#pragma unroll
+            for (int u = 0; u < BN / 8; ++u) {
+                const float pr = exp2f(sc[u] - m_use);
+                sum += pr;
+                if (track && pr > 0.f) ps += pr * sc[u];
+                sP[row * PP + sub + 8 * u] = pr;
+            }
+            l = l * alpha + sum;
+            es = es * alpha + ps;
+            m = m_new;
         }
-        l = l * alpha + sum;
-        m = m_new;
         __syncwarp();
 #pragma unroll
         for (int i = 0; i < D / 8; ++i) {
@@ -368,22 +525,31 @@ __device__ __forceinline__ void flash_fwd_f32(const FlashParams& p) {
         __syncwarp();
     }
 #pragma unroll
-    for (int off = 1; off < 8; off <<= 1) l += __shfl_xor_sync(0xffffffffu, l, off);
+    for (int off = 1; off < 8; off <<= 1) {
+        l += __shfl_xor_sync(0xffffffffu, l, off);
+        es += __shfl_xor_sync(0xffffffffu, es, off);
+    }
+    float factor, lse, ent;
+    finish_row(p, h, relu2, m, l, es, factor, lse, ent);
     if (grow < s.seq_q) {
-        const float inv = l > 0.f ? 1.f / l : 0.f;
 #pragma unroll
-        for (int i = 0; i < D / 8; ++i) o_ptr[(int64_t)grow * p.o_row_stride + sub + 8 * i] = acc[i] * inv;
-        if (sub == 0) p.lse[s.lse_off + grow] = l > 0.f ? (m + log2f(l)) * LN2 : -INFINITY;
+        for (int i = 0; i < D / 8; ++i) o_ptr[(int64_t)grow * p.o_row_stride + sub + 8 * i] = acc[i] * factor;
+        if (sub == 0) {
+            p.lse[s.lse_off + grow] = lse;
+            if (track) p.entropy[s.lse_off + grow] = ent;
+        }
     }
 }
 
 }  // namespace
 
 // One entry point per (dtype, head dim); the host picks the name and the launch shape from the
-// same ATTNKIT_FLASH_* constants.
+// same ATTNKIT_FLASH_* constants. The score function is a template parameter (no runtime branch
+// in the inner loop), chosen once per block.
 #define FLASH_TC(NAME, T, D, WARPS, BN)                                                           \
     extern "C" __global__ void __launch_bounds__(32 * WARPS, 1) NAME(const __grid_constant__ FlashParams p) { \
-        flash_fwd_tc<T, D, WARPS, BN>(p);                                                        \
+        if (p.score == ATTNKIT_FLASH_SCORE_RELU2) flash_fwd_tc<T, D, WARPS, BN, true>(p);          \
+        else flash_fwd_tc<T, D, WARPS, BN, false>(p);                                             \
     }
 #define FLASH_TC_SMALL(NAME, T, D) FLASH_TC(NAME, T, D, ATTNKIT_FLASH_WARPS_SMALL_D, ATTNKIT_FLASH_BLOCK_N_SMALL_D)
 FLASH_TC_SMALL(flash_fwd_bf16_d32, __nv_bfloat16, 32)

@@ -1,6 +1,7 @@
 /* Parameters of the FlashAttention forward family (kernels/flash.cu).
  *
- * O = softmax(scale * Q K^T + mask) V, and LSE = log(sum(exp(scale * Q K^T + mask))) per row.
+ * O = softmax(scale * Q K^T + mask) V, and LSE = log(sum(exp(scale * Q K^T + mask))) per row;
+ * or, with ATTNKIT_FLASH_SCORE_RELU2, O = (relu(scale * Q K^T)^2 / n) V (GAU / FLASH).
  * Plain C, mirrored into Rust by bindgen (see kernels/selftest.h for the conventions).
  *
  * Fixed-length batches: row r of batch b, head h of q is at
@@ -49,8 +50,27 @@ typedef struct FlashParams {
     int32_t heads_q;   /* query heads */
     int32_t heads_kv;  /* key/value heads; heads_q % heads_kv == 0 (GQA/MQA) */
     int32_t head_dim;  /* 32, 64, 96, 128 or 256 */
-    int32_t causal;    /* 1: key j visible to row i iff j <= i + seq_k - seq_q (bottom-right) */
-    float scale_log2;  /* softmax scale * log2(e): scores go through exp2 */
+    /* Visibility of key j to row i, with diag = seq_k - seq_q (bottom-right alignment):
+     *   j <= i + diag + window_right                       (causal: window_right = 0)
+     *   and (j >= i + diag - window_left or j < n_sink)    (StreamingLLM sinks)
+     *   and block_mask[(i / block_q) * mask_cols + j / block_k] != 0 (if block_mask) */
+    int32_t window_left;   /* -1: unbounded */
+    int32_t window_right;  /* -1: unbounded */
+    int32_t n_sink;        /* keys [0, n_sink) are exempt from the left window bound */
+    int32_t block_q;       /* query rows per block-mask row */
+    int32_t block_k;       /* keys per block-mask column */
+    int32_t mask_cols;     /* block-mask columns: ceil(longest seq_k / block_k) */
+    const uint8_t* block_mask; /* [mask rows, mask_cols] row-major, nonzero = attend; or NULL */
+    const float* sink_logits;  /* [heads_q] learned per-head sink logit (natural units), or NULL */
+    float* entropy;        /* like lse: per-row entropy of the attention distribution, or NULL */
+    int32_t score;         /* ATTNKIT_FLASH_SCORE_SOFTMAX or ATTNKIT_FLASH_SCORE_RELU2 */
+    int32_t entropy_scale; /* 1: a row's scale is log_512(its visible keys) * scale */
+    int32_t relu2_by_visible; /* relu2: divide by the row's visible keys (1) or by seq_k (0) */
+    float scale;           /* the softmax (or relu2) scale */
+    float scale_log2;      /* scale * log2(e): softmax scores go through exp2 */
 } FlashParams;
+
+#define ATTNKIT_FLASH_SCORE_SOFTMAX 0
+#define ATTNKIT_FLASH_SCORE_RELU2 1
 
 #endif

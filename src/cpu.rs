@@ -47,6 +47,16 @@ impl<'a, T> DisjointSlice<'a, T> {
         }
     }
 
+    /// Writes `v` at `i` (bounds-checked).
+    ///
+    /// # Safety
+    /// No other call touches index `i` during the parallel loop.
+    pub(crate) unsafe fn set(&self, i: usize, v: T) {
+        // SAFETY: forwarded to the caller.
+        let slot = unsafe { self.range_mut(i, 1) };
+        slot[0] = v;
+    }
+
     /// The elements `start..start + len` (bounds-checked: out of range is an internal bug).
     ///
     /// # Safety

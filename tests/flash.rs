@@ -5,7 +5,11 @@
 
 mod common;
 
-use attnkit::flash::{self, Attention, HEAD_DIMS, Strides, VarlenAttention, oracle};
+use attnkit::flash::oracle::HostExtras;
+use attnkit::flash::{
+    self, Attention, BlockMask, Extras, HEAD_DIMS, Relu2Norm, Score, Strides, VarlenAttention,
+    oracle,
+};
 use attnkit::{Bf16, DType, Device, Element, Error, F16};
 use common::*;
 use rand::rngs::StdRng;
@@ -94,7 +98,7 @@ fn naive_lp_row<T: Element>(
     let diag = a.seq_k as i64 - a.seq_q as i64;
     let s: Vec<f32> = (0..a.seq_k)
         .map(|j| {
-            if a.causal && j as i64 > i as i64 + diag {
+            if a.opts.causal && j as i64 > i as i64 + diag {
                 f32::NEG_INFINITY
             } else {
                 (0..d)
@@ -209,7 +213,7 @@ fn case<T: Element>(rng: &mut StdRng, dev: &Device, a: &Attention, amp: f32) {
         a.heads_q,
         a.heads_kv,
         a.head_dim,
-        a.causal
+        a.opts.causal
     );
     check(&what, a, &q, &k, &v, &o, &lse);
 }
@@ -635,4 +639,463 @@ fn gpu_rejects_strides_the_tensor_cores_cannot_load() {
     )
     .unwrap_err();
     assert!(matches!(e, Error::Placement { arg: "q", .. }), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Variants: windows, sinks, block masks, entropy scale, sink logits, relu², entropy output.
+// ---------------------------------------------------------------------------------------------
+
+/// Host data for the extras of one run.
+#[derive(Clone, Default)]
+struct HostX {
+    sinks: Option<Vec<f32>>,
+    mask: Option<(Vec<u8>, usize, usize)>,
+    entropy: bool,
+}
+
+impl HostX {
+    fn oracle(&self) -> HostExtras<'_> {
+        HostExtras {
+            sink_logits: self.sinks.as_deref(),
+            block_mask: self.mask.as_ref().map(|(m, bq, bk)| (&m[..], *bq, *bk)),
+        }
+    }
+}
+
+/// `forward_with` on `dev`, outputs poisoned: (o, lse, entropy if asked).
+fn run_with<T: Element>(
+    dev: &Device,
+    a: &Attention,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    x: &HostX,
+) -> attnkit::Result<(Vec<T>, Vec<f32>, Vec<f32>)> {
+    let mut o = poisoned::<T>(a.o_len());
+    let mut lse = vec![f32::NAN; a.lse_len()];
+    let mut ent = vec![f32::NAN; if x.entropy { a.lse_len() } else { 0 }];
+    #[cfg(feature = "cuda")]
+    if let Some(s) = dev.stream() {
+        let (qd, kd, vd) = (
+            s.clone_htod(q).unwrap(),
+            s.clone_htod(k).unwrap(),
+            s.clone_htod(v).unwrap(),
+        );
+        let (mut od, mut ld, mut ed) = (
+            s.clone_htod(&o).unwrap(),
+            s.clone_htod(&lse).unwrap(),
+            s.clone_htod(&ent).unwrap(),
+        );
+        let sd = x.sinks.as_ref().map(|v| s.clone_htod(v).unwrap());
+        let md = x
+            .mask
+            .as_ref()
+            .map(|(m, bq, bk)| (s.clone_htod(m).unwrap(), *bq, *bk));
+        let extras = Extras {
+            sink_logits: sd.as_ref().map(|b| b.into()),
+            entropy: x.entropy.then(|| (&mut ed).into()),
+            block_mask: md.as_ref().map(|(m, bq, bk)| BlockMask {
+                mask: m.into(),
+                block_q: *bq,
+                block_k: *bk,
+            }),
+        };
+        flash::forward_with(
+            dev,
+            a,
+            (&qd).into(),
+            (&kd).into(),
+            (&vd).into(),
+            (&mut od).into(),
+            (&mut ld).into(),
+            extras,
+        )?;
+        return Ok((
+            s.clone_dtoh(&od).unwrap(),
+            s.clone_dtoh(&ld).unwrap(),
+            s.clone_dtoh(&ed).unwrap(),
+        ));
+    }
+    let extras = Extras {
+        sink_logits: x.sinks.as_ref().map(|v| v.into()),
+        entropy: x.entropy.then(|| (&mut ent).into()),
+        block_mask: x.mask.as_ref().map(|(m, bq, bk)| BlockMask {
+            mask: m.into(),
+            block_q: *bq,
+            block_k: *bk,
+        }),
+    };
+    flash::forward_with(
+        dev,
+        a,
+        q.into(),
+        k.into(),
+        v.into(),
+        (&mut o).into(),
+        (&mut lse).into(),
+        extras,
+    )?;
+    Ok((o, lse, ent))
+}
+
+/// Checks a variant run against the oracle. f32: tight. f16/bf16: twice the output rounding,
+/// plus what rounding P to T can cost (eps_T times the output scale), plus 1e-3.
+#[allow(clippy::too_many_arguments)]
+fn check_variant<T: Element>(
+    what: &str,
+    a: &Attention,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    x: &HostX,
+    o: &[T],
+    lse: &[f32],
+    ent: &[f32],
+) {
+    let d = a.head_dim;
+    let eps = match T::DTYPE {
+        DType::F32 => 0.0,
+        DType::F16 => 1.0 / 1024.0,
+        DType::Bf16 => 1.0 / 128.0,
+    };
+    let (mut err, mut round_err, mut scale) = (0.0f64, 0.0f64, 1.0f64);
+    let mut first = None;
+    for b in 0..a.batch {
+        for h in 0..a.heads_q {
+            for i in rows_to_check(a.seq_q) {
+                let r = oracle::attention_row_with(a, q, k, v, &x.oracle(), b, h, i);
+                let off = ((b * a.seq_q + i) * a.heads_q + h) * d;
+                for c in 0..d {
+                    let got = o[off + c].to_f32() as f64;
+                    let e = (got - r.o[c]).abs();
+                    let e = if e.is_nan() { f64::INFINITY } else { e };
+                    if e > err {
+                        err = e;
+                        first.get_or_insert((b, h, i, c, got, r.o[c]));
+                    }
+                    round_err =
+                        round_err.max((T::from_f32(r.o[c] as f32).to_f32() as f64 - r.o[c]).abs());
+                    scale = scale.max(r.o[c].abs());
+                }
+                let li = (b * a.heads_q + h) * a.seq_q + i;
+                let close = |got: f32, want: f64| {
+                    if want.is_infinite() {
+                        got as f64 == want
+                    } else {
+                        (got as f64 - want).abs() <= 2e-4 * (1.0 + want.abs())
+                    }
+                };
+                assert!(
+                    close(lse[li], r.lse),
+                    "{what}: lse at b={b} h={h} row={i}: got {}, want {}",
+                    lse[li],
+                    r.lse
+                );
+                if x.entropy {
+                    assert!(
+                        close(ent[li], r.entropy),
+                        "{what}: entropy at b={b} h={h} row={i}: got {}, want {}",
+                        ent[li],
+                        r.entropy
+                    );
+                }
+            }
+        }
+    }
+    let bound = if T::DTYPE == DType::F32 {
+        2e-5 * scale
+    } else {
+        2.0 * round_err + 2.0 * eps * scale + 1e-3
+    };
+    assert!(
+        err <= bound,
+        "{what}: max |o - ref| = {err:e} > {bound:e} (first b,h,row,col,got,want = {first:?})"
+    );
+}
+
+fn variant<T: Element>(rng: &mut StdRng, dev: &Device, a: &Attention, x: &HostX, label: &str) {
+    let (q, k, v) = inputs::<T>(rng, a, 1.0);
+    let (o, lse, ent) = run_with(dev, a, &q, &k, &v, x).unwrap();
+    let what = format!(
+        "{} {} {label} sq={} sk={} d={} {:?}",
+        dev.name(),
+        T::DTYPE,
+        a.seq_q,
+        a.seq_k,
+        a.head_dim,
+        a.opts
+    );
+    check_variant(&what, a, &q, &k, &v, x, &o, &lse, &ent);
+}
+
+fn windows_and_sinks<T: Element>(test: &str) {
+    let mut rng = rng(test);
+    for dev in devices(test) {
+        for (sq, sk) in [(300, 300), (150, 333), (333, 150)] {
+            let base = Attention::new(1, sq, sk, 2, 1, 64);
+            let cases = [
+                ("window 0", base.clone().window(Some(0), Some(0))),
+                (
+                    "causal window 31",
+                    base.clone().causal(true).window(Some(31), None),
+                ),
+                ("window (64, 17)", base.clone().window(Some(64), Some(17))),
+                ("window >= seq", base.clone().window(Some(1000), Some(1000))),
+                (
+                    "streaming: 4 sinks + window 50",
+                    base.clone().causal(true).window(Some(49), Some(0)).sinks(4),
+                ),
+                (
+                    "sinks >= seq",
+                    base.clone().causal(true).window(Some(10), None).sinks(400),
+                ),
+                ("sinks without window", base.clone().causal(true).sinks(3)),
+            ];
+            for (label, a) in cases {
+                variant::<T>(
+                    &mut rng,
+                    &dev,
+                    &a,
+                    &HostX {
+                        entropy: true,
+                        ..Default::default()
+                    },
+                    label,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn windows_and_sinks_f32() {
+    windows_and_sinks::<f32>("windows_and_sinks_f32");
+}
+
+#[test]
+fn windows_and_sinks_bf16() {
+    windows_and_sinks::<Bf16>("windows_and_sinks_bf16");
+}
+
+#[test]
+fn learned_sink_logits_including_infinities() {
+    let mut rng = rng("learned_sink_logits_including_infinities");
+    let sinks = vec![0.5f32, f32::NEG_INFINITY, f32::INFINITY, 3.0];
+    for dev in devices("learned_sink_logits_including_infinities") {
+        for causal in [false, true] {
+            let a = Attention::new(2, 130, 77, 4, 2, 128).causal(causal);
+            let x = HostX {
+                sinks: Some(sinks.clone()),
+                entropy: true,
+                ..Default::default()
+            };
+            variant::<f32>(&mut rng, &dev, &a, &x, "sink logits");
+            variant::<F16>(&mut rng, &dev, &a, &x, "sink logits");
+        }
+    }
+}
+
+#[test]
+fn block_sparse_layouts_with_empty_rows() {
+    let mut rng = rng("block_sparse_layouts_with_empty_rows");
+    for dev in devices("block_sparse_layouts_with_empty_rows") {
+        let (sq, sk): (usize, usize) = (300, 300);
+        // Sparse Transformer: local (width 2) OR strided (stride 3), causal, 64-key blocks.
+        let (rows, cols) = (sq.div_ceil(64), sk.div_ceil(64));
+        let local = BlockMask::local_layout(rows, cols, 2);
+        let strided = BlockMask::strided_layout(rows, cols, 3);
+        let both: Vec<u8> = local.iter().zip(&strided).map(|(a, b)| a | b).collect();
+        let a = Attention::new(1, sq, sk, 2, 2, 64).causal(true);
+        variant::<Bf16>(
+            &mut rng,
+            &dev,
+            &a,
+            &HostX {
+                mask: Some((both, 64, 64)),
+                entropy: true,
+                ..Default::default()
+            },
+            "local|strided",
+        );
+        // A random layout at a granularity unlike the kernels' tiles, with an empty mask row
+        // (those query rows see nothing: O = 0, LSE = -inf).
+        let (bq, bk) = (32, 48);
+        let (rows, cols) = (sq.div_ceil(bq), sk.div_ceil(bk));
+        let mut m: Vec<u8> = (0..rows * cols)
+            .map(|_| rand::Rng::random_bool(&mut rng, 0.4) as u8)
+            .collect();
+        m[2 * cols..3 * cols].fill(0);
+        for causal in [false, true] {
+            let a = Attention::new(1, sq, sk, 2, 1, 64).causal(causal);
+            variant::<f32>(
+                &mut rng,
+                &dev,
+                &a,
+                &HostX {
+                    mask: Some((m.clone(), bq, bk)),
+                    entropy: true,
+                    ..Default::default()
+                },
+                "random blocks",
+            );
+        }
+    }
+}
+
+#[test]
+fn entropy_invariant_scale() {
+    let mut rng = rng("entropy_invariant_scale");
+    for dev in devices("entropy_invariant_scale") {
+        for a in [
+            Attention::new(1, 257, 257, 2, 1, 64)
+                .causal(true)
+                .entropy_invariant_scale(true),
+            Attention::new(1, 100, 700, 2, 2, 128).entropy_invariant_scale(true),
+            Attention::new(1, 300, 300, 1, 1, 64)
+                .causal(true)
+                .window(Some(40), None)
+                .sinks(2)
+                .entropy_invariant_scale(true),
+        ] {
+            variant::<f32>(
+                &mut rng,
+                &dev,
+                &a,
+                &HostX {
+                    entropy: true,
+                    ..Default::default()
+                },
+                "entropy scale",
+            );
+            variant::<Bf16>(&mut rng, &dev, &a, &HostX::default(), "entropy scale");
+        }
+    }
+}
+
+#[test]
+fn relu2_attention_both_normalisations() {
+    let mut rng = rng("relu2_attention_both_normalisations");
+    for dev in devices("relu2_attention_both_normalisations") {
+        for norm in [Relu2Norm::SeqLen, Relu2Norm::Visible] {
+            for a in [
+                Attention::new(1, 200, 200, 1, 1, 128).causal(true),
+                Attention::new(2, 77, 150, 2, 2, 64),
+                Attention::new(1, 300, 300, 1, 1, 64)
+                    .causal(true)
+                    .window(Some(30), None),
+            ] {
+                let a = a.score(Score::Relu2(norm));
+                variant::<f32>(&mut rng, &dev, &a, &HostX::default(), "relu2");
+                variant::<F16>(&mut rng, &dev, &a, &HostX::default(), "relu2");
+            }
+        }
+    }
+}
+
+#[test]
+fn variants_reject_bad_input_naming_the_argument() {
+    for dev in devices("variants_reject_bad_input_naming_the_argument") {
+        let a = Attention::new(1, 16, 16, 2, 1, 64);
+        let q = vec![0.5f32; a.o_len()];
+        let kv = vec![0.5f32; 16 * 64];
+        let err = |a: &Attention, x: HostX, arg: &str| match run_with(&dev, a, &q, &kv, &kv, &x) {
+            Err(e) => assert_eq!(e.arg(), Some(arg), "{e}"),
+            Ok(_) => panic!("expected an error naming `{arg}`"),
+        };
+        let relu = a.clone().score(Score::Relu2(Relu2Norm::SeqLen));
+        err(
+            &a.clone().window(Some(usize::MAX), None),
+            HostX::default(),
+            "window_left",
+        );
+        err(
+            &a.clone().window(None, Some(1 << 31)),
+            HostX::default(),
+            "window_right",
+        );
+        err(&a.clone().sinks(usize::MAX), HostX::default(), "sinks");
+        err(
+            &a,
+            HostX {
+                sinks: Some(vec![0.0; 3]),
+                ..Default::default()
+            },
+            "sink_logits",
+        );
+        err(
+            &a,
+            HostX {
+                mask: Some((vec![1; 3], 8, 8)),
+                ..Default::default()
+            },
+            "block_mask",
+        );
+        err(
+            &a,
+            HostX {
+                mask: Some((vec![1; 4], 0, 8)),
+                ..Default::default()
+            },
+            "block_mask",
+        );
+        err(
+            &relu,
+            HostX {
+                sinks: Some(vec![0.0; 2]),
+                ..Default::default()
+            },
+            "sink_logits",
+        );
+        err(
+            &relu,
+            HostX {
+                entropy: true,
+                ..Default::default()
+            },
+            "entropy",
+        );
+        err(
+            &relu.clone().entropy_invariant_scale(true),
+            HostX::default(),
+            "entropy_scale",
+        );
+        err(
+            &a.clone().entropy_invariant_scale(true),
+            HostX {
+                mask: Some((vec![1; 4], 8, 8)),
+                ..Default::default()
+            },
+            "block_mask",
+        );
+        err(
+            &a.clone().score(Score::Relu2(Relu2Norm::Visible)),
+            HostX {
+                mask: Some((vec![1; 4], 8, 8)),
+                ..Default::default()
+            },
+            "block_mask",
+        );
+        // An entropy buffer too short.
+        let mut o = vec![f32::NAN; a.o_len()];
+        let mut lse = vec![f32::NAN; a.lse_len()];
+        let mut ent = vec![f32::NAN; 5];
+        if !dev.is_cuda() {
+            let x = Extras {
+                entropy: Some((&mut ent).into()),
+                ..Default::default()
+            };
+            let e = flash::forward_with(
+                &dev,
+                &a,
+                (&q).into(),
+                (&kv).into(),
+                (&kv).into(),
+                (&mut o).into(),
+                (&mut lse).into(),
+                x,
+            )
+            .unwrap_err();
+            assert_eq!(e.arg(), Some("entropy"), "{e}");
+        }
+    }
 }

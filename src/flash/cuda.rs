@@ -2,7 +2,7 @@
 
 use cudarc::driver::LaunchConfig;
 
-use super::{Problem, Strides};
+use super::{Extras, Problem, Score, Strides};
 use crate::buffer::{Buf, BufMut};
 use crate::cuda::{CudaDevice, DevPtrs, params as c};
 use crate::dtype::{DType, Element};
@@ -51,6 +51,7 @@ pub(super) fn forward<T: Element>(
     cu: Option<&(Buf<'_, i32>, Buf<'_, i32>)>,
     o: &mut BufMut<'_, T>,
     lse: &mut BufMut<'_, f32>,
+    extras: &mut Extras<'_>,
 ) -> Result<()> {
     let (qv, kv, vv) = (dev.view("q", q)?, dev.view("k", k)?, dev.view("v", v)?);
     let cu_views = match cu {
@@ -59,6 +60,20 @@ pub(super) fn forward<T: Element>(
     };
     let ov = dev.view_mut("o", o)?;
     let lv = dev.view_mut("lse", lse)?;
+    let sink_view = extras
+        .sink_logits
+        .as_ref()
+        .map(|b| dev.view("sink_logits", b))
+        .transpose()?;
+    let mask_view = match &extras.block_mask {
+        Some(m) => Some((dev.view("block_mask", &m.mask)?, m.block_q, m.block_k)),
+        None => None,
+    };
+    let ent_view = extras
+        .entropy
+        .as_mut()
+        .map(|b| dev.view_mut("entropy", b))
+        .transpose()?;
     // The tensor-core kernels move rows in 16-byte pieces: pointers and strides must allow it.
     let align = if T::DTYPE == DType::F32 { 4 } else { 16 };
     if align == 16 {
@@ -96,6 +111,26 @@ pub(super) fn forward<T: Element>(
         ),
         None => (std::ptr::null(), std::ptr::null()),
     };
+    let sink_logits = match sink_view {
+        Some(v) => ptrs.read("sink_logits", v, stream, 4)? as *const f32,
+        None => std::ptr::null(),
+    };
+    let entropy = match ent_view {
+        Some(v) => ptrs.write("entropy", v, stream, 4)? as *mut f32,
+        None => std::ptr::null_mut(),
+    };
+    let (block_mask, block_q, block_k) = match mask_view {
+        Some((v, bq, bk)) => (ptrs.read("block_mask", v, stream, 1)? as *const u8, bq, bk),
+        None => (std::ptr::null(), 1, 1),
+    };
+    let opts = &p.opts;
+    // -1 is the kernel's "unbounded"; sizes were checked to be at most MAX_LEN (< i32::MAX).
+    let bound = |w: Option<usize>| w.map_or(-1, |w| w as i32);
+    let window_right = if opts.causal {
+        0
+    } else {
+        bound(opts.window_right)
+    };
     let st = |s: &Strides| (s.batch as i64, s.row as i64, s.head as i64);
     let (qb, qr, qh) = st(&p.q);
     let (kb, kr, kh) = st(&p.k);
@@ -132,7 +167,22 @@ pub(super) fn forward<T: Element>(
         heads_q: p.heads_q as i32,
         heads_kv: p.heads_kv as i32,
         head_dim: p.d as i32,
-        causal: p.causal as i32,
+        window_left: bound(opts.window_left),
+        window_right,
+        n_sink: opts.sinks as i32,
+        block_q: block_q as i32,
+        block_k: block_k as i32,
+        mask_cols: p.seq_k.div_ceil(block_k) as i32,
+        block_mask,
+        sink_logits,
+        entropy,
+        score: match opts.score {
+            Score::Softmax => c::ATTNKIT_FLASH_SCORE_SOFTMAX as i32,
+            Score::Relu2(_) => c::ATTNKIT_FLASH_SCORE_RELU2 as i32,
+        },
+        entropy_scale: opts.entropy_scale as i32,
+        relu2_by_visible: matches!(opts.score, Score::Relu2(super::Relu2Norm::Visible)) as i32,
+        scale: p.scale,
         scale_log2: p.scale * std::f32::consts::LOG2_E,
     };
     let (name, bm, threads, smem) = tile(T::DTYPE, p.d);

@@ -9,6 +9,12 @@
 //! finite: an inf or NaN anywhere in K or V may reach rows that give it zero weight (the GPU
 //! multiplies it by 0), and the backends need not agree on such rows.
 //!
+//! The variants of the source documents are options of the same call ([`Options`],
+//! [`Extras`]), not separate functions: sliding windows `(left, right)` and StreamingLLM
+//! sinks, block-sparse masks ([`BlockMask`]), the entropy-invariant scale, a learned per-head
+//! sink logit, relu² scores (GAU / FLASH), and per-row entropy. Combinations that make no
+//! sense are typed errors.
+//!
 //! Data flow: [`forward`] checks every argument against the problem ([`Attention`]), then runs
 //! the CPU implementation (`cpu.rs`: the same online-softmax tiling, on all cores) or the CUDA
 //! kernel (`kernels/flash.cu`: tensor cores for f16/bf16, CUDA cores for the exact f32 path)
@@ -66,6 +72,186 @@ impl Strides {
     }
 }
 
+/// The score function.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Score {
+    /// `softmax(scale * q k^T)`, with LSE.
+    #[default]
+    Softmax,
+    /// GAU / FLASH: `relu(scale * q k^T)^2 / n`, no softmax (LSE is written as 0).
+    Relu2(Relu2Norm),
+}
+
+/// The `n` relu² attention divides by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Relu2Norm {
+    /// The sequence's key count, as the FLASH paper does.
+    SeqLen,
+    /// The keys the row actually sees under its mask (the fix the seed discusses for length
+    /// generalisation).
+    Visible,
+}
+
+/// Mask, scale and score options, shared by [`Attention`] and [`VarlenAttention`].
+///
+/// Key `j` is visible to row `i` (with `diag = seq_k - seq_q`: bottom-right alignment) when
+/// `j <= i + diag` if causal, `j <= i + diag + right` and `j >= i + diag - left` for a window
+/// `(left, right)` (FlashAttention's definition; `None` is unbounded), except that the first
+/// `sinks` keys are exempt from the left bound (StreamingLLM: `[0, n_sink) U (t - window, t]`
+/// is `sinks(n_sink)` with `window(Some(window - 1), Some(0))`).
+///
+/// ```
+/// use attnkit::flash::{Attention, Score, Relu2Norm};
+/// let a = Attention::new(1, 4096, 4096, 8, 8, 64).causal(true).window(Some(1023), None).sinks(4);
+/// assert_eq!(a.opts.window_left, Some(1023));
+/// let g = Attention::new(1, 512, 512, 1, 1, 128).score(Score::Relu2(Relu2Norm::Visible));
+/// assert_eq!(g.opts.score, Score::Relu2(Relu2Norm::Visible));
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Options {
+    /// Bottom-right aligned causal mask.
+    pub causal: bool,
+    /// Scale of `q k^T`; `None` means `1 / sqrt(head_dim)`.
+    pub scale: Option<f32>,
+    /// Keys visible to the left of the diagonal (`None`: all).
+    pub window_left: Option<usize>,
+    /// Keys visible to the right of the diagonal (`None`: all; causal makes it 0).
+    pub window_right: Option<usize>,
+    /// The first `sinks` keys are always visible (but never from the future under causal).
+    pub sinks: usize,
+    /// Softmax or relu².
+    pub score: Score,
+    /// Entropy-invariant scale: a row's scale is `log_512(n) * scale`, `n` the keys it sees.
+    pub entropy_scale: bool,
+}
+
+/// Builder methods for the [`Options`] of a problem type (one definition for both types).
+macro_rules! option_builders {
+    ($t:ty) => {
+        impl $t {
+            /// Sets the causal mask (bottom-right aligned).
+            pub fn causal(mut self, causal: bool) -> Self {
+                self.opts.causal = causal;
+                self
+            }
+
+            /// Sets the scale of `q k^T` (default `1 / sqrt(head_dim)`).
+            pub fn scale(mut self, scale: f32) -> Self {
+                self.opts.scale = Some(scale);
+                self
+            }
+
+            /// Sets a sliding window `(left, right)` around the diagonal (`None`: unbounded).
+            pub fn window(mut self, left: Option<usize>, right: Option<usize>) -> Self {
+                self.opts.window_left = left;
+                self.opts.window_right = right;
+                self
+            }
+
+            /// Keeps the first `n` keys visible whatever the left window bound (attention sinks).
+            pub fn sinks(mut self, n: usize) -> Self {
+                self.opts.sinks = n;
+                self
+            }
+
+            /// Sets the score function.
+            pub fn score(mut self, score: Score) -> Self {
+                self.opts.score = score;
+                self
+            }
+
+            /// Uses the entropy-invariant scale `log_512(n) * scale` (`n`: keys the row sees).
+            pub fn entropy_invariant_scale(mut self, on: bool) -> Self {
+                self.opts.entropy_scale = on;
+                self
+            }
+
+            /// The base scale applied to `q k^T` (before any entropy-invariant factor).
+            pub fn softmax_scale(&self) -> f32 {
+                self.opts
+                    .scale
+                    .unwrap_or(1.0 / (self.head_dim as f32).sqrt())
+            }
+        }
+    };
+}
+
+option_builders!(Attention);
+option_builders!(VarlenAttention<'_>);
+
+/// A block-sparse layout (Sparse Transformer): `mask[qb * cols + kb] != 0` lets query block
+/// `qb` (rows `qb * block_q ..`) see key block `kb` (keys `kb * block_k ..`), with
+/// `cols = ceil(seq_k / block_k)` and `ceil(seq_q / block_q)` rows (for varlen: of the longest
+/// sequence; each sequence indexes it from its own first row and key). It combines with the
+/// other masks; tiles with no visible block are never loaded.
+///
+/// ```
+/// use attnkit::flash::BlockMask;
+/// let m = BlockMask::local_layout(4, 4, 2);
+/// assert_eq!(m, [1, 0, 0, 0, 1, 1, 0, 0, 0, 1, 1, 0, 0, 0, 1, 1]);
+/// let mask = BlockMask { mask: (&m).into(), block_q: 64, block_k: 64 };
+/// # let _ = mask;
+/// ```
+#[derive(Debug)]
+pub struct BlockMask<'a> {
+    /// `[rows, cols]` row-major, nonzero = attend.
+    pub mask: Buf<'a, u8>,
+    /// Query rows per mask row.
+    pub block_q: usize,
+    /// Keys per mask column.
+    pub block_k: usize,
+}
+
+impl BlockMask<'_> {
+    /// Sparse Transformer's local pattern: query block `qb` sees key blocks `qb - width + 1 ..= qb`.
+    ///
+    /// ```
+    /// assert_eq!(attnkit::flash::BlockMask::local_layout(2, 2, 1), [1, 0, 0, 1]);
+    /// ```
+    pub fn local_layout(rows: usize, cols: usize, width: usize) -> Vec<u8> {
+        Self::layout(rows, cols, |qb, kb| kb <= qb && qb - kb < width)
+    }
+
+    /// Sparse Transformer's strided (atrous) pattern: query block `qb` sees key blocks
+    /// `kb <= qb` with `(qb - kb) % stride == 0`.
+    ///
+    /// ```
+    /// assert_eq!(attnkit::flash::BlockMask::strided_layout(3, 3, 2), [1, 0, 0, 0, 1, 0, 1, 0, 1]);
+    /// ```
+    pub fn strided_layout(rows: usize, cols: usize, stride: usize) -> Vec<u8> {
+        Self::layout(rows, cols, |qb, kb| {
+            kb <= qb && (qb - kb) % stride.max(1) == 0
+        })
+    }
+
+    fn layout(rows: usize, cols: usize, keep: impl Fn(usize, usize) -> bool) -> Vec<u8> {
+        (0..rows * cols)
+            .map(|i| keep(i / cols, i % cols) as u8)
+            .collect()
+    }
+}
+
+/// Optional inputs and outputs of a call: the learned sink logits, the entropy output, and a
+/// block-sparse mask. `Extras::default()` is none of them.
+///
+/// ```
+/// use attnkit::flash::Extras;
+/// let mut entropy = vec![0f32; 16];
+/// let x = Extras { entropy: Some((&mut entropy).into()), ..Default::default() };
+/// assert!(x.sink_logits.is_none());
+/// ```
+#[derive(Debug, Default)]
+pub struct Extras<'a> {
+    /// `[heads_q]` f32: a learned per-head logit added to the softmax denominator as
+    /// `exp(sink - m)` (gpt-oss), with no value vector; included in the LSE.
+    pub sink_logits: Option<Buf<'a, f32>>,
+    /// Per-row entropy of the attention distribution, `H = LSE - sum_j p_j s_j` (natural log,
+    /// the sink included), in the LSE's layout; accumulated in the kernel, never materialised.
+    pub entropy: Option<BufMut<'a, f32>>,
+    /// A block-sparse mask.
+    pub block_mask: Option<BlockMask<'a>>,
+}
+
 /// A fixed-length attention problem: shapes, mask, scale and strides.
 ///
 /// ```
@@ -88,10 +274,8 @@ pub struct Attention {
     pub heads_kv: usize,
     /// Head dimension, one of [`HEAD_DIMS`].
     pub head_dim: usize,
-    /// Bottom-right aligned causal mask.
-    pub causal: bool,
-    /// Softmax scale; `None` means `1 / sqrt(head_dim)`.
-    pub scale: Option<f32>,
+    /// Mask, scale and score options (see the builder methods).
+    pub opts: Options,
     /// Strides of q (default: contiguous).
     pub q_strides: Strides,
     /// Strides of k (default: contiguous).
@@ -124,42 +308,12 @@ impl Attention {
             heads_q,
             heads_kv,
             head_dim,
-            causal: false,
-            scale: None,
+            opts: Options::default(),
             q_strides: Strides::contiguous(seq_q, heads_q, head_dim),
             k_strides: Strides::contiguous(seq_k, heads_kv, head_dim),
             v_strides: Strides::contiguous(seq_k, heads_kv, head_dim),
             o_strides: Strides::contiguous(seq_q, heads_q, head_dim),
         }
-    }
-
-    /// Sets the causal mask (bottom-right aligned).
-    ///
-    /// ```
-    /// assert!(attnkit::flash::Attention::new(1, 8, 8, 1, 1, 64).causal(true).causal);
-    /// ```
-    pub fn causal(mut self, causal: bool) -> Self {
-        self.causal = causal;
-        self
-    }
-
-    /// Sets the softmax scale (default `1 / sqrt(head_dim)`).
-    ///
-    /// ```
-    /// assert_eq!(attnkit::flash::Attention::new(1, 8, 8, 1, 1, 64).scale(0.5).softmax_scale(), 0.5);
-    /// ```
-    pub fn scale(mut self, scale: f32) -> Self {
-        self.scale = Some(scale);
-        self
-    }
-
-    /// The scale applied to `Q K^T`.
-    ///
-    /// ```
-    /// assert_eq!(attnkit::flash::Attention::new(1, 1, 1, 1, 1, 256).softmax_scale(), 0.0625);
-    /// ```
-    pub fn softmax_scale(&self) -> f32 {
-        self.scale.unwrap_or(1.0 / (self.head_dim as f32).sqrt())
     }
 
     /// Elements `o` must hold with contiguous strides (`batch * seq_q * heads_q * head_dim`).
@@ -181,7 +335,8 @@ impl Attention {
     }
 
     /// Floating-point operations of the forward pass, `4 * b * h * seq_q * seq_k * d`, only
-    /// the visible (query, key) pairs counted under the causal mask.
+    /// the visible (query, key) pairs counted under the causal mask and window (a block mask
+    /// is not counted).
     ///
     /// ```
     /// let a = attnkit::flash::Attention::new(1, 4, 4, 1, 1, 32);
@@ -189,20 +344,71 @@ impl Attention {
     /// assert_eq!(a.causal(true).flops(), 4.0 * 10.0 * 32.0);
     /// ```
     pub fn flops(&self) -> f64 {
-        let pairs = visible_pairs(self.seq_q, self.seq_k, self.causal) as f64;
+        let pairs = visible_pairs(self.seq_q, self.seq_k, &self.opts) as f64;
         4.0 * (self.batch * self.heads_q * self.head_dim) as f64 * pairs
     }
 }
 
-/// (query, key) pairs visible in one sequence under the mask.
-fn visible_pairs(seq_q: usize, seq_k: usize, causal: bool) -> u64 {
-    if !causal {
-        return seq_q as u64 * seq_k as u64;
+/// (query, key) pairs visible in one sequence under the causal mask, window and sinks.
+fn visible_pairs(seq_q: usize, seq_k: usize, opts: &Options) -> u64 {
+    let vis = Visibility::new(opts, seq_q, seq_k);
+    (0..seq_q).map(|i| vis.count(i) as u64).sum()
+}
+
+/// Which keys a row sees (causal, window, sinks; the block mask is applied separately), in
+/// closed form: the window `[lo(i), hi(i)]` and the sinks `[0, min(sinks, lo(i), hi(i) + 1))`.
+/// The CUDA kernel's `Visibility` computes the same thing.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Visibility {
+    seq_k: i64,
+    diag: i64,
+    left: Option<i64>,
+    right: Option<i64>,
+    sinks: i64,
+}
+
+impl Visibility {
+    pub fn new(opts: &Options, seq_q: usize, seq_k: usize) -> Self {
+        let right = match (opts.causal, opts.window_right) {
+            (true, _) => Some(0),
+            (false, r) => r.map(|r| r as i64),
+        };
+        Visibility {
+            seq_k: seq_k as i64,
+            diag: seq_k as i64 - seq_q as i64,
+            left: opts.window_left.map(|l| l as i64),
+            right,
+            sinks: (opts.sinks as i64).min(seq_k as i64),
+        }
     }
-    let diag = seq_k as i64 - seq_q as i64;
-    (0..seq_q as i64)
-        .map(|i| (i + diag + 1).clamp(0, seq_k as i64) as u64)
-        .sum()
+
+    /// First key of row i's window.
+    pub fn lo(&self, i: usize) -> i64 {
+        self.left.map_or(0, |l| (i as i64 + self.diag - l).max(0))
+    }
+
+    /// Last key (inclusive) row i sees; negative when none.
+    pub fn hi(&self, i: usize) -> i64 {
+        self.right.map_or(self.seq_k - 1, |r| {
+            (i as i64 + self.diag + r).min(self.seq_k - 1)
+        })
+    }
+
+    /// Keys `[0, sinks)` are exempt from the left bound.
+    pub fn sinks(&self) -> i64 {
+        self.sinks
+    }
+
+    pub fn visible(&self, i: usize, j: usize) -> bool {
+        let j = j as i64;
+        j <= self.hi(i) && (j >= self.lo(i) || j < self.sinks)
+    }
+
+    /// Keys row i sees.
+    pub fn count(&self, i: usize) -> usize {
+        let (lo, hi) = (self.lo(i), self.hi(i));
+        ((hi - lo + 1).max(0) + self.sinks.min(lo).min(hi + 1).max(0)) as usize
+    }
 }
 
 /// A packed variable-length problem: sequence `b` holds query rows
@@ -228,10 +434,8 @@ pub struct VarlenAttention<'a> {
     pub heads_kv: usize,
     /// Head dimension, one of [`HEAD_DIMS`].
     pub head_dim: usize,
-    /// Bottom-right aligned causal mask, per sequence.
-    pub causal: bool,
-    /// Softmax scale; `None` means `1 / sqrt(head_dim)`.
-    pub scale: Option<f32>,
+    /// Mask, scale and score options, applied to each sequence.
+    pub opts: Options,
     /// Strides of q (`batch` unused; default contiguous `[total_q, heads_q, head_dim]`).
     pub q_strides: Strides,
     /// Strides of k.
@@ -263,36 +467,12 @@ impl<'a> VarlenAttention<'a> {
             heads_q,
             heads_kv,
             head_dim,
-            causal: false,
-            scale: None,
+            opts: Options::default(),
             q_strides: Strides::contiguous(0, heads_q, head_dim),
             k_strides: Strides::contiguous(0, heads_kv, head_dim),
             v_strides: Strides::contiguous(0, heads_kv, head_dim),
             o_strides: Strides::contiguous(0, heads_q, head_dim),
         }
-    }
-
-    /// Sets the causal mask (bottom-right aligned in each sequence).
-    ///
-    /// ```
-    /// let cu = [0, 1];
-    /// assert!(attnkit::flash::VarlenAttention::new(&cu, &cu, 1, 1, 32).causal(true).causal);
-    /// ```
-    pub fn causal(mut self, causal: bool) -> Self {
-        self.causal = causal;
-        self
-    }
-
-    /// Sets the softmax scale (default `1 / sqrt(head_dim)`).
-    ///
-    /// ```
-    /// let cu = [0, 1];
-    /// let a = attnkit::flash::VarlenAttention::new(&cu, &cu, 1, 1, 32).scale(1.0);
-    /// assert_eq!(a.scale, Some(1.0));
-    /// ```
-    pub fn scale(mut self, scale: f32) -> Self {
-        self.scale = Some(scale);
-        self
     }
 
     /// Packed query rows (`cu_seqlens_q[batch]`, 0 if the slice is empty).
@@ -337,7 +517,7 @@ pub(crate) struct Problem<'a> {
     pub heads_q: usize,
     pub heads_kv: usize,
     pub d: usize,
-    pub causal: bool,
+    pub opts: Options,
     pub scale: f32,
     pub q: Strides,
     pub k: Strides,
@@ -369,6 +549,12 @@ impl Problem<'_> {
     pub fn offset(&self, s: &Strides, b: usize, row0: usize, r: usize, h: usize) -> usize {
         let batch = if self.cu.is_some() { 0 } else { b * s.batch };
         batch + (row0 + r) * s.row + h * s.head
+    }
+
+    /// The visibility rule of sequence b.
+    pub fn visibility(&self, b: usize) -> Visibility {
+        let (sq, sk, _, _) = self.seq(b);
+        Visibility::new(&self.opts, sq, sk)
     }
 
     /// Index of (sequence b, head h, row r) in the LSE output.
@@ -407,6 +593,35 @@ pub fn forward<T: Element>(
     o: BufMut<'_, T>,
     lse: BufMut<'_, f32>,
 ) -> Result<()> {
+    forward_with(dev, attn, q, k, v, o, lse, Extras::default())
+}
+
+/// [`forward`] with optional inputs and outputs: learned sink logits, the entropy output, a
+/// block-sparse mask ([`Extras`]). Each must live where `dev` runs.
+///
+/// ```
+/// use attnkit::{flash::{self, Attention, Extras}, Device};
+/// let a = Attention::new(1, 9, 9, 2, 2, 32).causal(true).window(Some(3), None).sinks(1);
+/// let x = vec![0.25f32; a.o_len()];
+/// let (mut o, mut lse, mut ent) = (vec![f32::NAN; a.o_len()], vec![f32::NAN; 18], vec![f32::NAN; 18]);
+/// let sinks = [0.0f32, f32::NEG_INFINITY];
+/// let extras = Extras { sink_logits: Some(sinks[..].into()), entropy: Some((&mut ent).into()), ..Default::default() };
+/// flash::forward_with(&Device::cpu(), &a, (&x).into(), (&x).into(), (&x).into(), (&mut o).into(), (&mut lse).into(), extras)?;
+/// // Head 1 (no sink), row 8 sees keys 0 and 5..=8: five equal scores, entropy ln 5.
+/// assert!((ent[9 + 8] - 5f32.ln()).abs() < 1e-5);
+/// # Ok::<(), attnkit::Error>(())
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn forward_with<T: Element>(
+    dev: &Device,
+    attn: &Attention,
+    q: Buf<'_, T>,
+    k: Buf<'_, T>,
+    v: Buf<'_, T>,
+    o: BufMut<'_, T>,
+    lse: BufMut<'_, f32>,
+    extras: Extras<'_>,
+) -> Result<()> {
     for (arg, n) in [
         ("batch", attn.batch),
         ("seq_q", attn.seq_q),
@@ -426,7 +641,7 @@ pub fn forward<T: Element>(
         heads_q: attn.heads_q,
         heads_kv: attn.heads_kv,
         d: attn.head_dim,
-        causal: attn.causal,
+        opts: attn.opts,
         scale: attn.softmax_scale(),
         q: attn.q_strides,
         k: attn.k_strides,
@@ -438,7 +653,7 @@ pub fn forward<T: Element>(
         total_q: attn.batch * attn.seq_q,
         total_k: attn.batch * attn.seq_k,
     };
-    run(dev, &p, q, k, v, None, o, lse)
+    run(dev, &p, q, k, v, None, o, lse, extras)
 }
 
 /// Runs attention on a packed variable-length batch (continuous batching): `q`, `o` are
@@ -474,6 +689,48 @@ pub fn forward_varlen<T: Element>(
     cu_seqlens_k: Buf<'_, i32>,
     o: BufMut<'_, T>,
     lse: BufMut<'_, f32>,
+) -> Result<()> {
+    forward_varlen_with(
+        dev,
+        attn,
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        o,
+        lse,
+        Extras::default(),
+    )
+}
+
+/// [`forward_varlen`] with [`Extras`] (the entropy output in the LSE's `[heads_q, total_q]`
+/// layout; a block mask indexed from each sequence's first row and key).
+///
+/// ```
+/// use attnkit::{flash::{self, VarlenAttention, Extras}, Device};
+/// let cu = [0, 4, 10];
+/// let a = VarlenAttention::new(&cu, &cu, 1, 1, 32).causal(true);
+/// let x = vec![0.5f32; a.o_len()];
+/// let (mut o, mut lse, mut ent) = (vec![f32::NAN; a.o_len()], vec![f32::NAN; 10], vec![f32::NAN; 10]);
+/// let extras = Extras { entropy: Some((&mut ent).into()), ..Default::default() };
+/// flash::forward_varlen_with(&Device::cpu(), &a, (&x).into(), (&x).into(), (&x).into(),
+///     cu[..].into(), cu[..].into(), (&mut o).into(), (&mut lse).into(), extras)?;
+/// assert!((ent[4 + 5] - 6f32.ln()).abs() < 1e-5); // second sequence, row 5: six equal keys
+/// # Ok::<(), attnkit::Error>(())
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn forward_varlen_with<T: Element>(
+    dev: &Device,
+    attn: &VarlenAttention<'_>,
+    q: Buf<'_, T>,
+    k: Buf<'_, T>,
+    v: Buf<'_, T>,
+    cu_seqlens_q: Buf<'_, i32>,
+    cu_seqlens_k: Buf<'_, i32>,
+    o: BufMut<'_, T>,
+    lse: BufMut<'_, f32>,
+    extras: Extras<'_>,
 ) -> Result<()> {
     let (cq, ck) = (attn.cu_seqlens_q, attn.cu_seqlens_k);
     if cq.len() < 2 {
@@ -516,8 +773,8 @@ pub fn forward_varlen<T: Element>(
         heads_q: attn.heads_q,
         heads_kv: attn.heads_kv,
         d: attn.head_dim,
-        causal: attn.causal,
-        scale: attn.scale.unwrap_or(1.0 / (attn.head_dim as f32).sqrt()),
+        opts: attn.opts,
+        scale: attn.softmax_scale(),
         q: attn.q_strides,
         k: attn.k_strides,
         v: attn.v_strides,
@@ -528,7 +785,17 @@ pub fn forward_varlen<T: Element>(
         total_q,
         total_k,
     };
-    run(dev, &p, q, k, v, Some((cu_seqlens_q, cu_seqlens_k)), o, lse)
+    run(
+        dev,
+        &p,
+        q,
+        k,
+        v,
+        Some((cu_seqlens_q, cu_seqlens_k)),
+        o,
+        lse,
+        extras,
+    )
 }
 
 /// Checks offsets: from 0, non-decreasing, within i32. Returns the longest sequence.
@@ -562,8 +829,10 @@ fn run<T: Element>(
     cu: Option<(Buf<'_, i32>, Buf<'_, i32>)>,
     mut o: BufMut<'_, T>,
     mut lse: BufMut<'_, f32>,
+    mut extras: Extras<'_>,
 ) -> Result<()> {
     check(p, q.len(), k.len(), v.len(), o.len(), lse.len())?;
+    check_extras(p, &extras)?;
     match &dev.backend {
         Backend::Cpu { threads } => {
             if let Some((cq, ck)) = &cu {
@@ -571,13 +840,126 @@ fn run<T: Element>(
                 ck.host("cu_seqlens_k")?;
             }
             let (q, k, v) = (q.host("q")?, k.host("k")?, v.host("v")?);
+            let sinks = extras
+                .sink_logits
+                .as_ref()
+                .map(|b| b.host("sink_logits"))
+                .transpose()?;
+            let mask = match &extras.block_mask {
+                Some(m) => Some((m.mask.host("block_mask")?, m.block_q, m.block_k)),
+                None => None,
+            };
+            let entropy = extras
+                .entropy
+                .as_mut()
+                .map(|b| b.host_mut("entropy"))
+                .transpose()?;
             let lse = lse.host_mut("lse")?;
-            cpu::forward(*threads, p, q, k, v, o.host_mut("o")?, lse);
+            let out = cpu::Outputs {
+                o: o.host_mut("o")?,
+                lse,
+                entropy,
+            };
+            cpu::forward(*threads, p, q, k, v, sinks, mask, out);
             Ok(())
         }
         #[cfg(attnkit_cuda)]
-        Backend::Cuda(c) => cuda::forward(c, p, &q, &k, &v, cu.as_ref(), &mut o, &mut lse),
+        Backend::Cuda(c) => {
+            cuda::forward(c, p, &q, &k, &v, cu.as_ref(), &mut o, &mut lse, &mut extras)
+        }
     }
+}
+
+/// Checks the options and the extras against the problem: sizes, and the combinations a score
+/// function does not support.
+fn check_extras(p: &Problem<'_>, x: &Extras<'_>) -> Result<()> {
+    let o = &p.opts;
+    for (arg, n) in [
+        ("window_left", o.window_left),
+        ("window_right", o.window_right),
+        ("sinks", Some(o.sinks)),
+    ] {
+        if n.is_some_and(|n| n > MAX_LEN) {
+            return Err(Error::Value {
+                arg,
+                detail: format!("{} exceeds {MAX_LEN}", n.unwrap_or(0)),
+            });
+        }
+    }
+    if let Score::Relu2(norm) = o.score {
+        let unsupported = |arg: &'static str, what: &str| Error::Unsupported {
+            arg,
+            detail: format!("relu² attention has no {what}"),
+        };
+        if x.sink_logits.is_some() {
+            return Err(unsupported(
+                "sink_logits",
+                "softmax denominator for a sink logit",
+            ));
+        }
+        if x.entropy.is_some() {
+            return Err(unsupported(
+                "entropy",
+                "probability distribution to take the entropy of",
+            ));
+        }
+        if o.entropy_scale {
+            return Err(unsupported(
+                "entropy_scale",
+                "softmax entropy to keep invariant",
+            ));
+        }
+        if norm == Relu2Norm::Visible && x.block_mask.is_some() {
+            return Err(Error::Unsupported {
+                arg: "block_mask",
+                detail: "relu² normalised by visible keys needs a mask without blocks".into(),
+            });
+        }
+    }
+    if o.entropy_scale && x.block_mask.is_some() {
+        return Err(Error::Unsupported { arg: "block_mask", detail: "the entropy-invariant scale counts visible keys in closed form, which a block mask breaks".into() });
+    }
+    if let Some(s) = &x.sink_logits {
+        if s.len() != p.heads_q {
+            return Err(Error::Shape {
+                arg: "sink_logits",
+                detail: format!("holds {} logits, heads_q is {}", s.len(), p.heads_q),
+            });
+        }
+    }
+    if let Some(e) = &x.entropy {
+        let need = p.heads_q * p.total_q;
+        if e.len() < need {
+            return Err(Error::Shape {
+                arg: "entropy",
+                detail: format!(
+                    "holds {} elements, needs {need} (the LSE's layout)",
+                    e.len()
+                ),
+            });
+        }
+    }
+    if let Some(m) = &x.block_mask {
+        if m.block_q == 0 || m.block_k == 0 {
+            return Err(Error::Value {
+                arg: "block_mask",
+                detail: "block_q and block_k must be at least 1".into(),
+            });
+        }
+        let need = p.seq_q.div_ceil(m.block_q) * p.seq_k.div_ceil(m.block_k);
+        if m.mask.len() < need {
+            return Err(Error::Shape {
+                arg: "block_mask",
+                detail: format!(
+                    "holds {} blocks, [{}, {}] needs {need}",
+                    m.mask.len(),
+                    p.seq_q.div_ceil(m.block_q),
+                    p.seq_k.div_ceil(m.block_k)
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Every check that does not depend on the backend.

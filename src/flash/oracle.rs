@@ -1,13 +1,33 @@
-//! The naive reference: f64 throughout, the whole score row materialised, the softmax taken
-//! the textbook way. Slow by design (O(seq_q * seq_k) memory per row is fine, nothing is
-//! tiled); tests, benches and the tour compare the real implementations against it.
+//! The naive reference: f64 throughout, the whole score row materialised, every mask rule
+//! checked per key from its definition, the softmax taken the textbook way. Slow by design;
+//! tests, benches and the tour compare the real implementations against it.
 
-use super::{Attention, Strides};
+use super::{Attention, Relu2Norm, Score, Strides};
 use crate::dtype::Element;
 
+/// Host copies of the optional inputs ([`super::Extras`]): sink logits `[heads_q]` and a
+/// block mask `(mask, block_q, block_k)`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HostExtras<'a> {
+    /// Learned per-head sink logits.
+    pub sink_logits: Option<&'a [f32]>,
+    /// `(mask, block_q, block_k)`, `mask` row-major with `ceil(seq_k / block_k)` columns.
+    pub block_mask: Option<(&'a [u8], usize, usize)>,
+}
+
+/// One row's reference outputs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowRef {
+    /// The output row.
+    pub o: Vec<f64>,
+    /// Log-sum-exp (natural log; `-inf` for a row that sees nothing; 0 for relu²).
+    pub lse: f64,
+    /// Entropy of the attention distribution (0 for relu² and for empty rows).
+    pub entropy: f64,
+}
+
 /// One query row's reference output: `(o, lse)` for (batch `b`, head `h`, row `i`) of a
-/// fixed-length problem, reading `q`, `k`, `v` through `attn`'s strides. A row that sees no
-/// key gives zeros and `-inf`.
+/// fixed-length problem, reading `q`, `k`, `v` through `attn`'s strides.
 ///
 /// ```
 /// use attnkit::flash::{Attention, oracle};
@@ -26,40 +46,120 @@ pub fn attention_row<T: Element>(
     h: usize,
     i: usize,
 ) -> (Vec<f64>, f64) {
+    let r = attention_row_with(attn, q, k, v, &HostExtras::default(), b, h, i);
+    (r.o, r.lse)
+}
+
+/// [`attention_row`] with every option and extra: windows, sinks, block mask, entropy scale,
+/// sink logits, relu² scores; also returns the row's entropy.
+///
+/// ```
+/// use attnkit::flash::{Attention, oracle::{self, HostExtras}};
+/// let a = Attention::new(1, 1, 4, 1, 1, 32).scale(0.0);
+/// let x = vec![1.0f32; 4 * 32];
+/// let sinks = [0.0f32];
+/// let r = oracle::attention_row_with(&a, &x, &x, &x, &HostExtras { sink_logits: Some(&sinks), ..Default::default() }, 0, 0, 0);
+/// assert!((r.lse - 5f64.ln()).abs() < 1e-12 && (r.o[0] - 0.8).abs() < 1e-12);
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn attention_row_with<T: Element>(
+    attn: &Attention,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    extras: &HostExtras<'_>,
+    b: usize,
+    h: usize,
+    i: usize,
+) -> RowRef {
     let d = attn.head_dim;
+    let o = &attn.opts;
     let hk = h / (attn.heads_q / attn.heads_kv);
-    let at = |s: &Strides, x: &[T], row: usize, head: usize, j: usize| {
-        x[b * s.batch + row * s.row + head * s.head + j * s.dim].to_f32() as f64
+    let at = |s: &Strides, x: &[T], row: usize, head: usize, c: usize| {
+        x[b * s.batch + row * s.row + head * s.head + c * s.dim].to_f32() as f64
     };
-    let scale = attn.softmax_scale() as f64;
-    let diag = attn.seq_k as i64 - attn.seq_q as i64;
-    let scores: Vec<f64> = (0..attn.seq_k)
-        .map(|j| {
-            if attn.causal && j as i64 > i as i64 + diag {
-                return f64::NEG_INFINITY;
-            }
-            (0..d)
-                .map(|c| at(&attn.q_strides, q, i, h, c) * at(&attn.k_strides, k, j, hk, c))
-                .sum::<f64>()
-                * scale
-        })
-        .collect();
-    let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    if mx == f64::NEG_INFINITY {
-        return (vec![0.0; d], f64::NEG_INFINITY);
+    let (sq, sk) = (attn.seq_q as i64, attn.seq_k as i64);
+    let c = i as i64 + sk - sq; // the diagonal key of row i
+    let visible = |j: usize| {
+        let j = j as i64;
+        let causal_ok = !o.causal || j <= c;
+        let right_ok = o.window_right.is_none_or(|r| j <= c + r as i64);
+        let left_ok = o.window_left.is_none_or(|l| j >= c - l as i64) || j < o.sinks as i64;
+        let block_ok = extras
+            .block_mask
+            .is_none_or(|(m, bq, bk)| m[(i / bq) * attn.seq_k.div_ceil(bk) + j as usize / bk] != 0);
+        causal_ok && right_ok && left_ok && block_ok
+    };
+    let keys: Vec<usize> = (0..attn.seq_k).filter(|&j| visible(j)).collect();
+    let n = keys.len();
+    let mut scale = attn.softmax_scale() as f64;
+    if o.entropy_scale {
+        scale *= (n as f64).ln() / 512f64.ln();
     }
-    let p: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
-    let l: f64 = p.iter().sum();
-    let o = (0..d)
-        .map(|c| {
-            p.iter()
-                .enumerate()
-                .map(|(j, pj)| pj * at(&attn.v_strides, v, j, hk, c))
-                .sum::<f64>()
-                / l
-        })
-        .collect();
-    (o, mx + l.ln())
+    let dot = |j: usize| {
+        (0..d)
+            .map(|cc| at(&attn.q_strides, q, i, h, cc) * at(&attn.k_strides, k, j, hk, cc))
+            .sum::<f64>()
+    };
+    let weighted = |w: &[f64]| -> Vec<f64> {
+        (0..d)
+            .map(|cc| {
+                keys.iter()
+                    .zip(w)
+                    .map(|(&j, wj)| wj * at(&attn.v_strides, v, j, hk, cc))
+                    .sum()
+            })
+            .collect()
+    };
+    if let Score::Relu2(norm) = o.score {
+        let denom = match norm {
+            Relu2Norm::SeqLen => attn.seq_k,
+            Relu2Norm::Visible => n,
+        } as f64;
+        let w: Vec<f64> = keys
+            .iter()
+            .map(|&j| (scale * dot(j)).max(0.0).powi(2) / denom)
+            .collect();
+        return RowRef {
+            o: if n == 0 { vec![0.0; d] } else { weighted(&w) },
+            lse: 0.0,
+            entropy: 0.0,
+        };
+    }
+    let s: Vec<f64> = keys.iter().map(|&j| scale * dot(j)).collect();
+    let sink = extras.sink_logits.map(|l| l[h] as f64);
+    if sink == Some(f64::INFINITY) {
+        return RowRef {
+            o: vec![0.0; d],
+            lse: f64::INFINITY,
+            entropy: 0.0,
+        };
+    }
+    let mx = s
+        .iter()
+        .cloned()
+        .chain(sink)
+        .fold(f64::NEG_INFINITY, f64::max);
+    if mx == f64::NEG_INFINITY {
+        return RowRef {
+            o: vec![0.0; d],
+            lse: f64::NEG_INFINITY,
+            entropy: 0.0,
+        };
+    }
+    let l: f64 = s.iter().chain(sink.iter()).map(|x| (x - mx).exp()).sum();
+    let lse = mx + l.ln();
+    let p: Vec<f64> = s.iter().map(|x| (x - lse).exp()).collect();
+    // H = -sum p log p over the keys and the sink, p = exp(s - lse).
+    let mut entropy: f64 = s.iter().zip(&p).map(|(x, pj)| pj * (lse - x)).sum();
+    if let Some(sk) = sink.filter(|x| x.is_finite()) {
+        entropy += (sk - lse).exp() * (lse - sk);
+    }
+    RowRef {
+        o: weighted(&p),
+        lse,
+        entropy,
+    }
 }
 
 /// The whole reference: `o` contiguous `[batch, seq_q, heads_q, head_dim]`, `lse`
@@ -71,7 +171,7 @@ pub fn attention_row<T: Element>(
 /// let x = vec![0.5f32; 3 * 32];
 /// let (o, lse) = oracle::attention(&a, &x, &x, &x);
 /// assert_eq!((o.len(), lse.len()), (3 * 32, 3));
-/// assert!((lse[0] - 0.5 * 0.5 * 32.0 / 32f64.sqrt()).abs() < 1e-9); // row 0 sees one key
+/// assert!((lse[0] - 0.5 * 0.5 * 32.0 / 32f64.sqrt()).abs() < 1e-6); // row 0 sees one key (f32 scale)
 /// ```
 pub fn attention<T: Element>(attn: &Attention, q: &[T], k: &[T], v: &[T]) -> (Vec<f64>, Vec<f64>) {
     let d = attn.head_dim;
