@@ -26,6 +26,7 @@ mod cuda;
 mod device;
 pub mod dtype;
 mod error;
+pub mod lightning;
 pub mod selftest;
 
 pub use buffer::{Buf, BufMut};
