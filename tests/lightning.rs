@@ -209,6 +209,8 @@ fn cases() -> Vec<Case> {
         Case::causal(&[1000], 2, 64, 64, small.clone()),
         Case::causal(&[4097], 1, 64, 64, None),
         Case::causal(&[200], 2, 128, 128, Some(vec![50.0, 100.0])),
+        // s so large that -s * log2(e) overflows f32: lambda = 0, never 0 * inf = NaN.
+        Case::causal(&[70], 1, 64, 64, Some(vec![f32::MAX])),
         Case::causal(&[130, 1, 0, 257, 64], 2, 64, 64, small.clone()),
     ];
     let mut init = Case::causal(&[150, 150], 2, 64, 128, small.clone());

@@ -262,9 +262,11 @@ fn check_config(cfg: &Config<'_>) -> Result<Vec<f32>> {
             detail: format!("head {h}: s = {s}; must be finite and >= 0 (lambda = exp(-s) <= 1)"),
         });
     }
+    // Bounded below so that `0 * log2_decay` stays 0: any s above ~104 already gives
+    // lambda = 0 in f32, so the bound changes no result.
     Ok(decay
         .iter()
-        .map(|&s| (-(s as f64) * std::f64::consts::LOG2_E) as f32)
+        .map(|&s| (-(s as f64) * std::f64::consts::LOG2_E).max(-1e30) as f32)
         .collect())
 }
 
