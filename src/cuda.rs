@@ -360,23 +360,30 @@ pub(crate) fn echo_params<P: DeviceRepr + Copy>(
     Ok(back == sent)
 }
 
-// SAFETY: bindgen mirrors of C structs of integers, floats and pointers: plain old data.
-unsafe impl DeviceRepr for params::SelftestParams {}
-// SAFETY: as above.
-unsafe impl DeviceRepr for params::FlashParams {}
-
 /// Every family's params struct, checked by [`crate::selftest::check_params_layout`]:
 /// (family, size in bytes, echo through the family's own module).
 pub(crate) type LayoutCheckFn = fn(&CudaDevice) -> Result<bool>;
-pub(crate) const PARAMS_LAYOUTS: &[(&str, usize, LayoutCheckFn)] = &[(
-    "selftest",
-    std::mem::size_of::<params::SelftestParams>(),
-    |d| {
-        echo_params(
-            d,
-            "selftest",
-            "echo_SelftestParams",
-            &distinct_fill::<params::SelftestParams>(),
-        )
-    },
-)];
+
+/// Registers each family's params struct (the bindgen mirror of `kernels/<family>.h`): makes it
+/// a kernel argument and lists it in `PARAMS_LAYOUTS`, echoed by `echo_<Struct>` in the
+/// family's own module. One line per family.
+macro_rules! families {
+    ($(($family:literal, $t:ident)),* $(,)?) => {
+        $(
+            // SAFETY: a bindgen mirror of a C struct of integers, floats and pointers: plain
+            // old data, passed by value as the kernel's one parameter.
+            unsafe impl DeviceRepr for params::$t {}
+        )*
+        pub(crate) const PARAMS_LAYOUTS: &[(&str, usize, LayoutCheckFn)] = &[$((
+            $family,
+            std::mem::size_of::<params::$t>(),
+            |d| echo_params(d, $family, concat!("echo_", stringify!($t)), &distinct_fill::<params::$t>()),
+        )),*];
+    };
+}
+
+families!(
+    ("selftest", SelftestParams),
+    ("flash", FlashParams),
+    ("lightning", LightningParams)
+);

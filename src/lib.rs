@@ -27,6 +27,7 @@ mod device;
 pub mod dtype;
 mod error;
 pub mod flash;
+pub mod lightning;
 pub mod selftest;
 pub mod timing;
 

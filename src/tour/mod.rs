@@ -4,6 +4,7 @@
 use attnkit::{Buf, BufMut, Device, Element, Result};
 
 mod flash;
+mod lightning;
 mod selftest;
 
 /// One row of the tour's table.
@@ -26,7 +27,11 @@ pub struct Row {
 pub type Tour = fn(&Device) -> Result<Row>;
 
 /// Every family of the tour, in the order printed.
-pub const FAMILIES: &[(&str, Tour)] = &[("selftest", selftest::run), ("flash", flash::run)];
+pub const FAMILIES: &[(&str, Tour)] = &[
+    ("selftest", selftest::run),
+    ("flash", flash::run),
+    ("lightning", lightning::run),
+];
 
 /// Runs `f` on `dev` over three inputs and two outputs held on the host (copied to the GPU and
 /// back when `dev` is one): one warm-up, then the median of five timed runs. Returns ms; the

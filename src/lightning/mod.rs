@@ -1,0 +1,793 @@
+//! Lightning Attention-2: causal linear attention with per-head decay, by the block split.
+//!
+//! `o_t = scale * q_t * sum_{j<=t} lambda_h^(t-j) k_j^T v_j` with `lambda_h = exp(-s_h)`,
+//! `s_h >= 0` (no softmax, no denominator). Layouts (contiguous, elements):
+//! `q`, `k`: `[tokens, heads, d]`; `v`, `o`: `[tokens, heads, e]`, where `tokens` is
+//! `batch * seq` ([`Seqs::Dense`]) or the packed sequences of a variable-length batch
+//! ([`Seqs::Varlen`], `cu_seqlens` as in FlashAttention); states `[n_seqs, heads, d, e]`, f32.
+//!
+//! How it is computed (both backends, the paper's block split in the chunked form):
+//! sequences are cut into blocks of `B = 64` tokens and the blocks into *splits*; the state
+//! each split starts from is found by (1) every split's own state in parallel, (2) a scan over
+//! the splits, then (3) every split runs the paper's loop over its blocks in parallel:
+//! intra-block `[(Q_i K_i^T) (.) M] V_i`, inter-block `Lambda Q_i KV`, and
+//! `KV <- lambda^B KV + (lambda^(B-1-j) k_j)^T V_i`, every decay exponent >= 0 and the state
+//! in f32. The split length comes from [`workspace_len`]'s plan so that a long sequence with
+//! few heads still fills the machine; the callers bring the workspace holding the split states.
+//!
+//! Entry points: [`forward`] (causal with decay and initial/final state, or the non-causal
+//! `Q (K^T V)`), [`decode`] (one token per sequence against a state), [`backward`]
+//! (`dQ`, `dK`, `dV`, `d initial state`), [`decay_slopes`] (TransNormerLLM / MiniMax slopes).
+//!
+//! ```
+//! use attnkit::{Device, lightning::{self, Config, Forward, Seqs}};
+//! let dev = Device::cpu();
+//! let (batch, seq, heads, d, e) = (1, 100, 2, 64, 64);
+//! let slopes = lightning::decay_slopes(heads, 1.0)?;
+//! let cfg = Config { heads, d, e, decay: Some(&slopes), scale: 1.0 / 8.0, causal: true };
+//! let seqs = Seqs::Dense { batch, seq };
+//! let q = vec![0.01f32; batch * seq * heads * d];
+//! let (k, v) = (q.clone(), vec![0.5f32; batch * seq * heads * e]);
+//! let mut o = vec![0.0f32; batch * seq * heads * e];
+//! let mut state = vec![0.0f32; batch * heads * d * e];
+//! let mut ws = vec![0.0f32; lightning::workspace_len(&dev, &cfg, &seqs)?];
+//! lightning::forward(&dev, &cfg, &seqs, Forward {
+//!     q: (&q).into(), k: (&k).into(), v: (&v).into(), o: (&mut o).into(),
+//!     initial_state: None, final_state: Some((&mut state).into()),
+//!     workspace: (&mut ws).into(),
+//! })?;
+//! assert!(o.iter().all(|x| x.is_finite()));
+//! # Ok::<(), attnkit::Error>(())
+//! ```
+
+mod cpu;
+#[cfg(attnkit_cuda)]
+mod cuda;
+pub mod oracle;
+
+use crate::buffer::{Buf, BufMut};
+use crate::device::{Backend, Device};
+use crate::dtype::Element;
+use crate::error::{Error, Result};
+
+/// What every call of the family shares: heads, head dims, decay, scale, causality.
+#[derive(Clone, Copy, Debug)]
+pub struct Config<'a> {
+    /// Number of heads (q, k, v and o have the same).
+    pub heads: usize,
+    /// Head dim of `q` and `k`: 64 or 128.
+    pub d: usize,
+    /// Head dim of `v` and `o`: 64 or 128 (may differ from `d`).
+    pub e: usize,
+    /// Per head `s_h >= 0`, `lambda_h = exp(-s_h)` (see [`decay_slopes`]); None: no decay.
+    pub decay: Option<&'a [f32]>,
+    /// Multiplies every output (e.g. `1/sqrt(d)`; 1.0 for TransNormerLLM). Finite.
+    pub scale: f32,
+    /// True: causal with decay. False: the non-causal `o = scale * Q (K^T V)`, which takes
+    /// no decay and no states.
+    pub causal: bool,
+}
+
+/// How the tokens form sequences.
+#[derive(Debug)]
+pub enum Seqs<'a> {
+    /// `batch` sequences of `seq` tokens each.
+    Dense {
+        /// Number of sequences (at least 1).
+        batch: usize,
+        /// Tokens per sequence (0 is allowed: the final state is the initial one).
+        seq: usize,
+    },
+    /// Packed sequences: sequence `i` is tokens `cu_seqlens[i]..cu_seqlens[i + 1]`.
+    ///
+    /// `cu_seqlens` lives where the call runs. On the CPU its contents are checked
+    /// (starts at 0, non-decreasing, ends at the token count, no sequence longer than
+    /// `max_seqlen`); on a GPU they are not read by the host, and the kernels stay within the
+    /// buffers whatever they hold, but lengths over `max_seqlen` leave outputs unwritten.
+    Varlen {
+        /// `n_seqs + 1` offsets, i32.
+        cu_seqlens: Buf<'a, i32>,
+        /// The longest sequence (sizes the workspace).
+        max_seqlen: usize,
+    },
+}
+
+/// Buffers of [`forward`].
+#[derive(Debug)]
+pub struct Forward<'a, T> {
+    /// `[tokens, heads, d]`.
+    pub q: Buf<'a, T>,
+    /// `[tokens, heads, d]`.
+    pub k: Buf<'a, T>,
+    /// `[tokens, heads, e]`.
+    pub v: Buf<'a, T>,
+    /// `[tokens, heads, e]`, written.
+    pub o: BufMut<'a, T>,
+    /// `[n_seqs, heads, d, e]` f32, the state before each sequence's first token (zero when
+    /// None). Causal only.
+    pub initial_state: Option<Buf<'a, f32>>,
+    /// `[n_seqs, heads, d, e]` f32, written with the state after each sequence's last token.
+    /// Causal only.
+    pub final_state: Option<BufMut<'a, f32>>,
+    /// At least [`workspace_len`] f32: the split states (contents overwritten).
+    pub workspace: BufMut<'a, f32>,
+}
+
+/// Buffers of [`decode`]: one token per sequence.
+#[derive(Debug)]
+pub struct Decode<'a, T> {
+    /// `[batch, heads, d]`.
+    pub q: Buf<'a, T>,
+    /// `[batch, heads, d]`.
+    pub k: Buf<'a, T>,
+    /// `[batch, heads, e]`.
+    pub v: Buf<'a, T>,
+    /// `[batch, heads, e]`, written.
+    pub o: BufMut<'a, T>,
+    /// `[batch, heads, d, e]` f32, updated in place: `S <- lambda S + k^T v`.
+    pub state: BufMut<'a, f32>,
+}
+
+/// Buffers of [`backward`].
+#[derive(Debug)]
+pub struct Backward<'a, T> {
+    /// `[tokens, heads, d]`, as given to [`forward`].
+    pub q: Buf<'a, T>,
+    /// `[tokens, heads, d]`.
+    pub k: Buf<'a, T>,
+    /// `[tokens, heads, e]`.
+    pub v: Buf<'a, T>,
+    /// `[tokens, heads, e]`: the gradient of the loss with respect to `o`.
+    pub d_o: Buf<'a, T>,
+    /// The forward pass's initial state, `[n_seqs, heads, d, e]` f32 (zero when None).
+    pub initial_state: Option<Buf<'a, f32>>,
+    /// The gradient with respect to the final state, `[n_seqs, heads, d, e]` f32 (zero when
+    /// None).
+    pub d_final_state: Option<Buf<'a, f32>>,
+    /// `[tokens, heads, d]`, written.
+    pub dq: BufMut<'a, T>,
+    /// `[tokens, heads, d]`, written.
+    pub dk: BufMut<'a, T>,
+    /// `[tokens, heads, e]`, written.
+    pub dv: BufMut<'a, T>,
+    /// `[n_seqs, heads, d, e]` f32, written with the gradient of the initial state.
+    pub d_initial_state: Option<BufMut<'a, f32>>,
+    /// At least [`workspace_len`] f32 (contents overwritten).
+    pub workspace: BufMut<'a, f32>,
+}
+
+/// Tokens per block (the paper's B). 64: four warps of 16 rows each own one `mma` row tile,
+/// and the 64 x 64 score tile plus the f32 state slice fit shared memory for f32 inputs on
+/// sm_80 (164 KiB); on the CPU it keeps a block's rows in L1.
+const BLOCK: usize = 64;
+/// Columns of the state (of `e`) one GPU thread block owns: 64 keeps the f32 state slice
+/// and its 16-bit copy at 48 KiB, and `e = 128` becomes two independent tiles (more
+/// parallelism for short sequences) at the price of computing `Q K^T` twice.
+#[cfg_attr(not(attnkit_cuda), allow(dead_code))]
+const E_TILE: usize = 64;
+/// Parallel units the plan wants per SM (GPU) or thread (CPU): two resident thread blocks
+/// per SM at ~100 KiB of shared memory each, and on the CPU enough items to balance.
+const ITEMS_PER_UNIT: usize = 2;
+/// Largest head count of the GPU path: the per-head decay travels in the kernel parameters.
+pub const MAX_HEADS: usize = 256;
+
+/// How a call is cut: block, split length and splits per sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Plan {
+    block: usize,
+    split: usize,
+    n_splits: usize,
+}
+
+/// The one tile-size function: `rows` independent (sequence, head[, e tile]) rows of work,
+/// `max_len` tokens at most each, `units` SMs or threads. Splits as long as possible while
+/// `rows * splits` still fills `ITEMS_PER_UNIT * units`: fewer splits mean less workspace
+/// traffic and fewer scan steps, and the time per token stays flat in the sequence length.
+fn plan(max_len: usize, rows: usize, units: usize) -> Plan {
+    let blocks = max_len.div_ceil(BLOCK).max(1);
+    let want = (ITEMS_PER_UNIT * units).div_ceil(rows.max(1)).max(1);
+    let per = blocks.div_ceil(want);
+    Plan {
+        block: BLOCK,
+        split: per * BLOCK,
+        n_splits: blocks.div_ceil(per),
+    }
+}
+
+/// The work units of a device and the rows of work per (sequence, head) it runs.
+#[cfg_attr(not(attnkit_cuda), allow(unused_variables))]
+fn units(dev: &Device, e: usize) -> (usize, usize) {
+    match &dev.backend {
+        Backend::Cpu { threads } => (*threads, 1),
+        #[cfg(attnkit_cuda)]
+        Backend::Cuda(c) => (c.sm_count as usize, e.div_ceil(E_TILE)),
+    }
+}
+
+fn mul(arg: &'static str, xs: &[usize]) -> Result<usize> {
+    xs.iter()
+        .try_fold(1usize, |acc, &x| acc.checked_mul(x))
+        .filter(|&n| i64::try_from(n).is_ok())
+        .ok_or_else(|| Error::Shape {
+            arg,
+            detail: format!("size {xs:?} overflows"),
+        })
+}
+
+/// Checks the config; returns the per-head `log2(lambda_h) = -s_h * log2(e)` (host-computed,
+/// so kernels take `lambda^n = exp2(n * log2_decay)` with `n >= 0`).
+fn check_config(cfg: &Config<'_>) -> Result<Vec<f32>> {
+    if cfg.heads == 0 {
+        return Err(Error::Shape {
+            arg: "heads",
+            detail: "must be at least 1".into(),
+        });
+    }
+    for (arg, dim) in [("d", cfg.d), ("e", cfg.e)] {
+        if dim != 64 && dim != 128 {
+            return Err(Error::Unsupported {
+                arg,
+                detail: format!("head dim {dim}; supported: 64, 128"),
+            });
+        }
+    }
+    if !cfg.scale.is_finite() {
+        return Err(Error::Value {
+            arg: "scale",
+            detail: format!("{} is not finite", cfg.scale),
+        });
+    }
+    let Some(decay) = cfg.decay else {
+        return Ok(vec![0.0; cfg.heads]);
+    };
+    if !cfg.causal {
+        return Err(Error::Unsupported {
+            arg: "decay",
+            detail: "the non-causal form takes no decay".into(),
+        });
+    }
+    if decay.len() != cfg.heads {
+        return Err(Error::Shape {
+            arg: "decay",
+            detail: format!("{} values for {} heads", decay.len(), cfg.heads),
+        });
+    }
+    if let Some((h, s)) = decay
+        .iter()
+        .enumerate()
+        .find(|(_, s)| !(s.is_finite() && **s >= 0.0))
+    {
+        return Err(Error::Value {
+            arg: "decay",
+            detail: format!("head {h}: s = {s}; must be finite and >= 0 (lambda = exp(-s) <= 1)"),
+        });
+    }
+    // Bounded below so that `0 * log2_decay` stays 0: any s above ~104 already gives
+    // lambda = 0 in f32, so the bound changes no result.
+    Ok(decay
+        .iter()
+        .map(|&s| (-(s as f64) * std::f64::consts::LOG2_E).max(-1e30) as f32)
+        .collect())
+}
+
+/// The sequences of a call, resolved.
+struct Resolved {
+    n_seqs: usize,
+    tokens: usize,
+    max_len: usize,
+    /// `(start, len)` per sequence, where the host can read them (CPU).
+    host: Option<Vec<(usize, usize)>>,
+}
+
+/// Resolves `seqs` against the token count implied by `q` (`q_len` elements).
+fn resolve(seqs: &Seqs<'_>, heads: usize, d: usize, q_len: usize) -> Result<Resolved> {
+    match seqs {
+        Seqs::Dense { batch, seq } => {
+            if *batch == 0 {
+                return Err(Error::Shape {
+                    arg: "batch",
+                    detail: "must be at least 1".into(),
+                });
+            }
+            let tokens = mul("q", &[*batch, *seq])?;
+            mul("q", &[tokens, heads, d])?;
+            Ok(Resolved {
+                n_seqs: *batch,
+                tokens,
+                max_len: *seq,
+                host: Some((0..*batch).map(|b| (b * seq, *seq)).collect()),
+            })
+        }
+        Seqs::Varlen {
+            cu_seqlens,
+            max_seqlen,
+        } => {
+            if cu_seqlens.len() < 2 {
+                return Err(Error::Shape {
+                    arg: "cu_seqlens",
+                    detail: format!("{} offsets; needs n_seqs + 1 >= 2", cu_seqlens.len()),
+                });
+            }
+            let row = mul("q", &[heads, d])?;
+            if q_len % row != 0 {
+                return Err(Error::Shape {
+                    arg: "q",
+                    detail: format!(
+                        "{q_len} elements is not a whole number of {row}-element tokens"
+                    ),
+                });
+            }
+            let tokens = q_len / row;
+            if i32::try_from(tokens).is_err() {
+                return Err(Error::Shape {
+                    arg: "cu_seqlens",
+                    detail: format!("{tokens} tokens exceed i32 offsets"),
+                });
+            }
+            let host = match cu_seqlens {
+                Buf::Host(cu) => Some(check_cu_seqlens(cu, tokens, *max_seqlen)?),
+                #[cfg(feature = "cuda")]
+                Buf::Cuda(_) => None,
+            };
+            Ok(Resolved {
+                n_seqs: cu_seqlens.len() - 1,
+                tokens,
+                max_len: *max_seqlen,
+                host,
+            })
+        }
+    }
+}
+
+fn check_cu_seqlens(cu: &[i32], tokens: usize, max_seqlen: usize) -> Result<Vec<(usize, usize)>> {
+    let bad = |detail: String| Error::Value {
+        arg: "cu_seqlens",
+        detail,
+    };
+    if cu[0] != 0 {
+        return Err(bad(format!("starts at {}, not 0", cu[0])));
+    }
+    let mut out = Vec::with_capacity(cu.len() - 1);
+    for (i, w) in cu.windows(2).enumerate() {
+        if w[1] < w[0] {
+            return Err(bad(format!("decreases at {i}: {} then {}", w[0], w[1])));
+        }
+        let len = (w[1] - w[0]) as usize;
+        if len > max_seqlen {
+            return Err(bad(format!(
+                "sequence {i} has {len} tokens > max_seqlen {max_seqlen}"
+            )));
+        }
+        out.push((w[0] as usize, len));
+    }
+    let last = cu[cu.len() - 1] as usize;
+    if last != tokens {
+        return Err(bad(format!("ends at {last}, but q holds {tokens} tokens")));
+    }
+    Ok(out)
+}
+
+fn check_len(arg: &'static str, len: usize, want: usize) -> Result<()> {
+    if len != want {
+        return Err(Error::Shape {
+            arg,
+            detail: format!("holds {len} elements, expected {want}"),
+        });
+    }
+    Ok(())
+}
+
+/// f32 elements of the workspace that [`forward`] and [`backward`] need on `dev` for this
+/// config and these sequences: `n_seqs * heads * n_splits * d * e`, `n_splits` from the
+/// device's tile plan. Zero-cost; call it once per shape.
+///
+/// ```
+/// use attnkit::{Device, lightning::{self, Config, Seqs}};
+/// let cfg = Config { heads: 4, d: 64, e: 128, decay: None, scale: 1.0, causal: true };
+/// let n = lightning::workspace_len(&Device::cpu(), &cfg, &Seqs::Dense { batch: 2, seq: 1000 })?;
+/// assert_eq!(n % (2 * 4 * 64 * 128), 0);
+/// # Ok::<(), attnkit::Error>(())
+/// ```
+pub fn workspace_len(dev: &Device, cfg: &Config<'_>, seqs: &Seqs<'_>) -> Result<usize> {
+    check_config(cfg)?;
+    let (n_seqs, max_len) = match seqs {
+        Seqs::Dense { batch, seq } => (*batch, *seq),
+        Seqs::Varlen {
+            cu_seqlens,
+            max_seqlen,
+        } => (cu_seqlens.len().saturating_sub(1), *max_seqlen),
+    };
+    let p = plan_for(dev, cfg, n_seqs, max_len)?;
+    mul("workspace", &[n_seqs, cfg.heads, p.n_splits, cfg.d, cfg.e])
+}
+
+fn plan_for(dev: &Device, cfg: &Config<'_>, n_seqs: usize, max_len: usize) -> Result<Plan> {
+    let (units, tiles) = units(dev, cfg.e);
+    let rows = mul("heads", &[n_seqs, cfg.heads, tiles])?;
+    Ok(plan(max_len, rows, units))
+}
+
+fn check_workspace(len: usize, need: usize) -> Result<()> {
+    if len < need {
+        return Err(Error::Shape {
+            arg: "workspace",
+            detail: format!("holds {len} f32, workspace_len says {need}"),
+        });
+    }
+    Ok(())
+}
+
+/// Lightning Attention forward: `o = scale * [causal, decayed] Q K^T V`, block-split.
+///
+/// Causal: `o_t = scale * q_t S_t`, `S_t = lambda_h S_{t-1} + k_t^T v_t`, starting from
+/// `initial_state` (or zero) and leaving the last `S_t` of each sequence in `final_state`.
+/// Chunked prefill is `forward` on the first part with `final_state`, then on the next part
+/// with that as `initial_state` (or [`decode`] token by token). Non-causal (`cfg.causal ==
+/// false`): `o = scale * Q (K^T V)` per sequence, without decay or states.
+///
+/// Errors name the argument: shapes and lengths ([`Error::Shape`]), decay or scale
+/// ([`Error::Value`]), head dims, states with the non-causal form or too many heads on a GPU
+/// ([`Error::Unsupported`]), buffers on the wrong device ([`Error::Placement`]).
+///
+/// ```
+/// use attnkit::{Device, lightning::{self, Config, Forward, Seqs}};
+/// let dev = Device::cpu();
+/// let cfg = Config { heads: 1, d: 64, e: 64, decay: None, scale: 1.0, causal: false };
+/// let seqs = Seqs::Dense { batch: 1, seq: 3 };
+/// let x = vec![0.125f32; 3 * 64];
+/// let mut o = vec![f32::NAN; 3 * 64];
+/// let mut ws = vec![0.0; lightning::workspace_len(&dev, &cfg, &seqs)?];
+/// lightning::forward(&dev, &cfg, &seqs, Forward {
+///     q: (&x).into(), k: (&x).into(), v: (&x).into(), o: (&mut o).into(),
+///     initial_state: None, final_state: None, workspace: (&mut ws).into(),
+/// })?;
+/// // Each output: 64 * 0.125^2 * (3 * 0.125) = 0.375.
+/// assert!(o.iter().all(|&x| (x - 0.375).abs() < 1e-6));
+/// # Ok::<(), attnkit::Error>(())
+/// ```
+pub fn forward<T: Element>(
+    dev: &Device,
+    cfg: &Config<'_>,
+    seqs: &Seqs<'_>,
+    mut io: Forward<'_, T>,
+) -> Result<()> {
+    let log2_decay = check_config(cfg)?;
+    let (heads, d, e) = (cfg.heads, cfg.d, cfg.e);
+    let r = resolve(seqs, heads, d, io.q.len())?;
+    check_len("q", io.q.len(), mul("q", &[r.tokens, heads, d])?)?;
+    check_len("k", io.k.len(), mul("k", &[r.tokens, heads, d])?)?;
+    check_len("v", io.v.len(), mul("v", &[r.tokens, heads, e])?)?;
+    check_len("o", io.o.len(), mul("o", &[r.tokens, heads, e])?)?;
+    let state_len = mul("initial_state", &[r.n_seqs, heads, d, e])?;
+    if !cfg.causal && (io.initial_state.is_some() || io.final_state.is_some()) {
+        let arg = if io.initial_state.is_some() {
+            "initial_state"
+        } else {
+            "final_state"
+        };
+        return Err(Error::Unsupported {
+            arg,
+            detail: "the non-causal form keeps no state".into(),
+        });
+    }
+    if let Some(s) = &io.initial_state {
+        check_len("initial_state", s.len(), state_len)?;
+    }
+    if let Some(s) = &io.final_state {
+        check_len("final_state", s.len(), state_len)?;
+    }
+    let plan = plan_for(dev, cfg, r.n_seqs, r.max_len)?;
+    let need = mul("workspace", &[r.n_seqs, heads, plan.n_splits, d, e])?;
+    check_workspace(io.workspace.len(), need)?;
+    match &dev.backend {
+        Backend::Cpu { threads } => {
+            let (q, k, v) = (io.q.host("q")?, io.k.host("k")?, io.v.host("v")?);
+            let init = io
+                .initial_state
+                .as_ref()
+                .map(|s| s.host("initial_state"))
+                .transpose()?;
+            let o = io.o.host_mut("o")?;
+            let fin = io
+                .final_state
+                .as_mut()
+                .map(|s| s.host_mut("final_state"))
+                .transpose()?;
+            let ws = io.workspace.host_mut("workspace")?;
+            let seqs = r.host.unwrap_or_default();
+            let op = |data, dim| cpu::Operand {
+                data,
+                tok: heads * dim,
+                head: dim,
+                dim,
+            };
+            let scan = cpu::Scan {
+                a: op(q, d),
+                b: op(k, d),
+                c: op(v, e),
+                seqs: &seqs,
+                heads,
+                reverse: false,
+                causal: cfg.causal,
+                scale: cfg.scale,
+                log2_decay: &log2_decay,
+                init,
+                init_transposed: false,
+                block: plan.block,
+                split: plan.split,
+                n_splits: plan.n_splits,
+            };
+            let out = cpu::OutRows {
+                data: o,
+                tok: heads * e,
+                head: e,
+            };
+            scan.run(*threads, ws, out, fin, |_, _, _, _, _| {});
+            Ok(())
+        }
+        #[cfg(attnkit_cuda)]
+        Backend::Cuda(c) => cuda::forward(c, cfg, seqs, &r, plan, &log2_decay, io),
+    }
+}
+
+/// One decode step per sequence: `S <- lambda_h S + k^T v`, `o = scale * q S`, with the
+/// state updated in place (after a [`forward`] prefill that left it in `final_state`).
+///
+/// ```
+/// use attnkit::{Device, lightning::{self, Config, Decode}};
+/// let cfg = Config { heads: 1, d: 64, e: 64, decay: Some(&[0.5]), scale: 1.0, causal: true };
+/// let (q, k, v) = (vec![1.0f32; 64], vec![0.0f32; 64], vec![0.0f32; 64]);
+/// let mut o = vec![f32::NAN; 64];
+/// let mut s = vec![1.0f32; 64 * 64];
+/// lightning::decode(&Device::cpu(), &cfg, 1, Decode {
+///     q: (&q).into(), k: (&k).into(), v: (&v).into(), o: (&mut o).into(),
+///     state: (&mut s).into(),
+/// })?;
+/// let lambda = (-0.5f32).exp();
+/// assert!((s[0] - lambda).abs() < 1e-6 && (o[0] - 64.0 * lambda).abs() < 1e-4);
+/// # Ok::<(), attnkit::Error>(())
+/// ```
+pub fn decode<T: Element>(
+    dev: &Device,
+    cfg: &Config<'_>,
+    batch: usize,
+    mut io: Decode<'_, T>,
+) -> Result<()> {
+    let log2_decay = check_config(cfg)?;
+    if !cfg.causal {
+        return Err(Error::Unsupported {
+            arg: "causal",
+            detail: "decode is causal by definition".into(),
+        });
+    }
+    if batch == 0 {
+        return Err(Error::Shape {
+            arg: "batch",
+            detail: "must be at least 1".into(),
+        });
+    }
+    let (heads, d, e) = (cfg.heads, cfg.d, cfg.e);
+    check_len("q", io.q.len(), mul("q", &[batch, heads, d])?)?;
+    check_len("k", io.k.len(), mul("k", &[batch, heads, d])?)?;
+    check_len("v", io.v.len(), mul("v", &[batch, heads, e])?)?;
+    check_len("o", io.o.len(), mul("o", &[batch, heads, e])?)?;
+    check_len(
+        "state",
+        io.state.len(),
+        mul("state", &[batch, heads, d, e])?,
+    )?;
+    match &dev.backend {
+        Backend::Cpu { threads } => {
+            let (q, k, v) = (io.q.host("q")?, io.k.host("k")?, io.v.host("v")?);
+            let o = io.o.host_mut("o")?;
+            let s = io.state.host_mut("state")?;
+            cpu::decode(*threads, heads, d, e, q, k, v, &log2_decay, cfg.scale, s, o);
+            Ok(())
+        }
+        #[cfg(attnkit_cuda)]
+        Backend::Cuda(c) => cuda::decode(c, cfg, batch, &log2_decay, io),
+    }
+}
+
+/// Gradients of [`forward`]: `dq`, `dk`, `dv` and, if asked, the initial state's, given the
+/// gradient `d_o` of the outputs (and `d_final_state`, when the final state fed a later
+/// chunk). The block split runs in both directions, as in the paper: a forward sweep for
+/// `dQ` (`dq_t = scale * dO_t S_t^T`) and reverse sweeps for `dK` and `dV` over
+/// `G_t = sum_{i>=t} lambda^(i-t) scale q_i^T dO_i + lambda^(T-1-t) dS_final`.
+///
+/// Runs on the CPU; on a GPU it is [`Error::Unsupported`] for now.
+///
+/// ```
+/// use attnkit::{Device, lightning::{self, Backward, Config, Seqs}};
+/// let dev = Device::cpu();
+/// let cfg = Config { heads: 1, d: 64, e: 64, decay: Some(&[0.1]), scale: 1.0, causal: true };
+/// let seqs = Seqs::Dense { batch: 1, seq: 5 };
+/// let x = vec![0.5f32; 5 * 64];
+/// let (mut dq, mut dk, mut dv) = (x.clone(), x.clone(), x.clone());
+/// let mut ws = vec![0.0; lightning::workspace_len(&dev, &cfg, &seqs)?];
+/// lightning::backward(&dev, &cfg, &seqs, Backward {
+///     q: (&x).into(), k: (&x).into(), v: (&x).into(), d_o: (&x).into(),
+///     initial_state: None, d_final_state: None,
+///     dq: (&mut dq).into(), dk: (&mut dk).into(), dv: (&mut dv).into(),
+///     d_initial_state: None, workspace: (&mut ws).into(),
+/// })?;
+/// assert!(dq.iter().chain(&dk).chain(&dv).all(|g| g.is_finite()));
+/// # Ok::<(), attnkit::Error>(())
+/// ```
+pub fn backward<T: Element>(
+    dev: &Device,
+    cfg: &Config<'_>,
+    seqs: &Seqs<'_>,
+    mut io: Backward<'_, T>,
+) -> Result<()> {
+    let log2_decay = check_config(cfg)?;
+    let (heads, d, e) = (cfg.heads, cfg.d, cfg.e);
+    let r = resolve(seqs, heads, d, io.q.len())?;
+    let qk = mul("q", &[r.tokens, heads, d])?;
+    let vo = mul("v", &[r.tokens, heads, e])?;
+    for (arg, len, want) in [
+        ("q", io.q.len(), qk),
+        ("k", io.k.len(), qk),
+        ("v", io.v.len(), vo),
+        ("d_o", io.d_o.len(), vo),
+        ("dq", io.dq.len(), qk),
+        ("dk", io.dk.len(), qk),
+        ("dv", io.dv.len(), vo),
+    ] {
+        check_len(arg, len, want)?;
+    }
+    let state_len = mul("initial_state", &[r.n_seqs, heads, d, e])?;
+    let states = [
+        ("initial_state", io.initial_state.as_ref().map(|s| s.len())),
+        ("d_final_state", io.d_final_state.as_ref().map(|s| s.len())),
+        (
+            "d_initial_state",
+            io.d_initial_state.as_ref().map(|s| s.len()),
+        ),
+    ];
+    for (arg, len) in states {
+        if let Some(len) = len {
+            if !cfg.causal {
+                return Err(Error::Unsupported {
+                    arg,
+                    detail: "the non-causal form keeps no state".into(),
+                });
+            }
+            check_len(arg, len, state_len)?;
+        }
+    }
+    let plan = plan_for(dev, cfg, r.n_seqs, r.max_len)?;
+    let need = mul("workspace", &[r.n_seqs, heads, plan.n_splits, d, e])?;
+    check_workspace(io.workspace.len(), need)?;
+    match &dev.backend {
+        Backend::Cpu { threads } => {
+            let bufs = cpu_backward::Bufs {
+                q: io.q.host("q")?,
+                k: io.k.host("k")?,
+                v: io.v.host("v")?,
+                d_o: io.d_o.host("d_o")?,
+                init: io
+                    .initial_state
+                    .as_ref()
+                    .map(|s| s.host("initial_state"))
+                    .transpose()?,
+                d_final: io
+                    .d_final_state
+                    .as_ref()
+                    .map(|s| s.host("d_final_state"))
+                    .transpose()?,
+            };
+            let dq = io.dq.host_mut("dq")?;
+            let dk = io.dk.host_mut("dk")?;
+            let dv = io.dv.host_mut("dv")?;
+            let d_init = io
+                .d_initial_state
+                .as_mut()
+                .map(|s| s.host_mut("d_initial_state"))
+                .transpose()?;
+            let ws = io.workspace.host_mut("workspace")?;
+            let seqs = r.host.unwrap_or_default();
+            let shape = cpu_backward::Shape {
+                heads,
+                d,
+                e,
+                seqs: &seqs,
+                plan,
+                causal: cfg.causal,
+                scale: cfg.scale,
+                log2_decay: &log2_decay,
+            };
+            cpu_backward::run(*threads, &shape, &bufs, dq, dk, dv, d_init, ws);
+            Ok(())
+        }
+        #[cfg(attnkit_cuda)]
+        Backend::Cuda(_) => Err(Error::Unsupported {
+            arg: "dev",
+            detail: "the Lightning backward runs on the CPU; its GPU kernel is not built yet"
+                .into(),
+        }),
+    }
+}
+
+mod cpu_backward;
+
+/// Per-head decay rates `s_h = 2^(-8 (h + 1) / heads) * layer_factor` of TransNormerLLM and
+/// MiniMax-01 (ALiBi's slopes), for `lambda_h = exp(-s_h)`: head 0 decays fastest, the
+/// last head at `2^-8 * layer_factor`. Those models scale the slopes per layer by
+/// [`layer_factor`]. (ALiBi interleaves extra slopes when `heads` is not a power of two;
+/// this is the plain formula for every `heads`.)
+///
+/// ```
+/// let s = attnkit::lightning::decay_slopes(8, 1.0)?;
+/// assert_eq!(s[0], 0.5);
+/// assert_eq!(s[7], 1.0 / 256.0);
+/// # Ok::<(), attnkit::Error>(())
+/// ```
+pub fn decay_slopes(heads: usize, layer_factor: f32) -> Result<Vec<f32>> {
+    if heads == 0 {
+        return Err(Error::Shape {
+            arg: "heads",
+            detail: "must be at least 1".into(),
+        });
+    }
+    if !(layer_factor.is_finite() && layer_factor >= 0.0) {
+        return Err(Error::Value {
+            arg: "layer_factor",
+            detail: format!("{layer_factor}; must be finite and >= 0"),
+        });
+    }
+    Ok((0..heads)
+        .map(|h| ((-8.0 * (h + 1) as f64 / heads as f64).exp2() * layer_factor as f64) as f32)
+        .collect())
+}
+
+/// The per-layer factor TransNormerLLM and MiniMax-01 apply to [`decay_slopes`]:
+/// `1 - layer / (num_layers - 1) + 1e-5` (layer 0 decays most, the last layer barely; 1 for
+/// a single layer).
+///
+/// ```
+/// let f = attnkit::lightning::layer_factor(0, 4)?;
+/// assert!((f - 1.00001).abs() < 1e-7);
+/// assert!(attnkit::lightning::layer_factor(4, 4).is_err());
+/// # Ok::<(), attnkit::Error>(())
+/// ```
+pub fn layer_factor(layer: usize, num_layers: usize) -> Result<f32> {
+    if layer >= num_layers {
+        return Err(Error::Value {
+            arg: "layer",
+            detail: format!("{layer} >= num_layers {num_layers}"),
+        });
+    }
+    if num_layers == 1 {
+        return Ok(1.0);
+    }
+    Ok((1.0 - layer as f64 / (num_layers - 1) as f64 + 1e-5) as f32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_fills_the_machine_and_keeps_splits_whole_blocks() {
+        // 128k tokens, 32 rows, 132 SMs: 9 splits of 15k tokens, not one 128k loop.
+        let p = plan(131072, 32, 132);
+        assert_eq!(p.split % BLOCK, 0);
+        assert!(
+            p.n_splits * 32 >= 2 * 132 && p.n_splits * p.split >= 131072,
+            "{p:?}"
+        );
+        // Short sequences: one block per split at most.
+        assert_eq!(
+            plan(63, 1, 132),
+            Plan {
+                block: 64,
+                split: 64,
+                n_splits: 1
+            }
+        );
+        assert_eq!(plan(0, 1, 2).n_splits, 1);
+        // Many rows: no splitting.
+        assert_eq!(plan(4096, 10_000, 132).n_splits, 1);
+    }
+}
