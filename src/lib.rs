@@ -26,6 +26,7 @@ mod cuda;
 mod device;
 pub mod dtype;
 mod error;
+pub mod monarch;
 pub mod selftest;
 
 pub use buffer::{Buf, BufMut};
