@@ -362,19 +362,35 @@ pub(crate) fn echo_params<P: DeviceRepr + Copy>(
 
 // SAFETY: bindgen mirrors of C structs of integers, floats and pointers: plain old data.
 unsafe impl DeviceRepr for params::SelftestParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for params::MonarchParams {}
 
 /// Every family's params struct, checked by [`crate::selftest::check_params_layout`]:
 /// (family, size in bytes, echo through the family's own module).
 pub(crate) type LayoutCheckFn = fn(&CudaDevice) -> Result<bool>;
-pub(crate) const PARAMS_LAYOUTS: &[(&str, usize, LayoutCheckFn)] = &[(
-    "selftest",
-    std::mem::size_of::<params::SelftestParams>(),
-    |d| {
-        echo_params(
-            d,
-            "selftest",
-            "echo_SelftestParams",
-            &distinct_fill::<params::SelftestParams>(),
-        )
-    },
-)];
+pub(crate) const PARAMS_LAYOUTS: &[(&str, usize, LayoutCheckFn)] = &[
+    (
+        "selftest",
+        std::mem::size_of::<params::SelftestParams>(),
+        |d| {
+            echo_params(
+                d,
+                "selftest",
+                "echo_SelftestParams",
+                &distinct_fill::<params::SelftestParams>(),
+            )
+        },
+    ),
+    (
+        "monarch",
+        std::mem::size_of::<params::MonarchParams>(),
+        |d| {
+            echo_params(
+                d,
+                "monarch",
+                "echo_MonarchParams",
+                &distinct_fill::<params::MonarchParams>(),
+            )
+        },
+    ),
+];

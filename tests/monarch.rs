@@ -6,7 +6,7 @@ mod common;
 use attnkit::monarch::{
     self, Grads, MonarchLinear, MonarchShape, ProjectOptions, Rows, Weights, oracle,
 };
-use attnkit::{Bf16, DType, Device, Element, Error, F16};
+use attnkit::{Bf16, Device, Element, Error, F16};
 use common::*;
 use rand::Rng;
 use rand::rngs::StdRng;
@@ -597,5 +597,218 @@ fn bad_input_is_a_typed_error_naming_the_argument() {
         20,
     )
     .unwrap();
-    let _ = DType::F32;
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::*;
+    use attnkit::{Buf, BufMut};
+
+    /// Shapes the tensor-core kernel takes (p, r, s multiples of 16): square with 2, 4, 8,
+    /// sqrt(n) = 16 blocks, few large blocks (256 wide: group 1), and rectangular.
+    const MMA_SHAPES: &[([usize; 3], [usize; 3])] = &[
+        ([4, 32, 32], [4, 32, 32]),
+        ([8, 16, 16], [8, 16, 16]),
+        ([16, 16, 16], [16, 16, 16]),
+        ([2, 256, 256], [2, 256, 256]),
+        ([4, 128, 128], [4, 128, 128]),
+        ([4, 64, 32], [16, 32, 16]),
+        ([8, 32, 16], [4, 48, 64]),
+        ([64, 16, 16], [16, 32, 64]),
+    ];
+
+    #[allow(clippy::too_many_arguments)]
+    fn gpu_mul<T: Element>(
+        dev: &Device,
+        s: MonarchShape,
+        w1: &[T],
+        w2: &[T],
+        bias: Option<&[T]>,
+        x: &[T],
+        tokens: usize,
+        xs: usize,
+        ys: usize,
+    ) -> Vec<T> {
+        let stream = dev.stream().unwrap();
+        let w1d = stream.clone_htod(w1).unwrap();
+        let w2d = stream.clone_htod(w2).unwrap();
+        let bd = bias.map(|b| stream.clone_htod(b).unwrap());
+        let xd = stream.clone_htod(&strided(x, s.n_in(), xs)).unwrap();
+        let mut yd = stream
+            .clone_htod(&poisoned::<T>((tokens - 1) * ys + s.n_out()))
+            .unwrap();
+        let w = Weights {
+            shape: s,
+            w1: (&w1d).into(),
+            w2: (&w2d).into(),
+            bias: bd.as_ref().map(Into::into),
+        };
+        let rows = Rows {
+            tokens,
+            width: s.n_in(),
+            row_stride: xs,
+        };
+        monarch::multiply(dev, &w, (&xd).into(), rows, (&mut yd).into(), ys).unwrap();
+        stream.clone_dtoh(&yd).unwrap()
+    }
+
+    #[test]
+    fn multiply_gpu_matches_oracle_all_dtypes() {
+        let Some(dev) = gpu("multiply_gpu_matches_oracle_all_dtypes") else {
+            return;
+        };
+        let mul =
+            |s: MonarchShape, w1: &[f32], w2: &[f32], b: Option<&[f32]>, x: &[f32], t, xs, ys| {
+                gpu_mul(&dev, s, w1, w2, b, x, t, xs, ys)
+            };
+        check_multiply::<f32>("multiply_gpu", &mul, SHAPES);
+        check_multiply::<f32>("multiply_gpu", &mul, MMA_SHAPES);
+        for shapes in [SHAPES, MMA_SHAPES] {
+            check_multiply::<Bf16>(
+                "multiply_gpu",
+                &|s, w1, w2, b, x, t, xs, ys| gpu_mul(&dev, s, w1, w2, b, x, t, xs, ys),
+                shapes,
+            );
+            check_multiply::<F16>(
+                "multiply_gpu",
+                &|s, w1, w2, b, x, t, xs, ys| gpu_mul(&dev, s, w1, w2, b, x, t, xs, ys),
+                shapes,
+            );
+        }
+    }
+
+    #[test]
+    fn multiply_gpu_many_tokens_and_even_strides() {
+        // Token counts around the 16/32/64-token tiles, even strides (the mma path).
+        let Some(dev) = gpu("multiply_gpu_many_tokens_and_even_strides") else {
+            return;
+        };
+        let mut rng = rng("gpu_tokens");
+        for &(d1, d2) in &MMA_SHAPES[..5] {
+            let s = shape(d1, d2);
+            for tokens in [15, 16, 33, 64, 129] {
+                let w1: Vec<Bf16> = random(&mut rng, s.w1_len());
+                let w2: Vec<Bf16> = random(&mut rng, s.w2_len());
+                let x: Vec<Bf16> = random(&mut rng, tokens * s.n_in());
+                let (xs, ys) = (s.n_in() + 2, s.n_out() + 4);
+                let y = gpu_mul(&dev, s, &w1, &w2, None, &x, tokens, xs, ys);
+                let what = format!("gpu bf16 {d1:?} {d2:?} tokens={tokens}");
+                let got = unstride(&what, &y, s.n_out(), ys);
+                let want = oracle::multiply(s, &f64s(&w1), &f64s(&w2), None, &f64s(&x), tokens);
+                let lp = naive_lp(s, &w1, &w2, None, &x, tokens);
+                let tol = 2.0 * max_abs_diff(&lp, &want) + 1e-3;
+                assert_close(&what, &got, &want, tol, 0.0);
+            }
+        }
+    }
+
+    #[test]
+    fn layer_forward_on_gpu_pads_and_truncates() {
+        let Some(dev) = gpu("layer_forward_on_gpu_pads_and_truncates") else {
+            return;
+        };
+        let stream = dev.stream().unwrap();
+        let mut rng = rng("gpu_layer");
+        // 250 -> 250 with 8 blocks: padded to 256 (blocks of 32: the mma kernel); 10 -> 7 by 4
+        // (the simt kernel).
+        for (inf, outf, blocks) in [(250, 250, 8), (10, 7, 4)] {
+            let layer = MonarchLinear::<Bf16>::new(inf, outf, blocks, true, rng.random()).unwrap();
+            let w1d = stream.clone_htod(layer.w1()).unwrap();
+            let w2d = stream.clone_htod(layer.w2()).unwrap();
+            let bd = stream.clone_htod(layer.bias().unwrap()).unwrap();
+            let w = Weights {
+                shape: layer.shape(),
+                w1: (&w1d).into(),
+                w2: (&w2d).into(),
+                bias: Some((&bd).into()),
+            };
+            let tokens = 37;
+            let x: Vec<Bf16> = random(&mut rng, tokens * inf);
+            let xd = stream.clone_htod(&x).unwrap();
+            let mut yd = stream.clone_htod(&poisoned::<Bf16>(tokens * outf)).unwrap();
+            let rows = Rows::contiguous(tokens, inf);
+            layer
+                .forward_with(&dev, &w, (&xd).into(), rows, (&mut yd).into(), outf)
+                .unwrap();
+            let y = stream.clone_dtoh(&yd).unwrap();
+            let mut yc = poisoned::<Bf16>(tokens * outf);
+            layer
+                .forward(&Device::cpu(), (&x).into(), rows, (&mut yc).into(), outf)
+                .unwrap();
+            // Same function on both backends: agreement to a bf16 rounding of the output.
+            let want: Vec<f64> = yc.iter().map(|v| v.to_f32() as f64).collect();
+            assert_close(
+                &format!("gpu layer {inf}->{outf}"),
+                &to_f32(&y),
+                &want,
+                2e-2,
+                1e-2,
+            );
+        }
+    }
+
+    #[test]
+    fn gpu_bad_input_is_a_typed_error() {
+        let Some(dev) = gpu("gpu_bad_input_is_a_typed_error") else {
+            return;
+        };
+        let stream = dev.stream().unwrap();
+        let s = shape([4, 32, 32], [4, 32, 32]);
+        let w1 = vec![Bf16::from_f32(0.5); s.w1_len()];
+        let w2 = vec![Bf16::from_f32(0.5); s.w2_len()];
+        let x = vec![Bf16::from_f32(1.0); 2 * s.n_in()];
+        let mut y = vec![Bf16::from_f32(0.0); 2 * s.n_out()];
+        let rows = Rows::contiguous(2, s.n_in());
+        // Host weights on a GPU call.
+        let w = Weights {
+            shape: s,
+            w1: Buf::Host(&w1),
+            w2: Buf::Host(&w2),
+            bias: None,
+        };
+        let xd = stream.clone_htod(&x).unwrap();
+        let mut yd = stream.clone_htod(&y).unwrap();
+        let e = monarch::multiply(&dev, &w, (&xd).into(), rows, (&mut yd).into(), s.n_out())
+            .unwrap_err();
+        assert!(matches!(e, Error::Placement { .. }), "{e}");
+        let (w1d, w2d) = (
+            stream.clone_htod(&w1).unwrap(),
+            stream.clone_htod(&w2).unwrap(),
+        );
+        let wd = Weights {
+            shape: s,
+            w1: (&w1d).into(),
+            w2: (&w2d).into(),
+            bias: None,
+        };
+        let e = monarch::multiply(
+            &dev,
+            &wd,
+            (&xd).into(),
+            rows,
+            BufMut::Host(&mut y),
+            s.n_out(),
+        )
+        .unwrap_err();
+        assert_eq!(e.arg(), Some("y"), "{e}");
+        // x one element in: misaligned for the mma kernel's pair loads.
+        let xv = xd.slice(1..);
+        let e = monarch::multiply(
+            &dev,
+            &wd,
+            xv.into(),
+            Rows::contiguous(1, s.n_in()),
+            (&mut yd).into(),
+            s.n_out(),
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::Alignment { arg: "x", .. }), "{e}");
+        // The transpose and the backward pass are CPU-only for now: typed, not a crash.
+        let mut gd = stream.clone_htod(&x).unwrap();
+        let ro = Rows::contiguous(2, s.n_out());
+        let e =
+            monarch::multiply_transpose(&dev, &wd, (&yd).into(), ro, (&mut gd).into(), s.n_in())
+                .unwrap_err();
+        assert!(matches!(e, Error::Unsupported { arg: "dev", .. }), "{e}");
+    }
 }

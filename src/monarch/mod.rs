@@ -19,9 +19,12 @@
 //! [`MonarchLinear`] is a layer that owns its weights; [`oracle`] is the slow f64 reference.
 
 mod cpu;
+#[cfg(attnkit_cuda)]
+mod cuda;
 mod layer;
 pub mod oracle;
 mod project;
+mod tiles;
 
 pub use layer::MonarchLinear;
 pub use project::{ProjectOptions, Projection, project, to_dense};
@@ -486,10 +489,13 @@ pub(crate) fn run<T: Element>(
             Ok(())
         }
         #[cfg(attnkit_cuda)]
-        Backend::Cuda(_) => Err(Error::Unsupported {
-            arg: "dev",
-            detail: format!("the Monarch {mode:?} product runs on the CPU backend only for now"),
-        }),
+        Backend::Cuda(c) => match mode {
+            Mode::Forward => cuda::forward(c, w, x, x_rows, y, y_rows),
+            Mode::Transpose => Err(Error::Unsupported {
+                arg: "dev",
+                detail: "the transpose multiply runs on the CPU backend only for now".into(),
+            }),
+        },
     }
 }
 

@@ -1,0 +1,48 @@
+/* Parameters of the Monarch kernel family (kernels/monarch.cu): y = M x + bias with
+ * M = P L P^T R in fly's rectangular form, w1: [k, q, p], w2: [l, s, r], l*r == k*q:
+ *   h[i*q + c] = sum_pp w1[i][c][pp] * x[i*p + pp]
+ *   y[t*l + j] = sum_rr w2[j][t][rr] * h[rr*l + j]
+ * One CTA computes a tile of block_tokens tokens for a group of `group` consecutive output
+ * blocks j in [j0, j0 + group): it builds the part of h those blocks read (the columns
+ * m = rr*l + j) on chip, then their outputs. CTA b: token tile b / (l / group), group
+ * b % (l / group). Plain C, mirrored into Rust by bindgen (see selftest.h for the rules). */
+#ifndef ATTNKIT_MONARCH_H
+#define ATTNKIT_MONARCH_H
+
+#include <stdint.h>
+
+#include "selftest.h" /* ATTNKIT_DTYPE_* */
+
+typedef struct MonarchParams {
+    const void* x;        /* [tokens, x_cols], row stride x_row_stride (elements); columns
+                             x_cols..k*p are read as zero (the layer's padding) */
+    const void* w1;       /* [k, q, p], contiguous */
+    const void* w2;       /* [l, s, r], contiguous */
+    const void* bias;     /* [y_cols], or NULL for none */
+    void* y;              /* [tokens, y_cols], row stride y_row_stride (elements); output
+                             columns y_cols..l*s are computed and dropped */
+    int64_t tokens;       /* rows of x and y */
+    int64_t x_row_stride; /* elements between rows of x (>= x_cols; even on the mma path) */
+    int64_t y_row_stride; /* elements between rows of y (>= y_cols) */
+    int32_t x_cols;       /* columns of x present (<= k*p) */
+    int32_t y_cols;       /* columns of y written (<= l*s) */
+    int32_t k;            /* blocks of w1 */
+    int32_t q;            /* rows per w1 block (outputs of stage 1 per block) */
+    int32_t p;            /* columns per w1 block (inputs per block) */
+    int32_t l;            /* blocks of w2 */
+    int32_t s;            /* rows per w2 block (outputs per block) */
+    int32_t r;            /* columns per w2 block (intermediate values per block) */
+    int32_t dtype;        /* ATTNKIT_DTYPE_* of x, w1, w2, bias and y */
+    int32_t group;        /* output blocks per CTA; divides l */
+    int32_t block_tokens; /* tokens per CTA: 16 * MT on the mma path, <= 8 on the simt path */
+    int32_t h_stride;     /* elements between the on-chip intermediate's token rows
+                             (>= group * r; T on the mma path, f32 on the simt path) */
+} MonarchParams;
+
+/* Most tokens per CTA of the simt kernel (its per-thread accumulators). */
+#define ATTNKIT_MONARCH_SIMT_TOKENS 8
+/* Threads per CTA of the two kernels. */
+#define ATTNKIT_MONARCH_MMA_THREADS 128
+#define ATTNKIT_MONARCH_SIMT_THREADS 256
+
+#endif
