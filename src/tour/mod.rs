@@ -3,6 +3,7 @@
 
 use attnkit::{Device, Result};
 
+mod monarch;
 mod selftest;
 
 /// One row of the tour's table.
@@ -25,4 +26,4 @@ pub struct Row {
 pub type Tour = fn(&Device) -> Result<Row>;
 
 /// Every family of the tour, in the order printed.
-pub const FAMILIES: &[(&str, Tour)] = &[("selftest", selftest::run)];
+pub const FAMILIES: &[(&str, Tour)] = &[("selftest", selftest::run), ("monarch", monarch::run)];
