@@ -8,8 +8,10 @@
 //!
 //! Quick run: `cargo bench --bench monarch -- --warm-up-time 0.1 --measurement-time 0.3`.
 
+#[cfg(feature = "cuda")]
+use attnkit::Bf16;
 use attnkit::monarch::{self, MonarchShape, Rows, Weights};
-use attnkit::{Bf16, Device, Element};
+use attnkit::{Device, Element};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 fn values<T: Element>(n: usize, salt: usize) -> Vec<T> {

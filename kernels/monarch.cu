@@ -75,11 +75,7 @@ __device__ __forceinline__ void forward_mma(const MonarchParams& p) {
         float acc[MT][2][4] = {};
         for (int kk = 0; kk < p.p; kk += 16) {
             uint32_t b[2][2];
-#pragma unroll
-            for (int sub = 0; sub < 2; ++sub) {
-                b[sub][0] = pair(wrow[sub] + kk + 2 * tq);
-                b[sub][1] = pair(wrow[sub] + kk + 8 + 2 * tq);
-            }
+            load_b(wrow, kk + 2 * tq, b);
             const int col = xcol0 + kk + 2 * tq;
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
@@ -87,22 +83,13 @@ __device__ __forceinline__ void forward_mma(const MonarchParams& p) {
                     load_pair(xrow[mt][0], col, p.x_cols), load_pair(xrow[mt][1], col, p.x_cols),
                     load_pair(xrow[mt][0], col + 8, p.x_cols),
                     load_pair(xrow[mt][1], col + 8, p.x_cols)};
-#pragma unroll
-                for (int sub = 0; sub < 2; ++sub) Mma<T>::run(acc[mt][sub], a, b[sub][0], b[sub][1]);
+                mma_16x16<T>(acc[mt], a, b);
             }
         }
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-            for (int sub = 0; sub < 2; ++sub) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int row = mt * 16 + g + (e >= 2 ? 8 : 0);
-                    const int z = z0 + sub * 8 + 2 * tq + (e & 1);
-                    hs[row * p.h_stride + onchip_column(z, G, p.r)] = from_f32<T>(acc[mt][sub][e]);
-                }
-            }
-        }
+        // h rounded to T (the next stage's tensor-core operand), block-major on chip.
+        for_each_acc<MT>(acc, lane, [&](int row, int col, float v) {
+            hs[row * p.h_stride + onchip_column(z0 + col, G, p.r)] = from_f32<T>(v);
+        });
     }
     __syncthreads();
 
@@ -124,35 +111,23 @@ __device__ __forceinline__ void forward_mma(const MonarchParams& p) {
         float acc[MT][2][4] = {};
         for (int kk = 0; kk < p.r; kk += 16) {
             uint32_t b[2][2];
-#pragma unroll
-            for (int sub = 0; sub < 2; ++sub) {
-                b[sub][0] = pair(wrow[sub] + kk + 2 * tq);
-                b[sub][1] = pair(wrow[sub] + kk + 8 + 2 * tq);
-            }
+            load_b(wrow, kk + 2 * tq, b);
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 const int k = kk + 2 * tq;
                 const uint32_t a[4] = {pair(hrow[mt][0] + k), pair(hrow[mt][1] + k),
                                        pair(hrow[mt][0] + k + 8), pair(hrow[mt][1] + k + 8)};
-#pragma unroll
-                for (int sub = 0; sub < 2; ++sub) Mma<T>::run(acc[mt][sub], a, b[sub][0], b[sub][1]);
+                mma_16x16<T>(acc[mt], a, b);
             }
         }
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-            for (int sub = 0; sub < 2; ++sub) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int64_t tok = tok0 + mt * 16 + g + (e >= 2 ? 8 : 0);
-                    const int o = (t0 + sub * 8 + 2 * tq + (e & 1)) * p.l + j;
-                    if (tok < p.tokens && o < p.y_cols) {
-                        const float v = acc[mt][sub][e] + (bias ? to_f32(bias[o]) : 0.0f);
-                        y[tok * p.y_row_stride + o] = from_f32<T>(v);
-                    }
-                }
+        // Output t = t0 + col of block j is column t*l + j of y: the permutation P.
+        for_each_acc<MT>(acc, lane, [&](int row, int col, float v) {
+            const int64_t tok = tok0 + row;
+            const int o = (t0 + col) * p.l + j;
+            if (tok < p.tokens && o < p.y_cols) {
+                y[tok * p.y_row_stride + o] = from_f32<T>(v + (bias ? to_f32(bias[o]) : 0.0f));
             }
-        }
+        });
     }
 }
 

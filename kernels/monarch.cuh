@@ -61,4 +61,40 @@ __device__ __forceinline__ uint32_t pair(const T* at) {
     return *reinterpret_cast<const uint32_t*>(at);
 }
 
+// The B fragments of a 16-column (two n8) tile at K offset k (= kk + 2t): each column's
+// weight row is contiguous along K, so a lane's pairs are 32-bit loads.
+template <typename T>
+__device__ __forceinline__ void load_b(const T* const (&wrow)[2], int k, uint32_t (&b)[2][2]) {
+#pragma unroll
+    for (int sub = 0; sub < 2; ++sub) {
+        b[sub][0] = pair(wrow[sub] + k);
+        b[sub][1] = pair(wrow[sub] + k + 8);
+    }
+}
+
+// acc[sub] += a * b[sub] for both n8 halves of a 16-column tile.
+template <typename T>
+__device__ __forceinline__ void mma_16x16(float (&acc)[2][4], const uint32_t (&a)[4],
+                                          const uint32_t (&b)[2][2]) {
+#pragma unroll
+    for (int sub = 0; sub < 2; ++sub) Mma<T>::run(acc[sub], a, b[sub][0], b[sub][1]);
+}
+
+// Visits this lane's accumulators of a (16*MT) x 16 tile as f(row, col, value), row and col
+// within the tile (the C fragment layout above).
+template <int MT, typename F>
+__device__ __forceinline__ void for_each_acc(const float (&acc)[MT][2][4], int lane, F f) {
+    const int g = lane / 4, tq = lane % 4;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int sub = 0; sub < 2; ++sub) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                f(mt * 16 + g + (e >= 2 ? 8 : 0), sub * 8 + 2 * tq + (e & 1), acc[mt][sub][e]);
+            }
+        }
+    }
+}
+
 }  // namespace monarch

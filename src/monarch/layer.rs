@@ -238,15 +238,7 @@ impl<T: Element> MonarchLinear<T> {
                 detail: format!("shape {:?} is not the layer's {:?}", w.shape, self.shape),
             });
         }
-        if x_rows.width != self.in_features {
-            return Err(Error::Shape {
-                arg: "x",
-                detail: format!(
-                    "width {} is not in_features = {}",
-                    x_rows.width, self.in_features
-                ),
-            });
-        }
+        super::expect_width("x", x_rows.width, self.in_features, "in_features")?;
         let y_rows = Rows {
             tokens: x_rows.tokens,
             width: self.out_features,

@@ -24,6 +24,8 @@ mod cuda;
 mod layer;
 pub mod oracle;
 mod project;
+// The planner serves the CUDA launcher; its unit tests run in every build.
+#[cfg_attr(not(attnkit_cuda), allow(dead_code))]
 mod tiles;
 
 pub use layer::MonarchLinear;
@@ -346,23 +348,7 @@ pub fn multiply<T: Element>(
     mut y: BufMut<'_, T>,
     y_row_stride: usize,
 ) -> Result<()> {
-    let n_in = w.shape.n_in();
-    if x_rows.width != n_in {
-        return Err(Error::Shape {
-            arg: "x",
-            detail: format!(
-                "width {} is not k*p = {n_in} (w1 {:?})",
-                x_rows.width,
-                w.shape.w1_dims()
-            ),
-        });
-    }
-    let y_rows = Rows {
-        tokens: x_rows.tokens,
-        width: w.shape.n_out(),
-        row_stride: y_row_stride,
-    };
-    run(dev, w, &x, x_rows, &mut y, y_rows, Mode::Forward)
+    product(dev, w, &x, x_rows, &mut y, y_row_stride, Mode::Forward)
 }
 
 /// `y = M^T x + bias` for every row of `x: [tokens, n_out]`, written to `y: [tokens, n_in]`:
@@ -389,23 +375,44 @@ pub fn multiply_transpose<T: Element>(
     mut y: BufMut<'_, T>,
     y_row_stride: usize,
 ) -> Result<()> {
-    let n_out = w.shape.n_out();
-    if x_rows.width != n_out {
+    product(dev, w, &x, x_rows, &mut y, y_row_stride, Mode::Transpose)
+}
+
+/// A width check: `Error::Shape` naming `arg` unless `got == want`; `what` says what
+/// `want` is.
+pub(crate) fn expect_width(arg: &'static str, got: usize, want: usize, what: &str) -> Result<()> {
+    if got != want {
         return Err(Error::Shape {
-            arg: "x",
-            detail: format!(
-                "width {} is not l*s = {n_out} (w2 {:?})",
-                x_rows.width,
-                w.shape.w2_dims()
-            ),
+            arg,
+            detail: format!("width {got} is not {what} = {want}"),
         });
     }
+    Ok(())
+}
+
+/// [`multiply`] or [`multiply_transpose`]: x exactly as wide as the product's input, y
+/// written over its whole output width.
+fn product<T: Element>(
+    dev: &Device,
+    w: &Weights<'_, T>,
+    x: &Buf<'_, T>,
+    x_rows: Rows,
+    y: &mut BufMut<'_, T>,
+    y_row_stride: usize,
+    mode: Mode,
+) -> Result<()> {
+    let s = w.shape;
+    let (n_x, n_y, what) = match mode {
+        Mode::Forward => (s.n_in(), s.n_out(), format!("k*p of w1 {:?}", s.w1_dims())),
+        Mode::Transpose => (s.n_out(), s.n_in(), format!("l*s of w2 {:?}", s.w2_dims())),
+    };
+    expect_width("x", x_rows.width, n_x, &what)?;
     let y_rows = Rows {
         tokens: x_rows.tokens,
-        width: w.shape.n_in(),
+        width: n_y,
         row_stride: y_row_stride,
     };
-    run(dev, w, &x, x_rows, &mut y, y_rows, Mode::Transpose)
+    run(dev, w, x, x_rows, y, y_rows, mode)
 }
 
 /// Checks the weights of `w` for `mode` (lengths; bias of the output width).
@@ -544,12 +551,7 @@ pub fn backward<T: Element>(
 ) -> Result<()> {
     let shape = w.shape;
     check_weights(w, shape.n_out())?;
-    if x_rows.width != shape.n_in() {
-        return Err(Error::Shape {
-            arg: "x",
-            detail: format!("width {} is not k*p = {}", x_rows.width, shape.n_in()),
-        });
-    }
+    expect_width("x", x_rows.width, shape.n_in(), "k*p")?;
     let tokens = x_rows.tokens;
     x_rows.check("x", "x_row_stride", x.len())?;
     let dy_rows = Rows {
