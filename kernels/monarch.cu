@@ -15,15 +15,18 @@
 //
 // Two kernels, same structure:
 // - monarch_forward_mma{1,2,4}: bf16/f16 on tensor cores (mma.sync m16n8k16, f32 accumulate),
-//   16*MT tokens per CTA, 4 warps. Stage 1: each warp takes 16-column tiles of the group's h
+//   16*MT tokens per CTA, 8 warps (a 130 KB tile leaves one CTA per SM: 8 warps hide more
+//   latency than 4, and the accumulators still fit in 128 registers). Stage 1: each warp takes 16-column tiles of the group's h
 //   (the host guarantees a tile never straddles two input blocks), A = x rows from global, B =
 //   the w1 rows of those columns, K = p; the f32 sums are rounded to T and stored block-major
 //   in shared memory. Stage 2: each warp takes 16-output tiles of one block j, A = h from
 //   shared memory, B = w2 rows, K = r; epilogue adds the bias and stores y[t*l + j].
 //   Needs p, r, s multiples of 16.
-// - monarch_forward_simt: any shape, any dtype (the f32 path), h in f32 shared memory (rounded
+// - monarch_product_simt: any shape, any dtype (the f32 path), h in f32 shared memory (rounded
 //   to T first, as the mma path sees it), one thread per intermediate column then per output,
-//   up to 8 tokens per CTA.
+//   up to 8 tokens per CTA. It also runs the transpose product M^T x (dx of the backward
+//   pass): groups of w1 blocks i, the intermediate g = blockdiag(w2)^T x for the columns
+//   i*q.. those blocks read, then y[i*p + pp] = w1[i][:, pp] . g_i.
 //
 // History: v1 (this file) loads mma fragments straight from global memory (weights and x tiles
 // are L2-resident and each is used by MT m-tiles or both n8 halves); it has not run on a GPU.
@@ -131,38 +134,61 @@ __device__ __forceinline__ void forward_mma(const MonarchParams& p) {
     }
 }
 
+// acc[b] += sum_e w[e*w_step] * src[b*src_rows + col0 + e*col_step] for the nt tokens of a
+// tile, e < len, stopping at column col_limit (columns past it read as zero): the one loop of
+// both simt stages, forward and transpose.
+template <int NT, typename T, typename S>
+__device__ __forceinline__ void dot_tokens(float (&acc)[NT], const T* w, int w_step, const S* src,
+                                           int64_t src_rows, int col0, int col_step, int len,
+                                           int col_limit, int nt) {
+    for (int e = 0; e < len; ++e) {
+        const int col = col0 + e * col_step;
+        if (col >= col_limit) break;  // columns grow with e
+        const float wv = to_f32(w[static_cast<int64_t>(e) * w_step]);
+#pragma unroll
+        for (int b = 0; b < NT; ++b) {
+            if (b < nt) acc[b] += wv * to_f32(src[b * src_rows + col]);
+        }
+    }
+}
+
+// Forward (p.transpose == 0) or transpose product on CUDA cores: any shape, any dtype.
 template <typename T>
-__device__ __forceinline__ void forward_simt(const MonarchParams& p) {
+__device__ __forceinline__ void product_simt(const MonarchParams& p) {
     constexpr int NT = ATTNKIT_MONARCH_SIMT_TOKENS;
-    float* hs = reinterpret_cast<float*>(monarch_smem);  // h: [bm][h_stride] f32, block-major
+    float* hs = reinterpret_cast<float*>(monarch_smem);  // [bm][h_stride] f32
     const T* x = static_cast<const T*>(p.x);
     const T* w1 = static_cast<const T*>(p.w1);
     const T* w2 = static_cast<const T*>(p.w2);
     const T* bias = static_cast<const T*>(p.bias);
     T* y = static_cast<T*>(p.y);
-    const int groups = p.l / p.group;
+    const bool tr = p.transpose != 0;
+    const int G = p.group;
+    const int groups = (tr ? p.k : p.l) / G;
     const int bm = p.block_tokens;
     const int64_t tok0 = static_cast<int64_t>(blockIdx.x / groups) * bm;
-    const int j0 = static_cast<int>(blockIdx.x % groups) * p.group;
-    const int G = p.group, width = G * p.r;
+    const int b0 = static_cast<int>(blockIdx.x % groups) * G;  // first output block (j or i)
     // Tokens of this tile that exist (bm <= NT, checked by the host).
     const int nt = static_cast<int>(min(static_cast<int64_t>(bm), p.tokens - tok0));
+    const T* xt = x + tok0 * p.x_row_stride;
 
-    // Stage 1: one thread per intermediate column z, all tokens of the tile at once.
+    // Stage 1: one thread per intermediate column z, all tokens of the tile at once; the value
+    // is rounded to T, as the mma path and the CPU path round it.
+    const int width = G * (tr ? p.q : p.r);
     for (int z = threadIdx.x; z < width; z += blockDim.x) {
-        const int m = mid_index(z, G, p.l, j0);
-        const int xcol0 = (m / p.q) * p.p;
-        const T* wrow = w1 + static_cast<int64_t>(m) * p.p;
-        const int pmax = min(p.p, p.x_cols - xcol0);  // columns past x_cols are zero
         float acc[NT] = {};
-        for (int pp = 0; pp < pmax; ++pp) {
-            const float w = to_f32(wrow[pp]);
-#pragma unroll
-            for (int b = 0; b < NT; ++b) {
-                if (b < nt) acc[b] += w * to_f32(x[(tok0 + b) * p.x_row_stride + xcol0 + pp]);
-            }
+        if (!tr) {
+            // h[m] = w1 row m . x[i*p ..], m = rr*l + j; stored block-major.
+            const int m = mid_index(z, G, p.l, b0);
+            dot_tokens<NT>(acc, w1 + static_cast<int64_t>(m) * p.p, 1, xt, p.x_row_stride,
+                           (m / p.q) * p.p, 1, p.p, p.x_cols, nt);
+        } else {
+            // g[m] = sum_t w2[j][t][rr] x[t*l + j], m = i0*q + z = rr*l + j; stored as z.
+            const int m = b0 * p.q + z, j = m % p.l, rr = m / p.l;
+            dot_tokens<NT>(acc, w2 + static_cast<int64_t>(j) * p.s * p.r + rr, p.r, xt,
+                           p.x_row_stride, j, p.l, p.s, p.x_cols, nt);
         }
-        const int col = onchip_column(z, G, p.r);
+        const int col = tr ? z : onchip_column(z, G, p.r);
 #pragma unroll
         for (int b = 0; b < NT; ++b) {
             if (b < nt) hs[b * p.h_stride + col] = to_f32(from_f32<T>(acc[b]));
@@ -170,20 +196,20 @@ __device__ __forceinline__ void forward_simt(const MonarchParams& p) {
     }
     __syncthreads();
 
-    // Stage 2: one thread per output (block j0 + jl, row t).
-    for (int o = threadIdx.x; o < G * p.s; o += blockDim.x) {
-        const int jl = o / p.s, t = o % p.s, j = j0 + jl;
-        const int col = t * p.l + j;
+    // Stage 2: one thread per output (block b0 + bl, row e of the block).
+    const int per_block = tr ? p.p : p.s;
+    for (int o = threadIdx.x; o < G * per_block; o += blockDim.x) {
+        const int bl = o / per_block, e = o % per_block, blk = b0 + bl;
+        // Forward: y[t*l + j] = w2[j][t] . h_j; transpose: y[i*p + pp] = w1[i][:, pp] . g_i.
+        const int col = tr ? blk * p.p + e : e * p.l + blk;
         if (col >= p.y_cols) continue;
-        const T* wrow = w2 + (static_cast<int64_t>(j) * p.s + t) * p.r;
-        const float* hcol = hs + jl * p.r;
         float acc[NT] = {};
-        for (int rr = 0; rr < p.r; ++rr) {
-            const float w = to_f32(wrow[rr]);
-#pragma unroll
-            for (int b = 0; b < NT; ++b) {
-                if (b < nt) acc[b] += w * hcol[b * p.h_stride + rr];
-            }
+        if (!tr) {
+            dot_tokens<NT>(acc, w2 + (static_cast<int64_t>(blk) * p.s + e) * p.r, 1, hs,
+                           p.h_stride, bl * p.r, 1, p.r, width, nt);
+        } else {
+            dot_tokens<NT>(acc, w1 + static_cast<int64_t>(blk) * p.q * p.p + e, p.p, hs,
+                           p.h_stride, bl * p.q, 1, p.q, width, nt);
         }
         const float add = bias ? to_f32(bias[col]) : 0.0f;
 #pragma unroll
@@ -204,27 +230,27 @@ __device__ __forceinline__ void dispatch_mma(const MonarchParams& p) {
 
 }  // namespace monarch
 
-extern "C" __global__ void __launch_bounds__(ATTNKIT_MONARCH_MMA_THREADS)
+extern "C" __global__ void __launch_bounds__(ATTNKIT_MONARCH_MMA_THREADS, 1)
     monarch_forward_mma1(const __grid_constant__ MonarchParams p) {
     monarch::dispatch_mma<1>(p);
 }
 
-extern "C" __global__ void __launch_bounds__(ATTNKIT_MONARCH_MMA_THREADS)
+extern "C" __global__ void __launch_bounds__(ATTNKIT_MONARCH_MMA_THREADS, 1)
     monarch_forward_mma2(const __grid_constant__ MonarchParams p) {
     monarch::dispatch_mma<2>(p);
 }
 
-extern "C" __global__ void __launch_bounds__(ATTNKIT_MONARCH_MMA_THREADS)
+extern "C" __global__ void __launch_bounds__(ATTNKIT_MONARCH_MMA_THREADS, 1)
     monarch_forward_mma4(const __grid_constant__ MonarchParams p) {
     monarch::dispatch_mma<4>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(ATTNKIT_MONARCH_SIMT_THREADS)
-    monarch_forward_simt(const __grid_constant__ MonarchParams p) {
+    monarch_product_simt(const __grid_constant__ MonarchParams p) {
     switch (p.dtype) {
-        case ATTNKIT_DTYPE_F32: monarch::forward_simt<float>(p); break;
-        case ATTNKIT_DTYPE_F16: monarch::forward_simt<__half>(p); break;
-        case ATTNKIT_DTYPE_BF16: monarch::forward_simt<__nv_bfloat16>(p); break;
+        case ATTNKIT_DTYPE_F32: monarch::product_simt<float>(p); break;
+        case ATTNKIT_DTYPE_F16: monarch::product_simt<__half>(p); break;
+        case ATTNKIT_DTYPE_BF16: monarch::product_simt<__nv_bfloat16>(p); break;
         default: break;  // the host validates dtype before launch
     }
 }

@@ -5,7 +5,8 @@
  * One CTA computes a tile of block_tokens tokens for a group of `group` consecutive output
  * blocks j in [j0, j0 + group): it builds the part of h those blocks read (the columns
  * m = rr*l + j) on chip, then their outputs. CTA b: token tile b / (l / group), group
- * b % (l / group). Plain C, mirrored into Rust by bindgen (see selftest.h for the rules). */
+ * b % (l / group). The transpose (simt kernel) mirrors it: groups of w1 blocks i, the
+ * intermediate g[m] = sum_t w2[j][t][rr] x[t*l + j] for m in [i0*q, (i0 + group)*q). Plain C, mirrored into Rust by bindgen (see selftest.h for the rules). */
 #ifndef ATTNKIT_MONARCH_H
 #define ATTNKIT_MONARCH_H
 
@@ -37,12 +38,15 @@ typedef struct MonarchParams {
     int32_t block_tokens; /* tokens per CTA: 16 * MT on the mma path, <= 8 on the simt path */
     int32_t h_stride;     /* elements between the on-chip intermediate's token rows
                              (>= group * r; T on the mma path, f32 on the simt path) */
+    int32_t transpose;    /* 0: y = M x + bias; 1: y = M^T x + bias (simt kernel only): x is
+                             [tokens, l*s], y [tokens, k*p], the groups run over w1's k blocks
+                             (group divides k) and the intermediate is group * q wide */
 } MonarchParams;
 
 /* Most tokens per CTA of the simt kernel (its per-thread accumulators). */
 #define ATTNKIT_MONARCH_SIMT_TOKENS 8
 /* Threads per CTA of the two kernels. */
-#define ATTNKIT_MONARCH_MMA_THREADS 128
+#define ATTNKIT_MONARCH_MMA_THREADS 256
 #define ATTNKIT_MONARCH_SIMT_THREADS 256
 
 #endif

@@ -803,12 +803,132 @@ mod gpu {
         )
         .unwrap_err();
         assert!(matches!(e, Error::Alignment { arg: "x", .. }), "{e}");
-        // The transpose and the backward pass are CPU-only for now: typed, not a crash.
-        let mut gd = stream.clone_htod(&x).unwrap();
-        let ro = Rows::contiguous(2, s.n_out());
-        let e =
-            monarch::multiply_transpose(&dev, &wd, (&yd).into(), ro, (&mut gd).into(), s.n_in())
-                .unwrap_err();
+        // The backward pass is CPU-only for now: typed, not a crash.
+        let (mut gd, mut d1, mut d2) = (
+            stream.clone_htod(&x).unwrap(),
+            stream.alloc_zeros::<f32>(s.w1_len()).unwrap(),
+            stream.alloc_zeros::<f32>(s.w2_len()).unwrap(),
+        );
+        let g = Grads {
+            dx: (&mut gd).into(),
+            dx_row_stride: s.n_in(),
+            dw1: (&mut d1).into(),
+            dw2: (&mut d2).into(),
+            dbias: None,
+        };
+        let e = monarch::backward(&dev, &wd, (&xd).into(), rows, (&yd).into(), s.n_out(), g)
+            .unwrap_err();
         assert!(matches!(e, Error::Unsupported { arg: "dev", .. }), "{e}");
+    }
+
+    /// `M^T x` on the GPU (the simt kernel) against the oracle: f32 to 1e-5, bf16 within twice
+    /// the CPU path's error (same rounding points) plus two bf16 ulps of the largest output.
+    #[test]
+    fn transpose_gpu_matches_oracle() {
+        let Some(dev) = gpu("transpose_gpu_matches_oracle") else {
+            return;
+        };
+        let stream = dev.stream().unwrap();
+        let mut rng = rng("transpose_gpu");
+        for (n, &(d1, d2)) in SHAPES.iter().chain(MMA_SHAPES).enumerate() {
+            let s = shape(d1, d2);
+            let tokens = [3, 17, 40][n % 3];
+            let x: Vec<f32> = random(&mut rng, tokens * s.n_out());
+            let w1: Vec<f32> = random(&mut rng, s.w1_len());
+            let w2: Vec<f32> = random(&mut rng, s.w2_len());
+            let bias: Vec<f32> = random(&mut rng, s.n_in());
+            let want = oracle::multiply_transpose(
+                s,
+                &f64s(&w1),
+                &f64s(&w2),
+                Some(&f64s(&bias)),
+                &f64s(&x),
+                tokens,
+            );
+            let run = |dev: &Device, bf16: bool| -> Vec<f32> {
+                let cast =
+                    |v: &[f32]| -> Vec<Bf16> { v.iter().map(|&e| Bf16::from_f32(e)).collect() };
+                let rows = Rows::contiguous(tokens, s.n_out());
+                if bf16 {
+                    let (xb, w1b, w2b, bb) = (cast(&x), cast(&w1), cast(&w2), cast(&bias));
+                    let mut y = poisoned::<Bf16>(tokens * s.n_in());
+                    if dev.is_cuda() {
+                        let up = |v: &[Bf16]| stream.clone_htod(v).unwrap();
+                        let (xd, w1d, w2d, bd) = (up(&xb), up(&w1b), up(&w2b), up(&bb));
+                        let mut yd = up(&y);
+                        let w = Weights {
+                            shape: s,
+                            w1: (&w1d).into(),
+                            w2: (&w2d).into(),
+                            bias: Some((&bd).into()),
+                        };
+                        monarch::multiply_transpose(
+                            dev,
+                            &w,
+                            (&xd).into(),
+                            rows,
+                            (&mut yd).into(),
+                            s.n_in(),
+                        )
+                        .unwrap();
+                        y = stream.clone_dtoh(&yd).unwrap();
+                    } else {
+                        let w = Weights {
+                            shape: s,
+                            w1: (&w1b).into(),
+                            w2: (&w2b).into(),
+                            bias: Some((&bb).into()),
+                        };
+                        monarch::multiply_transpose(
+                            dev,
+                            &w,
+                            (&xb).into(),
+                            rows,
+                            (&mut y).into(),
+                            s.n_in(),
+                        )
+                        .unwrap();
+                    }
+                    to_f32(&y)
+                } else {
+                    let up = |v: &[f32]| stream.clone_htod(v).unwrap();
+                    let (xd, w1d, w2d, bd) = (up(&x), up(&w1), up(&w2), up(&bias));
+                    let mut yd = up(&poisoned::<f32>(tokens * s.n_in()));
+                    let w = Weights {
+                        shape: s,
+                        w1: (&w1d).into(),
+                        w2: (&w2d).into(),
+                        bias: Some((&bd).into()),
+                    };
+                    monarch::multiply_transpose(
+                        dev,
+                        &w,
+                        (&xd).into(),
+                        rows,
+                        (&mut yd).into(),
+                        s.n_in(),
+                    )
+                    .unwrap();
+                    stream.clone_dtoh(&yd).unwrap()
+                }
+            };
+            let what = format!("transpose gpu {d1:?} {d2:?} tokens={tokens}");
+            assert_close(&format!("{what} f32"), &run(&dev, false), &want, 1e-5, 1e-5);
+            // bf16 rounds the inputs: compare with the oracle of the rounded inputs.
+            let r = |v: &[f32]| -> Vec<f64> {
+                v.iter()
+                    .map(|&e| Bf16::from_f32(e).to_f32() as f64)
+                    .collect()
+            };
+            let want_b =
+                oracle::multiply_transpose(s, &r(&w1), &r(&w2), Some(&r(&bias)), &r(&x), tokens);
+            let cpu: Vec<f64> = run(&Device::cpu(), true)
+                .iter()
+                .map(|&v| v as f64)
+                .collect();
+            let scale = want_b.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+            let tol = 2.0 * max_abs_diff(&cpu, &want_b) + scale / 128.0;
+            assert_close(&format!("{what} bf16"), &run(&dev, true), &want_b, tol, 0.0);
+        }
     }
 }

@@ -6,21 +6,24 @@ use cudarc::driver::LaunchConfig;
 use cudarc::driver::sys::CUdevice_attribute as A;
 
 use super::tiles::{self, Kernel};
-use super::{Rows, Weights};
+use super::{Mode, Rows, Weights};
 use crate::buffer::{Buf, BufMut};
 use crate::cuda::{CudaDevice, DevPtrs, params as c};
 use crate::dtype::{DType, Element};
 use crate::error::{DriverContext, Error, Result};
 
-/// `y = M x + bias` on the GPU; shapes, lengths and strides already checked by the caller.
-pub(super) fn forward<T: Element>(
+/// `y = M x + bias` (or `M^T x + bias`) on the GPU; shapes, lengths and strides already
+/// checked by the caller.
+pub(super) fn product<T: Element>(
     dev: &CudaDevice,
     w: &Weights<'_, T>,
     x: &Buf<'_, T>,
     x_rows: Rows,
     y: &mut BufMut<'_, T>,
     y_rows: Rows,
+    mode: Mode,
 ) -> Result<()> {
+    let transpose = mode == Mode::Transpose;
     let shape = w.shape;
     let ([k, q, p], [l, s, r]) = (shape.w1_dims(), shape.w2_dims());
     let smem_limit = dev
@@ -29,20 +32,22 @@ pub(super) fn forward<T: Element>(
         .attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
         .driver("shared memory limit")?
         .max(0) as usize;
-    let plan =
-        tiles::plan(shape, T::DTYPE, x_rows.row_stride % 2 == 0, smem_limit).ok_or_else(|| {
-            Error::Unsupported {
-                arg: "w2",
-                detail: format!(
-                    "one output block's intermediate (r = {r} values per token) does not fit in \
-                 the GPU's {smem_limit} bytes of shared memory per block"
-                ),
-            }
-        })?;
+    let even = x_rows.row_stride % 2 == 0;
+    let plan = tiles::plan(shape, T::DTYPE, even, smem_limit, transpose).ok_or_else(|| {
+        let (arg, per_block) = if transpose { ("w1", q) } else { ("w2", r) };
+        Error::Unsupported {
+            arg,
+            detail: format!(
+                "one block's intermediate ({per_block} values per token) does not fit in the \
+                 GPU's {smem_limit} bytes of shared memory per block"
+            ),
+        }
+    })?;
+    let blocks = if transpose { k } else { l };
     let ctas = x_rows
         .tokens
         .div_ceil(plan.block_tokens)
-        .checked_mul(l / plan.group)
+        .checked_mul(blocks / plan.group)
         .filter(|&n| n <= i32::MAX as usize)
         .ok_or_else(|| Error::Shape {
             arg: "x",
@@ -54,7 +59,7 @@ pub(super) fn forward<T: Element>(
         Kernel::Mma { mt: 2 } => ("monarch_forward_mma2", c::ATTNKIT_MONARCH_MMA_THREADS, 4),
         Kernel::Mma { .. } => ("monarch_forward_mma4", c::ATTNKIT_MONARCH_MMA_THREADS, 4),
         Kernel::Simt => (
-            "monarch_forward_simt",
+            "monarch_product_simt",
             c::ATTNKIT_MONARCH_SIMT_THREADS,
             std::mem::align_of::<T>(),
         ),
@@ -99,6 +104,7 @@ pub(super) fn forward<T: Element>(
         group: plan.group as i32,
         block_tokens: plan.block_tokens as i32,
         h_stride: plan.h_stride as i32,
+        transpose: transpose as i32,
     };
     let cfg = LaunchConfig {
         grid_dim: (ctas as u32, 1, 1),

@@ -352,8 +352,8 @@ pub fn multiply<T: Element>(
 }
 
 /// `y = M^T x + bias` for every row of `x: [tokens, n_out]`, written to `y: [tokens, n_in]`:
-/// the transpose multiply (`dx` of the backward pass). CPU only for now: on a CUDA device it
-/// is [`Error::Unsupported`].
+/// the transpose multiply (`dx` of the backward pass). On a GPU it runs on CUDA cores (the
+/// simt kernel), not tensor cores.
 ///
 /// ```
 /// use attnkit::monarch::{self, MonarchShape, Rows, Weights};
@@ -496,13 +496,7 @@ pub(crate) fn run<T: Element>(
             Ok(())
         }
         #[cfg(attnkit_cuda)]
-        Backend::Cuda(c) => match mode {
-            Mode::Forward => cuda::forward(c, w, x, x_rows, y, y_rows),
-            Mode::Transpose => Err(Error::Unsupported {
-                arg: "dev",
-                detail: "the transpose multiply runs on the CPU backend only for now".into(),
-            }),
-        },
+        Backend::Cuda(c) => cuda::product(c, w, x, x_rows, y, y_rows, mode),
     }
 }
 

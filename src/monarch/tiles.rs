@@ -15,7 +15,7 @@ pub(crate) const SIMT_TOKENS: usize = 8;
 pub(crate) enum Kernel {
     /// `monarch_forward_mma{mt}`: tensor cores, `16 * mt` tokens per CTA.
     Mma { mt: usize },
-    /// `monarch_forward_simt`: f32 FMA, any shape and dtype.
+    /// `monarch_product_simt`: f32 FMA, any shape and dtype, forward or transpose.
     Simt,
 }
 
@@ -48,22 +48,29 @@ fn tiles_stay_in_one_block(shape: MonarchShape, group: usize) -> bool {
 }
 
 /// Estimated elements moved per token (from L2 or HBM): the group's weights once per token
-/// tile (`G*r*(p + s) / tokens_per_cta`), plus `x` once per group (`n_in * l / G`). Smaller
-/// is better; ties go to the larger group (fewer CTAs re-reading x).
-fn traffic(shape: MonarchShape, group: usize, tokens: usize) -> f64 {
-    let ([_, _, p], [l, s, r]) = (shape.w1_dims(), shape.w2_dims());
-    (group * r * (p + s)) as f64 / tokens as f64 + (shape.n_in() * (l / group)) as f64
+/// tile, plus `x` once per group. Forward: `G*r*(p + s) / tokens + n_in * l / G`; the
+/// transpose mirrors it over w1's blocks: `G*q*(s + p) / tokens + n_out * k / G`. Smaller is
+/// better; ties go to the larger group (fewer CTAs re-reading x).
+fn traffic(shape: MonarchShape, transpose: bool, group: usize, tokens: usize) -> f64 {
+    let ([k, q, p], [l, s, r]) = (shape.w1_dims(), shape.w2_dims());
+    let (per_block, blocks, n_x) = if transpose {
+        (q, k, shape.n_out())
+    } else {
+        (r, l, shape.n_in())
+    };
+    (group * per_block * (p + s)) as f64 / tokens as f64 + (n_x * (blocks / group)) as f64
 }
 
-/// The tiling for `shape` and `dtype` with `smem_limit` bytes of shared memory per CTA and an
-/// even (`x_even_stride`) row stride of x; None when even one output block's intermediate
-/// (`r` values) for one token does not fit.
+/// The tiling for `shape` and `dtype` with `smem_limit` bytes of shared memory per CTA, an
+/// even (`x_even_stride`) row stride of x, for the forward product or its transpose; None when
+/// even one output block's intermediate for one token does not fit.
 ///
-/// - bf16/f16 with `p`, `r`, `s` multiples of 16 (the mma tile's K and N), an even x stride
-///   (32-bit pair loads) and a group whose column tiles stay in one input block: the mma
-///   kernel, `16 * mt` tokens for mt in {1, 2, 4} (4 is where the accumulators reach 128
-///   registers per thread at 128 threads, no spills).
-/// - Everything else: the simt kernel, up to 8 tokens (its per-thread accumulators).
+/// - Forward, bf16/f16 with `p`, `r`, `s` multiples of 16 (the mma tile's K and N), an even x
+///   stride (32-bit pair loads) and a group whose column tiles stay in one input block: the
+///   mma kernel, `16 * mt` tokens for mt in {1, 2, 4} (4 is where the accumulators reach 128
+///   registers per thread at 256 threads, no spills).
+/// - Everything else (f32, other shapes, the transpose): the simt kernel, up to 8 tokens (its
+///   per-thread accumulators), groups over `l` (forward) or `k` (transpose).
 ///
 /// Among the candidates that fit, the least [`traffic`]: many small blocks (n = 4096, 64
 /// blocks) come out at G = 32 with 32 tokens (x read twice, weights 8K elements per token),
@@ -74,59 +81,60 @@ pub(crate) fn plan(
     dtype: DType,
     x_even_stride: bool,
     smem_limit: usize,
+    transpose: bool,
 ) -> Option<Plan> {
-    let ([_, _, p], [l, s, r]) = (shape.w1_dims(), shape.w2_dims());
-    let mma_ok = dtype != DType::F32 && p % 16 == 0 && r % 16 == 0 && s % 16 == 0 && x_even_stride;
+    let ([k, q, p], [l, s, r]) = (shape.w1_dims(), shape.w2_dims());
+    let mma_ok = !transpose
+        && dtype != DType::F32
+        && p % 16 == 0
+        && r % 16 == 0
+        && s % 16 == 0
+        && x_even_stride;
+    let (blocks, per_block) = if transpose { (k, q) } else { (l, r) };
     let mut best: Option<(f64, Plan)> = None;
-    let mut consider = |cost: f64, plan: Plan| {
-        if best.is_none_or(|(c, _)| cost < c) {
-            best = Some((cost, plan));
-        }
-    };
     // Largest groups first, so a tie keeps the larger group.
-    for group in (1..=l).rev().filter(|g| l % g == 0) {
-        let width = group * r;
-        if mma_ok && tiles_stay_in_one_block(shape, group) {
+    for group in (1..=blocks).rev().filter(|g| blocks % g == 0) {
+        let width = group * per_block;
+        let candidate = if mma_ok && tiles_stay_in_one_block(shape, group) {
             // +8 elements per row: rows land 4 banks apart, so the 8 rows of an A fragment
             // load hit 32 distinct banks.
             let h_stride = width + 8;
-            for mt in [4, 2, 1] {
+            [4, 2, 1].into_iter().find_map(|mt| {
                 let smem = 16 * mt * h_stride * dtype.size();
-                if smem <= smem_limit {
-                    let plan = Plan {
-                        kernel: Kernel::Mma { mt },
-                        group,
-                        block_tokens: 16 * mt,
-                        h_stride,
-                        smem_bytes: smem,
-                    };
-                    consider(traffic(shape, group, 16 * mt), plan);
-                    break;
-                }
-            }
-        }
-        if !mma_ok {
+                (smem <= smem_limit).then_some(Plan {
+                    kernel: Kernel::Mma { mt },
+                    group,
+                    block_tokens: 16 * mt,
+                    h_stride,
+                    smem_bytes: smem,
+                })
+            })
+        } else if mma_ok {
+            None
+        } else {
             // f32 rows; +1 so the token rows do not share banks.
             let h_stride = width + 1;
-            for tokens in [SIMT_TOKENS, 4, 2, 1] {
+            [SIMT_TOKENS, 4, 2, 1].into_iter().find_map(|tokens| {
                 let smem = tokens * h_stride * 4;
-                if smem <= smem_limit {
-                    let plan = Plan {
-                        kernel: Kernel::Simt,
-                        group,
-                        block_tokens: tokens,
-                        h_stride,
-                        smem_bytes: smem,
-                    };
-                    consider(traffic(shape, group, tokens), plan);
-                    break;
-                }
+                (smem <= smem_limit).then_some(Plan {
+                    kernel: Kernel::Simt,
+                    group,
+                    block_tokens: tokens,
+                    h_stride,
+                    smem_bytes: smem,
+                })
+            })
+        };
+        if let Some(plan) = candidate {
+            let cost = traffic(shape, transpose, group, plan.block_tokens);
+            if best.is_none_or(|(c, _)| cost < c) {
+                best = Some((cost, plan));
             }
         }
     }
     if best.is_none() && mma_ok {
         // No group's column tiles stay in one input block: the simt kernel takes it.
-        return plan(shape, DType::F32, false, smem_limit);
+        return plan(shape, DType::F32, false, smem_limit, false);
     }
     best.map(|(_, p)| p)
 }
@@ -141,14 +149,14 @@ mod tests {
     #[test]
     fn plans_of_the_two_regimes() {
         let small = MonarchShape::square(4096, 64).unwrap();
-        let p = plan(small, DType::Bf16, true, H100).unwrap();
+        let p = plan(small, DType::Bf16, true, H100, false).unwrap();
         assert_eq!(
             (p.kernel, p.group, p.block_tokens),
             (Kernel::Mma { mt: 2 }, 32, 32)
         );
         let large = MonarchShape::square(4096, 4).unwrap();
         for limit in [H100, A100] {
-            let p = plan(large, DType::F16, true, limit).unwrap();
+            let p = plan(large, DType::F16, true, limit, false).unwrap();
             assert_eq!(
                 (p.kernel, p.group, p.block_tokens),
                 (Kernel::Mma { mt: 4 }, 1, 64)
@@ -157,16 +165,16 @@ mod tests {
         }
         // f32, odd strides and shapes off the 16 grid take the simt kernel.
         assert_eq!(
-            plan(large, DType::F32, true, H100).unwrap().kernel,
+            plan(large, DType::F32, true, H100, false).unwrap().kernel,
             Kernel::Simt
         );
         assert_eq!(
-            plan(large, DType::Bf16, false, H100).unwrap().kernel,
+            plan(large, DType::Bf16, false, H100, false).unwrap().kernel,
             Kernel::Simt
         );
         let odd = MonarchShape::new([4, 6, 5], [3, 7, 8]).unwrap();
         assert_eq!(
-            plan(odd, DType::Bf16, true, H100).unwrap().kernel,
+            plan(odd, DType::Bf16, true, H100, false).unwrap().kernel,
             Kernel::Simt
         );
     }
@@ -183,7 +191,7 @@ mod tests {
         ] {
             let shape = MonarchShape::new(d1, d2).unwrap();
             for limit in [48 * 1024, A100, H100] {
-                let p = plan(shape, DType::Bf16, true, limit).unwrap();
+                let p = plan(shape, DType::Bf16, true, limit, false).unwrap();
                 assert!(p.smem_bytes <= limit, "{d1:?} {d2:?}: {p:?}");
                 assert_eq!(d2[0] % p.group, 0);
                 if let Kernel::Mma { mt } = p.kernel {
@@ -193,10 +201,14 @@ mod tests {
                     );
                     assert_eq!(p.block_tokens, 16 * mt);
                 }
+                // The transpose: simt, groups over w1's blocks, g of group*q values per token.
+                let t = plan(shape, DType::Bf16, true, limit, true).unwrap();
+                assert_eq!((t.kernel, d1[0] % t.group), (Kernel::Simt, 0));
+                assert!(t.h_stride > t.group * d1[1] && t.smem_bytes <= limit);
             }
         }
         // A block so wide that one token's r values do not fit: no plan.
         let huge = MonarchShape::new([1, 1 << 16, 16], [1, 16, 1 << 16]).unwrap();
-        assert!(plan(huge, DType::F32, true, 48 * 1024).is_none());
+        assert!(plan(huge, DType::F32, true, 48 * 1024, false).is_none());
     }
 }
