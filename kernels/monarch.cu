@@ -28,6 +28,10 @@
 //   pass): groups of w1 blocks i, the intermediate g = blockdiag(w2)^T x for the columns
 //   i*q.. those blocks read, then y[i*p + pp] = w1[i][:, pp] . g_i.
 //
+// Backward (monarch_backward_mid, then monarch_backward_weights, then the transpose product
+// for dx): correct-first CUDA-core kernels that recompute h and dh into the caller's workspace
+// and reduce each weight-gradient entry over the tokens in one thread.
+//
 // History: v1 (this file) loads mma fragments straight from global memory (weights and x tiles
 // are L2-resident and each is used by MT m-tiles or both n8 halves); it has not run on a GPU.
 #include "common.cuh"
@@ -219,6 +223,75 @@ __device__ __forceinline__ void product_simt(const MonarchParams& p) {
     }
 }
 
+// Backward, step 1: for every (token, m), h[m] = w1 row m . x[i*p ..] and
+// dh[m] = sum_t w2[j][t][rr] dy[t*l + j] (m = rr*l + j), both rounded to T as the forward pass
+// rounds h; f32 into the workspace. One thread per value, grid-stride.
+template <typename T>
+__device__ __forceinline__ void backward_mid(const MonarchParams& p) {
+    const T* x = static_cast<const T*>(p.x);
+    const T* dy = static_cast<const T*>(p.dy);
+    const T* w1 = static_cast<const T*>(p.w1);
+    const T* w2 = static_cast<const T*>(p.w2);
+    const int64_t n_mid = static_cast<int64_t>(p.k) * p.q;
+    const int64_t total = p.tokens * n_mid;
+    float* h = static_cast<float*>(p.workspace);
+    float* dh = h + total;
+    for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+         e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        const int64_t tok = e / n_mid;
+        const int m = static_cast<int>(e % n_mid), j = m % p.l, rr = m / p.l;
+        float acc[1] = {0.0f};
+        dot_tokens<1>(acc, w1 + static_cast<int64_t>(m) * p.p, 1, x + tok * p.x_row_stride, 0,
+                      (m / p.q) * p.p, 1, p.p, p.x_cols, 1);
+        h[e] = to_f32(from_f32<T>(acc[0]));
+        float grad[1] = {0.0f};
+        dot_tokens<1>(grad, w2 + static_cast<int64_t>(j) * p.s * p.r + rr, p.r,
+                      dy + tok * p.dy_row_stride, 0, j, p.l, p.s, p.l * p.s, 1);
+        dh[e] = to_f32(from_f32<T>(grad[0]));
+    }
+}
+
+// Backward, step 2: one thread per weight-gradient entry, summing over tokens in order (the
+// CPU path's order): dw2[j][t][rr] = sum dy[t*l + j] h[rr*l + j], then
+// dw1[i][c][pp] = sum dh[i*q + c] x[i*p + pp], then dbias[o] = sum dy[o].
+template <typename T>
+__device__ __forceinline__ void backward_weights(const MonarchParams& p) {
+    const T* x = static_cast<const T*>(p.x);
+    const T* dy = static_cast<const T*>(p.dy);
+    const int64_t n_mid = static_cast<int64_t>(p.k) * p.q;
+    const float* h = static_cast<const float*>(p.workspace);
+    const float* dh = h + p.tokens * n_mid;
+    const int64_t n_w2 = static_cast<int64_t>(p.l) * p.s * p.r;
+    const int64_t n_w1 = static_cast<int64_t>(p.k) * p.q * p.p;
+    const int64_t n_b = p.dbias ? static_cast<int64_t>(p.l) * p.s : 0;
+    for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+         e < n_w2 + n_w1 + n_b; e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        float acc = 0.0f;
+        if (e < n_w2) {
+            const int j = static_cast<int>(e / (static_cast<int64_t>(p.s) * p.r));
+            const int t = static_cast<int>((e / p.r) % p.s), rr = static_cast<int>(e % p.r);
+            const int col = t * p.l + j, m = rr * p.l + j;
+            for (int64_t tok = 0; tok < p.tokens; ++tok) {
+                acc += to_f32(dy[tok * p.dy_row_stride + col]) * h[tok * n_mid + m];
+            }
+            static_cast<float*>(p.dw2)[e] = acc;
+        } else if (e < n_w2 + n_w1) {
+            const int64_t e1 = e - n_w2;
+            const int i = static_cast<int>(e1 / (static_cast<int64_t>(p.q) * p.p));
+            const int c = static_cast<int>((e1 / p.p) % p.q), pp = static_cast<int>(e1 % p.p);
+            const int m = i * p.q + c, col = i * p.p + pp;
+            for (int64_t tok = 0; tok < p.tokens; ++tok) {
+                acc += dh[tok * n_mid + m] * to_f32(x[tok * p.x_row_stride + col]);
+            }
+            static_cast<float*>(p.dw1)[e1] = acc;
+        } else {
+            const int64_t o = e - n_w2 - n_w1;
+            for (int64_t tok = 0; tok < p.tokens; ++tok) acc += to_f32(dy[tok * p.dy_row_stride + o]);
+            static_cast<float*>(p.dbias)[o] = acc;
+        }
+    }
+}
+
 template <int MT>
 __device__ __forceinline__ void dispatch_mma(const MonarchParams& p) {
     switch (p.dtype) {
@@ -252,6 +325,26 @@ extern "C" __global__ void __launch_bounds__(ATTNKIT_MONARCH_SIMT_THREADS)
         case ATTNKIT_DTYPE_F16: monarch::product_simt<__half>(p); break;
         case ATTNKIT_DTYPE_BF16: monarch::product_simt<__nv_bfloat16>(p); break;
         default: break;  // the host validates dtype before launch
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(ATTNKIT_MONARCH_SIMT_THREADS)
+    monarch_backward_mid(const __grid_constant__ MonarchParams p) {
+    switch (p.dtype) {
+        case ATTNKIT_DTYPE_F32: monarch::backward_mid<float>(p); break;
+        case ATTNKIT_DTYPE_F16: monarch::backward_mid<__half>(p); break;
+        case ATTNKIT_DTYPE_BF16: monarch::backward_mid<__nv_bfloat16>(p); break;
+        default: break;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(ATTNKIT_MONARCH_SIMT_THREADS)
+    monarch_backward_weights(const __grid_constant__ MonarchParams p) {
+    switch (p.dtype) {
+        case ATTNKIT_DTYPE_F32: monarch::backward_weights<float>(p); break;
+        case ATTNKIT_DTYPE_F16: monarch::backward_weights<__half>(p); break;
+        case ATTNKIT_DTYPE_BF16: monarch::backward_weights<__nv_bfloat16>(p); break;
+        default: break;
     }
 }
 

@@ -41,6 +41,14 @@ typedef struct MonarchParams {
     int32_t transpose;    /* 0: y = M x + bias; 1: y = M^T x + bias (simt kernel only): x is
                              [tokens, l*s], y [tokens, k*p], the groups run over w1's k blocks
                              (group divides k) and the intermediate is group * q wide */
+    /* Backward only (monarch_backward_mid, monarch_backward_weights); x, w1, w2, tokens,
+     * x_row_stride, x_cols = k*p and the dimensions as above; y and bias unused. */
+    const void* dy;        /* [tokens, l*s], row stride dy_row_stride (elements) */
+    void* dw1;             /* f32 [k, q, p] */
+    void* dw2;             /* f32 [l, s, r] */
+    void* dbias;           /* f32 [l*s], or NULL */
+    void* workspace;       /* f32 [2][tokens][k*q]: h, then dh */
+    int64_t dy_row_stride; /* elements between rows of dy (>= l*s) */
 } MonarchParams;
 
 /* Most tokens per CTA of the simt kernel (its per-thread accumulators). */

@@ -359,15 +359,85 @@ fn layer_pads_inputs_and_truncates_outputs() {
     }
 }
 
+/// `[dw1, dw2, dbias, dx]` of `backward` on `dev` (copied to and from a GPU), outputs
+/// poisoned first.
+#[allow(clippy::too_many_arguments)]
+fn grads_on(
+    dev: &Device,
+    s: MonarchShape,
+    w1: &[f32],
+    w2: &[f32],
+    bias: &[f32],
+    x: &[f32],
+    dy: &[f32],
+    tokens: usize,
+) -> [Vec<f32>; 4] {
+    let rows = Rows::contiguous(tokens, s.n_in());
+    let ws_len = monarch::backward_workspace_len(s, tokens).unwrap();
+    let mut out = [
+        poisoned::<f32>(s.w1_len()),
+        poisoned::<f32>(s.w2_len()),
+        poisoned::<f32>(s.n_out()),
+        poisoned::<f32>(tokens * s.n_in()),
+    ];
+    #[cfg(feature = "cuda")]
+    if let Some(stream) = dev.stream() {
+        let up = |v: &[f32]| stream.clone_htod(v).unwrap();
+        let (w1d, w2d, bd, xd, dyd) = (up(w1), up(w2), up(bias), up(x), up(dy));
+        let mut o: Vec<_> = out.iter().map(|v| up(v)).collect();
+        let mut ws = up(&poisoned::<f32>(ws_len));
+        let w = Weights {
+            shape: s,
+            w1: (&w1d).into(),
+            w2: (&w2d).into(),
+            bias: Some((&bd).into()),
+        };
+        let [dw1, dw2, db, dx] = &mut o[..] else {
+            unreachable!()
+        };
+        let g = Grads {
+            dx: dx.into(),
+            dx_row_stride: s.n_in(),
+            dw1: dw1.into(),
+            dw2: dw2.into(),
+            dbias: Some(db.into()),
+            workspace: (&mut ws).into(),
+        };
+        monarch::backward(dev, &w, (&xd).into(), rows, (&dyd).into(), s.n_out(), g).unwrap();
+        for (h, d) in out.iter_mut().zip(&o) {
+            *h = stream.clone_dtoh(d).unwrap();
+        }
+        return out;
+    }
+    let mut ws = poisoned::<f32>(ws_len);
+    let w = Weights {
+        shape: s,
+        w1: w1.into(),
+        w2: w2.into(),
+        bias: Some(bias.into()),
+    };
+    let [dw1, dw2, db, dx] = &mut out;
+    let g = Grads {
+        dx: dx.into(),
+        dx_row_stride: s.n_in(),
+        dw1: dw1.into(),
+        dw2: dw2.into(),
+        dbias: Some(db.into()),
+        workspace: (&mut ws).into(),
+    };
+    monarch::backward(dev, &w, x.into(), rows, dy.into(), s.n_out(), g).unwrap();
+    out
+}
+
 /// Central finite differences of `L = sum(dy * (M x + bias))` through the f64 oracle (exact up
-/// to rounding: L is linear in each parameter).
-#[test]
-fn backward_matches_finite_differences() {
-    let mut rng = rng("backward");
+/// to rounding: L is linear in each parameter) against `backward` on `dev`.
+fn check_backward(dev: &Device, name: &str) {
+    let mut rng = rng(name);
     for &(d1, d2) in &[
         ([3, 4, 2], [4, 5, 3]),
         ([2, 2, 2], [2, 2, 2]),
         ([2, 8, 3], [8, 5, 2]),
+        ([2, 16, 16], [2, 16, 16]),
     ] {
         let s = shape(d1, d2);
         let tokens = 5;
@@ -376,42 +446,13 @@ fn backward_matches_finite_differences() {
         let bias: Vec<f32> = random(&mut rng, s.n_out());
         let x: Vec<f32> = random(&mut rng, tokens * s.n_in());
         let dy: Vec<f32> = random(&mut rng, tokens * s.n_out());
-        let (mut dx, mut dw1, mut dw2, mut db) = (
-            poisoned::<f32>(tokens * s.n_in()),
-            poisoned::<f32>(s.w1_len()),
-            poisoned::<f32>(s.w2_len()),
-            poisoned::<f32>(s.n_out()),
-        );
-        let w = Weights {
-            shape: s,
-            w1: (&w1).into(),
-            w2: (&w2).into(),
-            bias: Some((&bias).into()),
-        };
-        let g = Grads {
-            dx: (&mut dx).into(),
-            dx_row_stride: s.n_in(),
-            dw1: (&mut dw1).into(),
-            dw2: (&mut dw2).into(),
-            dbias: Some((&mut db).into()),
-        };
-        let rows = Rows::contiguous(tokens, s.n_in());
-        monarch::backward(
-            &Device::cpu(),
-            &w,
-            (&x).into(),
-            rows,
-            (&dy).into(),
-            s.n_out(),
-            g,
-        )
-        .unwrap();
+        let got = grads_on(dev, s, &w1, &w2, &bias, &x, &dy, tokens);
         let params = [f64s(&w1), f64s(&w2), f64s(&bias), f64s(&x)];
         let loss = |p: &[Vec<f64>; 4]| -> f64 {
             let y = oracle::multiply(s, &p[0], &p[1], Some(&p[2]), &p[3], tokens);
             y.iter().zip(&dy).map(|(a, b)| a * *b as f64).sum()
         };
-        for (which, got) in [dw1, dw2, db, dx].iter().enumerate() {
+        for (which, got) in got.iter().enumerate() {
             let fd: Vec<f64> = (0..params[which].len())
                 .map(|e| {
                     let h = 1e-4;
@@ -422,10 +463,21 @@ fn backward_matches_finite_differences() {
                     (loss(&plus) - loss(&minus)) / (2.0 * h)
                 })
                 .collect();
-            let name = ["dw1", "dw2", "dbias", "dx"][which];
-            assert_close(&format!("{name} {d1:?} {d2:?}"), got, &fd, 1e-4, 1e-4);
+            let what = ["dw1", "dw2", "dbias", "dx"][which];
+            assert_close(
+                &format!("{name} {what} {d1:?} {d2:?}"),
+                got,
+                &fd,
+                1e-4,
+                1e-4,
+            );
         }
     }
+}
+
+#[test]
+fn backward_matches_finite_differences() {
+    check_backward(&Device::cpu(), "backward_cpu");
 }
 
 #[test]
@@ -586,6 +638,30 @@ fn bad_input_is_a_typed_error_naming_the_argument() {
         )
         .unwrap_err();
     assert_eq!(e.arg(), Some("x"));
+    // Backward: a workspace too small, weight gradients of the wrong length.
+    let dyv = vec![1.0f32; 3 * s.n_out()];
+    for (ws_len, dw1_len, arg) in [
+        (2 * 3 * s.n_mid() - 1, s.w1_len(), "workspace"),
+        (2 * 3 * s.n_mid(), 5, "dw1"),
+    ] {
+        let (mut dx, mut dw1, mut dw2) = (
+            vec![0.0f32; 3 * s.n_in()],
+            vec![0.0f32; dw1_len],
+            vec![0.0f32; s.w2_len()],
+        );
+        let mut ws = vec![0.0f32; ws_len];
+        let g = Grads {
+            dx: (&mut dx).into(),
+            dx_row_stride: s.n_in(),
+            dw1: (&mut dw1).into(),
+            dw2: (&mut dw2).into(),
+            dbias: None,
+            workspace: (&mut ws).into(),
+        };
+        let e = monarch::backward(&dev, &good, (&x).into(), rows, (&dyv).into(), s.n_out(), g)
+            .unwrap_err();
+        assert!(matches!(e, Error::Shape { arg: a, .. } if a == arg), "{e}");
+    }
     // Zero tokens is fine and writes nothing.
     let mut none: Vec<f32> = Vec::new();
     monarch::multiply(
@@ -803,11 +879,12 @@ mod gpu {
         )
         .unwrap_err();
         assert!(matches!(e, Error::Alignment { arg: "x", .. }), "{e}");
-        // The backward pass is CPU-only for now: typed, not a crash.
-        let (mut gd, mut d1, mut d2) = (
+        // A workspace too small for the backward pass.
+        let (mut gd, mut d1, mut d2, mut ws) = (
             stream.clone_htod(&x).unwrap(),
             stream.alloc_zeros::<f32>(s.w1_len()).unwrap(),
             stream.alloc_zeros::<f32>(s.w2_len()).unwrap(),
+            stream.alloc_zeros::<f32>(2 * s.n_mid()).unwrap(),
         );
         let g = Grads {
             dx: (&mut gd).into(),
@@ -815,10 +892,28 @@ mod gpu {
             dw1: (&mut d1).into(),
             dw2: (&mut d2).into(),
             dbias: None,
+            workspace: (&mut ws).into(),
         };
         let e = monarch::backward(&dev, &wd, (&xd).into(), rows, (&yd).into(), s.n_out(), g)
             .unwrap_err();
-        assert!(matches!(e, Error::Unsupported { arg: "dev", .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                Error::Shape {
+                    arg: "workspace",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn backward_gpu_matches_finite_differences() {
+        let Some(dev) = gpu("backward_gpu_matches_finite_differences") else {
+            return;
+        };
+        check_backward(&dev, "backward_gpu");
     }
 
     /// `M^T x` on the GPU (the simt kernel) against the oracle: f32 to 1e-5, bf16 within twice

@@ -199,8 +199,8 @@ fn stage_rows<T: Element>(
     });
 }
 
-/// Backward of `y = M x + bias`; arguments already checked. `h` and `dh = P^T`-side gradient
-/// are materialised for all tokens (`2 * tokens * n_mid` f32 of scratch), then each weight
+/// Backward of `y = M x + bias`; arguments already checked. `h` and its gradient `dh` are
+/// materialised for all tokens in `workspace` (`2 * tokens * n_mid` f32), then each weight
 /// block sums its outer products over tokens on its own thread.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn backward<T: Element>(
@@ -214,6 +214,7 @@ pub(super) fn backward<T: Element>(
     dw1: &mut [f32],
     dw2: &mut [f32],
     dbias: Option<&mut [f32]>,
+    workspace: &mut [f32],
 ) {
     let [k, q, p] = shape.w1_dims();
     let [l, s, r] = shape.w2_dims();
@@ -236,10 +237,10 @@ pub(super) fn backward<T: Element>(
     // sum_t w2[j][t][rr] dy[t*l + j], the first stage of the transpose.
     let [fwd_a, _] = stages(shape, w1, w2, Mode::Forward);
     let [tr_a, _] = stages(shape, w1, w2, Mode::Transpose);
-    let mut h = vec![0.0f32; tokens * n_mid];
-    let mut dh = vec![0.0f32; tokens * n_mid];
-    stage_rows::<T>(threads, &fwd_a, x, x_rows, n_in, &mut h, n_mid);
-    stage_rows::<T>(threads, &tr_a, dy, dy_rows, n_out, &mut dh, n_mid);
+    let (h, dh) = workspace.split_at_mut(tokens * n_mid);
+    stage_rows::<T>(threads, &fwd_a, x, x_rows, n_in, h, n_mid);
+    stage_rows::<T>(threads, &tr_a, dy, dy_rows, n_out, dh, n_mid);
+    let (h, dh) = (&*h, &*dh);
     let dy_at = |tok: usize, o: usize| dy[tok * dy_rows.row_stride + o].to_f32();
     let x_at = |tok: usize, e: usize| x[tok * x_rows.row_stride + e].to_f32();
     // Blocks 0..l of dw2, then blocks 0..k of dw1, one work item each.

@@ -496,7 +496,7 @@ pub(crate) fn run<T: Element>(
             Ok(())
         }
         #[cfg(attnkit_cuda)]
-        Backend::Cuda(c) => cuda::product(c, w, x, x_rows, y, y_rows, mode),
+        Backend::Cuda(c) => cuda::product(c, w, w.bias.as_ref(), (x, x_rows), (y, y_rows), mode),
     }
 }
 
@@ -514,11 +514,27 @@ pub struct Grads<'a, T> {
     pub dw2: BufMut<'a, f32>,
     /// `[n_out]`: `sum over tokens of dy`, when the layer has a bias.
     pub dbias: Option<BufMut<'a, f32>>,
+    /// Scratch of at least [`backward_workspace_len`] f32: the recomputed intermediate `h` and
+    /// its gradient `dh`, `[tokens, n_mid]` each (the caller owns it: no allocation inside).
+    pub workspace: BufMut<'a, f32>,
+}
+
+/// Elements of f32 scratch [`backward`] needs for `tokens` tokens: `2 * tokens * n_mid`
+/// (None on overflow).
+///
+/// ```
+/// let s = attnkit::monarch::MonarchShape::square(16, 4).unwrap();
+/// assert_eq!(attnkit::monarch::backward_workspace_len(s, 3), Some(96));
+/// ```
+pub fn backward_workspace_len(shape: MonarchShape, tokens: usize) -> Option<usize> {
+    tokens.checked_mul(shape.n_mid())?.checked_mul(2)
 }
 
 /// The backward pass of `y = M x + bias`: given `x` and `dy = dL/dy` (`[tokens, n_out]`, row
-/// stride `dy_row_stride`), writes `dx`, `dw1`, `dw2` (and `dbias`). CPU only for now: on a
-/// CUDA device it is [`Error::Unsupported`]. The intermediate `h` is recomputed, not stored.
+/// stride `dy_row_stride`), writes `dx`, `dw1`, `dw2` (and `dbias`). The intermediate `h` is
+/// recomputed into the caller's workspace with its gradient `dh`; each weight gradient entry
+/// then sums its outer-product terms over the tokens in order; `dx = M^T dy` is the transpose
+/// product. On a GPU: three launches on CUDA cores (not tensor cores).
 ///
 /// ```
 /// use attnkit::monarch::{self, Grads, MonarchShape, Rows, Weights};
@@ -528,8 +544,9 @@ pub struct Grads<'a, T> {
 /// let w = Weights { shape, w1: (&w1).into(), w2: (&w2).into(), bias: None };
 /// let (x, dy) = (vec![1.0f32; 4], vec![1.0f32; 4]);
 /// let (mut dx, mut dw1, mut dw2) = (vec![0.0f32; 4], vec![0.0f32; 8], vec![0.0f32; 8]);
+/// let mut ws = vec![0.0f32; monarch::backward_workspace_len(shape, 1).unwrap()];
 /// let g = Grads { dx: (&mut dx).into(), dx_row_stride: 4, dw1: (&mut dw1).into(),
-///     dw2: (&mut dw2).into(), dbias: None };
+///     dw2: (&mut dw2).into(), dbias: None, workspace: (&mut ws).into() };
 /// monarch::backward(&Device::cpu(), &w, (&x).into(), Rows::contiguous(1, 4), (&dy).into(), 4, g)?;
 /// assert_eq!(dx, [4.0; 4]);
 /// # Ok::<(), attnkit::Error>(())
@@ -571,6 +588,21 @@ pub fn backward<T: Element>(
             });
         }
     }
+    let need = backward_workspace_len(shape, tokens)
+        .filter(|&n| i64::try_from(n).is_ok())
+        .ok_or_else(|| Error::Shape {
+            arg: "workspace",
+            detail: format!("2 * {tokens} tokens * {} overflows", shape.n_mid()),
+        })?;
+    if g.workspace.len() < need {
+        return Err(Error::Shape {
+            arg: "workspace",
+            detail: format!(
+                "holds {}, 2 * tokens * n_mid = {need} needed",
+                g.workspace.len()
+            ),
+        });
+    }
     if let Some(db) = &g.dbias {
         if db.len() != shape.n_out() {
             return Err(Error::Shape {
@@ -600,13 +632,11 @@ pub fn backward<T: Element>(
                 g.dw1.host_mut("dw1")?,
                 g.dw2.host_mut("dw2")?,
                 dbias,
+                &mut g.workspace.host_mut("workspace")?[..need],
             );
             Ok(())
         }
         #[cfg(attnkit_cuda)]
-        Backend::Cuda(_) => Err(Error::Unsupported {
-            arg: "dev",
-            detail: "the Monarch backward pass runs on the CPU backend only for now".into(),
-        }),
+        Backend::Cuda(c) => cuda::backward(c, w, (&x, x_rows), (&dy, dy_rows), dx_rows, &mut g),
     }
 }

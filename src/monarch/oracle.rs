@@ -49,7 +49,7 @@ pub fn dense(shape: MonarchShape, w1: &[f64], w2: &[f64]) -> Vec<f64> {
 /// let shape = MonarchShape::square(4, 2).unwrap();
 /// let (w1, w2) = (vec![0.5; shape.w1_len()], vec![2.0; shape.w2_len()]);
 /// let y = oracle::multiply(shape, &w1, &w2, None, &[1.0; 4], 1);
-/// assert_eq!(y, [2.0; 4]);
+/// assert_eq!(y, [4.0; 4]);
 /// ```
 pub fn multiply(
     shape: MonarchShape,
@@ -76,7 +76,7 @@ pub fn multiply(
 /// use attnkit::monarch::{MonarchShape, oracle};
 /// let shape = MonarchShape::square(4, 2).unwrap();
 /// let (w1, w2) = (vec![0.5; shape.w1_len()], vec![2.0; shape.w2_len()]);
-/// assert_eq!(oracle::multiply_transpose(shape, &w1, &w2, None, &[1.0; 4], 1), [2.0; 4]);
+/// assert_eq!(oracle::multiply_transpose(shape, &w1, &w2, None, &[1.0; 4], 1), [4.0; 4]);
 /// ```
 pub fn multiply_transpose(
     shape: MonarchShape,
