@@ -373,7 +373,9 @@ fn layer_pads_inputs_and_truncates_outputs() {
     }
 }
 
-/// `M^T x + bias` on `dev` (copied to and from a GPU), contiguous rows, output poisoned first.
+/// `M^T x + bias` on `dev` (copied to and from a GPU), contiguous rows, output poisoned first
+/// (the GPU tests compare it with the CPU path).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn transpose_on<T: Element>(
     dev: &Device,
     s: MonarchShape,
