@@ -184,7 +184,23 @@ pub(super) fn backward<T: Element>(
 ) -> Result<()> {
     let shape = w.shape;
     let tokens = x_rows.tokens;
-    if tokens > 0 {
+    if tokens == 0 {
+        // No token: the weight gradients are sums of nothing, and dx has no row.
+        let zero = "zero the weight gradients";
+        dev.stream
+            .memset_zeros(dev.view_mut("dw1", &mut g.dw1)?)
+            .driver(zero)?;
+        dev.stream
+            .memset_zeros(dev.view_mut("dw2", &mut g.dw2)?)
+            .driver(zero)?;
+        if let Some(db) = &mut g.dbias {
+            dev.stream
+                .memset_zeros(dev.view_mut("dbias", db)?)
+                .driver(zero)?;
+        }
+        return Ok(());
+    }
+    {
         let elem = std::mem::align_of::<T>();
         let (xv, dyv) = (dev.view("x", x)?, dev.view("dy", dy)?);
         let (w1v, w2v) = (dev.view("w1", &w.w1)?, dev.view("w2", &w.w2)?);

@@ -211,4 +211,37 @@ mod tests {
         let huge = MonarchShape::new([1, 1 << 16, 16], [1, 16, 1 << 16]).unwrap();
         assert!(plan(huge, DType::F32, true, 48 * 1024, false).is_none());
     }
+
+    /// The kernels' index maps (kernels/monarch.cuh `mid_index`, `onchip_column`), restated:
+    /// over the groups of a plan, the columns z of each group hit every intermediate value
+    /// exactly once (nothing recomputed, nothing missed), on-chip columns are a bijection onto
+    /// `[0, G*r)`, and output block `j0 + jl` finds `h[rr*l + j]` at on-chip column `jl*r + rr`.
+    #[test]
+    fn groups_partition_the_intermediate() {
+        for (d1, d2) in [
+            ([16, 64, 64], [16, 64, 64]),
+            ([4, 64, 32], [16, 32, 16]),
+            ([8, 32, 16], [4, 48, 64]),
+            ([4, 6, 5], [3, 7, 8]),
+        ] {
+            let shape = MonarchShape::new(d1, d2).unwrap();
+            let [l, _, r] = d2;
+            for group in (1..=l).filter(|g| l % g == 0) {
+                let mut seen = vec![0u8; shape.n_mid()];
+                for j0 in (0..l).step_by(group) {
+                    let mut onchip = vec![false; group * r];
+                    for z in 0..group * r {
+                        let m = (z / group) * l + j0 + z % group;
+                        let col = (z % group) * r + z / group;
+                        seen[m] += 1;
+                        assert!(!onchip[col]);
+                        onchip[col] = true;
+                        let (rr, jl) = (m / l, m % l - j0);
+                        assert_eq!(col, jl * r + rr);
+                    }
+                }
+                assert!(seen.iter().all(|&c| c == 1), "{d1:?} {d2:?} G={group}");
+            }
+        }
+    }
 }
