@@ -16,8 +16,9 @@
 // Two kernels, same structure:
 // - monarch_forward_mma{1,2,4}: bf16/f16 on tensor cores (mma.sync m16n8k16, f32 accumulate),
 //   16*MT tokens per CTA, 8 warps (a 130 KB tile leaves one CTA per SM: 8 warps hide more
-//   latency than 4, and the accumulators still fit in 128 registers). Stage 1: each warp takes 16-column tiles of the group's h
-//   (the host guarantees a tile never straddles two input blocks), A = x rows from global, B =
+//   latency than 4; mt = 4 takes about 144 registers per thread, no spills). Stage 1: each
+//   warp takes 16-column tiles of the group's h (the host guarantees a tile never straddles
+//   two input blocks), A = x rows from global, B =
 //   the w1 rows of those columns, K = p; the f32 sums are rounded to T and stored block-major
 //   in shared memory. Stage 2: each warp takes 16-output tiles of one block j, A = h from
 //   shared memory, B = w2 rows, K = r; epilogue adds the bias and stores y[t*l + j].
@@ -80,6 +81,8 @@ __device__ __forceinline__ void forward_mma(const MonarchParams& p) {
             wrow[sub] = w1 + static_cast<int64_t>(mid_index(z0 + sub * 8 + g, G, p.l, j0)) * p.p;
         }
         float acc[MT][2][4] = {};
+        // Unrolled so the loads of several K steps are in flight together (p, r >= 16).
+#pragma unroll 4
         for (int kk = 0; kk < p.p; kk += 16) {
             uint32_t b[2][2];
             load_b(wrow, kk + 2 * tq, b);
@@ -116,6 +119,7 @@ __device__ __forceinline__ void forward_mma(const MonarchParams& p) {
             for (int h = 0; h < 2; ++h) hrow[mt][h] = hs + (mt * 16 + g + 8 * h) * p.h_stride + jl * p.r;
         }
         float acc[MT][2][4] = {};
+#pragma unroll 4
         for (int kk = 0; kk < p.r; kk += 16) {
             uint32_t b[2][2];
             load_b(wrow, kk + 2 * tq, b);

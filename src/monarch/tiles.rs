@@ -67,8 +67,8 @@ fn traffic(shape: MonarchShape, transpose: bool, group: usize, tokens: usize) ->
 ///
 /// - Forward, bf16/f16 with `p`, `r`, `s` multiples of 16 (the mma tile's K and N), an even x
 ///   stride (32-bit pair loads) and a group whose column tiles stay in one input block: the
-///   mma kernel, `16 * mt` tokens for mt in {1, 2, 4} (4 is where the accumulators reach 128
-///   registers per thread at 256 threads, no spills).
+///   mma kernel, `16 * mt` tokens for mt in {1, 2, 4} (mt = 4 takes about 144 registers per
+///   thread at 256 threads with the K loop unrolled 4 times, no spills).
 /// - Everything else (f32, other shapes, the transpose): the simt kernel, up to 8 tokens (its
 ///   per-thread accumulators), groups over `l` (forward) or `k` (transpose).
 ///
