@@ -13,8 +13,11 @@
 //! Data flow: [`multiply`] (and [`multiply_transpose`], [`backward`]) check every argument,
 //! then dispatch on the device: the CPU path (`cpu.rs`) runs the block form over token tiles in
 //! parallel; the CUDA path (`cuda.rs`, `kernels/monarch.cu`) runs both block-diagonal products
-//! and the permutation in one launch with the intermediate `h` on chip. The intermediate is
+//! and the permutation in one launch with the intermediate `h` on chip (tensor cores for
+//! bf16/f16 shapes on the 16 grid, CUDA cores otherwise and for the transpose; the backward
+//! pass is three CUDA-core launches). `tiles.rs` plans the GPU tiling. The intermediate is
 //! rounded to the element type on both paths (the GPU feeds it to tensor cores in bf16/f16).
+//! Nothing on the GPU path has run on a GPU yet.
 //! [`project`] finds the closest Monarch matrix to a dense one, [`to_dense`] materialises one,
 //! [`MonarchLinear`] is a layer that owns its weights; [`oracle`] is the slow f64 reference.
 
@@ -326,7 +329,9 @@ pub(crate) enum Mode {
 ///
 /// Errors name the argument: `w1`/`w2`/`bias` of the wrong length, `x` whose width is not
 /// `k*p` or that is too short for its rows, strides below the width, buffers that do not live
-/// where `dev` runs, misaligned device pointers.
+/// where `dev` runs, misaligned device pointers (the tensor-core path, taken for bf16/f16 with
+/// `p`, `r`, `s` multiples of 16 and an even x row stride, reads `x`, `w1`, `w2` in 4-byte
+/// pairs).
 ///
 /// ```
 /// use attnkit::monarch::{self, MonarchShape, Rows, Weights};
