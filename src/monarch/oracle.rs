@@ -3,7 +3,8 @@
 //! It builds the dense `n_out x n_in` matrix entry by entry from the definition (fly's
 //! `blockdiag_butterfly_multiply`: `h[i*q + c] = sum_p w1[i][c][p] x[i*p + p]`,
 //! `y[t*l + j] = sum_r w2[j][t][r] h[r*l + j]`) and multiplies with it, materialising
-//! everything. Tests, benches and the tour compare the real implementations against it.
+//! everything. Tests, benches and the tour compare the real implementations against it. It is
+//! a reference, not a checked API: slice lengths are asserted (a mismatch panics).
 
 use super::MonarchShape;
 
