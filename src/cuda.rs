@@ -385,5 +385,6 @@ macro_rules! families {
 families!(
     ("selftest", SelftestParams),
     ("flash", FlashParams),
-    ("lightning", LightningParams)
+    ("lightning", LightningParams),
+    ("monarch", MonarchParams)
 );

@@ -28,6 +28,7 @@ pub mod dtype;
 mod error;
 pub mod flash;
 pub mod lightning;
+pub mod monarch;
 pub mod selftest;
 pub mod timing;
 

@@ -5,6 +5,7 @@ use attnkit::{Buf, BufMut, Device, Element, Result};
 
 mod flash;
 mod lightning;
+mod monarch;
 mod selftest;
 
 /// One row of the tour's table.
@@ -31,6 +32,7 @@ pub const FAMILIES: &[(&str, Tour)] = &[
     ("selftest", selftest::run),
     ("flash", flash::run),
     ("lightning", lightning::run),
+    ("monarch", monarch::run),
 ];
 
 /// Runs `f` on `dev` over three inputs and two outputs held on the host (copied to the GPU and

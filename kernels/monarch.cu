@@ -1,0 +1,355 @@
+// The Monarch family: y = M x + bias, M = P L P^T R (fly's blockdiag_butterfly_multiply), both
+// block-diagonal products and the permutation between them in ONE launch. The intermediate h
+// never goes to HBM: a CTA owns a tile of tokens and a group of output blocks j0..j0+G, builds
+// the G*r columns of h those blocks read (m = rr*l + j) in shared memory, then computes their
+// outputs from it.
+//
+// Tiling the intermediate. A token's whole h row (k*q values) rarely fits next to a useful
+// number of tokens (n = 4096, 64 tokens: 512 KB), so it is tiled by output block: the columns
+// of h that output block j reads (h[rr*l + j], rr < r) are read by no other output block, so
+// the groups partition h and every value of h is computed exactly once; what a smaller group
+// costs is re-reading x (once per group) and smaller weight reuse (a group's weights are read
+// once per token tile). The host (src/monarch/tiles.rs) picks the group G and the token tile
+// from the shared-memory budget and that traffic estimate: many small blocks take large
+// groups (x read once or twice), few large blocks take G = 1 (one block's r values per token).
+//
+// Two kernels, same structure:
+// - monarch_forward_mma{1,2,4}: bf16/f16 on tensor cores (mma.sync m16n8k16, f32 accumulate),
+//   16*MT tokens per CTA, 8 warps (a 130 KB tile leaves one CTA per SM: 8 warps hide more
+//   latency than 4; mt = 4 takes about 144 registers per thread, no spills). Stage 1: each
+//   warp takes 16-column tiles of the group's h (the host guarantees a tile never straddles
+//   two input blocks), A = x rows from global, B =
+//   the w1 rows of those columns, K = p; the f32 sums are rounded to T and stored block-major
+//   in shared memory. Stage 2: each warp takes 16-output tiles of one block j, A = h from
+//   shared memory, B = w2 rows, K = r; epilogue adds the bias and stores y[t*l + j].
+//   Needs p, r, s multiples of 16.
+// - monarch_product_simt: any shape, any dtype (the f32 path), h in f32 shared memory (rounded
+//   to T first, as the mma path sees it), one thread per intermediate column then per output,
+//   up to 8 tokens per CTA. It also runs the transpose product M^T x (dx of the backward
+//   pass): groups of w1 blocks i, the intermediate g = blockdiag(w2)^T x for the columns
+//   i*q.. those blocks read, then y[i*p + pp] = w1[i][:, pp] . g_i.
+//
+// Backward (monarch_backward_mid, then monarch_backward_weights, then the transpose product
+// for dx): correct-first CUDA-core kernels that recompute h and dh into the caller's workspace
+// and reduce each weight-gradient entry over the tokens in one thread.
+//
+// History: v1 (this file) loads mma fragments straight from global memory (weights and x tiles
+// are L2-resident and each is used by MT m-tiles or both n8 halves); it has not run on a GPU.
+#include "common.cuh"
+#include "monarch.cuh"
+
+extern __shared__ __align__(16) unsigned char monarch_smem[];
+
+namespace monarch {
+
+template <typename T, int MT>
+__device__ __forceinline__ void forward_mma(const MonarchParams& p) {
+    constexpr int BM = 16 * MT;
+    T* hs = reinterpret_cast<T*>(monarch_smem);  // h: [BM][h_stride], block-major columns
+    const T* x = static_cast<const T*>(p.x);
+    const T* w1 = static_cast<const T*>(p.w1);
+    const T* w2 = static_cast<const T*>(p.w2);
+    const T* bias = static_cast<const T*>(p.bias);
+    T* y = static_cast<T*>(p.y);
+    const int groups = p.l / p.group;
+    const int64_t tok0 = static_cast<int64_t>(blockIdx.x / groups) * BM;
+    const int j0 = static_cast<int>(blockIdx.x % groups) * p.group;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4, tq = lane % 4;
+    const int nwarps = blockDim.x / 32;
+    const int G = p.group, width = G * p.r;
+
+    // This lane's A rows: g and g + 8 of every m16 tile; null past the last token.
+    const T* xrow[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int64_t tok = tok0 + mt * 16 + g + 8 * h;
+            xrow[mt][h] = tok < p.tokens ? x + tok * p.x_row_stride : nullptr;
+        }
+    }
+
+    // Stage 1: h[:, z0..z0+16) = x_i . w1[rows m(z)]^T, K = p.
+    for (int tile = warp; tile < width / 16; tile += nwarps) {
+        const int z0 = tile * 16;
+        const int xcol0 = (mid_index(z0, G, p.l, j0) / p.q) * p.p;  // input block i, same for the tile
+        const T* wrow[2];
+#pragma unroll
+        for (int sub = 0; sub < 2; ++sub) {
+            // Row i*q + c of w1 for column m = i*q + c is row m: w1 + m*p.
+            wrow[sub] = w1 + static_cast<int64_t>(mid_index(z0 + sub * 8 + g, G, p.l, j0)) * p.p;
+        }
+        float acc[MT][2][4] = {};
+        // Unrolled so the loads of several K steps are in flight together (p, r >= 16).
+#pragma unroll 4
+        for (int kk = 0; kk < p.p; kk += 16) {
+            uint32_t b[2][2];
+            load_b(wrow, kk + 2 * tq, b);
+            const int col = xcol0 + kk + 2 * tq;
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                const uint32_t a[4] = {
+                    load_pair(xrow[mt][0], col, p.x_cols), load_pair(xrow[mt][1], col, p.x_cols),
+                    load_pair(xrow[mt][0], col + 8, p.x_cols),
+                    load_pair(xrow[mt][1], col + 8, p.x_cols)};
+                mma_16x16<T>(acc[mt], a, b);
+            }
+        }
+        // h rounded to T (the next stage's tensor-core operand), block-major on chip.
+        for_each_acc<MT>(acc, lane, [&](int row, int col, float v) {
+            hs[row * p.h_stride + onchip_column(z0 + col, G, p.r)] = from_f32<T>(v);
+        });
+    }
+    __syncthreads();
+
+    // Stage 2: y[:, t*l + j] for t in t0..t0+16 = h_j . w2[j][t0..]^T, K = r.
+    const int ttiles = p.s / 16;
+    for (int tile = warp; tile < G * ttiles; tile += nwarps) {
+        const int jl = tile / ttiles, t0 = (tile % ttiles) * 16, j = j0 + jl;
+        const T* wrow[2];
+#pragma unroll
+        for (int sub = 0; sub < 2; ++sub) {
+            wrow[sub] = w2 + (static_cast<int64_t>(j) * p.s + t0 + sub * 8 + g) * p.r;
+        }
+        const T* hrow[MT][2];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) hrow[mt][h] = hs + (mt * 16 + g + 8 * h) * p.h_stride + jl * p.r;
+        }
+        float acc[MT][2][4] = {};
+#pragma unroll 4
+        for (int kk = 0; kk < p.r; kk += 16) {
+            uint32_t b[2][2];
+            load_b(wrow, kk + 2 * tq, b);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                const int k = kk + 2 * tq;
+                const uint32_t a[4] = {pair(hrow[mt][0] + k), pair(hrow[mt][1] + k),
+                                       pair(hrow[mt][0] + k + 8), pair(hrow[mt][1] + k + 8)};
+                mma_16x16<T>(acc[mt], a, b);
+            }
+        }
+        // Output t = t0 + col of block j is column t*l + j of y: the permutation P.
+        for_each_acc<MT>(acc, lane, [&](int row, int col, float v) {
+            const int64_t tok = tok0 + row;
+            const int o = (t0 + col) * p.l + j;
+            if (tok < p.tokens && o < p.y_cols) {
+                y[tok * p.y_row_stride + o] = from_f32<T>(v + (bias ? to_f32(bias[o]) : 0.0f));
+            }
+        });
+    }
+}
+
+// acc[b] += sum_e w[e*w_step] * src[b*src_rows + col0 + e*col_step] for the nt tokens of a
+// tile, e < len, stopping at column col_limit (columns past it read as zero): the one loop of
+// both simt stages, forward and transpose.
+template <int NT, typename T, typename S>
+__device__ __forceinline__ void dot_tokens(float (&acc)[NT], const T* w, int w_step, const S* src,
+                                           int64_t src_rows, int col0, int col_step, int len,
+                                           int col_limit, int nt) {
+    for (int e = 0; e < len; ++e) {
+        const int col = col0 + e * col_step;
+        if (col >= col_limit) break;  // columns grow with e
+        const float wv = to_f32(w[static_cast<int64_t>(e) * w_step]);
+#pragma unroll
+        for (int b = 0; b < NT; ++b) {
+            if (b < nt) acc[b] += wv * to_f32(src[b * src_rows + col]);
+        }
+    }
+}
+
+// Forward (p.transpose == 0) or transpose product on CUDA cores: any shape, any dtype.
+template <typename T>
+__device__ __forceinline__ void product_simt(const MonarchParams& p) {
+    constexpr int NT = ATTNKIT_MONARCH_SIMT_TOKENS;
+    float* hs = reinterpret_cast<float*>(monarch_smem);  // [bm][h_stride] f32
+    const T* x = static_cast<const T*>(p.x);
+    const T* w1 = static_cast<const T*>(p.w1);
+    const T* w2 = static_cast<const T*>(p.w2);
+    const T* bias = static_cast<const T*>(p.bias);
+    T* y = static_cast<T*>(p.y);
+    const bool tr = p.transpose != 0;
+    const int G = p.group;
+    const int groups = (tr ? p.k : p.l) / G;
+    const int bm = p.block_tokens;
+    const int64_t tok0 = static_cast<int64_t>(blockIdx.x / groups) * bm;
+    const int b0 = static_cast<int>(blockIdx.x % groups) * G;  // first output block (j or i)
+    // Tokens of this tile that exist (bm <= NT, checked by the host).
+    const int nt = static_cast<int>(min(static_cast<int64_t>(bm), p.tokens - tok0));
+    const T* xt = x + tok0 * p.x_row_stride;
+
+    // Stage 1: one thread per intermediate column z, all tokens of the tile at once; the value
+    // is rounded to T, as the mma path and the CPU path round it.
+    const int width = G * (tr ? p.q : p.r);
+    for (int z = threadIdx.x; z < width; z += blockDim.x) {
+        float acc[NT] = {};
+        if (!tr) {
+            // h[m] = w1 row m . x[i*p ..], m = rr*l + j; stored block-major.
+            const int m = mid_index(z, G, p.l, b0);
+            dot_tokens<NT>(acc, w1 + static_cast<int64_t>(m) * p.p, 1, xt, p.x_row_stride,
+                           (m / p.q) * p.p, 1, p.p, p.x_cols, nt);
+        } else {
+            // g[m] = sum_t w2[j][t][rr] x[t*l + j], m = i0*q + z = rr*l + j; stored as z.
+            const int m = b0 * p.q + z, j = m % p.l, rr = m / p.l;
+            dot_tokens<NT>(acc, w2 + static_cast<int64_t>(j) * p.s * p.r + rr, p.r, xt,
+                           p.x_row_stride, j, p.l, p.s, p.x_cols, nt);
+        }
+        const int col = tr ? z : onchip_column(z, G, p.r);
+#pragma unroll
+        for (int b = 0; b < NT; ++b) {
+            if (b < nt) hs[b * p.h_stride + col] = to_f32(from_f32<T>(acc[b]));
+        }
+    }
+    __syncthreads();
+
+    // Stage 2: one thread per output (block b0 + bl, row e of the block).
+    const int per_block = tr ? p.p : p.s;
+    for (int o = threadIdx.x; o < G * per_block; o += blockDim.x) {
+        const int bl = o / per_block, e = o % per_block, blk = b0 + bl;
+        // Forward: y[t*l + j] = w2[j][t] . h_j; transpose: y[i*p + pp] = w1[i][:, pp] . g_i.
+        const int col = tr ? blk * p.p + e : e * p.l + blk;
+        if (col >= p.y_cols) continue;
+        float acc[NT] = {};
+        if (!tr) {
+            dot_tokens<NT>(acc, w2 + (static_cast<int64_t>(blk) * p.s + e) * p.r, 1, hs,
+                           p.h_stride, bl * p.r, 1, p.r, width, nt);
+        } else {
+            dot_tokens<NT>(acc, w1 + static_cast<int64_t>(blk) * p.q * p.p + e, p.p, hs,
+                           p.h_stride, bl * p.q, 1, p.q, width, nt);
+        }
+        const float add = bias ? to_f32(bias[col]) : 0.0f;
+#pragma unroll
+        for (int b = 0; b < NT; ++b) {
+            if (b < nt) y[(tok0 + b) * p.y_row_stride + col] = from_f32<T>(acc[b] + add);
+        }
+    }
+}
+
+// Backward, step 1: for every (token, m), h[m] = w1 row m . x[i*p ..] and
+// dh[m] = sum_t w2[j][t][rr] dy[t*l + j] (m = rr*l + j), both rounded to T as the forward pass
+// rounds h; f32 into the workspace. One thread per value, grid-stride.
+template <typename T>
+__device__ __forceinline__ void backward_mid(const MonarchParams& p) {
+    const T* x = static_cast<const T*>(p.x);
+    const T* dy = static_cast<const T*>(p.dy);
+    const T* w1 = static_cast<const T*>(p.w1);
+    const T* w2 = static_cast<const T*>(p.w2);
+    const int64_t n_mid = static_cast<int64_t>(p.k) * p.q;
+    const int64_t total = p.tokens * n_mid;
+    float* h = static_cast<float*>(p.workspace);
+    float* dh = h + total;
+    for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+         e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        const int64_t tok = e / n_mid;
+        const int m = static_cast<int>(e % n_mid), j = m % p.l, rr = m / p.l;
+        float acc[1] = {0.0f};
+        dot_tokens<1>(acc, w1 + static_cast<int64_t>(m) * p.p, 1, x + tok * p.x_row_stride, 0,
+                      (m / p.q) * p.p, 1, p.p, p.x_cols, 1);
+        h[e] = to_f32(from_f32<T>(acc[0]));
+        float grad[1] = {0.0f};
+        dot_tokens<1>(grad, w2 + static_cast<int64_t>(j) * p.s * p.r + rr, p.r,
+                      dy + tok * p.dy_row_stride, 0, j, p.l, p.s, p.l * p.s, 1);
+        dh[e] = to_f32(from_f32<T>(grad[0]));
+    }
+}
+
+// Backward, step 2: one thread per weight-gradient entry, summing over tokens in order (the
+// CPU path's order): dw2[j][t][rr] = sum dy[t*l + j] h[rr*l + j], then
+// dw1[i][c][pp] = sum dh[i*q + c] x[i*p + pp], then dbias[o] = sum dy[o].
+template <typename T>
+__device__ __forceinline__ void backward_weights(const MonarchParams& p) {
+    const T* x = static_cast<const T*>(p.x);
+    const T* dy = static_cast<const T*>(p.dy);
+    const int64_t n_mid = static_cast<int64_t>(p.k) * p.q;
+    const float* h = static_cast<const float*>(p.workspace);
+    const float* dh = h + p.tokens * n_mid;
+    const int64_t n_w2 = static_cast<int64_t>(p.l) * p.s * p.r;
+    const int64_t n_w1 = static_cast<int64_t>(p.k) * p.q * p.p;
+    const int64_t n_b = p.dbias ? static_cast<int64_t>(p.l) * p.s : 0;
+    for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+         e < n_w2 + n_w1 + n_b; e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        float acc = 0.0f;
+        if (e < n_w2) {
+            const int j = static_cast<int>(e / (static_cast<int64_t>(p.s) * p.r));
+            const int t = static_cast<int>((e / p.r) % p.s), rr = static_cast<int>(e % p.r);
+            const int col = t * p.l + j, m = rr * p.l + j;
+            for (int64_t tok = 0; tok < p.tokens; ++tok) {
+                acc += to_f32(dy[tok * p.dy_row_stride + col]) * h[tok * n_mid + m];
+            }
+            static_cast<float*>(p.dw2)[e] = acc;
+        } else if (e < n_w2 + n_w1) {
+            const int64_t e1 = e - n_w2;
+            const int i = static_cast<int>(e1 / (static_cast<int64_t>(p.q) * p.p));
+            const int c = static_cast<int>((e1 / p.p) % p.q), pp = static_cast<int>(e1 % p.p);
+            const int m = i * p.q + c, col = i * p.p + pp;
+            for (int64_t tok = 0; tok < p.tokens; ++tok) {
+                acc += dh[tok * n_mid + m] * to_f32(x[tok * p.x_row_stride + col]);
+            }
+            static_cast<float*>(p.dw1)[e1] = acc;
+        } else {
+            const int64_t o = e - n_w2 - n_w1;
+            for (int64_t tok = 0; tok < p.tokens; ++tok) acc += to_f32(dy[tok * p.dy_row_stride + o]);
+            static_cast<float*>(p.dbias)[o] = acc;
+        }
+    }
+}
+
+template <int MT>
+__device__ __forceinline__ void dispatch_mma(const MonarchParams& p) {
+    switch (p.dtype) {
+        case ATTNKIT_DTYPE_F16: forward_mma<__half, MT>(p); break;
+        case ATTNKIT_DTYPE_BF16: forward_mma<__nv_bfloat16, MT>(p); break;
+        default: break;  // the host sends f32 to the simt kernel
+    }
+}
+
+}  // namespace monarch
+
+extern "C" __global__ void __launch_bounds__(ATTNKIT_MONARCH_MMA_THREADS, 1)
+    monarch_forward_mma1(const __grid_constant__ MonarchParams p) {
+    monarch::dispatch_mma<1>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(ATTNKIT_MONARCH_MMA_THREADS, 1)
+    monarch_forward_mma2(const __grid_constant__ MonarchParams p) {
+    monarch::dispatch_mma<2>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(ATTNKIT_MONARCH_MMA_THREADS, 1)
+    monarch_forward_mma4(const __grid_constant__ MonarchParams p) {
+    monarch::dispatch_mma<4>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(ATTNKIT_MONARCH_SIMT_THREADS)
+    monarch_product_simt(const __grid_constant__ MonarchParams p) {
+    switch (p.dtype) {
+        case ATTNKIT_DTYPE_F32: monarch::product_simt<float>(p); break;
+        case ATTNKIT_DTYPE_F16: monarch::product_simt<__half>(p); break;
+        case ATTNKIT_DTYPE_BF16: monarch::product_simt<__nv_bfloat16>(p); break;
+        default: break;  // the host validates dtype before launch
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(ATTNKIT_MONARCH_SIMT_THREADS)
+    monarch_backward_mid(const __grid_constant__ MonarchParams p) {
+    switch (p.dtype) {
+        case ATTNKIT_DTYPE_F32: monarch::backward_mid<float>(p); break;
+        case ATTNKIT_DTYPE_F16: monarch::backward_mid<__half>(p); break;
+        case ATTNKIT_DTYPE_BF16: monarch::backward_mid<__nv_bfloat16>(p); break;
+        default: break;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(ATTNKIT_MONARCH_SIMT_THREADS)
+    monarch_backward_weights(const __grid_constant__ MonarchParams p) {
+    switch (p.dtype) {
+        case ATTNKIT_DTYPE_F32: monarch::backward_weights<float>(p); break;
+        case ATTNKIT_DTYPE_F16: monarch::backward_weights<__half>(p); break;
+        case ATTNKIT_DTYPE_BF16: monarch::backward_weights<__nv_bfloat16>(p); break;
+        default: break;
+    }
+}
+
+ATTNKIT_DEFINE_PARAMS_ECHO(MonarchParams)

@@ -1,0 +1,268 @@
+//! CUDA launcher of the Monarch family: plans the tiling ([`super::tiles::plan`]) from the
+//! device's shared-memory limit, checks placement and alignment, fills `MonarchParams` and
+//! launches one fused kernel.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+use cudarc::driver::LaunchConfig;
+use cudarc::driver::sys::CUdevice_attribute as A;
+
+use super::tiles::{self, Kernel, Plan};
+use super::{Grads, Mode, MonarchShape, Rows, Weights};
+use crate::buffer::{Buf, BufMut};
+use crate::cuda::{CudaDevice, DevPtrs, params as c};
+use crate::dtype::{DType, Element};
+use crate::error::{DriverContext, Error, Result};
+
+/// [`tiles::plan`], remembered per argument set: planning walks every 16-column tile of the
+/// intermediate once per candidate group (`n_mid / 16` checks each), which is worth doing
+/// once per shape, not once per call.
+fn cached_plan(
+    shape: MonarchShape,
+    dtype: DType,
+    even: bool,
+    smem_limit: usize,
+    transpose: bool,
+) -> Option<Plan> {
+    type Key = (MonarchShape, DType, bool, usize, bool);
+    static PLANS: OnceLock<Mutex<HashMap<Key, Option<Plan>>>> = OnceLock::new();
+    let key = (shape, dtype, even, smem_limit, transpose);
+    let plans = PLANS.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(p) = plans.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return *p;
+    }
+    let plan = tiles::plan(shape, dtype, even, smem_limit, transpose);
+    plans
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key, plan);
+    plan
+}
+
+/// `y = M x + bias` (or `M^T x + bias`) on the GPU; shapes, lengths and strides already
+/// checked by the caller.
+/// `bias` is passed apart from `w` so the backward pass can run the transpose without one.
+pub(super) fn product<T: Element>(
+    dev: &CudaDevice,
+    w: &Weights<'_, T>,
+    bias: Option<&Buf<'_, T>>,
+    (x, x_rows): (&Buf<'_, T>, Rows),
+    (y, y_rows): (&mut BufMut<'_, T>, Rows),
+    mode: Mode,
+) -> Result<()> {
+    let transpose = mode == Mode::Transpose;
+    let shape = w.shape;
+    let ([k, q, _], [l, _, r]) = (shape.w1_dims(), shape.w2_dims());
+    let smem_limit = dev
+        .stream
+        .context()
+        .attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .driver("shared memory limit")?
+        .max(0) as usize;
+    let even = x_rows.row_stride % 2 == 0;
+    let plan = cached_plan(shape, T::DTYPE, even, smem_limit, transpose).ok_or_else(|| {
+        let (arg, per_block) = if transpose { ("w1", q) } else { ("w2", r) };
+        Error::Unsupported {
+            arg,
+            detail: format!(
+                "one block's intermediate ({per_block} values per token) does not fit in the \
+                 GPU's {smem_limit} bytes of shared memory per block"
+            ),
+        }
+    })?;
+    let blocks = if transpose { k } else { l };
+    let ctas = x_rows
+        .tokens
+        .div_ceil(plan.block_tokens)
+        .checked_mul(blocks / plan.group)
+        .filter(|&n| n <= i32::MAX as usize)
+        .ok_or_else(|| Error::Shape {
+            arg: "x",
+            detail: format!("{} tokens need more than 2^31 CTAs", x_rows.tokens),
+        })?;
+    let (name, threads, align) = match plan.kernel {
+        // The mma kernel reads x, w1 and w2 as 32-bit pairs.
+        Kernel::Mma { mt: 1 } => ("monarch_forward_mma1", c::ATTNKIT_MONARCH_MMA_THREADS, 4),
+        Kernel::Mma { mt: 2 } => ("monarch_forward_mma2", c::ATTNKIT_MONARCH_MMA_THREADS, 4),
+        Kernel::Mma { .. } => ("monarch_forward_mma4", c::ATTNKIT_MONARCH_MMA_THREADS, 4),
+        Kernel::Simt => (
+            "monarch_product_simt",
+            c::ATTNKIT_MONARCH_SIMT_THREADS,
+            std::mem::align_of::<T>(),
+        ),
+    };
+    let elem = std::mem::align_of::<T>();
+    let xv = dev.view("x", x)?;
+    let w1v = dev.view("w1", &w.w1)?;
+    let w2v = dev.view("w2", &w.w2)?;
+    let bv = match bias {
+        Some(b) => Some(dev.view("bias", b)?),
+        None => None,
+    };
+    let yv = dev.view_mut("y", y)?;
+    let mut ptrs = DevPtrs::default();
+    let bias = match bv {
+        Some(b) => ptrs.read("bias", b, &dev.stream, elem)? as *const _,
+        None => std::ptr::null(),
+    };
+    let params = c::MonarchParams {
+        x: ptrs.read("x", xv, &dev.stream, align)? as *const _,
+        w1: ptrs.read("w1", w1v, &dev.stream, align)? as *const _,
+        w2: ptrs.read("w2", w2v, &dev.stream, align)? as *const _,
+        bias,
+        y: ptrs.write("y", yv, &dev.stream, elem)? as *mut _,
+        tokens: x_rows.tokens as i64,
+        x_row_stride: x_rows.row_stride as i64,
+        y_row_stride: y_rows.row_stride as i64,
+        // Widths are at most n_in / n_out, within i32 (MonarchShape's invariant).
+        x_cols: x_rows.width as i32,
+        y_cols: y_rows.width as i32,
+        group: plan.group as i32,
+        block_tokens: plan.block_tokens as i32,
+        h_stride: plan.h_stride as i32,
+        transpose: transpose as i32,
+        ..shape_params::<T>(shape)
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (ctas as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: plan.smem_bytes as u32,
+    };
+    // SAFETY: x holds (tokens-1)*x_row_stride + x_cols elements, y (tokens-1)*y_row_stride +
+    // y_cols, w1/w2 their full shapes and bias y_cols (checked by the caller); the kernel reads
+    // and writes no more, its shared memory is what the plan sized, and every pointer comes
+    // from a guard alive until after the launch.
+    unsafe { dev.launch("monarch", name, cfg, &params) }?;
+    drop(ptrs);
+    Ok(())
+}
+
+/// The dimensions and dtype of `shape` in a params struct, every other field zero (null).
+fn shape_params<T: Element>(shape: MonarchShape) -> c::MonarchParams {
+    let ([k, q, p], [l, s, r]) = (shape.w1_dims(), shape.w2_dims());
+    // Every dimension is at most i32::MAX (MonarchShape's invariant).
+    c::MonarchParams {
+        k: k as i32,
+        q: q as i32,
+        p: p as i32,
+        l: l as i32,
+        s: s as i32,
+        r: r as i32,
+        dtype: (match T::DTYPE {
+            DType::F32 => c::ATTNKIT_DTYPE_F32,
+            DType::F16 => c::ATTNKIT_DTYPE_F16,
+            DType::Bf16 => c::ATTNKIT_DTYPE_BF16,
+        }) as i32,
+        ..Default::default()
+    }
+}
+
+/// A grid-stride launch over `n` items: enough CTAs to fill the GPU a few times.
+fn grid_stride(dev: &CudaDevice, n: usize) -> LaunchConfig {
+    let threads = c::ATTNKIT_MONARCH_SIMT_THREADS;
+    let ctas = n
+        .div_ceil(threads as usize)
+        .min(dev.sm_count as usize * 8)
+        .max(1);
+    LaunchConfig {
+        grid_dim: (ctas as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The backward pass on the GPU: h and dh into the workspace, the weight gradients, then
+/// `dx = M^T dy` through the transpose product. Everything already checked by the caller.
+pub(super) fn backward<T: Element>(
+    dev: &CudaDevice,
+    w: &Weights<'_, T>,
+    (x, x_rows): (&Buf<'_, T>, Rows),
+    (dy, dy_rows): (&Buf<'_, T>, Rows),
+    dx_rows: Rows,
+    g: &mut Grads<'_, T>,
+) -> Result<()> {
+    let shape = w.shape;
+    let tokens = x_rows.tokens;
+    if tokens == 0 {
+        // No token: the weight gradients are sums of nothing, and dx has no row.
+        let zero = "zero the weight gradients";
+        dev.stream
+            .memset_zeros(dev.view_mut("dw1", &mut g.dw1)?)
+            .driver(zero)?;
+        dev.stream
+            .memset_zeros(dev.view_mut("dw2", &mut g.dw2)?)
+            .driver(zero)?;
+        if let Some(db) = &mut g.dbias {
+            dev.stream
+                .memset_zeros(dev.view_mut("dbias", db)?)
+                .driver(zero)?;
+        }
+        return Ok(());
+    }
+    {
+        let elem = std::mem::align_of::<T>();
+        let (xv, dyv) = (dev.view("x", x)?, dev.view("dy", dy)?);
+        let (w1v, w2v) = (dev.view("w1", &w.w1)?, dev.view("w2", &w.w2)?);
+        let dw1v = dev.view_mut("dw1", &mut g.dw1)?;
+        let dw2v = dev.view_mut("dw2", &mut g.dw2)?;
+        let dbv = match &mut g.dbias {
+            Some(b) => Some(dev.view_mut("dbias", b)?),
+            None => None,
+        };
+        let wsv = dev.view_mut("workspace", &mut g.workspace)?;
+        let mut ptrs = DevPtrs::default();
+        let dbias = match dbv {
+            Some(b) => ptrs.write("dbias", b, &dev.stream, 4)? as *mut _,
+            None => std::ptr::null_mut(),
+        };
+        let params = c::MonarchParams {
+            x: ptrs.read("x", xv, &dev.stream, elem)? as *const _,
+            w1: ptrs.read("w1", w1v, &dev.stream, elem)? as *const _,
+            w2: ptrs.read("w2", w2v, &dev.stream, elem)? as *const _,
+            dy: ptrs.read("dy", dyv, &dev.stream, elem)? as *const _,
+            dw1: ptrs.write("dw1", dw1v, &dev.stream, 4)? as *mut _,
+            dw2: ptrs.write("dw2", dw2v, &dev.stream, 4)? as *mut _,
+            dbias,
+            workspace: ptrs.write("workspace", wsv, &dev.stream, 4)? as *mut _,
+            tokens: tokens as i64,
+            x_row_stride: x_rows.row_stride as i64,
+            dy_row_stride: dy_rows.row_stride as i64,
+            x_cols: x_rows.width as i32,
+            ..shape_params::<T>(shape)
+        };
+        let n_mid_values = tokens * shape.n_mid();
+        let n_grads = shape.w1_len() + shape.w2_len() + shape.n_out();
+        // SAFETY: x, dy hold their checked rows, w1/w2/dw1/dw2 their shapes, dbias n_out, the
+        // workspace 2 * tokens * n_mid f32 (checked by the caller); the kernels touch no more,
+        // and every pointer comes from a guard alive until after both launches.
+        unsafe {
+            dev.launch(
+                "monarch",
+                "monarch_backward_mid",
+                grid_stride(dev, n_mid_values),
+                &params,
+            )?;
+            dev.launch(
+                "monarch",
+                "monarch_backward_weights",
+                grid_stride(dev, n_grads),
+                &params,
+            )?;
+        }
+        drop(ptrs);
+    }
+    let dy_rows_t = Rows {
+        width: shape.n_out(),
+        ..dy_rows
+    };
+    // dx = M^T dy: the transpose product, without the forward bias.
+    product(
+        dev,
+        w,
+        None,
+        (dy, dy_rows_t),
+        (&mut g.dx, dx_rows),
+        Mode::Transpose,
+    )
+}
