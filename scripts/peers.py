@@ -34,7 +34,7 @@ def peers_for(case):
         return ["torch-two-bmm", "torch-dense-matmul"]
     if fam == "selftest":
         return ["torch-mul"]
-    return []
+    return []  # flash_variants: SDPA has no windows, sinks, relu² or entropy output
 
 
 def emit(obj):
@@ -202,6 +202,10 @@ def build(torch, dev, dtypes, c, impl, copies):
             fns = [(lambda x: lambda: torch.matmul(x, dense))(x) for x in sets]
             flops = 2 * tokens * n_in * n_out
         fns[0]()
+        if c.get("bound") == "memory":
+            # Same bytes as attnkit-bench counts: x, y and both Monarch weights.
+            nbytes = (tokens * (n_in + n_out) + k_ * q_ * p_ + l_ * s_ * r_) * 2
+            return fns, nbytes, "gbps"
         return fns, flops, "tflops"
     if fam == "selftest":
         n = c["n"]

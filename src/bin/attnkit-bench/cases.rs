@@ -1,7 +1,9 @@
 //! The case table: what each family is measured at. `scripts/peers.py` reads the same table
 //! (`--list`), so ours and the peers always run the same shapes.
 
-use attnkit::flash::{self, Attention};
+use attnkit::flash::{self, Attention, Extras, Relu2Norm, Score};
+use attnkit::lightning::{self, Config, Forward, Seqs};
+use attnkit::monarch::{self, MonarchShape, Rows, Weights};
 use attnkit::{Bf16, Device, Element, Result};
 
 use super::num;
@@ -89,7 +91,230 @@ pub fn table() -> Vec<Case> {
             });
         }
     }
+    // Variants (issue 5): a window of 4096 at seq 32k against a dense run of seq_k 4096 (the
+    // skipping must make them cost about the same); relu² and the entropy output beside plain
+    // softmax at the same shape. No peer: SDPA has none of these.
+    let (heads, d) = (16, 128);
+    let variant = |name: &str, a: Attention, relu2: bool, entropy: bool| Case {
+        family: "flash_variants",
+        name: name.to_string(),
+        shape: format!(
+            "\"dtype\":\"bf16\",\"batch\":{},\"seq_q\":{},\"seq_k\":{},\"heads_q\":{heads},\"heads_kv\":{heads},\"head_dim\":{d},\"causal\":{},\"window_left\":{},\"relu2\":{relu2},\"entropy\":{entropy}",
+            a.batch,
+            a.seq_q,
+            a.seq_k,
+            a.opts.causal,
+            a.opts
+                .window_left
+                .map_or("null".to_string(), |w| w.to_string())
+        ),
+        run: Box::new(move |dev| flash_variant_case(dev, a.clone(), relu2, entropy)),
+    };
+    t.push(variant(
+        "window4096_s32768",
+        Attention::new(1, 32768, 32768, heads, heads, d)
+            .causal(true)
+            .window(Some(4095), None),
+        false,
+        false,
+    ));
+    t.push(variant(
+        "dense_q32768_k4096",
+        Attention::new(1, 32768, 4096, heads, heads, d),
+        false,
+        false,
+    ));
+    t.push(variant(
+        "softmax_s4096",
+        Attention::new(4, 4096, 4096, heads, heads, d),
+        false,
+        false,
+    ));
+    t.push(variant(
+        "entropy_s4096",
+        Attention::new(4, 4096, 4096, heads, heads, d),
+        false,
+        true,
+    ));
+    t.push(variant(
+        "relu2_s4096",
+        Attention::new(4, 4096, 4096, heads, heads, d).score(Score::Relu2(Relu2Norm::SeqLen)),
+        true,
+        false,
+    ));
+    // Lightning Attention-2 forward: bf16, 32 heads, d = e = 128, seq 1k..128k (batch 1); GB/s of
+    // q, k, v, o. Time per token should stay flat.
+    for seq in [1024usize, 4096, 16384, 65536, 131072] {
+        let (heads, d, e) = (32, 128, 128);
+        t.push(Case {
+            family: "lightning",
+            name: format!("bf16_h{heads}_d{d}_s{seq}"),
+            shape: format!(
+                "\"dtype\":\"bf16\",\"batch\":1,\"seq\":{seq},\"heads\":{heads},\"d\":{d},\"e\":{e}"
+            ),
+            run: Box::new(move |dev| lightning_case(dev, seq, heads, d, e)),
+        });
+    }
+    // Monarch multiply: bf16, 16k tokens, n = 4096, many small blocks (memory-bound) and few
+    // large ones (compute-bound).
+    for blocks in [64usize, 16, 4] {
+        let (tokens, n) = (16384, 4096);
+        let b = n / blocks;
+        t.push(Case {
+            family: "monarch",
+            name: format!("bf16_t{tokens}_n{n}_b{blocks}"),
+            shape: format!(
+                "\"dtype\":\"bf16\",\"tokens\":{tokens},\"k\":{blocks},\"q\":{b},\"p\":{b},\"l\":{blocks},\"s\":{b},\"r\":{b},\"bound\":\"{}\"",
+                if blocks >= 16 { "memory" } else { "compute" }
+            ),
+            run: Box::new(move |dev| monarch_case(dev, tokens, n, blocks)),
+        });
+    }
     t
+}
+
+/// Deterministic values in [-1, 1) (benches need values, not statistics).
+fn fill<T: Element>(n: usize, seed: u32) -> Vec<T> {
+    (0..n)
+        .map(|i| {
+            T::from_f32(
+                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 20) as f32 / 2048.0
+                    - 1.0,
+            )
+        })
+        .collect()
+}
+
+fn driver(source: attnkit::cudarc::driver::DriverError) -> attnkit::Error {
+    attnkit::Error::Driver {
+        context: "bench alloc",
+        source,
+    }
+}
+
+fn flash_variant_case(
+    dev: &Device,
+    a: Attention,
+    relu2: bool,
+    entropy: bool,
+) -> Result<(f64, Rate)> {
+    let s = dev
+        .stream()
+        .ok_or(attnkit::Error::NoDevice { ordinal: None })?
+        .clone();
+    let n_kv = a.batch * a.seq_k * a.heads_kv * a.head_dim;
+    let q = s.clone_htod(&fill::<Bf16>(a.o_len(), 1)).map_err(driver)?;
+    let k = s.clone_htod(&fill::<Bf16>(n_kv, 2)).map_err(driver)?;
+    let v = s.clone_htod(&fill::<Bf16>(n_kv, 3)).map_err(driver)?;
+    let mut o = s.alloc_zeros::<Bf16>(a.o_len()).map_err(driver)?;
+    let mut lse = s.alloc_zeros::<f32>(a.lse_len()).map_err(driver)?;
+    let mut ent = s
+        .alloc_zeros::<f32>(if entropy { a.lse_len() } else { 1 })
+        .map_err(driver)?;
+    let _ = relu2; // carried in `a`'s score; named for the table
+    let t = attnkit::timing::time(dev, 2, RUNS, |_| {
+        let extras = Extras {
+            entropy: entropy.then(|| (&mut ent).into()),
+            ..Default::default()
+        };
+        flash::forward_with(
+            dev,
+            &a,
+            (&q).into(),
+            (&k).into(),
+            (&v).into(),
+            (&mut o).into(),
+            (&mut lse).into(),
+            extras,
+        )
+    })?;
+    Ok((t.median_ms, Rate::Tflops(a.flops() / t.median_ms / 1e9)))
+}
+
+fn lightning_case(
+    dev: &Device,
+    seq: usize,
+    heads: usize,
+    d: usize,
+    e: usize,
+) -> Result<(f64, Rate)> {
+    let s = dev
+        .stream()
+        .ok_or(attnkit::Error::NoDevice { ordinal: None })?
+        .clone();
+    let slopes = lightning::decay_slopes(heads, 1.0)?;
+    let cfg = Config {
+        heads,
+        d,
+        e,
+        decay: Some(&slopes),
+        scale: 1.0,
+        causal: true,
+    };
+    let seqs = Seqs::Dense { batch: 1, seq };
+    let (nq, nv) = (seq * heads * d, seq * heads * e);
+    let q = s.clone_htod(&fill::<Bf16>(nq, 1)).map_err(driver)?;
+    let k = s.clone_htod(&fill::<Bf16>(nq, 2)).map_err(driver)?;
+    let v = s.clone_htod(&fill::<Bf16>(nv, 3)).map_err(driver)?;
+    let mut o = s.alloc_zeros::<Bf16>(nv).map_err(driver)?;
+    let mut ws = s
+        .alloc_zeros::<f32>(lightning::workspace_len(dev, &cfg, &seqs)?.max(1))
+        .map_err(driver)?;
+    let t = attnkit::timing::time(dev, 2, RUNS, |_| {
+        let f = Forward {
+            q: (&q).into(),
+            k: (&k).into(),
+            v: (&v).into(),
+            o: (&mut o).into(),
+            initial_state: None,
+            final_state: None,
+            workspace: (&mut ws).into(),
+        };
+        lightning::forward(dev, &cfg, &seqs, f)
+    })?;
+    let bytes = (2 * nq + 2 * nv) * 2;
+    Ok((t.median_ms, Rate::Gbps(bytes as f64 / t.median_ms / 1e6)))
+}
+
+fn monarch_case(dev: &Device, tokens: usize, n: usize, blocks: usize) -> Result<(f64, Rate)> {
+    let s = dev
+        .stream()
+        .ok_or(attnkit::Error::NoDevice { ordinal: None })?
+        .clone();
+    let shape = MonarchShape::square(n, blocks)?;
+    let w1 = s
+        .clone_htod(&fill::<Bf16>(shape.w1_len(), 1))
+        .map_err(driver)?;
+    let w2 = s
+        .clone_htod(&fill::<Bf16>(shape.w2_len(), 2))
+        .map_err(driver)?;
+    let x = s
+        .clone_htod(&fill::<Bf16>(tokens * shape.n_in(), 3))
+        .map_err(driver)?;
+    let mut y = s
+        .alloc_zeros::<Bf16>(tokens * shape.n_out())
+        .map_err(driver)?;
+    let t = attnkit::timing::time(dev, 2, RUNS, |_| {
+        let w = Weights {
+            shape,
+            w1: (&w1).into(),
+            w2: (&w2).into(),
+            bias: None,
+        };
+        monarch::multiply(
+            dev,
+            &w,
+            (&x).into(),
+            Rows::contiguous(tokens, shape.n_in()),
+            (&mut y).into(),
+            shape.n_out(),
+        )
+    })?;
+    // Report TFLOP/s; with small blocks the bytes (x, y, both weights) bound it instead.
+    Ok((
+        t.median_ms,
+        Rate::Tflops(shape.flops(tokens) / t.median_ms / 1e9),
+    ))
 }
 
 fn flash_case(dev: &Device, a: Attention) -> Result<(f64, Rate)> {
