@@ -7,31 +7,6 @@
 
 namespace monarch {
 
-// One m16n8k16 tensor-core product, c += a * b, f32 accumulation (PTX ISA fragment layout:
-// with g = lane / 4 and t = lane % 4, a = {(g, 2t..), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)},
-// b = {(k 2t.., n g), (k 2t+8.., n g)}, c = {(g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)}).
-template <typename T> struct Mma;
-template <> struct Mma<__nv_bfloat16> {
-    static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4],
-                                               uint32_t b0, uint32_t b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-};
-template <> struct Mma<__half> {
-    static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4],
-                                               uint32_t b0, uint32_t b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-};
-
 // The intermediate columns a CTA builds: for its group of G output blocks starting at j0,
 // column z (0 <= z < G*r) is h[m] with m = (z / G) * l + j0 + z % G, i.e. rr = z / G and
 // j = j0 + z % G. Consecutive z walk m upwards, so a run of z reads one input block i = m / q.
@@ -77,7 +52,7 @@ template <typename T>
 __device__ __forceinline__ void mma_16x16(float (&acc)[2][4], const uint32_t (&a)[4],
                                           const uint32_t (&b)[2][2]) {
 #pragma unroll
-    for (int sub = 0; sub < 2; ++sub) Mma<T>::run(acc[sub], a, b[sub][0], b[sub][1]);
+    for (int sub = 0; sub < 2; ++sub) mma_16816<T>(acc[sub], a, b[sub][0], b[sub][1]);
 }
 
 // Visits this lane's accumulators of a (16*MT) x 16 tile as f(row, col, value), row and col

@@ -69,6 +69,8 @@ pub(crate) struct CudaDevice {
     pub(crate) name: String,
     pub(crate) compute_capability: (i32, i32),
     pub(crate) sm_count: u32,
+    /// Shared memory one block may use with the opt-in (bytes).
+    pub(crate) max_smem: u32,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -115,12 +117,16 @@ impl CudaDevice {
             .attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .driver("SM count")?;
         let name = ctx.name().driver("device name")?;
+        let max_smem = ctx
+            .attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .driver("shared memory limit")?;
         let dev = CudaDevice {
             stream,
             modules: modules_for(&ctx),
             name,
             compute_capability,
             sm_count: sm_count.max(1) as u32,
+            max_smem: max_smem.max(0) as u32,
         };
         // Prove the embedded code runs here before anyone relies on it.
         dev.function("selftest", "selftest_scale")?;
@@ -185,6 +191,15 @@ impl CudaDevice {
             .module(module)?
             .load_function(kernel)
             .driver("look up kernel")?;
+        // Raise the function's dynamic shared memory cap to all the device allows, once, when
+        // it is loaded: set per launch, two threads launching different sizes could race.
+        use cudarc::driver::sys::CUfunction_attribute as FA;
+        let static_smem = f.shared_size_bytes().driver("static shared memory")?.max(0) as u32;
+        f.set_attribute(
+            FA::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            self.max_smem.saturating_sub(static_smem) as i32,
+        )
+        .driver("set dynamic shared memory size")?;
         self.modules
             .functions
             .lock()
@@ -253,13 +268,16 @@ impl CudaDevice {
         params: &P,
     ) -> Result<()> {
         let f = self.function(module, kernel)?;
-        if cfg.shared_mem_bytes > 48 * 1024 {
-            use cudarc::driver::sys::CUfunction_attribute as FA;
-            f.set_attribute(
-                FA::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                cfg.shared_mem_bytes as i32,
-            )
-            .driver("set dynamic shared memory size")?;
+        let static_smem = f.shared_size_bytes().driver("static shared memory")?.max(0) as u32;
+        if cfg.shared_mem_bytes.saturating_add(static_smem) > self.max_smem {
+            return Err(Error::Unsupported {
+                arg: kernel,
+                detail: format!(
+                    "needs {} bytes of shared memory per block, this GPU allows {}",
+                    cfg.shared_mem_bytes + static_smem,
+                    self.max_smem
+                ),
+            });
         }
         let mut builder = self.stream.launch_builder(&f);
         builder.arg(params);

@@ -994,6 +994,20 @@ fn bad_input_is_a_typed_error_naming_the_argument() {
         let e1 = call(&cfg, &seqs, &q, &v, None, &mut ws, &mut o);
         assert_eq!(e1.arg(), Some("cu_seqlens"), "{cu:?}: {e1}");
     }
+    // A max_seqlen no i32 offset can reach (it sizes the split plan): typed, no overflow.
+    let cu = vec![0, 10];
+    let huge = Seqs::Varlen {
+        cu_seqlens: (&cu).into(),
+        max_seqlen: usize::MAX,
+    };
+    let e1 = call(&cfg, &huge, &q, &v, None, &mut ws, &mut o);
+    assert_eq!(e1.arg(), Some("max_seqlen"), "{e1}");
+    assert_eq!(
+        lightning::workspace_len(&dev, &cfg, &huge)
+            .unwrap_err()
+            .arg(),
+        Some("max_seqlen")
+    );
     // Nothing was written on error.
     assert!(o.iter().all(|&x| x == 7.0));
     // Decode: state of the wrong shape, non-causal.

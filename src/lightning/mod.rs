@@ -302,6 +302,7 @@ fn resolve(seqs: &Seqs<'_>, heads: usize, d: usize, q_len: usize) -> Result<Reso
             cu_seqlens,
             max_seqlen,
         } => {
+            check_max_seqlen(*max_seqlen)?;
             if cu_seqlens.len() < 2 {
                 return Err(Error::Shape {
                     arg: "cu_seqlens",
@@ -337,6 +338,18 @@ fn resolve(seqs: &Seqs<'_>, heads: usize, d: usize, q_len: usize) -> Result<Reso
             })
         }
     }
+}
+
+/// `max_seqlen` sizes the split plan; past i32 (the offsets' type) it cannot be a real length,
+/// and the plan's arithmetic would overflow.
+fn check_max_seqlen(max_seqlen: usize) -> Result<usize> {
+    if max_seqlen > i32::MAX as usize {
+        return Err(Error::Value {
+            arg: "max_seqlen",
+            detail: format!("{max_seqlen} exceeds i32 offsets"),
+        });
+    }
+    Ok(max_seqlen)
 }
 
 fn check_cu_seqlens(cu: &[i32], tokens: usize, max_seqlen: usize) -> Result<Vec<(usize, usize)>> {
@@ -395,7 +408,10 @@ pub fn workspace_len(dev: &Device, cfg: &Config<'_>, seqs: &Seqs<'_>) -> Result<
         Seqs::Varlen {
             cu_seqlens,
             max_seqlen,
-        } => (cu_seqlens.len().saturating_sub(1), *max_seqlen),
+        } => (
+            cu_seqlens.len().saturating_sub(1),
+            check_max_seqlen(*max_seqlen)?,
+        ),
     };
     let p = plan_for(dev, cfg, n_seqs, max_len)?;
     mul("workspace", &[n_seqs, cfg.heads, p.n_splits, cfg.d, cfg.e])
