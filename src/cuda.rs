@@ -364,19 +364,31 @@ pub(crate) fn echo_params<P: DeviceRepr + Copy>(
 unsafe impl DeviceRepr for params::SelftestParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for params::FlashParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for params::DecodeParams {}
 
 /// Every family's params struct, checked by [`crate::selftest::check_params_layout`]:
 /// (family, size in bytes, echo through the family's own module).
 pub(crate) type LayoutCheckFn = fn(&CudaDevice) -> Result<bool>;
-pub(crate) const PARAMS_LAYOUTS: &[(&str, usize, LayoutCheckFn)] = &[(
-    "selftest",
-    std::mem::size_of::<params::SelftestParams>(),
-    |d| {
+pub(crate) const PARAMS_LAYOUTS: &[(&str, usize, LayoutCheckFn)] = &[
+    (
+        "selftest",
+        std::mem::size_of::<params::SelftestParams>(),
+        |d| {
+            echo_params(
+                d,
+                "selftest",
+                "echo_SelftestParams",
+                &distinct_fill::<params::SelftestParams>(),
+            )
+        },
+    ),
+    ("decode", std::mem::size_of::<params::DecodeParams>(), |d| {
         echo_params(
             d,
-            "selftest",
-            "echo_SelftestParams",
-            &distinct_fill::<params::SelftestParams>(),
+            "decode",
+            "echo_DecodeParams",
+            &distinct_fill::<params::DecodeParams>(),
         )
-    },
-)];
+    }),
+];

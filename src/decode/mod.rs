@@ -730,6 +730,9 @@ pub(crate) struct Problem<'a> {
     pub v: Strides,
     /// Rows of a cache tensor: sequences (or pages) and rows per sequence (or page).
     pub cache_dims: (usize, usize),
+    /// Keys a sequence may hold.
+    #[cfg_attr(not(attnkit_cuda), allow(dead_code))]
+    pub capacity: usize,
 }
 
 impl Problem<'_> {
@@ -1179,6 +1182,7 @@ fn check<'a>(dev: &Device, p: &Decode<'a>) -> Result<Problem<'a>> {
         k: p.k_strides,
         v: p.v_strides,
         cache_dims,
+        capacity: cap,
     })
 }
 
