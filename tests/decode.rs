@@ -164,17 +164,10 @@ fn naive_lp<T: Element>(
     let len = k.len() / (heads_kv * d);
     let group = heads_q / heads_kv;
     let lp = |x: &[T], pos: usize| -> Vec<f32> {
-        // The oracle's rotation on one vector, then T's rounding: reuse it through a 1x1x1 call
-        // would be heavier; rotate here.
+        // The oracle's rotation, then T's rounding.
         let mut w: Vec<f64> = x.iter().map(|e| e.to_f32() as f64).collect();
         if let Some(r) = rope {
-            for c in 0..d / 2 {
-                let (a, b) = r.pair(c, d);
-                let (sn, cs) = (pos as f64 * r.inv_freq(c, d)).sin_cos();
-                let (xa, xb) = (w[a], w[b]);
-                w[a] = xa * cs - xb * sn;
-                w[b] = xb * cs + xa * sn;
-            }
+            oracle::rotate(&mut w, r, pos);
         }
         w.iter().map(|&e| T::from_f32(e as f32).to_f32()).collect()
     };

@@ -5,18 +5,30 @@
 use super::{Decode, Layout, Rope};
 use crate::dtype::Element;
 
+/// Rotates `v` (one head vector, f64) to position `pos` with `rope`, in f64.
+///
+/// ```
+/// use attnkit::decode::{oracle, Rope, RopeStyle};
+/// let mut v = vec![1.0, 0.0];
+/// oracle::rotate(&mut v, Rope { style: RopeStyle::Interleaved, theta: 1e4 }, 1);
+/// assert!((v[0] - 1f64.cos()).abs() < 1e-15 && (v[1] - 1f64.sin()).abs() < 1e-15);
+/// ```
+pub fn rotate(v: &mut [f64], rope: Rope, pos: usize) {
+    let d = v.len();
+    for c in 0..d / 2 {
+        let (a, b) = rope.pair(c, d);
+        let (sin, cos) = (pos as f64 * rope.inv_freq(c, d)).sin_cos();
+        let (xa, xb) = (v[a], v[b]);
+        v[a] = xa * cos - xb * sin;
+        v[b] = xb * cos + xa * sin;
+    }
+}
+
 /// A head vector in f64, rotated to `pos` when there is a RoPE.
 fn vector<T: Element>(x: &[T], rope: Option<Rope>, pos: usize) -> Vec<f64> {
     let mut v: Vec<f64> = x.iter().map(|e| e.to_f32() as f64).collect();
     if let Some(r) = rope {
-        let d = v.len();
-        for c in 0..d / 2 {
-            let (a, b) = r.pair(c, d);
-            let (sin, cos) = (pos as f64 * r.inv_freq(c, d)).sin_cos();
-            let (xa, xb) = (v[a], v[b]);
-            v[a] = xa * cos - xb * sin;
-            v[b] = xb * cos + xa * sin;
-        }
+        rotate(&mut v, r, pos);
     }
     v
 }

@@ -3,6 +3,7 @@
 
 use attnkit::{Buf, BufMut, Device, Element, Result};
 
+mod decode;
 mod flash;
 mod selftest;
 
@@ -26,7 +27,11 @@ pub struct Row {
 pub type Tour = fn(&Device) -> Result<Row>;
 
 /// Every family of the tour, in the order printed.
-pub const FAMILIES: &[(&str, Tour)] = &[("selftest", selftest::run), ("flash", flash::run)];
+pub const FAMILIES: &[(&str, Tour)] = &[
+    ("selftest", selftest::run),
+    ("flash", flash::run),
+    ("decode", decode::run),
+];
 
 /// Runs `f` on `dev` over three inputs and two outputs held on the host (copied to the GPU and
 /// back when `dev` is one): one warm-up, then the median of five timed runs. Returns ms; the
