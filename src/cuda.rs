@@ -404,5 +404,6 @@ families!(
     ("selftest", SelftestParams),
     ("flash", FlashParams),
     ("lightning", LightningParams),
-    ("monarch", MonarchParams)
+    ("monarch", MonarchParams),
+    ("decode", DecodeParams)
 );

@@ -23,6 +23,7 @@ mod buffer;
 mod cpu;
 #[cfg(attnkit_cuda)]
 mod cuda;
+pub mod decode;
 mod device;
 pub mod dtype;
 mod error;

@@ -3,6 +3,7 @@
 
 use attnkit::{Buf, BufMut, Device, Element, Result};
 
+mod decode;
 mod flash;
 mod lightning;
 mod monarch;
@@ -33,6 +34,7 @@ pub const FAMILIES: &[(&str, Tour)] = &[
     ("flash", flash::run),
     ("lightning", lightning::run),
     ("monarch", monarch::run),
+    ("decode", decode::run),
 ];
 
 /// Runs `f` on `dev` over three inputs and two outputs held on the host (copied to the GPU and

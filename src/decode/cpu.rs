@@ -1,0 +1,284 @@
+//! The CPU implementation: the kernels' split-KV algorithm in f32, over all cores.
+//!
+//! Work items are (sequence, KV head, split): each gathers the `seq_q * group` query rows of
+//! its KV head (rotated when the layout has RoPE), walks its split's keys in tiles of
+//! [`KEY_TILE`] (each K/V row converted, and rotated, once for all those rows) with the online
+//! softmax, and writes a normalised partial output and LSE into the workspace, or, with one
+//! split, the output itself. A second pass combines the partials through their LSEs, as the
+//! GPU's combine kernel does.
+
+use super::Problem;
+use crate::cpu::{DisjointSlice, par_for};
+use crate::dtype::Element;
+
+/// Keys per tile: a K and a V tile of 64 x 256 f32 (128 KiB) stay in L2.
+const KEY_TILE: usize = 64;
+
+/// Rotates `x` (one head vector, f32) to position `pos`; `inv_freq[c]` is pair c's frequency.
+fn rotate(p: &Problem<'_>, inv_freq: &[f64], pos: usize, x: &mut [f32]) {
+    let Some(rope) = p.rope() else { return };
+    for (c, f) in inv_freq.iter().enumerate() {
+        // The angle in f64: positions reach 2^20 and more, where f32 angles lose digits.
+        let (sin, cos) = (pos as f64 * f).sin_cos();
+        let (sin, cos) = (sin as f32, cos as f32);
+        let (a, b) = rope.pair(c, p.d);
+        let (xa, xb) = (x[a], x[b]);
+        x[a] = xa * cos - xb * sin;
+        x[b] = xb * cos + xa * sin;
+    }
+}
+
+/// The frequencies of the layout's RoPE (empty without one).
+fn frequencies(p: &Problem<'_>) -> Vec<f64> {
+    p.rope()
+        .map(|r| (0..p.d / 2).map(|c| r.inv_freq(c, p.d)).collect())
+        .unwrap_or_default()
+}
+
+fn widen<T: Element>(dst: &mut [f32], src: &[T]) {
+    dst.iter_mut().zip(src).for_each(|(x, y)| *x = y.to_f32());
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn forward<T: Element>(
+    threads: usize,
+    p: &Problem<'_>,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    ws: &mut [f32],
+    o: &mut [T],
+    lse: &mut [f32],
+) {
+    let (d, group, rows) = (p.d, p.group(), p.seq_q * p.group());
+    let n_items = p.batch * p.heads_kv * p.splits;
+    let partial_rows = p.batch * p.heads_q * p.seq_q;
+    let (ws_o, ws_lse) = ws.split_at_mut((p.splits * partial_rows * d).min(ws.len()));
+    let (ws_o, ws_lse) = (DisjointSlice::new(ws_o), DisjointSlice::new(ws_lse));
+    let (o_out, lse_out) = (DisjointSlice::new(o), DisjointSlice::new(lse));
+    let scale_log2 = p.scale * std::f32::consts::LOG2_E;
+    let inv_freq = frequencies(p);
+    par_for(threads, n_items, |item| {
+        let (b, rest) = (
+            item / (p.heads_kv * p.splits),
+            item % (p.heads_kv * p.splits),
+        );
+        let (hk, split) = (rest / p.splits, rest % p.splits);
+        let len = p.len(b);
+        let lo = (split * p.keys_per_split).min(len);
+        let hi = (lo + p.keys_per_split).min(len);
+        // The new tokens are the last seq_q logical keys: query i sits at position first + i.
+        let first = len as i64 - p.seq_q as i64;
+
+        let mut qt = vec![0f32; rows * d];
+        for r in 0..rows {
+            let (i, h) = (r / group, hk * group + r % group);
+            let off = p.q.batch * b + p.q.row * i + p.q.head * h;
+            let row = &mut qt[r * d..(r + 1) * d];
+            widen(row, &q[off..off + d]);
+            rotate(p, &inv_freq, (first + i as i64).max(0) as usize, row);
+        }
+        let mut kt = vec![0f32; KEY_TILE * d];
+        let mut vt = vec![0f32; KEY_TILE * d];
+        let mut acc = vec![0f32; rows * d];
+        let mut m = vec![f32::NEG_INFINITY; rows];
+        let mut l = vec![0f32; rows];
+        let mut s = [0f32; KEY_TILE];
+        for n0 in (lo..hi).step_by(KEY_TILE) {
+            let cols = KEY_TILE.min(hi - n0);
+            for c in 0..cols {
+                let (ko, vo) = (
+                    p.key_offset(&p.k, b, n0 + c, hk),
+                    p.key_offset(&p.v, b, n0 + c, hk),
+                );
+                let krow = &mut kt[c * d..(c + 1) * d];
+                widen(krow, &k[ko..ko + d]);
+                rotate(p, &inv_freq, n0 + c, krow);
+                widen(&mut vt[c * d..(c + 1) * d], &v[vo..vo + d]);
+            }
+            for r in 0..rows {
+                // Keys this row sees (exclusive end), under the causal mask.
+                let end = if p.causal {
+                    (first + (r / group) as i64 + 1).clamp(0, len as i64) as usize
+                } else {
+                    len
+                };
+                let qr = &qt[r * d..(r + 1) * d];
+                let mut mx = f32::NEG_INFINITY;
+                for (c, sc) in s[..cols].iter_mut().enumerate() {
+                    *sc = if n0 + c < end {
+                        dot(qr, &kt[c * d..(c + 1) * d]) * scale_log2
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                    mx = mx.max(*sc);
+                }
+                online_update(
+                    &s[..cols],
+                    &vt,
+                    d,
+                    mx,
+                    &mut m[r],
+                    &mut l[r],
+                    &mut acc[r * d..(r + 1) * d],
+                );
+            }
+        }
+        for r in 0..rows {
+            let (i, h) = (r / group, hk * group + r % group);
+            let inv = if l[r] > 0.0 { 1.0 / l[r] } else { 0.0 };
+            let lse_r = if l[r] > 0.0 {
+                (m[r] + l[r].log2()) * std::f32::consts::LN_2
+            } else {
+                f32::NEG_INFINITY
+            };
+            let row = (b * p.heads_q + h) * p.seq_q + i;
+            let ar = &acc[r * d..(r + 1) * d];
+            if p.splits == 1 {
+                let off = p.o.batch * b + p.o.row * i + p.o.head * h;
+                // SAFETY: o's strides were checked not to overlap, so (b, i, h) owns these d
+                // elements, and (b, i, h) belongs to exactly this item.
+                let out = unsafe { o_out.range_mut(off, d) };
+                out.iter_mut()
+                    .zip(ar)
+                    .for_each(|(x, y)| *x = T::from_f32(y * inv));
+                // SAFETY: one LSE entry per (b, h, i), owned by this item.
+                let slot = unsafe { lse_out.range_mut(row, 1) };
+                slot[0] = lse_r;
+            } else {
+                let slot = split * partial_rows + row;
+                // SAFETY: one partial row per (split, b, h, i), owned by this item.
+                let out = unsafe { ws_o.range_mut(slot * d, d) };
+                out.iter_mut().zip(ar).for_each(|(x, y)| *x = y * inv);
+                // SAFETY: as above.
+                let l_slot = unsafe { ws_lse.range_mut(slot, 1) };
+                l_slot[0] = lse_r;
+            }
+        }
+    });
+    if p.splits > 1 {
+        let (ws_o, ws_lse) = ws.split_at(p.splits * partial_rows * d);
+        par_for(threads, p.batch * p.seq_q, |item| {
+            let (b, i) = (item / p.seq_q, item % p.seq_q);
+            for h in 0..p.heads_q {
+                let row = (b * p.heads_q + h) * p.seq_q + i;
+                let parts = (0..p.splits).map(|s| {
+                    let slot = s * partial_rows + row;
+                    (ws_lse[slot], &ws_o[slot * d..(slot + 1) * d])
+                });
+                let off = p.o.batch * b + p.o.row * i + p.o.head * h;
+                // SAFETY: (b, i, h) owns its d elements of o (checked strides) and its LSE
+                // entry; each (b, i) belongs to exactly one item.
+                let out = unsafe { o_out.range_mut(off, d) };
+                let total = combine(parts, out);
+                // SAFETY: as above.
+                let slot = unsafe { lse_out.range_mut(row, 1) };
+                slot[0] = total;
+            }
+        });
+    }
+}
+
+/// Exact combination of normalised partials `(lse_s, o_s)`: weights `exp(lse_s - max)`.
+/// Writes `o` and returns the total LSE (`-inf`, with `o = 0`, when no split saw a key).
+fn combine<'a, T: Element>(
+    parts: impl Iterator<Item = (f32, &'a [f32])> + Clone,
+    o: &mut [T],
+) -> f32 {
+    let mx = parts.clone().fold(f32::NEG_INFINITY, |a, (l, _)| a.max(l));
+    if mx == f32::NEG_INFINITY {
+        o.iter_mut().for_each(|x| *x = T::from_f32(0.0));
+        return f32::NEG_INFINITY;
+    }
+    let mut acc = vec![0f32; o.len()];
+    let mut sum = 0f32;
+    for (l, part) in parts {
+        let w = (l - mx).exp();
+        sum += w;
+        if w > 0.0 {
+            acc.iter_mut().zip(part).for_each(|(a, x)| *a += w * x);
+        }
+    }
+    o.iter_mut()
+        .zip(&acc)
+        .for_each(|(x, a)| *x = T::from_f32(a / sum));
+    mx + sum.ln()
+}
+
+/// One row's online-softmax step over a tile of scores `s` (already in the exp2 domain, with
+/// maximum `mx`): rescales the running sum `l` and output `acc` to the new maximum, then adds
+/// this tile's `exp2(s - m) * v`.
+fn online_update(
+    s: &[f32],
+    vt: &[f32],
+    d: usize,
+    mx: f32,
+    m: &mut f32,
+    l: &mut f32,
+    acc: &mut [f32],
+) {
+    let m_new = m.max(mx);
+    // A row that has seen only masked keys so far subtracts 0, never -inf - -inf.
+    let base = if m_new == f32::NEG_INFINITY {
+        0.0
+    } else {
+        m_new
+    };
+    let alpha = (*m - base).exp2();
+    if alpha != 1.0 {
+        acc.iter_mut().for_each(|x| *x *= alpha);
+    }
+    let mut sum = 0.0;
+    for (c, &sc) in s.iter().enumerate() {
+        let w = (sc - base).exp2();
+        if w != 0.0 {
+            sum += w;
+            acc.iter_mut()
+                .zip(&vt[c * d..(c + 1) * d])
+                .for_each(|(x, y)| *x += w * y);
+        }
+    }
+    *l = *l * alpha + sum;
+    *m = m_new;
+}
+
+/// Dot product in eight lanes, so the compiler vectorises it.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        lanes
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, s)| *s += x[i] * y[i]);
+    }
+    // Head dims are multiples of 64: no remainder.
+    lanes.iter().sum()
+}
+
+/// Writes the new tokens' K/V rows into the cache. One thread: it is `batch * seq_q` rows, and
+/// a block table that maps two sequences to one page must not become a data race.
+pub(super) fn append<T: Element>(
+    _threads: usize,
+    p: &Problem<'_>,
+    k_new: &[T],
+    v_new: &[T],
+    k: &mut [T],
+    v: &mut [T],
+) {
+    let d = p.d;
+    for b in 0..p.batch {
+        let first = p.len(b) - p.seq_q;
+        for i in 0..p.seq_q {
+            for hk in 0..p.heads_kv {
+                let src = ((b * p.seq_q + i) * p.heads_kv + hk) * d;
+                let (ko, vo) = (
+                    p.key_offset(&p.k, b, first + i, hk),
+                    p.key_offset(&p.v, b, first + i, hk),
+                );
+                k[ko..ko + d].copy_from_slice(&k_new[src..src + d]);
+                v[vo..vo + d].copy_from_slice(&v_new[src..src + d]);
+            }
+        }
+    }
+}

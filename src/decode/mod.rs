@@ -1,0 +1,1255 @@
+//! Decode attention: `seq_q` (1 to [`MAX_SEQ_Q`]) new tokens per sequence against a KV cache,
+//! the call an inference server makes once per generated token.
+//!
+//! The cache is one of three [`Layout`]s: contiguous `[batch, capacity, heads_kv, head_dim]`,
+//! paged (fixed pages of `page_size` tokens and a per-sequence block table, as vLLM and
+//! FlashAttention's `flash_attn_with_kvcache` take it), or a StreamingLLM rolling cache
+//! ([`RollingCache`]: the first `n_sink` tokens plus a ring of the last `window`, keys stored
+//! before RoPE and rotated on the fly with their positions inside the cache). Every layout is
+//! read through one map from a *logical* key index `j` (0 = oldest kept token) to a physical
+//! row, so attention, the causal mask and RoPE only ever see logical positions.
+//!
+//! Semantics: sequence `b` holds `cache_seqlens[b]` keys, the new tokens' among them (the last
+//! `seq_q`, after [`append`]). Query `i` sees keys `j <= i + cache_seqlens[b] - seq_q`
+//! (bottom-right causal, as [`crate::flash`]); a row that sees no key gets `O = 0` and
+//! `LSE = -inf`. The query heads of one KV head (GQA) are processed together, so each K/V
+//! element is read once per KV head.
+//!
+//! Data flow: [`forward`] checks every argument, picks the split count ([`num_splits`]), then
+//! runs the CPU implementation (`cpu.rs`) or the CUDA kernels (`kernels/decode.cu`). Both cut
+//! each sequence's keys into `splits` chunks of [`Decode::keys_per_split`] keys, compute a
+//! partial output and LSE per chunk into the caller's workspace, and combine the partials
+//! exactly through their LSEs. Nothing is allocated on the device, nothing synchronises.
+
+mod cpu;
+#[cfg(attnkit_cuda)]
+mod cuda;
+pub mod oracle;
+
+use crate::buffer::{Buf, BufMut};
+use crate::device::{Backend, Device};
+use crate::dtype::Element;
+use crate::error::{Error, Result};
+use crate::flash::Strides;
+
+/// The most new tokens per sequence a call takes (more is a prefill: use [`crate::flash`]).
+pub const MAX_SEQ_Q: usize = 16;
+
+/// The most key splits per sequence.
+pub const MAX_SPLITS: usize = 64;
+
+/// Head dimensions the kernels are built for.
+pub const HEAD_DIMS: [usize; 3] = [64, 128, 256];
+
+/// Keys per split are a multiple of this (the GPU's key tile), so that a split never starts
+/// inside a tile.
+pub const SPLIT_GRANULE: usize = 64;
+
+/// The fewest keys the heuristic gives one split: 256 keys of head dim 128 in bf16 are 128 KiB
+/// of K and V, enough to amortise a block's prologue and the combine's extra traffic.
+const MIN_KEYS_PER_SPLIT: usize = 256;
+
+/// Query rows one GPU block computes (one m16 tensor-core tile); more rows (`seq_q * group`)
+/// take more blocks, which read the same K/V tiles at the same time (served by L2).
+pub const ROWS_PER_BLOCK: usize = 16;
+
+/// Rotary embedding style: which element pairs rotate together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// GPT-NeoX / Llama (HF): element `c` pairs with `c + head_dim / 2`.
+    NeoX,
+    /// GPT-J / Meta's original: element `2c` pairs with `2c + 1`.
+    Interleaved,
+}
+
+/// Rotary position embedding: pair `c` of a vector at position `pos` turns by
+/// `pos * theta^(-2c / head_dim)`.
+///
+/// ```
+/// use attnkit::decode::{Rope, RopeStyle};
+/// let r = Rope { style: RopeStyle::NeoX, theta: 10000.0 };
+/// assert_eq!(r.inv_freq(0, 128), 1.0);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rope {
+    /// Pairing of elements.
+    pub style: RopeStyle,
+    /// The base (10000 in most models), finite and > 1.
+    pub theta: f32,
+}
+
+impl Rope {
+    /// The angular frequency of pair `c` for head dim `d`, `theta^(-2c/d)`, in f64.
+    ///
+    /// ```
+    /// use attnkit::decode::{Rope, RopeStyle};
+    /// let r = Rope { style: RopeStyle::Interleaved, theta: 100.0 };
+    /// assert!((r.inv_freq(32, 64) - 0.01).abs() < 1e-12);
+    /// ```
+    pub fn inv_freq(&self, c: usize, d: usize) -> f64 {
+        (self.theta as f64).powf(-2.0 * c as f64 / d as f64)
+    }
+
+    /// The two element indices pair `c` rotates.
+    ///
+    /// ```
+    /// use attnkit::decode::{Rope, RopeStyle};
+    /// assert_eq!(Rope { style: RopeStyle::NeoX, theta: 1e4 }.pair(3, 64), (3, 35));
+    /// assert_eq!(Rope { style: RopeStyle::Interleaved, theta: 1e4 }.pair(3, 64), (6, 7));
+    /// ```
+    pub fn pair(&self, c: usize, d: usize) -> (usize, usize) {
+        match self.style {
+            RopeStyle::NeoX => (c, c + d / 2),
+            RopeStyle::Interleaved => (2 * c, 2 * c + 1),
+        }
+    }
+}
+
+/// Where the K/V cache rows live.
+#[derive(Clone, Debug)]
+pub enum Layout<'a> {
+    /// `[batch, capacity, heads_kv, head_dim]`; `k_strides.batch` is between sequences.
+    Contiguous {
+        /// Tokens each sequence's slot holds.
+        capacity: usize,
+    },
+    /// `[num_pages, page_size, heads_kv, head_dim]`; `k_strides.batch` is between pages.
+    /// Logical key `j` of sequence `b` is row `j % page_size` of page
+    /// `block_table[b * pages_per_seq + j / page_size]`.
+    Paged {
+        /// Tokens per page, a multiple of 16.
+        page_size: usize,
+        /// Pages in the K (and V) buffer.
+        num_pages: usize,
+        /// Host copy of the block table, `[batch, pages_per_seq]`; entries past a sequence's
+        /// length are not read (and may be anything, e.g. -1).
+        block_table: &'a [i32],
+        /// Columns of the block table: a sequence holds at most `pages_per_seq * page_size`.
+        pages_per_seq: usize,
+    },
+    /// StreamingLLM: `[batch, n_sink + window, heads_kv, head_dim]`, slots `0..n_sink` hold the
+    /// sinks, the rest a ring; keys are stored before RoPE, which is applied to q and k with
+    /// logical positions. Logical key `j >= n_sink` lives at slot
+    /// `n_sink + (j - n_sink + ring_offsets[b]) % window`. Made by [`RollingCache::layout`].
+    Rolling {
+        /// Sink tokens kept at the start.
+        n_sink: usize,
+        /// Most recent tokens kept in the ring.
+        window: usize,
+        /// Host copy: per sequence, the ring index of the oldest ring token (0 until the
+        /// ring is full).
+        ring_offsets: &'a [i32],
+        /// The rotary embedding applied with cache positions.
+        rope: Rope,
+    },
+}
+
+/// A decode problem: shapes, cache layout and per-sequence lengths (host copies, for checks
+/// and launch sizing), options.
+///
+/// ```
+/// use attnkit::decode::{Decode, Layout};
+/// let lens = [100, 7];
+/// let p = Decode::new(&lens, 1, 32, 8, 128, Layout::Contiguous { capacity: 4096 });
+/// assert_eq!(p.batch(), 2);
+/// assert_eq!(p.o_len(), 2 * 32 * 128);
+/// ```
+#[derive(Clone, Debug)]
+pub struct Decode<'a> {
+    /// Keys in each sequence's cache, the new tokens' included: `[batch]`.
+    pub cache_seqlens: &'a [i32],
+    /// New tokens (query rows) per sequence, 1 to [`MAX_SEQ_Q`].
+    pub seq_q: usize,
+    /// Query heads.
+    pub heads_q: usize,
+    /// Key/value heads (`heads_q % heads_kv == 0`).
+    pub heads_kv: usize,
+    /// Head dimension, one of [`HEAD_DIMS`].
+    pub head_dim: usize,
+    /// The cache layout.
+    pub layout: Layout<'a>,
+    /// Bottom-right causal mask among the new tokens (default true).
+    pub causal: bool,
+    /// Softmax scale; `None` means `1 / sqrt(head_dim)`.
+    pub scale: Option<f32>,
+    /// Key splits per sequence, 1 to [`MAX_SPLITS`]; `None` lets [`num_splits`] choose.
+    pub num_splits: Option<usize>,
+    /// Strides of q `[batch, seq_q, heads_q, head_dim]` (default contiguous).
+    pub q_strides: Strides,
+    /// Strides of o, like q. Must not overlap itself.
+    pub o_strides: Strides,
+    /// Strides of the K cache (`batch`: between sequences, or pages when paged).
+    pub k_strides: Strides,
+    /// Strides of the V cache.
+    pub v_strides: Strides,
+}
+
+impl<'a> Decode<'a> {
+    /// A causal problem with contiguous tensors and the default scale; the batch is
+    /// `cache_seqlens.len()`.
+    ///
+    /// ```
+    /// use attnkit::decode::{Decode, Layout};
+    /// let p = Decode::new(&[5], 2, 4, 1, 64, Layout::Contiguous { capacity: 16 });
+    /// assert!(p.causal && p.k_strides.row == 64);
+    /// ```
+    pub fn new(
+        cache_seqlens: &'a [i32],
+        seq_q: usize,
+        heads_q: usize,
+        heads_kv: usize,
+        head_dim: usize,
+        layout: Layout<'a>,
+    ) -> Self {
+        let rows = match &layout {
+            Layout::Contiguous { capacity } => *capacity,
+            Layout::Paged { page_size, .. } => *page_size,
+            Layout::Rolling { n_sink, window, .. } => n_sink + window,
+        };
+        let kv = Strides::contiguous(rows, heads_kv, head_dim);
+        Decode {
+            cache_seqlens,
+            seq_q,
+            heads_q,
+            heads_kv,
+            head_dim,
+            layout,
+            causal: true,
+            scale: None,
+            num_splits: None,
+            q_strides: Strides::contiguous(seq_q, heads_q, head_dim),
+            o_strides: Strides::contiguous(seq_q, heads_q, head_dim),
+            k_strides: kv,
+            v_strides: kv,
+        }
+    }
+
+    /// Sets the causal mask among the new tokens.
+    ///
+    /// ```
+    /// # use attnkit::decode::{Decode, Layout};
+    /// let p = Decode::new(&[5], 2, 1, 1, 64, Layout::Contiguous { capacity: 8 }).causal(false);
+    /// assert!(!p.causal);
+    /// ```
+    pub fn causal(mut self, causal: bool) -> Self {
+        self.causal = causal;
+        self
+    }
+
+    /// Sets the softmax scale (default `1 / sqrt(head_dim)`).
+    ///
+    /// ```
+    /// # use attnkit::decode::{Decode, Layout};
+    /// let p = Decode::new(&[5], 1, 1, 1, 64, Layout::Contiguous { capacity: 8 }).scale(0.5);
+    /// assert_eq!(p.softmax_scale(), 0.5);
+    /// ```
+    pub fn scale(mut self, scale: f32) -> Self {
+        self.scale = Some(scale);
+        self
+    }
+
+    /// Forces the number of key splits (else [`num_splits`] chooses).
+    ///
+    /// ```
+    /// # use attnkit::{Device, decode::{Decode, Layout}};
+    /// let p = Decode::new(&[500], 1, 1, 1, 64, Layout::Contiguous { capacity: 512 }).splits(3);
+    /// assert_eq!(p.splits_for(&Device::cpu()), 3);
+    /// ```
+    pub fn splits(mut self, n: usize) -> Self {
+        self.num_splits = Some(n);
+        self
+    }
+
+    /// Sequences in the batch.
+    ///
+    /// ```
+    /// # use attnkit::decode::{Decode, Layout};
+    /// assert_eq!(Decode::new(&[1, 2, 3], 1, 1, 1, 64, Layout::Contiguous { capacity: 8 }).batch(), 3);
+    /// ```
+    pub fn batch(&self) -> usize {
+        self.cache_seqlens.len()
+    }
+
+    /// The scale applied to `Q K^T`.
+    ///
+    /// ```
+    /// # use attnkit::decode::{Decode, Layout};
+    /// assert_eq!(Decode::new(&[1], 1, 1, 1, 64, Layout::Contiguous { capacity: 8 }).softmax_scale(), 0.125);
+    /// ```
+    pub fn softmax_scale(&self) -> f32 {
+        self.scale.unwrap_or(1.0 / (self.head_dim as f32).sqrt())
+    }
+
+    /// Elements of a contiguous q or o, `batch * seq_q * heads_q * head_dim`.
+    ///
+    /// ```
+    /// # use attnkit::decode::{Decode, Layout};
+    /// assert_eq!(Decode::new(&[1, 1], 3, 2, 1, 64, Layout::Contiguous { capacity: 8 }).o_len(), 2 * 3 * 2 * 64);
+    /// ```
+    pub fn o_len(&self) -> usize {
+        self.batch() * self.seq_q * self.heads_q * self.head_dim
+    }
+
+    /// Elements of the LSE output, `[batch, heads_q, seq_q]`.
+    ///
+    /// ```
+    /// # use attnkit::decode::{Decode, Layout};
+    /// assert_eq!(Decode::new(&[1, 1], 3, 2, 1, 64, Layout::Contiguous { capacity: 8 }).lse_len(), 12);
+    /// ```
+    pub fn lse_len(&self) -> usize {
+        self.batch() * self.heads_q * self.seq_q
+    }
+
+    /// Elements of the new tokens' K (or V) for [`append`], `[batch, seq_q, heads_kv, head_dim]`.
+    ///
+    /// ```
+    /// # use attnkit::decode::{Decode, Layout};
+    /// assert_eq!(Decode::new(&[4], 2, 8, 2, 64, Layout::Contiguous { capacity: 8 }).new_kv_len(), 2 * 2 * 64);
+    /// ```
+    pub fn new_kv_len(&self) -> usize {
+        self.batch() * self.seq_q * self.heads_kv * self.head_dim
+    }
+
+    /// Tokens one sequence's cache can hold.
+    ///
+    /// ```
+    /// # use attnkit::decode::{Decode, Layout};
+    /// let l = Layout::Paged { page_size: 16, num_pages: 9, block_table: &[0, 1, 2], pages_per_seq: 3 };
+    /// assert_eq!(Decode::new(&[4], 1, 1, 1, 64, l).capacity(), 48);
+    /// ```
+    pub fn capacity(&self) -> usize {
+        match &self.layout {
+            Layout::Contiguous { capacity } => *capacity,
+            Layout::Paged {
+                page_size,
+                pages_per_seq,
+                ..
+            } => page_size.saturating_mul(*pages_per_seq),
+            Layout::Rolling { n_sink, window, .. } => n_sink.saturating_add(*window),
+        }
+    }
+
+    /// The longest cache in the batch.
+    fn max_len(&self) -> usize {
+        self.cache_seqlens
+            .iter()
+            .map(|&l| l.max(0) as usize)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Query rows per KV head: `seq_q * heads_q / heads_kv`.
+    fn rows(&self) -> usize {
+        self.seq_q * (self.heads_q / self.heads_kv.max(1))
+    }
+
+    /// The split count a call on `dev` uses: [`Decode::num_splits`] if set, else the heuristic
+    /// ([`num_splits`]) with `dev`'s SM count (CPU: its thread count).
+    ///
+    /// ```
+    /// # use attnkit::{Device, decode::{Decode, Layout}};
+    /// let lens = [100_000];
+    /// let p = Decode::new(&lens, 1, 8, 1, 128, Layout::Contiguous { capacity: 131072 });
+    /// assert!(p.splits_for(&Device::cpu_with_threads(16).unwrap()) > 1);
+    /// ```
+    pub fn splits_for(&self, dev: &Device) -> usize {
+        if let Some(n) = self.num_splits {
+            return n;
+        }
+        let units = match &dev.backend {
+            Backend::Cpu { threads } => *threads,
+            #[cfg(attnkit_cuda)]
+            Backend::Cuda(c) => c.sm_count as usize,
+        };
+        num_splits(
+            self.batch(),
+            self.heads_kv,
+            self.rows().div_ceil(ROWS_PER_BLOCK),
+            self.max_len(),
+            units,
+        )
+    }
+
+    /// Keys per split for `splits` splits: the longest cache cut in `splits`, rounded up to
+    /// [`SPLIT_GRANULE`]. Split `s` of every sequence covers keys
+    /// `s * keys_per_split .. (s + 1) * keys_per_split`.
+    ///
+    /// ```
+    /// # use attnkit::decode::{Decode, Layout};
+    /// let p = Decode::new(&[1000, 10], 1, 1, 1, 64, Layout::Contiguous { capacity: 1024 });
+    /// assert_eq!(p.keys_per_split(4), 256);
+    /// ```
+    pub fn keys_per_split(&self, splits: usize) -> usize {
+        let per = self.max_len().div_ceil(splits.max(1)).max(1);
+        per.div_ceil(SPLIT_GRANULE) * SPLIT_GRANULE
+    }
+
+    /// Elements (f32) of the workspace a call on `dev` needs for its partial results:
+    /// `splits * batch * heads_q * seq_q * (head_dim + 1)`, or 0 with one split.
+    ///
+    /// ```
+    /// # use attnkit::{Device, decode::{Decode, Layout}};
+    /// let p = Decode::new(&[300], 1, 2, 1, 64, Layout::Contiguous { capacity: 512 }).splits(2);
+    /// assert_eq!(p.workspace_len(&Device::cpu()), 2 * 2 * 65);
+    /// ```
+    pub fn workspace_len(&self, dev: &Device) -> usize {
+        workspace_len(
+            self.batch(),
+            self.seq_q,
+            self.heads_q,
+            self.head_dim,
+            self.splits_for(dev),
+        )
+    }
+}
+
+/// Elements (f32) of the workspace for `splits` key splits: partial outputs
+/// `[splits, batch, heads_q, seq_q, head_dim]` then partial LSEs `[splits, batch, heads_q,
+/// seq_q]`; 0 for one split (the kernel then writes `o` directly). Saturates on overflow (the
+/// call's checks then reject the problem).
+///
+/// ```
+/// assert_eq!(attnkit::decode::workspace_len(2, 1, 8, 128, 1), 0);
+/// assert_eq!(attnkit::decode::workspace_len(2, 1, 8, 128, 4), 4 * 2 * 8 * 129);
+/// ```
+pub fn workspace_len(
+    batch: usize,
+    seq_q: usize,
+    heads_q: usize,
+    head_dim: usize,
+    splits: usize,
+) -> usize {
+    if splits <= 1 {
+        return 0;
+    }
+    [batch, seq_q, heads_q, head_dim.saturating_add(1)]
+        .iter()
+        .fold(splits, |acc, &x| acc.saturating_mul(x))
+}
+
+/// How many splits to cut each sequence's keys into, the heuristic:
+///
+/// - `blocks = batch * heads_kv * row_blocks` thread blocks run without splitting. If they
+///   already fill the machine twice (`2 * sms`; a 4-warp block cannot saturate an SM's memory
+///   pipe alone, two can), splitting only adds combine traffic: 1.
+/// - Otherwise split until about `2 * sms` blocks run, but give no split fewer than 256 keys
+///   (below that the prologue and the partials' round trip cost more than they win), and at
+///   most [`MAX_SPLITS`].
+///
+/// ```
+/// use attnkit::decode::num_splits;
+/// assert_eq!(num_splits(64, 8, 1, 4096, 132), 1);      // 512 blocks: enough
+/// assert_eq!(num_splits(1, 8, 1, 131072, 132), 33);    // 8 blocks: split the 128k keys
+/// assert_eq!(num_splits(1, 8, 1, 300, 132), 2);        // but not below 256 keys a split
+/// ```
+pub fn num_splits(
+    batch: usize,
+    heads_kv: usize,
+    row_blocks: usize,
+    max_cache_len: usize,
+    sms: usize,
+) -> usize {
+    let blocks = batch
+        .saturating_mul(heads_kv)
+        .saturating_mul(row_blocks)
+        .max(1);
+    let target = 2 * sms.max(1);
+    if blocks >= target {
+        return 1;
+    }
+    let by_fill = target.div_ceil(blocks);
+    let by_keys = max_cache_len.div_ceil(MIN_KEYS_PER_SPLIT).max(1);
+    by_fill.min(by_keys).clamp(1, MAX_SPLITS)
+}
+
+/// The per-sequence index arrays where the call runs: host slices on the CPU (the same as the
+/// problem's), device copies on a GPU. The kernels re-check the device copies' bounds, so a
+/// stale copy cannot read or write out of bounds.
+///
+/// ```
+/// use attnkit::decode::{Decode, Layout, Tables};
+/// let lens = [3];
+/// let p = Decode::new(&lens, 1, 1, 1, 64, Layout::Contiguous { capacity: 8 });
+/// let t = Tables::host(&p);
+/// assert!(t.block_table.is_none());
+/// ```
+#[derive(Debug)]
+pub struct Tables<'a> {
+    /// `cache_seqlens`, `[batch]`.
+    pub cache_seqlens: Buf<'a, i32>,
+    /// The paged layout's block table, `[batch, pages_per_seq]`.
+    pub block_table: Option<Buf<'a, i32>>,
+    /// The rolling layout's ring offsets, `[batch]`.
+    pub ring_offsets: Option<Buf<'a, i32>>,
+}
+
+impl<'a> Tables<'a> {
+    /// The problem's own host slices, for a CPU call.
+    ///
+    /// ```
+    /// # use attnkit::decode::{Decode, Layout, Tables};
+    /// let p = Decode::new(&[3, 4], 1, 1, 1, 64, Layout::Contiguous { capacity: 8 });
+    /// assert_eq!(Tables::host(&p).cache_seqlens.len(), 2);
+    /// ```
+    pub fn host(p: &Decode<'a>) -> Tables<'a> {
+        let (block_table, ring_offsets) = match &p.layout {
+            Layout::Contiguous { .. } => (None, None),
+            Layout::Paged { block_table, .. } => (Some(Buf::Host(block_table)), None),
+            Layout::Rolling { ring_offsets, .. } => (None, Some(Buf::Host(ring_offsets))),
+        };
+        Tables {
+            cache_seqlens: Buf::Host(p.cache_seqlens),
+            block_table,
+            ring_offsets,
+        }
+    }
+}
+
+/// A StreamingLLM rolling cache's bookkeeping (host side): per sequence, how many tokens it
+/// has seen. The cache keeps the first `n_sink` tokens and the last `window`; the K/V buffers
+/// themselves are the caller's, `[batch, n_sink + window, heads_kv, head_dim]`.
+///
+/// Each step: [`RollingCache::advance`] by the step's `seq_q` new tokens, then [`append`] and
+/// [`forward`] with [`RollingCache::layout`] and the lengths from
+/// [`RollingCache::cache_seqlens`]. The new tokens are written first, so they evict the
+/// oldest ring tokens before attention: a step's queries see the cache as it is after it.
+///
+/// ```
+/// use attnkit::decode::{RollingCache, Rope, RopeStyle};
+/// let mut c = RollingCache::new(1, 2, 4, Rope { style: RopeStyle::NeoX, theta: 1e4 })?;
+/// for _ in 0..7 { c.advance(1)?; }
+/// assert_eq!(c.kept(0), vec![0, 1, 3, 4, 5, 6]);   // sinks 0, 1 and the last 4 tokens
+/// assert_eq!(c.cache_seqlens(), vec![6]);
+/// # Ok::<(), attnkit::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct RollingCache {
+    n_sink: usize,
+    window: usize,
+    rope: Rope,
+    seen: Vec<u64>,
+}
+
+impl RollingCache {
+    /// A cache for `batch` sequences keeping `n_sink` sinks and a `window`-token ring.
+    ///
+    /// ```
+    /// use attnkit::decode::{RollingCache, Rope, RopeStyle};
+    /// let r = Rope { style: RopeStyle::Interleaved, theta: 1e4 };
+    /// assert!(RollingCache::new(1, 4, 0, r).is_err());
+    /// assert_eq!(RollingCache::new(2, 4, 60, r).unwrap().capacity(), 64);
+    /// ```
+    pub fn new(batch: usize, n_sink: usize, window: usize, rope: Rope) -> Result<Self> {
+        if batch == 0 {
+            return Err(Error::Shape {
+                arg: "batch",
+                detail: "must be at least 1".into(),
+            });
+        }
+        if window == 0 {
+            return Err(Error::Value {
+                arg: "window",
+                detail: "must be at least 1".into(),
+            });
+        }
+        check_rope(&rope)?;
+        let cap = n_sink
+            .checked_add(window)
+            .filter(|&c| c <= i32::MAX as usize);
+        if cap.is_none() {
+            return Err(Error::Unsupported {
+                arg: "window",
+                detail: "n_sink + window exceeds i32".into(),
+            });
+        }
+        Ok(RollingCache {
+            n_sink,
+            window,
+            rope,
+            seen: vec![0; batch],
+        })
+    }
+
+    /// Slots per sequence, `n_sink + window`.
+    ///
+    /// ```
+    /// # use attnkit::decode::{RollingCache, Rope, RopeStyle};
+    /// # let r = Rope { style: RopeStyle::NeoX, theta: 1e4 };
+    /// assert_eq!(RollingCache::new(1, 0, 8, r).unwrap().capacity(), 8);
+    /// ```
+    pub fn capacity(&self) -> usize {
+        self.n_sink + self.window
+    }
+
+    /// Records `seq_q` new tokens in every sequence (at most `window`, else the new tokens
+    /// would evict each other).
+    ///
+    /// ```
+    /// # use attnkit::decode::{RollingCache, Rope, RopeStyle};
+    /// # let r = Rope { style: RopeStyle::NeoX, theta: 1e4 };
+    /// let mut c = RollingCache::new(1, 1, 3, r).unwrap();
+    /// assert!(c.advance(4).is_err());
+    /// c.advance(3).unwrap();
+    /// assert_eq!(c.seen(0), 3);
+    /// ```
+    pub fn advance(&mut self, seq_q: usize) -> Result<()> {
+        if seq_q == 0 || seq_q > self.window {
+            return Err(Error::Value {
+                arg: "seq_q",
+                detail: format!(
+                    "{seq_q} new tokens; a step takes 1 to window ({})",
+                    self.window
+                ),
+            });
+        }
+        for s in &mut self.seen {
+            *s += seq_q as u64;
+        }
+        Ok(())
+    }
+
+    /// Tokens sequence `b` has seen since the start of the stream.
+    ///
+    /// ```
+    /// # use attnkit::decode::{RollingCache, Rope, RopeStyle};
+    /// # let r = Rope { style: RopeStyle::NeoX, theta: 1e4 };
+    /// assert_eq!(RollingCache::new(1, 1, 3, r).unwrap().seen(0), 0);
+    /// ```
+    pub fn seen(&self, b: usize) -> u64 {
+        self.seen.get(b).copied().unwrap_or(0)
+    }
+
+    /// Keys kept per sequence (the `cache_seqlens` of the next call).
+    ///
+    /// ```
+    /// # use attnkit::decode::{RollingCache, Rope, RopeStyle};
+    /// # let r = Rope { style: RopeStyle::NeoX, theta: 1e4 };
+    /// let mut c = RollingCache::new(2, 1, 3, r).unwrap();
+    /// c.advance(2).unwrap();
+    /// assert_eq!(c.cache_seqlens(), vec![2, 2]);
+    /// ```
+    pub fn cache_seqlens(&self) -> Vec<i32> {
+        self.seen
+            .iter()
+            .map(|&s| s.min(self.capacity() as u64) as i32)
+            .collect()
+    }
+
+    /// Per sequence, the ring index of the oldest token in the ring (0 until it wraps).
+    ///
+    /// ```
+    /// # use attnkit::decode::{RollingCache, Rope, RopeStyle};
+    /// # let r = Rope { style: RopeStyle::NeoX, theta: 1e4 };
+    /// let mut c = RollingCache::new(1, 1, 3, r).unwrap();
+    /// c.advance(3).unwrap();
+    /// c.advance(2).unwrap(); // tokens 0 (sink), 2, 3, 4 kept: 2 sits at ring index 1
+    /// assert_eq!(c.ring_offsets(), vec![1]);
+    /// ```
+    pub fn ring_offsets(&self) -> Vec<i32> {
+        self.seen
+            .iter()
+            .map(|&s| {
+                if s <= self.capacity() as u64 {
+                    0
+                } else {
+                    let oldest = s - self.window as u64;
+                    ((oldest - self.n_sink as u64) % self.window as u64) as i32
+                }
+            })
+            .collect()
+    }
+
+    /// The layout to pass in [`Decode`], with `ring_offsets` from [`RollingCache::ring_offsets`].
+    ///
+    /// ```
+    /// # use attnkit::decode::{RollingCache, Rope, RopeStyle, Layout};
+    /// # let r = Rope { style: RopeStyle::NeoX, theta: 1e4 };
+    /// let c = RollingCache::new(1, 4, 12, r).unwrap();
+    /// let off = c.ring_offsets();
+    /// assert!(matches!(c.layout(&off), Layout::Rolling { window: 12, .. }));
+    /// ```
+    pub fn layout<'a>(&self, ring_offsets: &'a [i32]) -> Layout<'a> {
+        Layout::Rolling {
+            n_sink: self.n_sink,
+            window: self.window,
+            ring_offsets,
+            rope: self.rope,
+        }
+    }
+
+    /// The stream indices of the tokens sequence `b` keeps, in logical (cache position) order:
+    /// what the oracle attends to.
+    ///
+    /// ```
+    /// # use attnkit::decode::{RollingCache, Rope, RopeStyle};
+    /// # let r = Rope { style: RopeStyle::NeoX, theta: 1e4 };
+    /// let mut c = RollingCache::new(1, 1, 2, r).unwrap();
+    /// c.advance(2).unwrap();
+    /// c.advance(2).unwrap();
+    /// assert_eq!(c.kept(0), vec![0, 2, 3]);
+    /// ```
+    pub fn kept(&self, b: usize) -> Vec<u64> {
+        let s = self.seen(b);
+        let cap = self.capacity() as u64;
+        if s <= cap {
+            return (0..s).collect();
+        }
+        (0..self.n_sink as u64)
+            .chain(s - self.window as u64..s)
+            .collect()
+    }
+}
+
+fn check_rope(rope: &Rope) -> Result<()> {
+    if !(rope.theta.is_finite() && rope.theta > 1.0) {
+        return Err(Error::Value {
+            arg: "rope",
+            detail: format!("theta {} must be finite and > 1", rope.theta),
+        });
+    }
+    Ok(())
+}
+
+/// The checked problem both backends run.
+#[derive(Clone, Debug)]
+pub(crate) struct Problem<'a> {
+    pub batch: usize,
+    pub seq_q: usize,
+    pub heads_q: usize,
+    pub heads_kv: usize,
+    pub d: usize,
+    pub causal: bool,
+    pub scale: f32,
+    pub splits: usize,
+    pub keys_per_split: usize,
+    pub lens: &'a [i32],
+    pub layout: Layout<'a>,
+    pub q: Strides,
+    pub o: Strides,
+    pub k: Strides,
+    pub v: Strides,
+    /// Rows of a cache tensor: sequences (or pages) and rows per sequence (or page).
+    pub cache_dims: (usize, usize),
+    /// Keys a sequence may hold.
+    #[cfg_attr(not(attnkit_cuda), allow(dead_code))]
+    pub capacity: usize,
+}
+
+impl Problem<'_> {
+    pub fn group(&self) -> usize {
+        self.heads_q / self.heads_kv
+    }
+
+    /// Element offset of logical key `j` of sequence `b`, head `hk`, in a cache with strides
+    /// `s`: the one map every layout is read (and appended) through.
+    pub fn key_offset(&self, s: &Strides, b: usize, j: usize, hk: usize) -> usize {
+        let (page, row) = match &self.layout {
+            Layout::Contiguous { .. } => (b, j),
+            Layout::Paged {
+                page_size,
+                block_table,
+                pages_per_seq,
+                ..
+            } => (
+                block_table[b * pages_per_seq + j / page_size] as usize,
+                j % page_size,
+            ),
+            Layout::Rolling {
+                n_sink,
+                window,
+                ring_offsets,
+                ..
+            } => {
+                let slot = if j < *n_sink {
+                    j
+                } else {
+                    n_sink + (j - n_sink + ring_offsets[b] as usize) % window
+                };
+                (b, slot)
+            }
+        };
+        page * s.batch + row * s.row + hk * s.head
+    }
+
+    pub fn rope(&self) -> Option<Rope> {
+        match &self.layout {
+            Layout::Rolling { rope, .. } => Some(*rope),
+            _ => None,
+        }
+    }
+
+    pub fn len(&self, b: usize) -> usize {
+        self.lens[b] as usize
+    }
+}
+
+/// Runs decode attention: `o = softmax(scale * q k^T + mask) v` and `lse` for `seq_q` new
+/// tokens per sequence against the cache described by `p`, on `dev`'s backend.
+///
+/// `q`, `o`: `[batch, seq_q, heads_q, head_dim]` (strides in `p`); `k_cache`, `v_cache`: per
+/// `p.layout`; `tables`: the index arrays where the call runs ([`Tables::host`] on the CPU);
+/// `workspace`: at least [`Decode::workspace_len`] f32s where the call runs (its contents are
+/// scratch); `lse`: contiguous `[batch, heads_q, seq_q]`. Every argument is checked first;
+/// nothing is written on error.
+///
+/// ```
+/// use attnkit::{decode::{self, Decode, Layout, Tables}, Bf16, Device, Element};
+/// let lens = [37, 5];
+/// let p = Decode::new(&lens, 2, 8, 2, 64, Layout::Contiguous { capacity: 64 }).splits(2);
+/// let dev = Device::cpu();
+/// let q = vec![Bf16::from_f32(0.1); p.o_len()];
+/// let kv = vec![Bf16::from_f32(0.2); 2 * 64 * 2 * 64];
+/// let mut ws = vec![0f32; p.workspace_len(&dev)];
+/// let mut o = vec![Bf16::nan(); p.o_len()];
+/// let mut lse = vec![f32::NAN; p.lse_len()];
+/// decode::forward(&dev, &p, (&q).into(), (&kv).into(), (&kv).into(), Tables::host(&p),
+///     (&mut ws).into(), (&mut o).into(), (&mut lse).into())?;
+/// assert!(o.iter().all(|x| (x.to_f32() - 0.2).abs() < 1e-2));
+/// # Ok::<(), attnkit::Error>(())
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn forward<T: Element>(
+    dev: &Device,
+    p: &Decode<'_>,
+    q: Buf<'_, T>,
+    k_cache: Buf<'_, T>,
+    v_cache: Buf<'_, T>,
+    tables: Tables<'_>,
+    mut workspace: BufMut<'_, f32>,
+    mut o: BufMut<'_, T>,
+    mut lse: BufMut<'_, f32>,
+) -> Result<()> {
+    let pr = check(dev, p)?;
+    check_tables(&pr, &tables)?;
+    check_tensor(
+        "q",
+        &pr.q,
+        [pr.batch, pr.seq_q, pr.heads_q, pr.d],
+        q.len(),
+        false,
+    )?;
+    check_tensor(
+        "o",
+        &pr.o,
+        [pr.batch, pr.seq_q, pr.heads_q, pr.d],
+        o.len(),
+        true,
+    )?;
+    check_cache(&pr, k_cache.len(), v_cache.len(), false)?;
+    let lse_need = pr.batch * pr.heads_q * pr.seq_q;
+    if lse.len() < lse_need {
+        return Err(Error::Shape {
+            arg: "lse",
+            detail: format!("holds {} elements, needs {lse_need}", lse.len()),
+        });
+    }
+    let ws_need = workspace_len(pr.batch, pr.seq_q, pr.heads_q, pr.d, pr.splits);
+    if workspace.len() < ws_need {
+        return Err(Error::Shape {
+            arg: "workspace",
+            detail: format!(
+                "holds {} f32s, {} splits need {ws_need} (Decode::workspace_len)",
+                workspace.len(),
+                pr.splits
+            ),
+        });
+    }
+    match &dev.backend {
+        Backend::Cpu { threads } => {
+            host_tables(&tables)?;
+            let (q, k, v) = (
+                q.host("q")?,
+                k_cache.host("k_cache")?,
+                v_cache.host("v_cache")?,
+            );
+            let ws = workspace.host_mut("workspace")?;
+            let lse = lse.host_mut("lse")?;
+            cpu::forward(*threads, &pr, q, k, v, ws, o.host_mut("o")?, lse);
+            Ok(())
+        }
+        #[cfg(attnkit_cuda)]
+        Backend::Cuda(c) => cuda::forward(
+            c,
+            &pr,
+            &q,
+            &k_cache,
+            &v_cache,
+            &tables,
+            &mut workspace,
+            &mut o,
+            &mut lse,
+        ),
+    }
+}
+
+/// Writes the new tokens' keys and values into the cache in place: token `i` of sequence `b`
+/// becomes logical key `cache_seqlens[b] - seq_q + i` (so `cache_seqlens` are the lengths
+/// *after* the append, as [`forward`] takes them). `k_new`, `v_new`: contiguous
+/// `[batch, seq_q, heads_kv, head_dim]`. Rolling caches store keys as given (before RoPE).
+///
+/// Errors: a length below `seq_q` or over the capacity, a block table entry out of range:
+/// typed errors before anything is written.
+///
+/// ```
+/// use attnkit::{decode::{self, Decode, Layout, Tables}, Device};
+/// let lens = [3];
+/// let p = Decode::new(&lens, 1, 1, 1, 64, Layout::Contiguous { capacity: 4 });
+/// let new = vec![1.0f32; 64];
+/// let mut k = vec![0f32; 4 * 64];
+/// let mut v = vec![0f32; 4 * 64];
+/// decode::append(&Device::cpu(), &p, (&new).into(), (&new).into(), Tables::host(&p),
+///     (&mut k).into(), (&mut v).into())?;
+/// assert_eq!((k[2 * 64], k[3 * 64]), (1.0, 0.0));
+/// # Ok::<(), attnkit::Error>(())
+/// ```
+pub fn append<T: Element>(
+    dev: &Device,
+    p: &Decode<'_>,
+    k_new: Buf<'_, T>,
+    v_new: Buf<'_, T>,
+    tables: Tables<'_>,
+    mut k_cache: BufMut<'_, T>,
+    mut v_cache: BufMut<'_, T>,
+) -> Result<()> {
+    let pr = check(dev, p)?;
+    check_tables(&pr, &tables)?;
+    for (b, &l) in pr.lens.iter().enumerate() {
+        if (l as usize) < pr.seq_q {
+            return Err(Error::Value {
+                arg: "cache_seqlens",
+                detail: format!(
+                    "sequence {b} has {l} keys after appending {} new tokens",
+                    pr.seq_q
+                ),
+            });
+        }
+    }
+    let need = p.new_kv_len();
+    for (arg, len) in [("k_new", k_new.len()), ("v_new", v_new.len())] {
+        if len < need {
+            return Err(Error::Shape {
+                arg,
+                detail: format!(
+                    "holds {len} elements, [batch, seq_q, heads_kv, head_dim] needs {need}"
+                ),
+            });
+        }
+    }
+    check_cache(&pr, k_cache.len(), v_cache.len(), true)?;
+    match &dev.backend {
+        Backend::Cpu { threads } => {
+            host_tables(&tables)?;
+            let (kn, vn) = (k_new.host("k_new")?, v_new.host("v_new")?);
+            let (kc, vc) = (k_cache.host_mut("k_cache")?, v_cache.host_mut("v_cache")?);
+            cpu::append(*threads, &pr, kn, vn, kc, vc);
+            Ok(())
+        }
+        #[cfg(attnkit_cuda)]
+        Backend::Cuda(c) => {
+            cuda::append(c, &pr, &k_new, &v_new, &tables, &mut k_cache, &mut v_cache)
+        }
+    }
+}
+
+fn host_tables(t: &Tables<'_>) -> Result<()> {
+    t.cache_seqlens.host("cache_seqlens")?;
+    if let Some(b) = &t.block_table {
+        b.host("block_table")?;
+    }
+    if let Some(r) = &t.ring_offsets {
+        r.host("ring_offsets")?;
+    }
+    Ok(())
+}
+
+/// The device tables must match the layout and hold as many entries as the host copies.
+fn check_tables(p: &Problem<'_>, t: &Tables<'_>) -> Result<()> {
+    if t.cache_seqlens.len() != p.batch {
+        return Err(Error::Shape {
+            arg: "cache_seqlens",
+            detail: format!(
+                "the buffer holds {}, the batch is {}",
+                t.cache_seqlens.len(),
+                p.batch
+            ),
+        });
+    }
+    let (bt, ro) = match &p.layout {
+        Layout::Contiguous { .. } => (None, None),
+        Layout::Paged { block_table, .. } => (Some(block_table.len()), None),
+        Layout::Rolling { ring_offsets, .. } => (None, Some(ring_offsets.len())),
+    };
+    for (arg, want, got) in [
+        ("block_table", bt, t.block_table.as_ref().map(|b| b.len())),
+        ("ring_offsets", ro, t.ring_offsets.as_ref().map(|b| b.len())),
+    ] {
+        if want != got {
+            return Err(Error::Shape {
+                arg,
+                detail: match (want, got) {
+                    (None, _) => "given, but the layout does not use it".into(),
+                    (Some(_), None) => "the layout needs it, none given".into(),
+                    (Some(w), Some(g)) => format!("the buffer holds {g}, the layout's {w}"),
+                },
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Every check that depends on the problem alone; returns the problem the backends run.
+fn check<'a>(dev: &Device, p: &Decode<'a>) -> Result<Problem<'a>> {
+    let batch = p.batch();
+    let shape = |arg, detail: String| Err(Error::Shape { arg, detail });
+    if batch == 0 {
+        return shape("cache_seqlens", "empty: the batch needs a sequence".into());
+    }
+    if p.seq_q == 0 || p.seq_q > MAX_SEQ_Q {
+        return shape("seq_q", format!("{} (1 to {MAX_SEQ_Q})", p.seq_q));
+    }
+    if !HEAD_DIMS.contains(&p.head_dim) {
+        return Err(Error::Unsupported {
+            arg: "head_dim",
+            detail: format!("{} (supported: {HEAD_DIMS:?})", p.head_dim),
+        });
+    }
+    if p.heads_q == 0 {
+        return shape("heads_q", "must be at least 1".into());
+    }
+    if p.heads_kv == 0 || p.heads_q % p.heads_kv != 0 {
+        return shape(
+            "heads_kv",
+            format!(
+                "{} must be >= 1 and divide heads_q ({})",
+                p.heads_kv, p.heads_q
+            ),
+        );
+    }
+    for (arg, n) in [("cache_seqlens", batch), ("heads_q", p.heads_q)] {
+        if n > 65535 {
+            return Err(Error::Unsupported {
+                arg,
+                detail: format!("{n}: at most 65535 (a CUDA grid dimension)"),
+            });
+        }
+    }
+    let scale = p.softmax_scale();
+    if !scale.is_finite() {
+        return Err(Error::Value {
+            arg: "scale",
+            detail: format!("{scale} is not finite"),
+        });
+    }
+    let cap = p.capacity();
+    if cap > i32::MAX as usize {
+        return Err(Error::Unsupported {
+            arg: "capacity",
+            detail: format!("{cap} tokens a sequence exceed i32"),
+        });
+    }
+    let cache_dims = match &p.layout {
+        Layout::Contiguous { capacity } => (batch, *capacity),
+        Layout::Paged {
+            page_size,
+            num_pages,
+            block_table,
+            pages_per_seq,
+        } => {
+            if *page_size == 0 || page_size % 16 != 0 {
+                return Err(Error::Value {
+                    arg: "page_size",
+                    detail: format!("{page_size} is not a positive multiple of 16"),
+                });
+            }
+            if *num_pages > i32::MAX as usize {
+                return Err(Error::Unsupported {
+                    arg: "num_pages",
+                    detail: format!("{num_pages} exceeds i32"),
+                });
+            }
+            let need = batch.saturating_mul(*pages_per_seq);
+            if block_table.len() != need {
+                return shape(
+                    "block_table",
+                    format!(
+                        "holds {} entries, [batch {batch}, pages_per_seq {pages_per_seq}] is {need}",
+                        block_table.len()
+                    ),
+                );
+            }
+            (*num_pages, *page_size)
+        }
+        Layout::Rolling {
+            window,
+            ring_offsets,
+            rope,
+            ..
+        } => {
+            check_rope(rope)?;
+            if *window == 0 {
+                return Err(Error::Value {
+                    arg: "window",
+                    detail: "must be at least 1".into(),
+                });
+            }
+            if ring_offsets.len() != batch {
+                return shape(
+                    "ring_offsets",
+                    format!("holds {}, the batch is {batch}", ring_offsets.len()),
+                );
+            }
+            (batch, cap)
+        }
+    };
+    for (b, &l) in p.cache_seqlens.iter().enumerate() {
+        if l < 0 || l as usize > cap {
+            return Err(Error::Value {
+                arg: "cache_seqlens",
+                detail: format!("sequence {b}: {l} keys, the capacity is {cap}"),
+            });
+        }
+    }
+    match &p.layout {
+        Layout::Paged {
+            page_size,
+            num_pages,
+            block_table,
+            pages_per_seq,
+        } => {
+            // Only the pages a sequence uses are read; each must name a real page.
+            for (b, &l) in p.cache_seqlens.iter().enumerate() {
+                let row = &block_table[b * pages_per_seq..(b + 1) * pages_per_seq];
+                for (i, &pg) in row
+                    .iter()
+                    .take((l as usize).div_ceil(*page_size))
+                    .enumerate()
+                {
+                    if pg < 0 || pg as usize >= *num_pages {
+                        return Err(Error::Value {
+                            arg: "block_table",
+                            detail: format!(
+                                "sequence {b}, page {i}: entry {pg} is outside 0..{num_pages}"
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        Layout::Rolling {
+            window,
+            ring_offsets,
+            ..
+        } => {
+            for (b, (&r, &l)) in ring_offsets.iter().zip(p.cache_seqlens).enumerate() {
+                // The ring turns only once full.
+                let ok = r >= 0 && (r as usize) < *window && (r == 0 || l as usize == cap);
+                if !ok {
+                    return Err(Error::Value {
+                        arg: "ring_offsets",
+                        detail: format!(
+                            "sequence {b}: offset {r} with {l} of {cap} slots used (window {window})"
+                        ),
+                    });
+                }
+            }
+        }
+        Layout::Contiguous { .. } => {}
+    }
+    let splits = p.splits_for(dev);
+    if splits == 0 || splits > MAX_SPLITS {
+        return Err(Error::Value {
+            arg: "num_splits",
+            detail: format!("{splits} (1 to {MAX_SPLITS})"),
+        });
+    }
+    let keys_per_split = p.keys_per_split(splits);
+    // Splits past the longest cache would only write empty partials: drop them.
+    let splits = p.max_len().div_ceil(keys_per_split).clamp(1, splits);
+    Ok(Problem {
+        batch,
+        seq_q: p.seq_q,
+        heads_q: p.heads_q,
+        heads_kv: p.heads_kv,
+        d: p.head_dim,
+        causal: p.causal,
+        scale,
+        splits,
+        keys_per_split,
+        lens: p.cache_seqlens,
+        layout: p.layout.clone(),
+        q: p.q_strides,
+        o: p.o_strides,
+        k: p.k_strides,
+        v: p.v_strides,
+        cache_dims,
+        capacity: cap,
+    })
+}
+
+/// Checks both cache tensors `[pages or batch, rows, heads_kv, head_dim]` against their buffers
+/// (as outputs, for an append: no element may alias another).
+fn check_cache(p: &Problem<'_>, k_len: usize, v_len: usize, output: bool) -> Result<()> {
+    let dims = [p.cache_dims.0, p.cache_dims.1, p.heads_kv, p.d];
+    check_tensor("k_cache", &p.k, dims, k_len, output)?;
+    check_tensor("v_cache", &p.v, dims, v_len, output)
+}
+
+/// A strided `[a, b, c, d]` tensor: last dimension contiguous, every element inside the
+/// buffer, offsets within i64, and (outputs) no two elements at one place.
+fn check_tensor(
+    arg: &'static str,
+    s: &Strides,
+    dims: [usize; 4],
+    len: usize,
+    output: bool,
+) -> Result<()> {
+    if s.dim != 1 {
+        return Err(Error::Stride {
+            arg,
+            detail: format!("the head_dim stride must be 1, is {}", s.dim),
+        });
+    }
+    let strides = [s.batch, s.row, s.head, 1];
+    let reach = dims
+        .iter()
+        .zip(&strides)
+        .try_fold(1usize, |acc, (&n, &st)| {
+            n.checked_sub(1)
+                .map_or(Some(acc), |m| m.checked_mul(st)?.checked_add(acc))
+        })
+        .filter(|&r| r <= i64::MAX as usize)
+        .ok_or_else(|| Error::Stride {
+            arg,
+            detail: format!("shape {dims:?} with strides {strides:?} overflows"),
+        })?;
+    if dims.contains(&0) {
+        return Ok(());
+    }
+    if reach > len {
+        return Err(Error::Shape {
+            arg,
+            detail: format!(
+                "holds {len} elements, shape {dims:?} with strides {strides:?} reaches {reach}"
+            ),
+        });
+    }
+    if output {
+        let mut by_stride: Vec<(usize, usize)> = strides
+            .into_iter()
+            .zip(dims)
+            .filter(|&(_, n)| n > 1)
+            .collect();
+        by_stride.sort_unstable();
+        let mut span = 1usize;
+        for (st, n) in by_stride {
+            if st < span {
+                return Err(Error::Stride {
+                    arg,
+                    detail: format!("strides {strides:?} make elements overlap"),
+                });
+            }
+            span = st.saturating_mul(n);
+        }
+    }
+    Ok(())
+}

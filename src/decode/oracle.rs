@@ -1,0 +1,201 @@
+//! The naive reference for decode: f64 throughout, every score of a row materialised, RoPE
+//! applied in f64, no tiles and no splits. Slow by design; tests, benches and the tour compare
+//! the real implementations against it.
+
+use super::{Decode, Layout, Rope};
+use crate::dtype::Element;
+
+/// Rotates `v` (one head vector, f64) to position `pos` with `rope`, in f64.
+///
+/// ```
+/// use attnkit::decode::{oracle, Rope, RopeStyle};
+/// let mut v = vec![1.0, 0.0];
+/// oracle::rotate(&mut v, Rope { style: RopeStyle::Interleaved, theta: 1e4 }, 1);
+/// assert!((v[0] - 1f64.cos()).abs() < 1e-15 && (v[1] - 1f64.sin()).abs() < 1e-15);
+/// ```
+pub fn rotate(v: &mut [f64], rope: Rope, pos: usize) {
+    let d = v.len();
+    for c in 0..d / 2 {
+        let (a, b) = rope.pair(c, d);
+        let (sin, cos) = (pos as f64 * rope.inv_freq(c, d)).sin_cos();
+        let (xa, xb) = (v[a], v[b]);
+        v[a] = xa * cos - xb * sin;
+        v[b] = xb * cos + xa * sin;
+    }
+}
+
+/// A head vector in f64, rotated to `pos` when there is a RoPE.
+fn vector<T: Element>(x: &[T], rope: Option<Rope>, pos: usize) -> Vec<f64> {
+    let mut v: Vec<f64> = x.iter().map(|e| e.to_f32() as f64).collect();
+    if let Some(r) = rope {
+        rotate(&mut v, r, pos);
+    }
+    v
+}
+
+/// One sequence's reference. `q`: contiguous `[seq_q, heads_q, d]`; `k`, `v`: contiguous
+/// `[len, heads_kv, d]`, the cache's keys in logical order (key `j` at position `j`, query `i`
+/// at `len - seq_q + i`, the causal mask bottom-right). Returns `o` `[seq_q, heads_q, d]` and
+/// `lse` `[heads_q, seq_q]`; a row that sees no key gives zeros and `-inf`.
+///
+/// ```
+/// use attnkit::decode::oracle;
+/// let q = vec![1.0f32; 64];
+/// let kv: Vec<f32> = (0..128).map(|i| (i / 64) as f32).collect(); // keys 0s and 1s
+/// let (o, lse) = oracle::sequence(1, 1, 1, 64, 0.0, true, None, &q, &kv, &kv);
+/// assert!((o[0] - 0.5).abs() < 1e-12 && (lse[0] - 2f64.ln()).abs() < 1e-12);
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn sequence<T: Element>(
+    seq_q: usize,
+    heads_q: usize,
+    heads_kv: usize,
+    d: usize,
+    scale: f32,
+    causal: bool,
+    rope: Option<Rope>,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+) -> (Vec<f64>, Vec<f64>) {
+    let len = k.len() / (heads_kv * d);
+    let group = heads_q / heads_kv;
+    let mut o = vec![0.0; seq_q * heads_q * d];
+    let mut lse = vec![f64::NEG_INFINITY; heads_q * seq_q];
+    for i in 0..seq_q {
+        let pos = (len + i).saturating_sub(seq_q);
+        for h in 0..heads_q {
+            let hk = h / group;
+            let qv = vector(&q[(i * heads_q + h) * d..][..d], rope, pos);
+            let seen = if causal {
+                (len + i + 1).saturating_sub(seq_q).min(len)
+            } else {
+                len
+            };
+            let scores: Vec<f64> = (0..seen)
+                .map(|j| {
+                    let kv = vector(&k[(j * heads_kv + hk) * d..][..d], rope, j);
+                    qv.iter().zip(&kv).map(|(a, b)| a * b).sum::<f64>() * scale as f64
+                })
+                .collect();
+            if scores.is_empty() {
+                continue;
+            }
+            let mx = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let weights: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
+            let total: f64 = weights.iter().sum();
+            let out = &mut o[(i * heads_q + h) * d..][..d];
+            for (j, w) in weights.iter().enumerate() {
+                let vr = &v[(j * heads_kv + hk) * d..][..d];
+                for (x, y) in out.iter_mut().zip(vr) {
+                    *x += w * y.to_f32() as f64 / total;
+                }
+            }
+            lse[h * seq_q + i] = mx + total.ln();
+        }
+    }
+    (o, lse)
+}
+
+/// Copies sequence `b`'s keys (or values) out of a cache into logical order, contiguous
+/// `[len, heads_kv, d]`, reading any layout the plain way (no shared code with the kernels'
+/// map, so a wrong map cannot agree with itself).
+///
+/// ```
+/// use attnkit::decode::{oracle, Decode, Layout};
+/// let table = [1, 0];
+/// let p = Decode::new(&[20], 1, 1, 1, 64, Layout::Paged { page_size: 16, num_pages: 2, block_table: &table, pages_per_seq: 2 });
+/// let cache: Vec<f32> = (0..32 * 64).map(|i| (i / 64) as f32).collect(); // row r holds r
+/// let k = oracle::gather(&p, &p.k_strides, &cache, 0);
+/// assert_eq!((k[0], k[16 * 64]), (16.0, 0.0)); // logical key 0 is page 1's row 0
+/// ```
+pub fn gather<T: Element>(
+    p: &Decode<'_>,
+    s: &crate::flash::Strides,
+    cache: &[T],
+    b: usize,
+) -> Vec<T> {
+    let (len, hk_n, d) = (p.cache_seqlens[b].max(0) as usize, p.heads_kv, p.head_dim);
+    let mut out = Vec::with_capacity(len * hk_n * d);
+    for j in 0..len {
+        let (outer, row) = match &p.layout {
+            Layout::Contiguous { .. } => (b, j),
+            Layout::Paged {
+                page_size,
+                block_table,
+                pages_per_seq,
+                ..
+            } => {
+                let pages = &block_table[b * pages_per_seq..][..*pages_per_seq];
+                (pages[j / page_size] as usize, j % page_size)
+            }
+            Layout::Rolling {
+                n_sink,
+                window,
+                ring_offsets,
+                ..
+            } => {
+                // Walk the ring from its oldest slot.
+                let ring = (ring_offsets[b] as usize + j.saturating_sub(*n_sink)) % window;
+                (b, if j < *n_sink { j } else { n_sink + ring })
+            }
+        };
+        for hk in 0..hk_n {
+            let off = outer * s.batch + row * s.row + hk * s.head;
+            out.extend_from_slice(&cache[off..off + d]);
+        }
+    }
+    out
+}
+
+/// The whole reference for a problem: `o` contiguous `[batch, seq_q, heads_q, head_dim]`,
+/// `lse` `[batch, heads_q, seq_q]`; `q` read through `p.q_strides`.
+///
+/// ```
+/// use attnkit::decode::{oracle, Decode, Layout};
+/// let p = Decode::new(&[3], 1, 2, 1, 64, Layout::Contiguous { capacity: 4 });
+/// let q = vec![0.5f32; p.o_len()];
+/// let kv = vec![0.25f32; 4 * 64];
+/// let (o, lse) = oracle::decode(&p, &q, &kv, &kv);
+/// assert!((o[0] - 0.25).abs() < 1e-12 && (lse[1] - (1.0 + 3f64.ln())).abs() < 1e-12);
+/// ```
+pub fn decode<T: Element>(
+    p: &Decode<'_>,
+    q: &[T],
+    k_cache: &[T],
+    v_cache: &[T],
+) -> (Vec<f64>, Vec<f64>) {
+    let (sq, hq, d) = (p.seq_q, p.heads_q, p.head_dim);
+    let rope = match &p.layout {
+        Layout::Rolling { rope, .. } => Some(*rope),
+        _ => None,
+    };
+    let mut o = Vec::with_capacity(p.o_len());
+    let mut lse = Vec::with_capacity(p.lse_len());
+    for b in 0..p.batch() {
+        let s = &p.q_strides;
+        let qb: Vec<T> = (0..sq * hq)
+            .flat_map(|r| {
+                let off = b * s.batch + (r / hq) * s.row + (r % hq) * s.head;
+                q[off..off + d].to_vec()
+            })
+            .collect();
+        let k = gather(p, &p.k_strides, k_cache, b);
+        let v = gather(p, &p.v_strides, v_cache, b);
+        let (ob, lb) = sequence(
+            sq,
+            hq,
+            p.heads_kv,
+            d,
+            p.softmax_scale(),
+            p.causal,
+            rope,
+            &qb,
+            &k,
+            &v,
+        );
+        o.extend(ob);
+        lse.extend(lb);
+    }
+    (o, lse)
+}

@@ -1,0 +1,952 @@
+//! Decode attention against the f64 oracle, on the CPU and (where present) the GPU: every
+//! dtype, head dim and GQA ratio; cache lengths 0, 1, odd and very unequal in one batch; split
+//! counts 1 to 64 agreeing; paged and contiguous caches agreeing; append; a StreamingLLM
+//! rolling cache driven for 10x its capacity; typed errors for bad input.
+//!
+//! Tolerance: f32 is tight; f16/bf16 use FlashAttention's rule, relative to a naive
+//! computation in the same precision: `max|out - ref| <= 2 * max|naive_lp - ref| + 1e-3`.
+
+mod common;
+
+use attnkit::decode::{
+    self, Decode, HEAD_DIMS, Layout, RollingCache, Rope, RopeStyle, Tables, oracle,
+};
+use attnkit::{Bf16, DType, Device, Element, F16};
+use common::*;
+use rand::Rng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+
+/// The CPU, and the GPU where there is one.
+fn devices(test: &str) -> Vec<Device> {
+    let mut v = vec![Device::cpu()];
+    v.extend(gpu(test));
+    v
+}
+
+/// Device copies of a problem's index arrays.
+#[cfg(feature = "cuda")]
+struct DeviceTables {
+    lens: attnkit::cudarc::driver::CudaSlice<i32>,
+    block_table: Option<attnkit::cudarc::driver::CudaSlice<i32>>,
+    ring_offsets: Option<attnkit::cudarc::driver::CudaSlice<i32>>,
+}
+
+#[cfg(feature = "cuda")]
+impl DeviceTables {
+    fn new(s: &std::sync::Arc<attnkit::cudarc::driver::CudaStream>, p: &Decode<'_>) -> Self {
+        let (bt, ro) = match &p.layout {
+            Layout::Paged { block_table, .. } => (Some(s.clone_htod(*block_table).unwrap()), None),
+            Layout::Rolling { ring_offsets, .. } => {
+                (None, Some(s.clone_htod(*ring_offsets).unwrap()))
+            }
+            Layout::Contiguous { .. } => (None, None),
+        };
+        DeviceTables {
+            lens: s.clone_htod(p.cache_seqlens).unwrap(),
+            block_table: bt,
+            ring_offsets: ro,
+        }
+    }
+
+    fn tables(&self) -> Tables<'_> {
+        Tables {
+            cache_seqlens: (&self.lens).into(),
+            block_table: self.block_table.as_ref().map(|b| b.into()),
+            ring_offsets: self.ring_offsets.as_ref().map(|b| b.into()),
+        }
+    }
+}
+
+/// Runs `forward` on `dev` with poisoned outputs (and a poisoned workspace); uploads to and
+/// downloads from the GPU when it is one.
+fn run<T: Element>(
+    dev: &Device,
+    p: &Decode<'_>,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+) -> attnkit::Result<(Vec<T>, Vec<f32>)> {
+    let mut o = poisoned::<T>(p.o_len());
+    let mut lse = vec![f32::NAN; p.lse_len()];
+    let mut ws = vec![f32::NAN; p.workspace_len(dev)];
+    #[cfg(feature = "cuda")]
+    if let Some(s) = dev.stream() {
+        let up = |x: &[T]| s.clone_htod(x).unwrap();
+        let (qd, kd, vd) = (up(q), up(k), up(v));
+        let dt = DeviceTables::new(s, p);
+        let tables = dt.tables();
+        let mut od = s.clone_htod(&o).unwrap();
+        let mut ld = s.clone_htod(&lse).unwrap();
+        let mut wd = s.clone_htod(&ws).unwrap();
+        decode::forward(
+            dev,
+            p,
+            (&qd).into(),
+            (&kd).into(),
+            (&vd).into(),
+            tables,
+            (&mut wd).into(),
+            (&mut od).into(),
+            (&mut ld).into(),
+        )?;
+        return Ok((s.clone_dtoh(&od).unwrap(), s.clone_dtoh(&ld).unwrap()));
+    }
+    decode::forward(
+        dev,
+        p,
+        q.into(),
+        k.into(),
+        v.into(),
+        Tables::host(p),
+        (&mut ws).into(),
+        (&mut o).into(),
+        (&mut lse).into(),
+    )?;
+    Ok((o, lse))
+}
+
+/// Runs `append` on `dev`, updating the host caches `k`, `v`.
+fn run_append<T: Element>(
+    dev: &Device,
+    p: &Decode<'_>,
+    kn: &[T],
+    vn: &[T],
+    k: &mut Vec<T>,
+    v: &mut Vec<T>,
+) -> attnkit::Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Some(s) = dev.stream() {
+        let (knd, vnd) = (s.clone_htod(kn).unwrap(), s.clone_htod(vn).unwrap());
+        let dt = DeviceTables::new(s, p);
+        let tables = dt.tables();
+        let (mut kd, mut vd) = (s.clone_htod(k).unwrap(), s.clone_htod(v).unwrap());
+        decode::append(
+            dev,
+            p,
+            (&knd).into(),
+            (&vnd).into(),
+            tables,
+            (&mut kd).into(),
+            (&mut vd).into(),
+        )?;
+        *k = s.clone_dtoh(&kd).unwrap();
+        *v = s.clone_dtoh(&vd).unwrap();
+        return Ok(());
+    }
+    decode::append(
+        dev,
+        p,
+        kn.into(),
+        vn.into(),
+        Tables::host(p),
+        k.into(),
+        v.into(),
+    )
+}
+
+/// The naive computation in T's precision for one sequence (arguments as
+/// [`oracle::sequence`]): f32 scores from T inputs (rotated in f64, rounded to T, as a kernel
+/// that rotates a tile in place holds them), P rounded to T, f32 sums, O rounded to T.
+#[allow(clippy::too_many_arguments)]
+fn naive_lp<T: Element>(
+    seq_q: usize,
+    heads_q: usize,
+    heads_kv: usize,
+    d: usize,
+    scale: f32,
+    causal: bool,
+    rope: Option<Rope>,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+) -> Vec<f64> {
+    let len = k.len() / (heads_kv * d);
+    let group = heads_q / heads_kv;
+    let lp = |x: &[T], pos: usize| -> Vec<f32> {
+        // The oracle's rotation, then T's rounding.
+        let mut w: Vec<f64> = x.iter().map(|e| e.to_f32() as f64).collect();
+        if let Some(r) = rope {
+            oracle::rotate(&mut w, r, pos);
+        }
+        w.iter().map(|&e| T::from_f32(e as f32).to_f32()).collect()
+    };
+    let mut out = vec![0.0; seq_q * heads_q * d];
+    for i in 0..seq_q {
+        let pos = (len + i).saturating_sub(seq_q);
+        let seen = if causal {
+            (len + i + 1).saturating_sub(seq_q).min(len)
+        } else {
+            len
+        };
+        for h in 0..heads_q {
+            let hk = h / group;
+            let qv = lp(&q[(i * heads_q + h) * d..][..d], pos);
+            let s: Vec<f32> = (0..seen)
+                .map(|j| {
+                    let kv = lp(&k[(j * heads_kv + hk) * d..][..d], j);
+                    qv.iter().zip(&kv).map(|(a, b)| a * b).sum::<f32>() * scale
+                })
+                .collect();
+            if s.is_empty() {
+                continue;
+            }
+            let mx = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let pr: Vec<f32> = s.iter().map(|x| (x - mx).exp()).collect();
+            let l: f32 = pr.iter().sum();
+            for c in 0..d {
+                let acc: f32 = pr
+                    .iter()
+                    .enumerate()
+                    .map(|(j, pj)| {
+                        T::from_f32(*pj).to_f32() * v[(j * heads_kv + hk) * d + c].to_f32()
+                    })
+                    .sum();
+                out[(i * heads_q + h) * d + c] = T::from_f32(acc / l).to_f32() as f64;
+            }
+        }
+    }
+    out
+}
+
+/// Contiguous `[seq_q, heads_q, d]` rows of sequence `b` of q (read through its strides).
+fn q_rows<T: Element>(p: &Decode<'_>, q: &[T], b: usize) -> Vec<T> {
+    let (s, d) = (&p.q_strides, p.head_dim);
+    (0..p.seq_q * p.heads_q)
+        .flat_map(|r| {
+            let off = b * s.batch + (r / p.heads_q) * s.row + (r % p.heads_q) * s.head;
+            q[off..off + d].to_vec()
+        })
+        .collect()
+}
+
+/// Compares o (contiguous) and lse of a run with the oracle, sequence by sequence.
+/// `keys(b)` gives sequence b's logical K and V (contiguous `[len, heads_kv, d]`).
+fn check<T: Element>(
+    what: &str,
+    p: &Decode<'_>,
+    q: &[T],
+    keys: &dyn Fn(usize) -> (Vec<T>, Vec<T>),
+    o: &[T],
+    lse: &[f32],
+) {
+    let (sq, hq, d) = (p.seq_q, p.heads_q, p.head_dim);
+    let rope = match &p.layout {
+        Layout::Rolling { rope, .. } => Some(*rope),
+        _ => None,
+    };
+    let (mut err, mut lp_err) = (0.0f64, 0.0f64);
+    let mut first_bad = None;
+    let mut lse_bad = 0;
+    for b in 0..p.batch() {
+        let (k, v) = keys(b);
+        let qb = q_rows(p, q, b);
+        let args = (sq, hq, p.heads_kv, d, p.softmax_scale(), p.causal, rope);
+        let (want, want_lse) = oracle::sequence(
+            args.0, args.1, args.2, args.3, args.4, args.5, args.6, &qb, &k, &v,
+        );
+        if T::DTYPE != DType::F32 {
+            let lp = naive_lp(
+                args.0, args.1, args.2, args.3, args.4, args.5, args.6, &qb, &k, &v,
+            );
+            lp_err = lp
+                .iter()
+                .zip(&want)
+                .map(|(x, y)| (x - y).abs())
+                .fold(lp_err, f64::max);
+        }
+        let base = b * sq * hq * d;
+        for (idx, w) in want.iter().enumerate() {
+            let g = o[base + idx].to_f32() as f64;
+            let e = (g - w).abs();
+            let e = if e.is_nan() { f64::INFINITY } else { e };
+            if e > err {
+                err = e;
+                first_bad = Some((b, idx, g, *w));
+            }
+        }
+        for (idx, &wl) in want_lse.iter().enumerate() {
+            let gl = lse[b * hq * sq + idx] as f64;
+            let ok = if wl == f64::NEG_INFINITY {
+                gl == f64::NEG_INFINITY
+            } else {
+                (gl - wl).abs() <= 2e-4 * (1.0 + wl.abs())
+            };
+            if !ok {
+                if lse_bad < 5 {
+                    eprintln!("{what}: lse mismatch at b={b} [h,i]={idx}: got {gl}, want {wl}");
+                }
+                lse_bad += 1;
+            }
+        }
+    }
+    let bound = if T::DTYPE == DType::F32 {
+        // RoPE angles: the GPU computes them in f32 (a relative error of 2^-24 * position).
+        if rope.is_some() { 1e-4 } else { 2e-5 }
+    } else {
+        2.0 * lp_err + 1e-3
+    };
+    assert!(
+        err <= bound,
+        "{what}: max |o - ref| = {err:e} > {bound:e} (first at b, index, got, want = {first_bad:?})"
+    );
+    assert_eq!(lse_bad, 0, "{what}: {lse_bad} LSE values off");
+}
+
+/// Keys of a contiguous cache, through the oracle's own reader.
+fn contiguous_keys<'a, T: Element>(
+    p: &'a Decode<'a>,
+    k: &'a [T],
+    v: &'a [T],
+) -> impl Fn(usize) -> (Vec<T>, Vec<T>) + 'a {
+    move |b| {
+        (
+            oracle::gather(p, &p.k_strides, k, b),
+            oracle::gather(p, &p.v_strides, v, b),
+        )
+    }
+}
+
+fn contiguous_case<T: Element>(
+    rng: &mut StdRng,
+    dev: &Device,
+    lens: &[i32],
+    seq_q: usize,
+    heads: (usize, usize),
+    d: usize,
+    splits: Option<usize>,
+) {
+    let cap = (*lens.iter().max().unwrap() as usize).max(1) + 3;
+    let mut p = Decode::new(
+        lens,
+        seq_q,
+        heads.0,
+        heads.1,
+        d,
+        Layout::Contiguous { capacity: cap },
+    );
+    p.num_splits = splits;
+    let n_kv = lens.len() * cap * heads.1 * d;
+    let (q, k, v) = (
+        random::<T>(rng, p.o_len()),
+        random::<T>(rng, n_kv),
+        random::<T>(rng, n_kv),
+    );
+    let (o, lse) = run(dev, &p, &q, &k, &v).unwrap();
+    let what = format!(
+        "{} {} lens={lens:?} sq={seq_q} h={heads:?} d={d} splits={splits:?}",
+        dev.name(),
+        T::DTYPE
+    );
+    check(&what, &p, &q, &contiguous_keys(&p, &k, &v), &o, &lse);
+}
+
+fn every_dim_and_gqa_ratio<T: Element>(test: &str) {
+    let mut rng = rng(test);
+    for dev in devices(test) {
+        for d in HEAD_DIMS {
+            // GQA ratios 1, 4, 8 with two KV heads (a wrong head map cannot pass by luck);
+            // lengths 0, 1, odd, and very unequal in one batch.
+            for (ratio, seq_q, lens) in [
+                (1, 1, &[0, 1, 77, 1000][..]),
+                (4, 3, &[130, 2, 0][..]),
+                (8, 16, &[5, 300][..]),
+            ] {
+                contiguous_case::<T>(&mut rng, &dev, lens, seq_q, (2 * ratio, 2), d, Some(3));
+            }
+        }
+    }
+}
+
+#[test]
+fn f32_every_head_dim_and_gqa_ratio() {
+    every_dim_and_gqa_ratio::<f32>("f32_every_head_dim_and_gqa_ratio");
+}
+
+#[test]
+fn f16_every_head_dim_and_gqa_ratio() {
+    every_dim_and_gqa_ratio::<F16>("f16_every_head_dim_and_gqa_ratio");
+}
+
+#[test]
+fn bf16_every_head_dim_and_gqa_ratio() {
+    every_dim_and_gqa_ratio::<Bf16>("bf16_every_head_dim_and_gqa_ratio");
+}
+
+#[test]
+fn non_causal_heuristic_splits_and_custom_scale() {
+    let mut rng = rng("non_causal_heuristic_splits_and_custom_scale");
+    for dev in devices("non_causal_heuristic_splits_and_custom_scale") {
+        let lens = [2000, 3, 700];
+        let mut p = Decode::new(&lens, 4, 8, 2, 128, Layout::Contiguous { capacity: 2048 })
+            .causal(false)
+            .scale(0.3);
+        p.q_strides.row = 8 * 128 + 64; // padded q rows
+        p.q_strides.batch = 4 * p.q_strides.row;
+        let q = random::<Bf16>(&mut rng, 3 * p.q_strides.batch);
+        let n_kv = 3 * 2048 * 2 * 128;
+        let (k, v) = (
+            random::<Bf16>(&mut rng, n_kv),
+            random::<Bf16>(&mut rng, n_kv),
+        );
+        eprintln!("heuristic: {} splits on {}", p.splits_for(&dev), dev.name());
+        let (o, lse) = run(&dev, &p, &q, &k, &v).unwrap();
+        check(
+            "non-causal bf16",
+            &p,
+            &q,
+            &contiguous_keys(&p, &k, &v),
+            &o,
+            &lse,
+        );
+    }
+}
+
+#[test]
+fn split_counts_1_to_64_agree() {
+    let mut rng = rng("split_counts_1_to_64_agree");
+    for dev in devices("split_counts_1_to_64_agree") {
+        // Lengths that are not multiples of a split's 64-key granule, and one of 0.
+        let lens = [4000, 1, 2333, 0];
+        let cap = 4096;
+        let base = Decode::new(&lens, 2, 4, 1, 64, Layout::Contiguous { capacity: cap });
+        let n_kv = lens.len() * cap * 64;
+        let q = random::<f32>(&mut rng, base.o_len());
+        let (k, v) = (random::<f32>(&mut rng, n_kv), random::<f32>(&mut rng, n_kv));
+        let (o1, lse1) = run(&dev, &base.clone().splits(1), &q, &k, &v).unwrap();
+        check(
+            "splits=1",
+            &base,
+            &q,
+            &contiguous_keys(&base, &k, &v),
+            &o1,
+            &lse1,
+        );
+        for splits in 2..=64 {
+            let p = base.clone().splits(splits);
+            let (o, lse) = run(&dev, &p, &q, &k, &v).unwrap();
+            for (i, (a, b)) in o.iter().zip(&o1).enumerate() {
+                assert!((a - b).abs() <= 2e-6, "splits={splits}: o[{i}] {a} vs {b}");
+            }
+            for (i, (a, b)) in lse.iter().zip(&lse1).enumerate() {
+                let same = a == b || (a - b).abs() <= 2e-6 * (1.0 + b.abs());
+                assert!(same, "splits={splits}: lse[{i}] {a} vs {b}");
+            }
+        }
+    }
+}
+
+/// Scatters a contiguous cache `[batch, cap, hk, d]` into `pages` of `page_size` rows under a
+/// random block table; returns (paged k, paged v, block table, pages per sequence).
+fn paginate<T: Element>(
+    rng: &mut StdRng,
+    k: &[T],
+    v: &[T],
+    batch: usize,
+    cap: usize,
+    row: usize,
+    page_size: usize,
+) -> (Vec<T>, Vec<T>, Vec<i32>, usize) {
+    let per = cap.div_ceil(page_size);
+    let n_pages = batch * per + 3; // spare pages that nobody uses
+    let mut ids: Vec<i32> = (0..n_pages as i32).collect();
+    ids.shuffle(rng);
+    let table: Vec<i32> = ids[..batch * per].to_vec();
+    let mut pk = poisoned::<T>(n_pages * page_size * row);
+    let mut pv = poisoned::<T>(n_pages * page_size * row);
+    for b in 0..batch {
+        for j in 0..cap {
+            let page = table[b * per + j / page_size] as usize;
+            let dst = (page * page_size + j % page_size) * row;
+            let src = (b * cap + j) * row;
+            pk[dst..dst + row].copy_from_slice(&k[src..src + row]);
+            pv[dst..dst + row].copy_from_slice(&v[src..src + row]);
+        }
+    }
+    (pk, pv, table, per)
+}
+
+#[test]
+fn paged_and_contiguous_caches_agree() {
+    let mut rng = rng("paged_and_contiguous_caches_agree");
+    for dev in devices("paged_and_contiguous_caches_agree") {
+        for page_size in [16, 48, 256] {
+            // Lengths that are not page multiples; cap a multiple of no page size.
+            let lens = [1, 517, 0, 100];
+            let (cap, hk, d) = (520, 2, 128);
+            let cont =
+                Decode::new(&lens, 2, 8, hk, d, Layout::Contiguous { capacity: cap }).splits(2);
+            let n_kv = lens.len() * cap * hk * d;
+            let q = random::<Bf16>(&mut rng, cont.o_len());
+            let (k, v) = (
+                random::<Bf16>(&mut rng, n_kv),
+                random::<Bf16>(&mut rng, n_kv),
+            );
+            let (pk, pv, table, per) =
+                paginate(&mut rng, &k, &v, lens.len(), cap, hk * d, page_size);
+            let layout = Layout::Paged {
+                page_size,
+                num_pages: pk.len() / (page_size * hk * d),
+                block_table: &table,
+                pages_per_seq: per,
+            };
+            let paged = Decode::new(&lens, 2, 8, hk, d, layout).splits(2);
+            let (oc, lc) = run(&dev, &cont, &q, &k, &v).unwrap();
+            let (op, lp) = run(&dev, &paged, &q, &pk, &pv).unwrap();
+            let what = format!("{} paged page_size={page_size}", dev.name());
+            check(
+                &what,
+                &paged,
+                &q,
+                &contiguous_keys(&paged, &pk, &pv),
+                &op,
+                &lp,
+            );
+            // The same arithmetic on the same keys: bit-identical results.
+            assert!(
+                oc.iter()
+                    .zip(&op)
+                    .all(|(a, b)| a.to_f32().to_bits() == b.to_f32().to_bits()),
+                "{what}: o differs from the contiguous cache's"
+            );
+            assert!(
+                lc.iter().zip(&lp).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{what}: lse differs"
+            );
+        }
+    }
+}
+
+#[test]
+fn append_fills_contiguous_and_paged_caches_in_place() {
+    let mut rng = rng("append_fills_contiguous_and_paged_caches_in_place");
+    for dev in devices("append_fills_contiguous_and_paged_caches_in_place") {
+        let (batch, hk, hq, d, cap, page) = (3, 2, 4, 64, 64, 16);
+        let row = hk * d;
+        let per = cap / page;
+        let table: Vec<i32> = (0..(batch * per) as i32).rev().collect();
+        let mut ck = poisoned::<F16>(batch * cap * row);
+        let mut cv = poisoned::<F16>(batch * cap * row);
+        let mut pk = poisoned::<F16>(batch * cap * row);
+        let mut pv = poisoned::<F16>(batch * cap * row);
+        // The stream of all tokens, to check against.
+        let mut hist_k = vec![Vec::new(); batch];
+        let mut hist_v = vec![Vec::new(); batch];
+        let mut lens = vec![0i32; batch];
+        for step in 0..12 {
+            let seq_q = rng.random_range(1..=5usize);
+            // Sequences grow at different rates: only sequence 0 gets all steps' tokens, the
+            // rest stop once full.
+            if lens.iter().any(|&l| l as usize + seq_q > cap) {
+                break;
+            }
+            lens.iter_mut().for_each(|l| *l += seq_q as i32);
+            let cont = Decode::new(
+                &lens,
+                seq_q,
+                hq,
+                hk,
+                d,
+                Layout::Contiguous { capacity: cap },
+            );
+            let paged_layout = Layout::Paged {
+                page_size: page,
+                num_pages: batch * per,
+                block_table: &table,
+                pages_per_seq: per,
+            };
+            let paged = Decode::new(&lens, seq_q, hq, hk, d, paged_layout);
+            let kn = random::<F16>(&mut rng, cont.new_kv_len());
+            let vn = random::<F16>(&mut rng, cont.new_kv_len());
+            for b in 0..batch {
+                hist_k[b].extend_from_slice(&kn[b * seq_q * row..(b + 1) * seq_q * row]);
+                hist_v[b].extend_from_slice(&vn[b * seq_q * row..(b + 1) * seq_q * row]);
+            }
+            run_append(&dev, &cont, &kn, &vn, &mut ck, &mut cv).unwrap();
+            run_append(&dev, &paged, &kn, &vn, &mut pk, &mut pv).unwrap();
+            let q = random::<F16>(&mut rng, cont.o_len());
+            let keys = |b: usize| (hist_k[b].clone(), hist_v[b].clone());
+            for (name, p, k, v) in [("contiguous", &cont, &ck, &cv), ("paged", &paged, &pk, &pv)] {
+                let (o, lse) = run(&dev, p, &q, k, v).unwrap();
+                check(
+                    &format!("{} append {name} step {step}", dev.name()),
+                    p,
+                    &q,
+                    &keys,
+                    &o,
+                    &lse,
+                );
+            }
+        }
+        // Rows past every sequence's length were never written.
+        for b in 0..batch {
+            let tail = &ck[(b * cap + lens[b] as usize) * row..(b + 1) * cap * row];
+            assert!(
+                tail.iter().all(|x| x.to_f32().is_nan()),
+                "written past the length"
+            );
+        }
+    }
+}
+
+fn rolling<T: Element>(test: &str, style: RopeStyle) {
+    let mut rng = rng(test);
+    for dev in devices(test) {
+        let (batch, hq, hk, d) = (2, 4, 1, 64);
+        let (n_sink, window) = (4, 60);
+        let rope = Rope {
+            style,
+            theta: 10000.0,
+        };
+        let mut cache = RollingCache::new(batch, n_sink, window, rope).unwrap();
+        let cap = cache.capacity();
+        let row = hk * d;
+        let mut k = poisoned::<T>(batch * cap * row);
+        let mut v = poisoned::<T>(batch * cap * row);
+        let mut hist_k: Vec<Vec<T>> = vec![Vec::new(); batch];
+        let mut hist_v: Vec<Vec<T>> = vec![Vec::new(); batch];
+        let mut step = 0;
+        while cache.seen(0) < 10 * cap as u64 {
+            let seq_q = rng.random_range(1..=4usize);
+            cache.advance(seq_q).unwrap();
+            let (lens, offs) = (cache.cache_seqlens(), cache.ring_offsets());
+            let p = Decode::new(&lens, seq_q, hq, hk, d, cache.layout(&offs)).splits(1 + step % 3);
+            let kn = random::<T>(&mut rng, p.new_kv_len());
+            let vn = random::<T>(&mut rng, p.new_kv_len());
+            for b in 0..batch {
+                hist_k[b].extend_from_slice(&kn[b * seq_q * row..(b + 1) * seq_q * row]);
+                hist_v[b].extend_from_slice(&vn[b * seq_q * row..(b + 1) * seq_q * row]);
+            }
+            run_append(&dev, &p, &kn, &vn, &mut k, &mut v).unwrap();
+            // Check every few steps (and every step around the first wrap-around).
+            if step % 7 == 0 || (cap as u64..cap as u64 + 8).contains(&cache.seen(0)) {
+                let q = random::<T>(&mut rng, p.o_len());
+                let (o, lse) = run(&dev, &p, &q, &k, &v).unwrap();
+                // The oracle reads the tokens the cache should have kept, from the stream,
+                // at positions 0.. in kept order.
+                let keys = |b: usize| {
+                    let pick = |h: &Vec<T>| -> Vec<T> {
+                        cache
+                            .kept(b)
+                            .iter()
+                            .flat_map(|&t| h[t as usize * row..(t as usize + 1) * row].to_vec())
+                            .collect()
+                    };
+                    (pick(&hist_k[b]), pick(&hist_v[b]))
+                };
+                let what = format!(
+                    "{} rolling {style:?} {} seen {}",
+                    dev.name(),
+                    T::DTYPE,
+                    cache.seen(0)
+                );
+                check(&what, &p, &q, &keys, &o, &lse);
+            }
+            step += 1;
+        }
+    }
+}
+
+#[test]
+fn rolling_cache_for_10x_capacity_neox_f32() {
+    rolling::<f32>("rolling_cache_for_10x_capacity_neox_f32", RopeStyle::NeoX);
+}
+
+#[test]
+fn rolling_cache_for_10x_capacity_interleaved_bf16() {
+    rolling::<Bf16>(
+        "rolling_cache_for_10x_capacity_interleaved_bf16",
+        RopeStyle::Interleaved,
+    );
+}
+
+fn expect_err<T>(r: attnkit::Result<T>, arg: &str) {
+    match r {
+        Err(e) => assert_eq!(e.arg(), Some(arg), "wrong argument named: {e}"),
+        Ok(_) => panic!("expected an error naming `{arg}`"),
+    }
+}
+
+#[test]
+fn bad_input_is_a_typed_error_naming_the_argument() {
+    for dev in devices("bad_input_is_a_typed_error_naming_the_argument") {
+        let lens = [20, 3];
+        let cap = 32;
+        let p = Decode::new(&lens, 2, 4, 2, 64, Layout::Contiguous { capacity: cap });
+        let q = vec![0.5f32; p.o_len()];
+        let kv = vec![0.5f32; 2 * cap * 2 * 64];
+        let f = |p: &Decode<'_>, q: &[f32], k: &[f32]| run(&dev, p, q, k, &kv);
+        expect_err(f(&p, &q[1..], &kv), "q");
+        expect_err(f(&p, &q, &kv[1..]), "k_cache");
+        expect_err(run(&dev, &p, &q, &kv, &kv[1..]), "v_cache");
+        expect_err(
+            f(
+                &Decode::new(&[33, 3], 2, 4, 2, 64, Layout::Contiguous { capacity: cap }),
+                &q,
+                &kv,
+            ),
+            "cache_seqlens",
+        );
+        expect_err(
+            f(
+                &Decode::new(&[-1, 3], 2, 4, 2, 64, Layout::Contiguous { capacity: cap }),
+                &q,
+                &kv,
+            ),
+            "cache_seqlens",
+        );
+        expect_err(
+            f(
+                &Decode::new(&[], 2, 4, 2, 64, Layout::Contiguous { capacity: cap }),
+                &q,
+                &kv,
+            ),
+            "cache_seqlens",
+        );
+        expect_err(
+            f(
+                &Decode::new(&lens, 17, 4, 2, 64, Layout::Contiguous { capacity: cap }),
+                &q,
+                &kv,
+            ),
+            "seq_q",
+        );
+        expect_err(
+            f(
+                &Decode::new(&lens, 0, 4, 2, 64, Layout::Contiguous { capacity: cap }),
+                &q,
+                &kv,
+            ),
+            "seq_q",
+        );
+        expect_err(
+            f(
+                &Decode::new(&lens, 2, 4, 3, 64, Layout::Contiguous { capacity: cap }),
+                &q,
+                &kv,
+            ),
+            "heads_kv",
+        );
+        expect_err(
+            f(
+                &Decode::new(&lens, 2, 4, 2, 96, Layout::Contiguous { capacity: cap }),
+                &q,
+                &kv,
+            ),
+            "head_dim",
+        );
+        expect_err(f(&p.clone().scale(f32::INFINITY), &q, &kv), "scale");
+        expect_err(f(&p.clone().splits(0), &q, &kv), "num_splits");
+        expect_err(f(&p.clone().splits(65), &q, &kv), "num_splits");
+        let mut overlap = p.clone();
+        overlap.o_strides.head = 0;
+        expect_err(f(&overlap, &q, &kv), "o");
+        let mut strided = p.clone();
+        strided.k_strides.dim = 2;
+        expect_err(f(&strided, &q, &kv), "k_cache");
+        // Too small a workspace (keys enough for both its splits).
+        let long = [300, 3];
+        let split = Decode::new(&long, 2, 4, 2, 64, Layout::Contiguous { capacity: 320 }).splits(2);
+        let kv_long = vec![0.5f32; 2 * 320 * 2 * 64];
+        let mut ws = vec![0f32; split.workspace_len(&dev) - 1];
+        let mut o = vec![0f32; p.o_len()];
+        let mut lse = vec![0f32; p.lse_len()];
+        if !dev.is_cuda() {
+            let r = decode::forward(
+                &dev,
+                &split,
+                (&q).into(),
+                (&kv_long).into(),
+                (&kv_long).into(),
+                Tables::host(&split),
+                (&mut ws).into(),
+                (&mut o).into(),
+                (&mut lse).into(),
+            );
+            expect_err(r, "workspace");
+        }
+        // Paged: page size, block table entries out of range, table of the wrong size.
+        let paged = |ps: usize, table: &'static [i32], pages: usize| Layout::Paged {
+            page_size: ps,
+            num_pages: pages,
+            block_table: table,
+            pages_per_seq: 2,
+        };
+        expect_err(
+            f(
+                &Decode::new(&lens, 2, 4, 2, 64, paged(24, &[0, 1, 2, 3], 4)),
+                &q,
+                &kv,
+            ),
+            "page_size",
+        );
+        expect_err(
+            f(
+                &Decode::new(&lens, 2, 4, 2, 64, paged(16, &[0, 4, 2, 3], 4)),
+                &q,
+                &kv,
+            ),
+            "block_table",
+        );
+        expect_err(
+            f(
+                &Decode::new(&lens, 2, 4, 2, 64, paged(16, &[0, -1, 2, 3], 4)),
+                &q,
+                &kv,
+            ),
+            "block_table",
+        );
+        expect_err(
+            f(
+                &Decode::new(&lens, 2, 4, 2, 64, paged(16, &[0, 1, 2], 4)),
+                &q,
+                &kv,
+            ),
+            "block_table",
+        );
+        // An entry past a sequence's pages is never read: -1 there is fine.
+        f(
+            &Decode::new(&lens, 2, 4, 2, 64, paged(16, &[0, 1, 2, -1], 4)),
+            &q,
+            &kv,
+        )
+        .unwrap();
+        // Rolling: ring offset of a ring that is not full, or past the window.
+        let rope = Rope {
+            style: RopeStyle::NeoX,
+            theta: 1e4,
+        };
+        let rolling = |offs: &'static [i32], theta: f32| Layout::Rolling {
+            n_sink: 2,
+            window: 30,
+            ring_offsets: offs,
+            rope: Rope { theta, ..rope },
+        };
+        expect_err(
+            f(
+                &Decode::new(&lens, 2, 4, 2, 64, rolling(&[1, 0], 1e4)),
+                &q,
+                &kv,
+            ),
+            "ring_offsets",
+        );
+        expect_err(
+            f(
+                &Decode::new(&[32, 3], 2, 4, 2, 64, rolling(&[30, 0], 1e4)),
+                &q,
+                &kv,
+            ),
+            "ring_offsets",
+        );
+        expect_err(
+            f(
+                &Decode::new(&lens, 2, 4, 2, 64, rolling(&[0], 1e4)),
+                &q,
+                &kv,
+            ),
+            "ring_offsets",
+        );
+        expect_err(
+            f(
+                &Decode::new(&lens, 2, 4, 2, 64, rolling(&[0, 0], 0.5)),
+                &q,
+                &kv,
+            ),
+            "rope",
+        );
+        assert!(
+            RollingCache::new(1, 2, 3, rope)
+                .unwrap()
+                .advance(4)
+                .is_err()
+        );
+    }
+}
+
+#[test]
+fn appending_past_capacity_is_an_error_and_writes_nothing() {
+    for dev in devices("appending_past_capacity_is_an_error_and_writes_nothing") {
+        let cap = 32;
+        let new = vec![1.0f32; 2 * 3 * 64];
+        let mut k = vec![f32::NAN; 2 * cap * 64];
+        let mut v = vec![f32::NAN; 2 * cap * 64];
+        let over = Decode::new(&[33, 3], 3, 1, 1, 64, Layout::Contiguous { capacity: cap });
+        expect_err(
+            run_append(&dev, &over, &new, &new, &mut k, &mut v),
+            "cache_seqlens",
+        );
+        // A length below the new tokens' count cannot hold them.
+        let under = Decode::new(&[2, 3], 3, 1, 1, 64, Layout::Contiguous { capacity: cap });
+        expect_err(
+            run_append(&dev, &under, &new, &new, &mut k, &mut v),
+            "cache_seqlens",
+        );
+        let table = [0, 5];
+        let paged = Decode::new(
+            &[20, 3],
+            3,
+            1,
+            1,
+            64,
+            Layout::Paged {
+                page_size: 16,
+                num_pages: 4,
+                block_table: &table[..],
+                pages_per_seq: 1,
+            },
+        );
+        expect_err(
+            run_append(&dev, &paged, &new, &new, &mut k, &mut v),
+            "cache_seqlens",
+        );
+        let paged = Decode::new(
+            &[15, 3],
+            3,
+            1,
+            1,
+            64,
+            Layout::Paged {
+                page_size: 16,
+                num_pages: 4,
+                block_table: &table[..],
+                pages_per_seq: 1,
+            },
+        );
+        expect_err(
+            run_append(&dev, &paged, &new, &new, &mut k, &mut v),
+            "block_table",
+        );
+        expect_err(
+            run_append(
+                &dev,
+                &Decode::new(&[4, 3], 3, 1, 1, 64, Layout::Contiguous { capacity: cap }),
+                &new[1..],
+                &new,
+                &mut k,
+                &mut v,
+            ),
+            "k_new",
+        );
+        assert!(
+            k.iter().chain(&v).all(|x| x.is_nan()),
+            "a failed append wrote"
+        );
+    }
+}
+
+#[test]
+fn heuristic_splits_stay_in_range_and_fill_the_machine() {
+    for batch in [1, 2, 8, 64] {
+        for len in [0, 1, 4096, 32768, 131072] {
+            let s = decode::num_splits(batch, 8, 1, len, 132);
+            assert!((1..=decode::MAX_SPLITS).contains(&s));
+            if len >= 32768 && batch * 8 < 132 {
+                assert!(
+                    batch * 8 * s >= 132,
+                    "b={batch} len={len}: {s} splits leave SMs idle"
+                );
+            }
+        }
+    }
+    assert_eq!(decode::num_splits(64, 8, 1, 131072, 132), 1);
+}
