@@ -4,9 +4,7 @@
 
 use cudarc::driver::LaunchConfig;
 
-use super::{
-    BLOCK, Backward, Config, Decode, E_TILE, Forward, MAX_HEADS, Plan, Resolved, Seqs,
-};
+use super::{BLOCK, Backward, Config, Decode, E_TILE, Forward, MAX_HEADS, Plan, Resolved, Seqs};
 use crate::cuda::params::{
     ATTNKIT_LIGHTNING_BLOCK, ATTNKIT_LIGHTNING_E_TILE, ATTNKIT_LIGHTNING_MAX_HEADS,
     ATTNKIT_LIGHTNING_SCAN_THREADS, ATTNKIT_LIGHTNING_THREADS, LightningParams,
@@ -97,6 +95,18 @@ fn grid_x(n: usize, arg: &'static str) -> Result<u32> {
         })
 }
 
+/// The sequences and the split plan, as every kernel but decode reads them.
+fn set_geometry(p: &mut LightningParams, seqs: &Seqs<'_>, r: &Resolved, plan: Plan) {
+    p.n_seqs = r.n_seqs as i64;
+    p.seq_len = match seqs {
+        Seqs::Dense { seq, .. } => *seq as i64,
+        Seqs::Varlen { .. } => 0,
+    };
+    p.total_tokens = r.tokens as i64;
+    p.split_len = plan.split as i64;
+    p.n_splits = plan.n_splits as i64;
+}
+
 pub(super) fn forward<T: Element>(
     dev: &CudaDevice,
     cfg: &Config<'_>,
@@ -142,14 +152,7 @@ pub(super) fn forward<T: Element>(
         p.cu_seqlens = ptrs.read("cu_seqlens", v, s, 4)? as *const _;
     }
     p.workspace = ptrs.write("workspace", wsv, s, 4)? as *mut _;
-    p.n_seqs = r.n_seqs as i64;
-    p.seq_len = match seqs {
-        Seqs::Dense { seq, .. } => *seq as i64,
-        Seqs::Varlen { .. } => 0,
-    };
-    p.total_tokens = r.tokens as i64;
-    p.split_len = plan.split as i64;
-    p.n_splits = plan.n_splits as i64;
+    set_geometry(&mut p, seqs, r, plan);
 
     let z = grid_z(r.n_seqs)?;
     let y = (cfg.heads * cfg.e.div_ceil(E_TILE)) as u32;
@@ -309,34 +312,14 @@ pub(super) fn backward<T: Element>(
     let wsv = dev.view_mut("workspace", &mut io.workspace)?;
     let mut ptrs = DevPtrs::default();
     let (d, e) = (cfg.d, cfg.e);
-    let q = Operand {
-        addr: ptrs.read("q", qv, s, TILE_ALIGN)?,
-        dim: d,
-    };
-    let k = Operand {
-        addr: ptrs.read("k", kv, s, TILE_ALIGN)?,
-        dim: d,
-    };
-    let v = Operand {
-        addr: ptrs.read("v", vv, s, TILE_ALIGN)?,
-        dim: e,
-    };
-    let g = Operand {
-        addr: ptrs.read("d_o", gv, s, TILE_ALIGN)?,
-        dim: e,
-    };
-    let dq = Operand {
-        addr: ptrs.write("dq", dqv, s, TILE_ALIGN)?,
-        dim: d,
-    };
-    let dk = Operand {
-        addr: ptrs.write("dk", dkv, s, TILE_ALIGN)?,
-        dim: d,
-    };
-    let dv = Operand {
-        addr: ptrs.write("dv", dvv, s, TILE_ALIGN)?,
-        dim: e,
-    };
+    let op = |addr, dim| Operand { addr, dim };
+    let q = op(ptrs.read("q", qv, s, TILE_ALIGN)?, d);
+    let k = op(ptrs.read("k", kv, s, TILE_ALIGN)?, d);
+    let v = op(ptrs.read("v", vv, s, TILE_ALIGN)?, e);
+    let g = op(ptrs.read("d_o", gv, s, TILE_ALIGN)?, e);
+    let dq = op(ptrs.write("dq", dqv, s, TILE_ALIGN)?, d);
+    let dk = op(ptrs.write("dk", dkv, s, TILE_ALIGN)?, d);
+    let dv = op(ptrs.write("dv", dvv, s, TILE_ALIGN)?, e);
     let init_addr = match init {
         Some(v) => ptrs.read("initial_state", v, s, 4)?,
         None => 0,
@@ -353,14 +336,7 @@ pub(super) fn backward<T: Element>(
         base.cu_seqlens = ptrs.read("cu_seqlens", v, s, 4)? as *const _;
     }
     base.workspace = ptrs.write("workspace", wsv, s, 4)? as *mut _;
-    base.n_seqs = r.n_seqs as i64;
-    base.seq_len = match seqs {
-        Seqs::Dense { seq, .. } => *seq as i64,
-        Seqs::Varlen { .. } => 0,
-    };
-    base.total_tokens = r.tokens as i64;
-    base.split_len = plan.split as i64;
-    base.n_splits = plan.n_splits as i64;
+    set_geometry(&mut base, seqs, r, plan);
 
     let heads = cfg.heads;
     let mut dq_sweep = sweep_params(&base, heads, ATTNKIT_LIGHTNING_SWEEP_DQ, [g, v, k, dq]);
@@ -381,15 +357,27 @@ pub(super) fn backward<T: Element>(
     };
     let scan_threads = ATTNKIT_LIGHTNING_SCAN_THREADS;
     let scan_cfg = LaunchConfig {
-        grid_dim: ((d * e).div_ceil(scan_threads as usize) as u32, heads as u32, z),
+        grid_dim: (
+            (d * e).div_ceil(scan_threads as usize) as u32,
+            heads as u32,
+            z,
+        ),
         block_dim: (scan_threads, 1, 1),
         shared_mem_bytes: 0,
     };
     let steps = [
-        ("lightning_bwd_split_state", &dq_sweep, tiles(&dq_sweep, false)),
+        (
+            "lightning_bwd_split_state",
+            &dq_sweep,
+            tiles(&dq_sweep, false),
+        ),
         ("lightning_bwd_scan", &dq_sweep, scan_cfg),
         ("lightning_bwd_output", &dq_sweep, tiles(&dq_sweep, true)),
-        ("lightning_bwd_split_state", &dkv_sweep, tiles(&dkv_sweep, false)),
+        (
+            "lightning_bwd_split_state",
+            &dkv_sweep,
+            tiles(&dkv_sweep, false),
+        ),
         ("lightning_bwd_scan", &dkv_sweep, scan_cfg),
         ("lightning_bwd_output", &dkv_sweep, tiles(&dkv_sweep, true)),
         ("lightning_bwd_output", &dk_sweep, tiles(&dk_sweep, true)),
