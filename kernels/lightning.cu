@@ -415,3 +415,249 @@ extern "C" __global__ void __launch_bounds__(128)
 }
 
 ATTNKIT_DEFINE_PARAMS_ECHO(LightningParams)
+
+// ---------------------------------------------------------------------------------------------
+// Backward (the paper's forward sweep for dQ, reverse sweep for dK and dV), in the same chunked
+// form. With S_t = lambda S_{t-1} + k_t^T v_t, o_t = c q_t S_t and G_t = c q_t^T dO_t +
+// lambda G_{t+1} (G_{T-1} also gets dS_final):
+//   dq_t = c dO_t S_t^T,   dk_t = G_t v_t^T,   dv_t = k_t G_t,   dS_init = lambda G_0.
+// Each is one sweep over operands (a, b, c) of out_tau = a_tau X_tau, visiting positions tau in
+// token order (DQ) or last token first (DKV, DK), where
+//   X_tau = sum_{sigma <= tau} c lambda^(tau - sigma) b_sigma^T c_sigma + lambda^tau X_0.
+// The state a block starts from is kept "one step ahead": E(tau0) = lambda X_(tau0 - 1), scale
+// included, so that the entry X_0 (scale lambda S_init^T for dQ, dS_final for dK and dV) needs no
+// division by lambda or by the scale, and every exponent stays >= 0:
+//   out_r   = lambda^r a_r E + sum_{c <= r} scale lambda^(r-c) (a_r . b_c) c_c     (block rows r)
+//   E'      = lambda^n E + sum_j (scale lambda^(n-j) b_j)^T c_j                     (n rows)
+//   scan:   E(split s+1) = lambda^len E(split s) + local_s, E(split 0) = X_0; the last E is
+//           dS_init for the DKV sweep (= lambda G_0).
+// dK reuses the DKV sweep's split states transposed (its state is the transpose of dV's), so
+// the backward is seven launches: DQ split/scan/output, DKV split/scan/output, DK output.
+// ---------------------------------------------------------------------------------------------
+namespace lightning {
+
+// Where sweep position t of this thread block's sequence lives: token row first + t * step.
+struct SweepRows {
+    int64_t first, step;
+};
+
+__device__ __forceinline__ SweepRows sweep_rows(const LightningParams& p, const Work& w) {
+    if (p.sweep == ATTNKIT_LIGHTNING_SWEEP_DQ) return {w.start, 1};
+    const int64_t len = seq_span(p, w.n).len;
+    return {w.start + len - 1, -1};
+}
+
+// b rows weighted in place by scale * lambda^(n-r) (r < n): the "one step ahead" state update.
+template <typename T, int D>
+__device__ __forceinline__ void weigh_update_rows(T* sB, int n, float scale, float log2_decay) {
+    using L = Smem<T, D>;
+    for (int i = threadIdx.x; i < n * D; i += THREADS) {
+        T* x = sB + (i / D) * L::PK + i % D;
+        *x = from_f32<T>(to_f32(*x) * scale * exp2f((float)(n - i / D) * log2_decay));
+    }
+}
+
+// The warp's 16 accumulator rows (ET columns) += A (16 x kend) * B (kend x ET); A(r, k) at
+// a[r * ap + k], B(k, j) at b[k * bp + j]. kend a multiple of 16.
+template <typename T>
+__device__ __forceinline__ void warp_rows_product(float (&acc)[ET / 8][4], const T* a, int ap,
+                                                  const T* b, int bp, int kend) {
+#pragma unroll 1
+    for (int k0 = 0; k0 < kend; k0 += 16)
+#pragma unroll
+        for (int j = 0; j < ET / 8; ++j)
+            warp_mma_16x8x16(acc[j], a + k0, ap, 1, b + k0 * bp + 8 * j, bp, 1);
+}
+
+// The warp's 16 rows of the intra-block weights, P[r][c] = scale lambda^(r-c) (a_r . b_c) for
+// c <= r and 0 above the diagonal, rounded to T into sP (pitch PV). Key tiles past the warp's
+// last row are all masked, so they are not computed.
+template <typename T, int D>
+__device__ __forceinline__ void decayed_scores(const T* sA, const T* sB, T* sP, float scale,
+                                               float log2_decay) {
+    using L = Smem<T, D>;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int r0 = 16 * warp, tiles = 2 * warp + 2;
+    float s[BLOCK / 8][4] = {};
+#pragma unroll 1
+    for (int k0 = 0; k0 < D; k0 += 16)
+#pragma unroll
+        for (int j = 0; j < BLOCK / 8; ++j)
+            if (j < tiles)  // B(k, col) = b_col[k]: the keys' rows read as columns
+                warp_mma_16x8x16(s[j], sA + r0 * L::PK + k0, L::PK, 1, sB + 8 * j * L::PK + k0,
+                                 1, L::PK);
+#pragma unroll
+    for (int j = 0; j < BLOCK / 8; ++j)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int r = r0 + g + 8 * half, c = 8 * j + 2 * t;
+            const float w0 = c <= r ? scale * exp2f((float)(r - c) * log2_decay) : 0.f;
+            const float w1 = c + 1 <= r ? scale * exp2f((float)(r - c - 1) * log2_decay) : 0.f;
+            store2(sP + r * L::PV + c, s[j][2 * half] * w0, s[j][2 * half + 1] * w1);
+        }
+}
+
+// One block of a sweep, warp w's rows [16w, 16w + 16): out_r = lambda^r a_r E + intra, with E
+// the block's entering state as an mma operand (`sE`, pitch `ep`; f32 itself or its T copy).
+// Rows r >= n are zero inputs and are not stored; out row r at out + r * out_stride.
+template <typename T, int D>
+__device__ __forceinline__ void sweep_block(const LightningParams& p, const T* sA, const T* sB,
+                                            const T* sC, T* sP, const T* sE, int ep,
+                                            float log2_decay, T* out, int64_t out_stride, int n) {
+    using L = Smem<T, D>;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int r0 = 16 * warp;
+    float acc[ET / 8][4] = {};
+    warp_rows_product(acc, sA + r0 * L::PK, L::PK, sE, ep, D);
+    // The non-causal form has log2_decay 0 here: a factor 1 and no intra part (E is the total).
+    const float f[2] = {exp2f((float)(r0 + g) * log2_decay), exp2f((float)(r0 + g + 8) * log2_decay)};
+#pragma unroll
+    for (int j = 0; j < ET / 8; ++j)
+#pragma unroll
+        for (int x = 0; x < 4; ++x) acc[j][x] *= f[x >> 1];
+    if (p.causal) {
+        decayed_scores<T, D>(sA, sB, sP, p.scale, log2_decay);
+        __syncwarp();  // the warp reads back only its own rows of P
+        warp_rows_product(acc, sP + r0 * L::PV, L::PV, sC, L::PV, 16 * (warp + 1));
+    }
+#pragma unroll
+    for (int j = 0; j < ET / 8; ++j)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int r = r0 + g + 8 * half;
+            if (r < n) store2(out + r * out_stride + 8 * j + 2 * t, acc[j][2 * half], acc[j][2 * half + 1]);
+        }
+}
+
+// Per (split, head, e tile, sequence): the split's local state sum_j (scale lambda^(len-j)
+// b_j)^T c_j in sweep order, into the workspace slot.
+template <typename T, int D>
+__device__ void bwd_split_state(const LightningParams& p) {
+    using L = Smem<T, D>;
+    require_smem(L::SPLIT_BYTES);
+    const Work w = work(p);
+    if (w.lo >= w.hi) return;  // past the end of this sequence: the scan never reads the slot
+    const SweepRows rows = sweep_rows(p, w);
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* sB = reinterpret_cast<T*>(smem + L::K_OFF);
+    T* sC = reinterpret_cast<T*>(smem + L::V_OFF);
+    float* sS = reinterpret_cast<float*>(smem + L::S_OFF);
+    for (int i = threadIdx.x; i < D * L::PS; i += THREADS) sS[i] = 0.f;
+    const T* b = static_cast<const T*>(p.k) + w.h * p.k_head;
+    const T* c = static_cast<const T*>(p.v) + w.h * p.v_head + w.et * ET;
+#pragma unroll 1
+    for (int64_t t0 = w.lo; t0 < w.hi; t0 += BLOCK) {
+        const int n = (int)min((int64_t)BLOCK, w.hi - t0);
+        const int64_t row = rows.first + t0 * rows.step;
+        __syncthreads();  // the previous update is done with b and c
+        load_tile<T, D, L::PK>(sB, b + row * p.k_tok, rows.step * p.k_tok, n);
+        load_tile<T, ET, L::PV>(sC, c + row * p.v_tok, rows.step * p.v_tok, n);
+        __syncthreads();
+        weigh_update_rows<T, D>(sB, n, p.scale, w.log2_decay);
+        __syncthreads();
+        update_state<T, D, false>(sS, nullptr, sB, sC, exp2f((float)n * w.log2_decay));
+    }
+    __syncthreads();
+    float* dst = slot(p, w);
+    for (int i = threadIdx.x; i < D * ET; i += THREADS)
+        dst[(i / ET) * (int64_t)p.e + i % ET] = sS[(i / ET) * L::PS + i % ET];
+}
+
+// One thread per state element: slot s becomes E at the start of split s, from the entry X_0;
+// the DKV sweep leaves the last E (d(initial state)) in final_state. Non-causal: the total
+// scale * B^T C in every slot.
+__device__ void bwd_scan(const LightningParams& p) {
+    const int64_t de = (int64_t)p.d * p.e;
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= de) return;
+    const int64_t n = blockIdx.z, h = blockIdx.y, nh = n * p.heads + h;
+    const float l2 = p.causal ? p.log2_decay[h] : 0.f;
+    float entry = 0.f;
+    if (p.causal && p.initial_state != nullptr) {
+        const float* x0 = static_cast<const float*>(p.initial_state) + nh * de;
+        // DQ: X_0 = scale lambda S_init^T, S_init being [e][d] in this sweep's dims.
+        entry = p.sweep == ATTNKIT_LIGHTNING_SWEEP_DQ
+                ? p.scale * exp2f(l2) * x0[(i % p.e) * p.d + i / p.e]
+                : x0[i];
+    }
+    const int64_t len = seq_span(p, n).len;
+    float* ws = static_cast<float*>(p.workspace) + nh * p.n_splits * de + i;
+#pragma unroll 1
+    for (int64_t s = 0, t0 = 0; t0 < len; ++s, t0 += p.split_len) {
+        const float local = ws[s * de];
+        ws[s * de] = entry;
+        entry = exp2f((float)min(p.split_len, len - t0) * l2) * entry + local;
+        if (!p.causal && t0 + p.split_len >= len)  // the total, back into every slot
+            for (int64_t u = 0; u <= s; ++u) ws[u * de] = entry;
+    }
+    if (p.final_state != nullptr) static_cast<float*>(p.final_state)[nh * de + i] = entry;
+}
+
+// Per split: the entering state E from the scan (DK reads DKV's slot transposed: there the
+// slot is [e][d] of this sweep's dims), then the block loop of sweep_block and the E update.
+template <typename T, int D>
+__device__ void bwd_output(const LightningParams& p) {
+    using L = Smem<T, D>;
+    require_smem(L::OUTPUT_BYTES);
+    const Work w = work(p);
+    if (w.lo >= w.hi) return;
+    const SweepRows rows = sweep_rows(p, w);
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* sB = reinterpret_cast<T*>(smem + L::K_OFF);
+    T* sC = reinterpret_cast<T*>(smem + L::V_OFF);
+    float* sS = reinterpret_cast<float*>(smem + L::S_OFF);
+    T* sA = reinterpret_cast<T*>(smem + L::Q_OFF);
+    T* sP = reinterpret_cast<T*>(smem + L::P_OFF);
+    T* sCopy = reinterpret_cast<T*>(smem + L::C_OFF);
+    const float* src = static_cast<const float*>(p.workspace) +
+                       ((w.n * p.heads + w.h) * p.n_splits + w.s) * (int64_t)p.d * p.e;
+    const bool transposed = p.sweep == ATTNKIT_LIGHTNING_SWEEP_DK;
+    for (int i = threadIdx.x; i < D * ET; i += THREADS) {
+        // Transposed: consecutive threads walk the rows, so the global reads stay coalesced.
+        const int r = transposed ? i % D : i / ET, c = transposed ? i / D : i % ET;
+        const float x = transposed ? src[(w.et * ET + c) * (int64_t)p.d + r]
+                                   : src[r * (int64_t)p.e + w.et * ET + c];
+        sS[r * L::PS + c] = x;
+        if constexpr (L::COPY) sCopy[r * L::PV + c] = from_f32<T>(x);
+    }
+    const T* sE = L::COPY ? sCopy : reinterpret_cast<const T*>(sS);
+    const int ep = L::COPY ? L::PV : L::PS;
+    const T* a = static_cast<const T*>(p.q) + w.h * p.q_head;
+    const T* b = static_cast<const T*>(p.k) + w.h * p.k_head;
+    const T* c = static_cast<const T*>(p.v) + w.h * p.v_head + w.et * ET;
+    T* out = static_cast<T*>(p.o) + w.h * p.o_head + w.et * ET;
+#pragma unroll 1
+    for (int64_t t0 = w.lo; t0 < w.hi; t0 += BLOCK) {
+        const int n = (int)min((int64_t)BLOCK, w.hi - t0);
+        const int64_t row = rows.first + t0 * rows.step;
+        __syncthreads();  // the previous block is done with every tile and with E
+        load_tile<T, D, L::PK>(sA, a + row * p.q_tok, rows.step * p.q_tok, n);
+        if (p.causal) load_tile<T, D, L::PK>(sB, b + row * p.k_tok, rows.step * p.k_tok, n);
+        load_tile<T, ET, L::PV>(sC, c + row * p.v_tok, rows.step * p.v_tok, n);
+        __syncthreads();
+        sweep_block<T, D>(p, sA, sB, sC, sP, sE, ep, w.log2_decay, out + row * p.o_tok,
+                          rows.step * p.o_tok, n);
+        if (!p.causal || t0 + n >= w.hi) continue;  // the next split's E is the scan's
+        __syncthreads();  // every warp is done reading b and E
+        weigh_update_rows<T, D>(sB, n, p.scale, w.log2_decay);
+        __syncthreads();
+        update_state<T, D, L::COPY>(sS, sCopy, sB, sC, exp2f((float)n * w.log2_decay));
+    }
+}
+
+}  // namespace lightning
+
+extern "C" __global__ void __launch_bounds__(ATTNKIT_LIGHTNING_THREADS)
+    lightning_bwd_split_state(const __grid_constant__ LightningParams p) {
+    LIGHTNING_DISPATCH(lightning::bwd_split_state, p)
+}
+
+extern "C" __global__ void __launch_bounds__(ATTNKIT_LIGHTNING_SCAN_THREADS)
+    lightning_bwd_scan(const __grid_constant__ LightningParams p) {
+    lightning::bwd_scan(p);
+}
+
+extern "C" __global__ void __launch_bounds__(ATTNKIT_LIGHTNING_THREADS)
+    lightning_bwd_output(const __grid_constant__ LightningParams p) {
+    LIGHTNING_DISPATCH(lightning::bwd_output, p)
+}

@@ -59,6 +59,20 @@ impl Case {
         }
         cu
     }
+    /// Dense when all lengths are equal, varlen over `cu` (this case's offsets) otherwise.
+    fn seqs<'a>(&self, cu: attnkit::Buf<'a, i32>) -> Seqs<'a> {
+        if self.dense {
+            Seqs::Dense {
+                batch: self.lens.len(),
+                seq: self.lens[0],
+            }
+        } else {
+            Seqs::Varlen {
+                cu_seqlens: cu,
+                max_seqlen: self.max_len(),
+            }
+        }
+    }
     fn max_len(&self) -> usize {
         self.lens.iter().copied().max().unwrap_or(0)
     }
@@ -583,26 +597,31 @@ fn loss(c: &Case, q: &[f64], k: &[f64], v: &[f64], init: &[f64], w_o: &[f64], w_
     a + b
 }
 
-fn check_backward(c: &Case, threads: usize) {
-    let mut rng = rng("backward_matches_finite_differences");
-    let x = inputs::<f32>(&mut rng, c);
-    let init = x.init.clone().unwrap_or_else(|| vec![0.0; c.state_len()]);
-    let n_o = c.tokens() * c.heads * c.e;
-    let w_o: Vec<f32> = random(&mut rng, n_o);
-    let w_s: Vec<f32> = if c.causal {
-        random(&mut rng, c.state_len())
-    } else {
-        vec![0.0; c.state_len()]
-    };
+/// dq, dk, dv and d(initial state) (empty unless causal), widened to f32.
+type Grads = [Vec<f32>; 4];
+
+/// One backward problem: the forward inputs, the output gradient and (causal) dS_final.
+struct BwdInputs<T> {
+    x: Inputs<T>,
+    d_o: Vec<T>,
+    d_fin: Option<Vec<f32>>,
+}
+
+fn bwd_inputs<T: Element>(rng: &mut StdRng, c: &Case) -> BwdInputs<T> {
+    let x = inputs::<T>(rng, c);
+    let d_o = random(rng, c.tokens() * c.heads * c.e);
+    let d_fin = c.causal.then(|| random::<f32>(rng, c.state_len()));
+    BwdInputs { x, d_o, d_fin }
+}
+
+/// The backward on the CPU with `threads` threads, outputs and workspace poisoned.
+fn cpu_backward<T: Element>(threads: usize, c: &Case, b: &BwdInputs<T>) -> Grads {
     let dev = Device::cpu_with_threads(threads).unwrap();
     let cfg = c.cfg();
     let cu = c.cu();
-    let seqs = Seqs::Varlen {
-        cu_seqlens: (&cu).into(),
-        max_seqlen: c.max_len(),
-    };
-    let (mut dq, mut dk) = (poisoned::<f32>(x.q.len()), poisoned::<f32>(x.k.len()));
-    let mut dv = poisoned::<f32>(x.v.len());
+    let seqs = c.seqs((&cu).into());
+    let (mut dq, mut dk) = (poisoned::<T>(b.x.q.len()), poisoned::<T>(b.x.k.len()));
+    let mut dv = poisoned::<T>(b.x.v.len());
     let mut di = poisoned::<f32>(c.state_len());
     let mut ws = poisoned::<f32>(lightning::workspace_len(&dev, &cfg, &seqs).unwrap());
     lightning::backward(
@@ -610,12 +629,12 @@ fn check_backward(c: &Case, threads: usize) {
         &cfg,
         &seqs,
         Backward {
-            q: (&x.q).into(),
-            k: (&x.k).into(),
-            v: (&x.v).into(),
-            d_o: (&w_o).into(),
-            initial_state: c.causal.then_some((&init).into()),
-            d_final_state: c.causal.then_some((&w_s).into()),
+            q: (&b.x.q).into(),
+            k: (&b.x.k).into(),
+            v: (&b.x.v).into(),
+            d_o: (&b.d_o).into(),
+            initial_state: b.x.init.as_ref().map(|s| s.into()),
+            d_final_state: b.d_fin.as_ref().map(|s| s.into()),
             dq: (&mut dq).into(),
             dk: (&mut dk).into(),
             dv: (&mut dv).into(),
@@ -624,8 +643,19 @@ fn check_backward(c: &Case, threads: usize) {
         },
     )
     .unwrap();
-    let (q, k, v, s0) = (wide(&x.q), wide(&x.k), wide(&x.v), wide(&init));
-    let (wo, wsd) = (wide(&w_o), wide(&w_s));
+    let di = if c.causal { di } else { Vec::new() };
+    [to_f32(&dq), to_f32(&dk), to_f32(&dv), di]
+}
+
+/// Compares `run`'s gradients with central differences of the f64 oracle on sampled entries.
+fn check_backward(c: &Case, run: &dyn Fn(&Case, &BwdInputs<f32>) -> Grads) {
+    let mut rng = rng("backward_matches_finite_differences");
+    let b = bwd_inputs::<f32>(&mut rng, c);
+    let init = b.x.init.clone().unwrap_or_else(|| vec![0.0; c.state_len()]);
+    let w_s = b.d_fin.clone().unwrap_or_else(|| vec![0.0; c.state_len()]);
+    let [dq, dk, dv, di] = run(c, &b);
+    let (q, k, v, s0) = (wide(&b.x.q), wide(&b.x.k), wide(&b.x.v), wide(&init));
+    let (wo, wsd) = (wide(&b.d_o), wide(&w_s));
     // Central differences in f64 on sampled entries of each input (the loss is linear in
     // each argument separately, so the difference is exact up to rounding).
     let h = 1e-3;
@@ -661,14 +691,19 @@ fn check_backward(c: &Case, threads: usize) {
 
 #[test]
 fn backward_matches_finite_differences_of_the_oracle() {
+    for (c, threads) in fd_cases().into_iter().zip([4, 1, 3]) {
+        check_backward(&c, &|c, b| cpu_backward(threads, c, b));
+    }
+}
+
+/// Finite-difference cases: varlen with an empty sequence, mixed dims, initial state and
+/// dS_final; a decay so large that lambda^64 underflows; the non-causal form.
+fn fd_cases() -> Vec<Case> {
     let mut c = Case::causal(&[70, 3, 0, 130], 2, 64, 128, Some(vec![0.05, 0.0]));
     c.init = true;
-    check_backward(&c, 4);
-    let c = Case::causal(&[90], 1, 128, 64, Some(vec![30.0]));
-    check_backward(&c, 1);
     let mut nc = Case::causal(&[40, 70], 1, 64, 64, None);
     nc.causal = false;
-    check_backward(&nc, 3);
+    vec![c, Case::causal(&[90], 1, 128, 64, Some(vec![30.0])), nc]
 }
 
 #[test]
@@ -1142,6 +1177,137 @@ mod gpu {
         check_decode::<f32>(&mut rng, &dev, &|x| gpu_decode(&dev, x));
         check_decode::<Bf16>(&mut rng, &dev, &|x| gpu_decode(&dev, x));
         check_decode::<F16>(&mut rng, &dev, &|x| gpu_decode(&dev, x));
+    }
+
+    /// Backward shapes for the GPU: seq 1 / 63 / 65 / 1000 around the block and the splits, decay
+    /// 0 / small / large, mixed dims, initial state and dS_final, varlen, non-causal.
+    fn bwd_cases() -> Vec<Case> {
+        let small = Some(vec![0.01, 0.2]);
+        let mut v = vec![
+            Case::causal(&[1], 2, 64, 64, small.clone()),
+            Case::causal(&[63], 2, 64, 128, small.clone()),
+            Case::causal(&[65, 65], 2, 128, 64, Some(vec![0.0, 0.05])),
+            Case::causal(&[1000], 1, 64, 64, Some(vec![0.01])),
+            Case::causal(&[200], 2, 128, 128, Some(vec![50.0, 100.0])),
+            Case::causal(&[70], 1, 64, 64, Some(vec![f32::MAX])),
+            Case::causal(&[130, 1, 0, 257, 64], 2, 64, 64, small.clone()),
+        ];
+        for c in &mut v[..3] {
+            c.init = true;
+        }
+        v[6].init = true;
+        let mut nc = Case::causal(&[129], 2, 128, 64, None);
+        nc.causal = false;
+        v.push(nc);
+        v
+    }
+
+    /// The backward on the GPU, outputs and workspace poisoned; gradients back on the host.
+    fn gpu_backward<T: Element>(dev: &Device, c: &Case, b: &BwdInputs<T>) -> Grads {
+        let s = dev.stream().unwrap();
+        let cfg = c.cfg();
+        let cu = s.clone_htod(&c.cu()).unwrap();
+        let seqs = c.seqs((&cu).into());
+        let up = |x: &[T]| s.clone_htod(x).unwrap();
+        let (q, k, v, d_o) = (up(&b.x.q), up(&b.x.k), up(&b.x.v), up(&b.d_o));
+        let init = b.x.init.as_ref().map(|i| s.clone_htod(i).unwrap());
+        let d_fin = b.d_fin.as_ref().map(|i| s.clone_htod(i).unwrap());
+        let mut dq = up(&poisoned::<T>(b.x.q.len()));
+        let mut dk = up(&poisoned::<T>(b.x.k.len()));
+        let mut dv = up(&poisoned::<T>(b.x.v.len()));
+        let mut di = s.clone_htod(&poisoned::<f32>(c.state_len())).unwrap();
+        let wl = lightning::workspace_len(dev, &cfg, &seqs).unwrap();
+        let mut ws = s.clone_htod(&poisoned::<f32>(wl.max(1))).unwrap();
+        lightning::backward(
+            dev,
+            &cfg,
+            &seqs,
+            Backward {
+                q: (&q).into(),
+                k: (&k).into(),
+                v: (&v).into(),
+                d_o: (&d_o).into(),
+                initial_state: init.as_ref().map(|i| i.into()),
+                d_final_state: d_fin.as_ref().map(|i| i.into()),
+                dq: (&mut dq).into(),
+                dk: (&mut dk).into(),
+                dv: (&mut dv).into(),
+                d_initial_state: c.causal.then_some((&mut di).into()),
+                workspace: (&mut ws).into(),
+            },
+        )
+        .unwrap();
+        let down = |x: &cudarc::driver::CudaSlice<T>| to_f32(&s.clone_dtoh(x).unwrap());
+        let di = if c.causal {
+            s.clone_dtoh(&di).unwrap()
+        } else {
+            Vec::new()
+        };
+        [down(&dq), down(&dk), down(&dv), di]
+    }
+
+    #[test]
+    fn backward_gpu_matches_finite_differences_of_the_oracle() {
+        let Some(dev) = gpu("backward_gpu_matches_finite_differences_of_the_oracle") else {
+            return;
+        };
+        for c in fd_cases() {
+            check_backward(&c, &|c, b| gpu_backward(&dev, c, b));
+        }
+    }
+
+    /// The GPU's gradients in T against the CPU backward (itself checked against finite
+    /// differences) run in f32 on the same T-rounded inputs.
+    fn check_backward_vs_cpu<T: Element>(rng: &mut StdRng, dev: &Device, c: &Case, factor: f64) {
+        let b = bwd_inputs::<T>(rng, c);
+        let wide_in = BwdInputs {
+            x: Inputs {
+                q: to_f32(&b.x.q),
+                k: to_f32(&b.x.k),
+                v: to_f32(&b.x.v),
+                init: b.x.init.clone(),
+            },
+            d_o: to_f32(&b.d_o),
+            d_fin: b.d_fin.clone(),
+        };
+        let want = cpu_backward(2, c, &wide_in);
+        let got = gpu_backward(dev, c, &b);
+        let what = format!(
+            "gpu backward {} lens={:?} h={} d={} e={} decay={:?} init={} causal={}",
+            T::DTYPE,
+            &c.lens[..c.lens.len().min(5)],
+            c.heads,
+            c.d,
+            c.e,
+            c.decay,
+            c.init,
+            c.causal
+        );
+        for (name, g, w) in ["dq", "dk", "dv", "d_init"]
+            .iter()
+            .zip(&got)
+            .zip(&want)
+            .map(|((n, g), w)| (n, g, w))
+        {
+            let w64: Vec<f64> = w.iter().map(|&x| x as f64).collect();
+            // d_init is f32, but it sums products of T-rounded weighted operands: T's margin.
+            assert_lp::<T>(&format!("{what}: {name}"), g, &w64, factor);
+        }
+    }
+
+    #[test]
+    fn backward_gpu_matches_cpu_all_dtypes() {
+        let Some(dev) = gpu("backward_gpu_matches_cpu_all_dtypes") else {
+            return;
+        };
+        let mut rng = rng("backward_gpu_matches_cpu_all_dtypes");
+        for c in bwd_cases() {
+            check_backward_vs_cpu::<f32>(&mut rng, &dev, &c, 2.0);
+            // 16-bit: the weighted key rows, the scores P and the state copy are rounded to T
+            // for the tensor cores (three roundings where the forward has two).
+            check_backward_vs_cpu::<Bf16>(&mut rng, &dev, &c, 6.0);
+            check_backward_vs_cpu::<F16>(&mut rng, &dev, &c, 6.0);
+        }
     }
 
     #[test]

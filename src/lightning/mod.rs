@@ -611,7 +611,9 @@ pub fn decode<T: Element>(
 /// `dQ` (`dq_t = scale * dO_t S_t^T`) and reverse sweeps for `dK` and `dV` over
 /// `G_t = sum_{i>=t} lambda^(i-t) scale q_i^T dO_i + lambda^(T-1-t) dS_final`.
 ///
-/// Runs on the CPU; on a GPU it is [`Error::Unsupported`] for now.
+/// Both backends run the same three sweeps over the block split (the CPU as three scans, the
+/// GPU as seven launches: split states, a scan and outputs per sweep, the dK outputs reusing
+/// the dV sweep's split states), with the same workspace as [`forward`].
 ///
 /// ```
 /// use attnkit::{Device, lightning::{self, Backward, Config, Seqs}};
@@ -717,11 +719,7 @@ pub fn backward<T: Element>(
             Ok(())
         }
         #[cfg(attnkit_cuda)]
-        Backend::Cuda(_) => Err(Error::Unsupported {
-            arg: "dev",
-            detail: "the Lightning backward runs on the CPU; its GPU kernel is not built yet"
-                .into(),
-        }),
+        Backend::Cuda(c) => cuda::backward(c, cfg, seqs, &r, plan, &log2_decay, io),
     }
 }
 
