@@ -28,6 +28,8 @@ def peers_for(case):
     fam = case["family"]
     if fam == "flash":
         return ["torch-sdpa-flash", "torch-sdpa-cudnn"]
+    if fam == "decode":
+        return ["torch-sdpa-flash", "torch-sdpa-cudnn", "torch-sdpa-efficient"]
     if fam == "lightning":
         return ["fla-chunk_simple_gla", "fla-chunk_lightning_attn"]
     if fam == "monarch":
@@ -160,6 +162,30 @@ def build(torch, dev, dtypes, c, impl, copies):
             diag = sk - sq
             pairs = sum(max(0, min(sk, i + diag + 1)) for i in range(sq))
         return fns, 4 * b * hq * d * pairs, "tflops"
+    if fam == "decode":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        import torch.nn.functional as F
+
+        b, sq, n, hq, hk, d = (c[x] for x in ("batch", "seq_q", "cache", "heads_q", "heads_kv", "head_dim"))
+        backend = {"torch-sdpa-flash": SDPBackend.FLASH_ATTENTION, "torch-sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+                   "torch-sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}[impl]
+        nbytes = 2 * b * n * hk * d * 2
+        sets = []
+        for _ in range(copies(nbytes)):
+            q = torch.randn(b, sq, hq, d, device=dev, dtype=dt).transpose(1, 2)
+            k = torch.randn(b, n, hk, d, device=dev, dtype=dt).transpose(1, 2)
+            v = torch.randn(b, n, hk, d, device=dev, dtype=dt).transpose(1, 2)
+            sets.append((q, k, v))
+
+        def make(q, k, v):
+            def f():
+                with sdpa_kernel(backend):
+                    F.scaled_dot_product_attention(q, k, v, enable_gqa=hq != hk)
+            return f
+
+        fns = [make(*s) for s in sets]
+        fns[0]()
+        return fns, nbytes, "gbps"
     if fam == "lightning":
         b, t, h, dk, dv = (c[x] for x in ("batch", "seq", "heads", "d", "e"))
         slopes = torch.tensor([2 ** (-8 * (i + 1) / h) for i in range(h)], device=dev, dtype=torch.float32)

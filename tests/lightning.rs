@@ -201,13 +201,15 @@ fn check_forward<T: Element>(
     );
     assert_lp::<T>(&format!("{what}: o"), &to_f32(&o), &want.o, factor);
     if c.causal {
-        // The state is f32 throughout: tolerance of f32 accumulation only.
-        assert_lp::<f32>(
-            &format!("{what}: final state"),
-            &fin,
-            &want.final_state,
-            2.0,
-        );
+        let what = format!("{what}: final state");
+        if backend == "gpu" && T::DTYPE != attnkit::DType::F32 {
+            // The GPU accumulates the state in f32 but rounds the decayed key rows to T before
+            // the tensor-core product K^T V: T's rounding, not f32's.
+            assert_lp::<T>(&what, &fin, &want.final_state, factor);
+        } else {
+            // The CPU keeps the state f32 throughout: tolerance of f32 accumulation only.
+            assert_lp::<f32>(&what, &fin, &want.final_state, 2.0);
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The case table: what each family is measured at. `scripts/peers.py` reads the same table
 //! (`--list`), so ours and the peers always run the same shapes.
 
+use attnkit::decode::{self, Decode, Layout, Tables};
 use attnkit::flash::{self, Attention, Extras, Relu2Norm, Score};
 use attnkit::lightning::{self, Config, Forward, Seqs};
 use attnkit::monarch::{self, MonarchShape, Rows, Weights};
@@ -155,6 +156,26 @@ pub fn table() -> Vec<Case> {
             run: Box::new(move |dev| lightning_case(dev, seq, heads, d, e)),
         });
     }
+    // Decode: one new token against a KV cache, bf16, 32 query heads on 8 KV heads of 128;
+    // memory-bound, GB/s of K and V read (caches of at most 4 GiB).
+    for (batch, cache) in [
+        (1usize, 4096usize),
+        (1, 32768),
+        (1, 131072),
+        (8, 32768),
+        (64, 4096),
+        (64, 16384),
+    ] {
+        let (hq, hk, d) = (32, 8, 128);
+        t.push(Case {
+            family: "decode",
+            name: format!("bf16_d{d}_b{batch}_c{cache}"),
+            shape: format!(
+                "\"dtype\":\"bf16\",\"batch\":{batch},\"seq_q\":1,\"cache\":{cache},\"heads_q\":{hq},\"heads_kv\":{hk},\"head_dim\":{d}"
+            ),
+            run: Box::new(move |dev| decode_case(dev, batch, cache, hq, hk, d)),
+        });
+    }
     // Monarch multiply: bf16, 16k tokens, n = 4096, many small blocks (memory-bound) and few
     // large ones (compute-bound).
     for blocks in [64usize, 16, 4] {
@@ -274,6 +295,66 @@ fn lightning_case(
     })?;
     let bytes = (2 * nq + 2 * nv) * 2;
     Ok((t.median_ms, Rate::Gbps(bytes as f64 / t.median_ms / 1e6)))
+}
+
+fn decode_case(
+    dev: &Device,
+    batch: usize,
+    cache: usize,
+    hq: usize,
+    hk: usize,
+    d: usize,
+) -> Result<(f64, Rate)> {
+    let s = dev
+        .stream()
+        .ok_or(attnkit::Error::NoDevice { ordinal: None })?
+        .clone();
+    let lens = vec![cache as i32; batch];
+    let p = Decode::new(&lens, 1, hq, hk, d, Layout::Contiguous { capacity: cache });
+    let n = batch * cache * hk * d;
+    // Random caches without a multi-GiB host copy: one random 64 Mi-element block, tiled on
+    // the device.
+    let block = s
+        .clone_htod(&fill::<Bf16>(n.min(1 << 26), 9))
+        .map_err(driver)?;
+    let mut k = s.alloc_zeros::<Bf16>(n).map_err(driver)?;
+    let mut v = s.alloc_zeros::<Bf16>(n).map_err(driver)?;
+    for start in (0..n).step_by(block.len()) {
+        let len = block.len().min(n - start);
+        s.memcpy_dtod(&block.slice(..len), &mut k.slice_mut(start..start + len))
+            .map_err(driver)?;
+        s.memcpy_dtod(&block.slice(..len), &mut v.slice_mut(start..start + len))
+            .map_err(driver)?;
+    }
+    let q = s.clone_htod(&fill::<Bf16>(p.o_len(), 1)).map_err(driver)?;
+    let lens_d = s.clone_htod(&lens).map_err(driver)?;
+    let mut ws = s
+        .alloc_zeros::<f32>(p.workspace_len(dev).max(1))
+        .map_err(driver)?;
+    let mut o = s.alloc_zeros::<Bf16>(p.o_len()).map_err(driver)?;
+    let mut lse = s.alloc_zeros::<f32>(p.lse_len()).map_err(driver)?;
+    let t = attnkit::timing::time(dev, 2, RUNS, |_| {
+        let tables = Tables {
+            cache_seqlens: (&lens_d).into(),
+            block_table: None,
+            ring_offsets: None,
+        };
+        decode::forward(
+            dev,
+            &p,
+            (&q).into(),
+            (&k).into(),
+            (&v).into(),
+            tables,
+            (&mut ws).into(),
+            (&mut o).into(),
+            (&mut lse).into(),
+        )
+    })?;
+    Ok((
+        t.median_ms,
+        Rate::Gbps((2 * n * 2) as f64 / t.median_ms / 1e6),
+    ))
 }
 
 fn monarch_case(dev: &Device, tokens: usize, n: usize, blocks: usize) -> Result<(f64, Rate)> {
