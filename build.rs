@@ -194,6 +194,14 @@ fn compile(
         .unwrap_or("kernel")
         .to_string();
     let fatbin = out.join(format!("{name}.fatbin"));
+    // One compile per content: clippy, doc, test and release builds each run this script in
+    // their own OUT_DIR, and nvcc is the slow part of every one of them.
+    let cached = cache_path(out, &name, nvcc, kernels, gencode, verbose);
+    if let Some(c) = &cached {
+        if c.is_file() && fs::copy(c, &fatbin).is_ok() {
+            return Ok((name, fatbin));
+        }
+    }
     // --keep leaves the PTX beside the fatbin so its ISA version can be checked below.
     let keep = out.join(format!("keep-{name}"));
     let _ = fs::remove_dir_all(&keep);
@@ -262,7 +270,50 @@ fn compile(
         ));
     }
     let _ = fs::remove_dir_all(&keep);
+    if let Some(c) = cached {
+        // Best effort: a failed copy only costs the next build a compile.
+        let _ = fs::create_dir_all(c.parent().unwrap_or(out)).and_then(|_| fs::copy(&fatbin, &c));
+    }
     Ok((name, fatbin))
+}
+
+/// Where a compiled fatbin is cached: `<target>/attnkit-kernels/<name>-<key>.fatbin`, the key
+/// hashing every file under kernels/, nvcc's path and the flags (so a cache hit is exactly what
+/// this compile would produce, spill checks included). None when the target dir is unknown.
+fn cache_path(
+    out: &Path,
+    name: &str,
+    nvcc: &Path,
+    kernels: &Path,
+    gencode: &[String],
+    verbose: bool,
+) -> Option<PathBuf> {
+    use std::collections::hash_map::DefaultHasher;
+    use std::hash::{Hash, Hasher};
+    let target = out.ancestors().find(|d| d.join("CACHEDIR.TAG").is_file())?;
+    let mut h = DefaultHasher::new();
+    (
+        name,
+        nvcc,
+        gencode,
+        verbose,
+        env::var("ATTNKIT_DENY_SPILLS").ok(),
+    )
+        .hash(&mut h);
+    let mut files: Vec<PathBuf> = fs::read_dir(kernels)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    for f in files {
+        (f.file_name(), fs::read(&f).ok()?).hash(&mut h);
+    }
+    Some(
+        target
+            .join("attnkit-kernels")
+            .join(format!("{name}-{:016x}.fatbin", h.finish())),
+    )
 }
 
 fn check_ptx_isa(ptx: &str, path: &Path) -> Result<(), String> {
