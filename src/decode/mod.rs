@@ -821,14 +821,14 @@ pub fn forward<T: Element>(
 ) -> Result<()> {
     let pr = check(dev, p)?;
     check_tables(&pr, &tables)?;
-    check_tensor(
+    crate::flash::check_strides(
         "q",
         &pr.q,
         [pr.batch, pr.seq_q, pr.heads_q, pr.d],
         q.len(),
         false,
     )?;
-    check_tensor(
+    crate::flash::check_strides(
         "o",
         &pr.o,
         [pr.batch, pr.seq_q, pr.heads_q, pr.d],
@@ -1190,66 +1190,6 @@ fn check<'a>(dev: &Device, p: &Decode<'a>) -> Result<Problem<'a>> {
 /// (as outputs, for an append: no element may alias another).
 fn check_cache(p: &Problem<'_>, k_len: usize, v_len: usize, output: bool) -> Result<()> {
     let dims = [p.cache_dims.0, p.cache_dims.1, p.heads_kv, p.d];
-    check_tensor("k_cache", &p.k, dims, k_len, output)?;
-    check_tensor("v_cache", &p.v, dims, v_len, output)
-}
-
-/// A strided `[a, b, c, d]` tensor: last dimension contiguous, every element inside the
-/// buffer, offsets within i64, and (outputs) no two elements at one place.
-fn check_tensor(
-    arg: &'static str,
-    s: &Strides,
-    dims: [usize; 4],
-    len: usize,
-    output: bool,
-) -> Result<()> {
-    if s.dim != 1 {
-        return Err(Error::Stride {
-            arg,
-            detail: format!("the head_dim stride must be 1, is {}", s.dim),
-        });
-    }
-    let strides = [s.batch, s.row, s.head, 1];
-    let reach = dims
-        .iter()
-        .zip(&strides)
-        .try_fold(1usize, |acc, (&n, &st)| {
-            n.checked_sub(1)
-                .map_or(Some(acc), |m| m.checked_mul(st)?.checked_add(acc))
-        })
-        .filter(|&r| r <= i64::MAX as usize)
-        .ok_or_else(|| Error::Stride {
-            arg,
-            detail: format!("shape {dims:?} with strides {strides:?} overflows"),
-        })?;
-    if dims.contains(&0) {
-        return Ok(());
-    }
-    if reach > len {
-        return Err(Error::Shape {
-            arg,
-            detail: format!(
-                "holds {len} elements, shape {dims:?} with strides {strides:?} reaches {reach}"
-            ),
-        });
-    }
-    if output {
-        let mut by_stride: Vec<(usize, usize)> = strides
-            .into_iter()
-            .zip(dims)
-            .filter(|&(_, n)| n > 1)
-            .collect();
-        by_stride.sort_unstable();
-        let mut span = 1usize;
-        for (st, n) in by_stride {
-            if st < span {
-                return Err(Error::Stride {
-                    arg,
-                    detail: format!("strides {strides:?} make elements overlap"),
-                });
-            }
-            span = st.saturating_mul(n);
-        }
-    }
-    Ok(())
+    crate::flash::check_strides("k_cache", &p.k, dims, k_len, output)?;
+    crate::flash::check_strides("v_cache", &p.v, dims, v_len, output)
 }

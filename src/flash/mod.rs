@@ -1055,10 +1055,10 @@ fn check(
     Ok(())
 }
 
-/// Checks a 4-d strided tensor `[batch, rows, heads, d]` against its buffer: last dimension
-/// contiguous, every element inside the buffer, and (for outputs) no two elements at the same
-/// place.
-fn check_strides(
+/// Checks a strided `[a, b, c, d]` tensor against its buffer: last dimension contiguous, every
+/// element inside the buffer, offsets within i64, and (outputs) no two elements at one place.
+/// Shared by every family that takes `[batch, seq, heads, dim]` tensors.
+pub(crate) fn check_strides(
     arg: &'static str,
     s: &Strides,
     dims: [usize; 4],
@@ -1072,46 +1072,45 @@ fn check_strides(
         });
     }
     let strides = [s.batch, s.row, s.head, 1];
-    let overflow = || Error::Stride {
-        arg,
-        detail: "the extent overflows usize".into(),
-    };
-    let mut last = 0usize;
-    for (&n, &st) in dims.iter().zip(&strides) {
-        if n > 1 {
-            last = (n - 1)
-                .checked_mul(st)
-                .and_then(|x| x.checked_add(last))
-                .ok_or_else(overflow)?;
-        }
+    let reach = dims
+        .iter()
+        .zip(&strides)
+        .try_fold(1usize, |acc, (&n, &st)| {
+            n.checked_sub(1)
+                .map_or(Some(acc), |m| m.checked_mul(st)?.checked_add(acc))
+        })
+        .filter(|&r| r <= i64::MAX as usize)
+        .ok_or_else(|| Error::Stride {
+            arg,
+            detail: format!("shape {dims:?} with strides {strides:?} overflows"),
+        })?;
+    if dims.contains(&0) {
+        return Ok(());
     }
-    let need = last.checked_add(1).ok_or_else(overflow)?;
-    if need > len {
+    if reach > len {
         return Err(Error::Shape {
             arg,
             detail: format!(
-                "holds {len} elements, shape {dims:?} with strides {strides:?} reaches {need}"
+                "holds {len} elements, shape {dims:?} with strides {strides:?} reaches {reach}"
             ),
         });
     }
     if output {
-        // Sorted by stride, each dimension must start past the whole extent of the smaller ones.
-        let mut ds: Vec<(usize, usize)> = strides
-            .iter()
-            .copied()
+        let mut by_stride: Vec<(usize, usize)> = strides
+            .into_iter()
             .zip(dims)
             .filter(|&(_, n)| n > 1)
             .collect();
-        ds.sort_unstable();
-        let mut extent = 1usize;
-        for (st, n) in ds {
-            if st < extent {
+        by_stride.sort_unstable();
+        let mut span = 1usize;
+        for (st, n) in by_stride {
+            if st < span {
                 return Err(Error::Stride {
                     arg,
                     detail: format!("strides {strides:?} make elements overlap"),
                 });
             }
-            extent = st.saturating_mul(n);
+            span = st.saturating_mul(n);
         }
     }
     Ok(())
