@@ -71,3 +71,24 @@ impl<'a, T> DisjointSlice<'a, T> {
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
     }
 }
+
+/// Dot product with eight independent partial sums, so the compiler can vectorise it (a single
+/// running sum is a serial chain it must not reorder). Every family's CPU path uses this one,
+/// so their results round the same way.
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}

@@ -8,7 +8,7 @@
 //! GPU's combine kernel does.
 
 use super::Problem;
-use crate::cpu::{DisjointSlice, par_for};
+use crate::cpu::{DisjointSlice, dot, par_for};
 use crate::dtype::Element;
 
 /// Keys per tile: a K and a V tile of 64 x 256 f32 (128 KiB) stay in L2.
@@ -240,20 +240,6 @@ fn online_update(
     }
     *l = *l * alpha + sum;
     *m = m_new;
-}
-
-/// Dot product in eight lanes, so the compiler vectorises it.
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
-        lanes
-            .iter_mut()
-            .enumerate()
-            .for_each(|(i, s)| *s += x[i] * y[i]);
-    }
-    // Head dims are multiples of 64: no remainder.
-    lanes.iter().sum()
 }
 
 /// Writes the new tokens' K/V rows into the cache. One thread: it is `batch * seq_q` rows, and

@@ -6,7 +6,7 @@
 //! `l`, entropy sum and unnormalised output per row, exactly as the GPU kernel does.
 
 use super::{Problem, Relu2Norm, Score, Visibility};
-use crate::cpu::{DisjointSlice, par_for};
+use crate::cpu::{DisjointSlice, dot, par_for};
 use crate::dtype::Element;
 
 /// Query rows per work item: enough to amortise converting K/V tiles to f32, few enough that a
@@ -266,24 +266,4 @@ pub(super) fn finish_row(
             entropy: 0.0,
         }
     }
-}
-
-/// Dot product with eight independent partial sums, so the compiler can vectorise it (a single
-/// running sum is a serial chain it must not reorder).
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }

@@ -9,7 +9,7 @@
 //! GPU's tensor cores see it, accumulation is f32.
 
 use super::{Mode, MonarchShape, Rows};
-use crate::cpu::{DisjointSlice, par_for};
+use crate::cpu::{DisjointSlice, dot, par_for};
 use crate::dtype::Element;
 
 /// Tokens per parallel work item: enough to amortise the item's scratch, small enough to
@@ -94,23 +94,6 @@ fn stages<T: Element>(shape: MonarchShape, w1: &[T], w2: &[T], mode: Mode) -> [S
             Stage::new(w1, shape.w1_dims(), true, (q, 1), (p, 1)),
         ],
     }
-}
-
-/// f32 dot product with eight independent accumulators, so the compiler vectorises it.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for u in 0..8 {
-            acc[u] += x[u] * y[u];
-        }
-    }
-    let mut tail = 0.0f32;
-    for (x, y) in ra.iter().zip(rb) {
-        tail += x * y;
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// Rounds to `T` and back: what the intermediate is on the GPU.
