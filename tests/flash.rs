@@ -1099,3 +1099,126 @@ fn variants_reject_bad_input_naming_the_argument() {
         }
     }
 }
+
+#[test]
+fn varlen_with_variants_matches_the_oracle_per_sequence() {
+    let mut rng = rng("varlen_with_variants_matches_the_oracle_per_sequence");
+    let cu_q = [0i32, 70, 70, 200, 201];
+    let cu_k = [0i32, 90, 91, 300, 333];
+    let (hq, hk, d) = (2, 1, 64);
+    let (tq, tk) = (201usize, 333usize);
+    let (bq, bk) = (16usize, 32usize);
+    let (max_q, max_k) = (130usize, 209usize);
+    let (rows, cols) = (max_q.div_ceil(bq), max_k.div_ceil(bk));
+    let mask: Vec<u8> = (0..rows * cols).map(|i| ((i * 7) % 5 != 0) as u8).collect();
+    let sinks = vec![0.25f32, f32::NEG_INFINITY];
+    for dev in devices("varlen_with_variants_matches_the_oracle_per_sequence") {
+        for use_mask in [false, true] {
+            let a = VarlenAttention::new(&cu_q, &cu_k, hq, hk, d)
+                .causal(true)
+                .window(Some(20), None)
+                .sinks(2);
+            let q: Vec<f32> = random(&mut rng, tq * hq * d);
+            let k: Vec<f32> = random(&mut rng, tk * hk * d);
+            let v: Vec<f32> = random(&mut rng, tk * hk * d);
+            let mut o = poisoned::<f32>(a.o_len());
+            let mut lse = vec![f32::NAN; a.lse_len()];
+            let mut ent = vec![f32::NAN; a.lse_len()];
+            #[cfg(feature = "cuda")]
+            if let Some(s) = dev.stream() {
+                let up = |x: &[f32]| s.clone_htod(x).unwrap();
+                let (qd, kd, vd, sd) = (up(&q), up(&k), up(&v), up(&sinks));
+                let (cqd, ckd) = (s.clone_htod(&cu_q).unwrap(), s.clone_htod(&cu_k).unwrap());
+                let md = s.clone_htod(&mask).unwrap();
+                let (mut od, mut ld, mut ed) = (up(&o), up(&lse), up(&ent));
+                let x = Extras {
+                    sink_logits: Some((&sd).into()),
+                    entropy: Some((&mut ed).into()),
+                    block_mask: use_mask.then(|| BlockMask {
+                        mask: (&md).into(),
+                        block_q: bq,
+                        block_k: bk,
+                    }),
+                };
+                flash::forward_varlen_with(
+                    &dev,
+                    &a,
+                    (&qd).into(),
+                    (&kd).into(),
+                    (&vd).into(),
+                    (&cqd).into(),
+                    (&ckd).into(),
+                    (&mut od).into(),
+                    (&mut ld).into(),
+                    x,
+                )
+                .unwrap();
+                o = s.clone_dtoh(&od).unwrap();
+                lse = s.clone_dtoh(&ld).unwrap();
+                ent = s.clone_dtoh(&ed).unwrap();
+            }
+            if !dev.is_cuda() {
+                let x = Extras {
+                    sink_logits: Some((&sinks).into()),
+                    entropy: Some((&mut ent).into()),
+                    block_mask: use_mask.then(|| BlockMask {
+                        mask: (&mask).into(),
+                        block_q: bq,
+                        block_k: bk,
+                    }),
+                };
+                flash::forward_varlen_with(
+                    &dev,
+                    &a,
+                    (&q).into(),
+                    (&k).into(),
+                    (&v).into(),
+                    cu_q[..].into(),
+                    cu_k[..].into(),
+                    (&mut o).into(),
+                    (&mut lse).into(),
+                    x,
+                )
+                .unwrap();
+            }
+            for bi in 0..cu_q.len() - 1 {
+                let (q0, q1) = (cu_q[bi] as usize, cu_q[bi + 1] as usize);
+                let (k0, k1) = (cu_k[bi] as usize, cu_k[bi + 1] as usize);
+                if q1 == q0 {
+                    continue;
+                }
+                let one = Attention::new(1, q1 - q0, k1 - k0, hq, hk, d)
+                    .causal(true)
+                    .window(Some(20), None)
+                    .sinks(2);
+                // The sequence's own corner of the mask, re-laid with its own column count.
+                let seq_cols = (k1 - k0).div_ceil(bk);
+                let seq_mask: Vec<u8> = (0..(q1 - q0).div_ceil(bq) * seq_cols)
+                    .map(|i| mask[(i / seq_cols) * cols + i % seq_cols])
+                    .collect();
+                let hx = HostX {
+                    sinks: Some(sinks.clone()),
+                    mask: use_mask.then_some((seq_mask, bq, bk)),
+                    entropy: true,
+                };
+                let gather = |x: &[f32]| -> Vec<f32> {
+                    (0..hq)
+                        .flat_map(|h| x[h * tq + q0..h * tq + q1].to_vec())
+                        .collect()
+                };
+                let what = format!("{} varlen variants seq {bi} mask={use_mask}", dev.name());
+                check_variant(
+                    &what,
+                    &one,
+                    &q[q0 * hq * d..],
+                    &k[k0 * hk * d..],
+                    &v[k0 * hk * d..],
+                    &hx,
+                    &o[q0 * hq * d..],
+                    &gather(&lse),
+                    &gather(&ent),
+                );
+            }
+        }
+    }
+}
