@@ -611,6 +611,12 @@ pub fn decode<T: Element>(
 /// `dQ` (`dq_t = scale * dO_t S_t^T`) and reverse sweeps for `dK` and `dV` over
 /// `G_t = sum_{i>=t} lambda^(i-t) scale q_i^T dO_i + lambda^(T-1-t) dS_final`.
 ///
+/// On a GPU the 16-bit paths round their tensor-core operands (decayed rows, scores, the state
+/// copy) to the input type, which scales with `d_o`: f16 gradients need loss scaling, as with
+/// any f16 backward (bf16 does not). The sweeps need shared memory for both `d` and `e`
+/// tiles; a GPU with less than that per block (e.g. sm_86/89 at d or e = 128) returns a typed
+/// error naming the kernel.
+///
 /// Both backends run the same three sweeps over the block split (the CPU as three scans, the
 /// GPU as seven launches: split states, a scan and outputs per sweep, the dK outputs reusing
 /// the dV sweep's split states), with the same workspace as [`forward`].
