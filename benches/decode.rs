@@ -115,6 +115,7 @@ fn bench_cuda(c: &mut Criterion) {
                                 cache_seqlens: (&lens_d).into(),
                                 block_table: None,
                                 ring_offsets: None,
+                                sink_logits: None,
                             };
                             decode::forward(
                                 &dev,

@@ -95,8 +95,11 @@ __device__ __forceinline__ void decode_tc(const DecodeParams& p) {
 
     const int rb = blockIdx.x % p.row_blocks, split = blockIdx.x / p.row_blocks;
     const int hk = blockIdx.y, b = blockIdx.z;
-    const SeqView s = locate_seq(p, b);
-    if (!s.valid) return;
+    SeqView s = locate_seq(p, b);
+    // A device table that fails the re-check (stale against the checked host copy) reads as
+    // an empty cache: the rows still get their defined O = 0, LSE = -inf, and every split
+    // writes its partial, so the combine never reads unwritten workspace.
+    if (!s.valid) s.len = s.ring = 0;
     const KeyRange kr = key_range(p, s, split, rb, ROWS);
     const int group = p.heads_q / p.heads_kv;
     const int n_tiles = (kr.end - kr.lo + BN - 1) / BN;
@@ -227,14 +230,16 @@ __device__ __forceinline__ void decode_tc(const DecodeParams& p) {
     }
     const OutRow out = out_row(p, b, hk, split, rb * ROWS + row);
     if (!out.valid) return;
-    const float inv = total > 0.f ? 1.f / total : 0.f;
+    float lse = row_lse(mx, total);
+    // One split: this row is final here, so the sink logit is folded in now (else: combine).
+    const float inv = (total > 0.f ? 1.f / total : 0.f) * (p.num_splits == 1 ? fold_sink(p, out.head, lse) : 1.f);
     for (int c = part; c < D; c += PER_ROW) {
         float x = 0.f;
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) x += wgt[w] * sO[(w * ROWS + row) * D + c];
         store_out<T>(p, out, c, x * inv);
     }
-    if (part == 0) store_lse(p, out, row_lse(mx, total));
+    if (part == 0) store_lse(p, out, lse);
 }
 
 // f32: CUDA cores. Thread (row = tid / 8, sub = tid % 8) owns query row `row`: it scores keys
@@ -255,8 +260,11 @@ __device__ __forceinline__ void decode_f32(const DecodeParams& p) {
 
     const int rb = blockIdx.x % p.row_blocks, split = blockIdx.x / p.row_blocks;
     const int hk = blockIdx.y, b = blockIdx.z;
-    const SeqView s = locate_seq(p, b);
-    if (!s.valid) return;
+    SeqView s = locate_seq(p, b);
+    // A device table that fails the re-check (stale against the checked host copy) reads as
+    // an empty cache: the rows still get their defined O = 0, LSE = -inf, and every split
+    // writes its partial, so the combine never reads unwritten workspace.
+    if (!s.valid) s.len = s.ring = 0;
     const KeyRange kr = key_range(p, s, split, rb, ROWS);
     const int group = p.heads_q / p.heads_kv;
     const int n_tiles = (kr.end - kr.lo + BN - 1) / BN;
@@ -330,10 +338,11 @@ __device__ __forceinline__ void decode_f32(const DecodeParams& p) {
     for (int off = 1; off < 8; off <<= 1) l += __shfl_xor_sync(0xffffffffu, l, off);
     const OutRow out = out_row(p, b, hk, split, rb * ROWS + row);
     if (!out.valid) return;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    float lse = row_lse(m, l);
+    const float inv = (l > 0.f ? 1.f / l : 0.f) * (p.num_splits == 1 ? fold_sink(p, out.head, lse) : 1.f);
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) store_out<float>(p, out, sub + 8 * i, acc[i] * inv);
-    if (sub == 0) store_lse(p, out, row_lse(m, l));
+    if (sub == 0) store_lse(p, out, lse);
 }
 
 // Combine: one warp per output row (b, h, i); lane s (and s + 32) holds split s's LSE.
@@ -359,14 +368,15 @@ __device__ __forceinline__ void decode_combine(const DecodeParams& p) {
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) total += __shfl_xor_sync(0xffffffffu, total, off);
     __syncwarp();
-    const float inv = total > 0.f ? 1.f / total : 0.f;
+    float lse = total > 0.f ? base + logf(total) : -INFINITY;
+    const float inv = (total > 0.f ? 1.f / total : 0.f) * fold_sink(p, h, lse);
     T* o = static_cast<T*>(p.o) + (int64_t)b * p.o_batch_stride + (int64_t)i * p.o_row_stride + (int64_t)h * p.o_head_stride;
     for (int c = lane; c < p.head_dim; c += 32) {
         float x = 0.f;
         for (int sp = 0; sp < p.num_splits; ++sp) x += weights[warp][sp] * p.ws_o[(sp * rows + r) * p.head_dim + c];
         o[c] = from_f32<T>(x * inv);
     }
-    if (lane == 0) p.lse[r] = total > 0.f ? base + logf(total) : -INFINITY;
+    if (lane == 0) p.lse[r] = lse;
 }
 
 // Append: thread per 16-byte chunk of a new row (b, token i, KV head hk), to logical key

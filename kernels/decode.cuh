@@ -134,6 +134,7 @@ __device__ __forceinline__ void rotate_rows(unsigned char* tile, int rows, const
 // slot in the workspace.
 struct OutRow {
     bool valid;
+    int head;         // query head of the row (for its sink logit)
     int64_t o_off;    // element offset in o (one split) or ws_o
     int64_t lse_off;  // offset in lse or ws_lse
 };
@@ -143,6 +144,7 @@ __device__ __forceinline__ OutRow out_row(const DecodeParams& p, int b, int hk, 
     const int group = p.heads_q / p.heads_kv;
     r.valid = row < p.seq_q * group;
     const int i = row / group, h = hk * group + row % group;
+    r.head = h;
     const int64_t lrow = ((int64_t)b * p.heads_q + h) * p.seq_q + i;
     if (p.num_splits == 1) {
         r.o_off = (int64_t)b * p.o_batch_stride + (int64_t)i * p.o_row_stride + (int64_t)h * p.o_head_stride;
@@ -166,6 +168,29 @@ __device__ __forceinline__ void store_out(const DecodeParams& p, const OutRow& r
 }
 __device__ __forceinline__ void store_lse(const DecodeParams& p, const OutRow& r, float lse) {
     (p.num_splits == 1 ? p.lse : p.ws_lse)[r.lse_off] = lse;
+}
+
+// Folds head h's learned sink logit (gpt-oss) into a finished row: the softmax gains a logit
+// with no value vector, so LSE becomes logaddexp(LSE, sink) and the normalised O shrinks by
+// exp(LSE - LSE'). Returns that factor (1 without sink logits). Called once per row, where the
+// row is final: the single-split store or the combine.
+__device__ __forceinline__ float fold_sink(const DecodeParams& p, int h, float& lse) {
+    if (p.sink_logits == nullptr) return 1.f;
+    const float s = p.sink_logits[h];
+    if (s == INFINITY) {  // all weight on the sink
+        lse = INFINITY;
+        return 0.f;
+    }
+    if (lse == -INFINITY || s == -INFINITY) {  // nothing to share the weight with
+        const float f = lse == -INFINITY ? 0.f : 1.f;
+        lse = fmaxf(lse, s);
+        return f;
+    }
+    const float mx = fmaxf(lse, s);
+    const float folded = mx + logf(expf(lse - mx) + expf(s - mx));
+    const float f = expf(lse - folded);
+    lse = folded;
+    return f;
 }
 
 // LSE (natural log) of a row from its exp2-domain max m and sum l; -inf for a row that saw

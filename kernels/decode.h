@@ -48,6 +48,7 @@ typedef struct DecodeParams {
     const int32_t* cache_seqlens; /* [batch]: keys per sequence, the new tokens' included */
     const int32_t* block_table;   /* [batch, pages_per_seq] (paged), else NULL */
     const int32_t* ring_offsets;  /* [batch] (rolling), else NULL */
+    const float* sink_logits;     /* [heads_q] learned per-head sink logits (natural units), or NULL */
     int64_t q_batch_stride, q_row_stride, q_head_stride; /* elements */
     int64_t o_batch_stride, o_row_stride, o_head_stride;
     int64_t k_batch_stride, k_row_stride, k_head_stride; /* batch: per sequence, or per page */

@@ -30,6 +30,7 @@ struct DeviceTables {
     lens: attnkit::cudarc::driver::CudaSlice<i32>,
     block_table: Option<attnkit::cudarc::driver::CudaSlice<i32>>,
     ring_offsets: Option<attnkit::cudarc::driver::CudaSlice<i32>>,
+    sink_logits: Option<attnkit::cudarc::driver::CudaSlice<f32>>,
 }
 
 #[cfg(feature = "cuda")]
@@ -46,6 +47,7 @@ impl DeviceTables {
             lens: s.clone_htod(p.cache_seqlens).unwrap(),
             block_table: bt,
             ring_offsets: ro,
+            sink_logits: None,
         }
     }
 
@@ -54,6 +56,7 @@ impl DeviceTables {
             cache_seqlens: (&self.lens).into(),
             block_table: self.block_table.as_ref().map(|b| b.into()),
             ring_offsets: self.ring_offsets.as_ref().map(|b| b.into()),
+            sink_logits: self.sink_logits.as_ref().map(|b| b.into()),
         }
     }
 }
@@ -67,6 +70,18 @@ fn run<T: Element>(
     k: &[T],
     v: &[T],
 ) -> attnkit::Result<(Vec<T>, Vec<f32>)> {
+    run_with_sinks(dev, p, q, k, v, None)
+}
+
+/// [`run`] with learned sink logits (`[heads_q]`).
+fn run_with_sinks<T: Element>(
+    dev: &Device,
+    p: &Decode<'_>,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    sinks: Option<&[f32]>,
+) -> attnkit::Result<(Vec<T>, Vec<f32>)> {
     let mut o = poisoned::<T>(p.o_len());
     let mut lse = vec![f32::NAN; p.lse_len()];
     let mut ws = vec![f32::NAN; p.workspace_len(dev)];
@@ -74,7 +89,8 @@ fn run<T: Element>(
     if let Some(s) = dev.stream() {
         let up = |x: &[T]| s.clone_htod(x).unwrap();
         let (qd, kd, vd) = (up(q), up(k), up(v));
-        let dt = DeviceTables::new(s, p);
+        let mut dt = DeviceTables::new(s, p);
+        dt.sink_logits = sinks.map(|x| s.clone_htod(x).unwrap());
         let tables = dt.tables();
         let mut od = s.clone_htod(&o).unwrap();
         let mut ld = s.clone_htod(&lse).unwrap();
@@ -92,13 +108,15 @@ fn run<T: Element>(
         )?;
         return Ok((s.clone_dtoh(&od).unwrap(), s.clone_dtoh(&ld).unwrap()));
     }
+    let mut tables = Tables::host(p);
+    tables.sink_logits = sinks.map(|x| x.into());
     decode::forward(
         dev,
         p,
         q.into(),
         k.into(),
         v.into(),
-        Tables::host(p),
+        tables,
         (&mut ws).into(),
         (&mut o).into(),
         (&mut lse).into(),
@@ -433,6 +451,71 @@ fn split_counts_1_to_64_agree() {
                 assert!(same, "splits={splits}: lse[{i}] {a} vs {b}");
             }
         }
+    }
+}
+
+#[test]
+#[allow(clippy::needless_range_loop)] // (b, h, i) index three layouts at once
+fn learned_sink_logits_one_split_and_many() {
+    let mut rng = rng("learned_sink_logits_one_split_and_many");
+    let sinks = [0.3f32, f32::NEG_INFINITY, f32::INFINITY, 2.0];
+    for dev in devices("learned_sink_logits_one_split_and_many") {
+        // Lengths 0 (a row with only the sink) and ones that are not split multiples.
+        let lens = [700, 0, 129];
+        let cap = 768;
+        for splits in [1, 5] {
+            let p = Decode::new(&lens, 2, 4, 2, 64, Layout::Contiguous { capacity: cap })
+                .splits(splits);
+            let n_kv = lens.len() * cap * 2 * 64;
+            let q = random::<f32>(&mut rng, p.o_len());
+            let (k, v) = (random::<f32>(&mut rng, n_kv), random::<f32>(&mut rng, n_kv));
+            let (o0, lse0) = run(&dev, &p, &q, &k, &v).unwrap();
+            check("no sinks", &p, &q, &contiguous_keys(&p, &k, &v), &o0, &lse0);
+            let (o, lse) = run_with_sinks(&dev, &p, &q, &k, &v, Some(&sinks)).unwrap();
+            // The definition: the softmax over the keys and the sink, in f64, from the run
+            // without sinks: LSE' = logaddexp(LSE, s), O' = O exp(LSE - LSE').
+            for b in 0..lens.len() {
+                for h in 0..4 {
+                    for i in 0..2 {
+                        let r = (b * 4 + h) * 2 + i;
+                        let (l0, s) = (lse0[r] as f64, sinks[h] as f64);
+                        let (want_lse, f) = if s == f64::INFINITY {
+                            (f64::INFINITY, 0.0)
+                        } else if l0 == f64::NEG_INFINITY || s == f64::NEG_INFINITY {
+                            (l0.max(s), if l0 == f64::NEG_INFINITY { 0.0 } else { 1.0 })
+                        } else {
+                            let m = l0.max(s);
+                            let l = m + ((l0 - m).exp() + (s - m).exp()).ln();
+                            (l, (l0 - l).exp())
+                        };
+                        let got = lse[r] as f64;
+                        let ok = if want_lse.is_infinite() {
+                            got == want_lse
+                        } else {
+                            (got - want_lse).abs() <= 1e-5 * (1.0 + want_lse.abs())
+                        };
+                        assert!(
+                            ok,
+                            "splits={splits} b={b} h={h} i={i}: lse {got} want {want_lse}"
+                        );
+                        let off = ((b * 2 + i) * 4 + h) * 64;
+                        for c in 0..64 {
+                            let want = o0[off + c] as f64 * f;
+                            assert!(
+                                (o[off + c] as f64 - want).abs() <= 1e-5,
+                                "splits={splits} b={b} h={h} i={i} c={c}: o {} want {want}",
+                                o[off + c]
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        // The wrong number of logits is a typed error naming them.
+        let p = Decode::new(&lens, 2, 4, 2, 64, Layout::Contiguous { capacity: cap });
+        let z = vec![0f32; lens.len() * cap * 2 * 64];
+        let e = run_with_sinks(&dev, &p, &z[..p.o_len()], &z, &z, Some(&sinks[..3])).unwrap_err();
+        assert_eq!(e.arg(), Some("sink_logits"), "{e}");
     }
 }
 

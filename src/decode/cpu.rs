@@ -46,6 +46,7 @@ pub(super) fn forward<T: Element>(
     q: &[T],
     k: &[T],
     v: &[T],
+    sinks: Option<&[f32]>,
     ws: &mut [f32],
     o: &mut [T],
     lse: &mut [f32],
@@ -126,12 +127,16 @@ pub(super) fn forward<T: Element>(
         }
         for r in 0..rows {
             let (i, h) = (r / group, hk * group + r % group);
-            let inv = if l[r] > 0.0 { 1.0 / l[r] } else { 0.0 };
-            let lse_r = if l[r] > 0.0 {
+            let mut inv = if l[r] > 0.0 { 1.0 / l[r] } else { 0.0 };
+            let mut lse_r = if l[r] > 0.0 {
                 (m[r] + l[r].log2()) * std::f32::consts::LN_2
             } else {
                 f32::NEG_INFINITY
             };
+            if p.splits == 1 {
+                // This row is final here: fold the sink logit in now (else: in the combine).
+                inv *= fold_sink(sinks.map(|s| s[h]), &mut lse_r);
+            }
             let row = (b * p.heads_q + h) * p.seq_q + i;
             let ar = &acc[r * d..(r + 1) * d];
             if p.splits == 1 {
@@ -170,7 +175,7 @@ pub(super) fn forward<T: Element>(
                 // SAFETY: (b, i, h) owns its d elements of o (checked strides) and its LSE
                 // entry; each (b, i) belongs to exactly one item.
                 let out = unsafe { o_out.range_mut(off, d) };
-                let total = combine(parts, out);
+                let total = combine(parts, sinks.map(|s| s[h]), out);
                 // SAFETY: as above.
                 let slot = unsafe { lse_out.range_mut(row, 1) };
                 slot[0] = total;
@@ -179,16 +184,40 @@ pub(super) fn forward<T: Element>(
     }
 }
 
-/// Exact combination of normalised partials `(lse_s, o_s)`: weights `exp(lse_s - max)`.
-/// Writes `o` and returns the total LSE (`-inf`, with `o = 0`, when no split saw a key).
+/// Folds a learned sink logit into a finished row (the kernel's `fold_sink`): LSE becomes
+/// `logaddexp(LSE, sink)`; returns the factor the normalised O shrinks by.
+fn fold_sink(sink: Option<f32>, lse: &mut f32) -> f32 {
+    let Some(s) = sink else { return 1.0 };
+    if s == f32::INFINITY {
+        *lse = f32::INFINITY;
+        return 0.0;
+    }
+    if *lse == f32::NEG_INFINITY || s == f32::NEG_INFINITY {
+        let f = if *lse == f32::NEG_INFINITY { 0.0 } else { 1.0 };
+        *lse = lse.max(s);
+        return f;
+    }
+    let mx = lse.max(s);
+    let folded = mx + ((*lse - mx).exp() + (s - mx).exp()).ln();
+    let f = (*lse - folded).exp();
+    *lse = folded;
+    f
+}
+
+/// Exact combination of normalised partials `(lse_s, o_s)`: weights `exp(lse_s - max)`, and
+/// the row's sink logit folded in. Writes `o` and returns the total LSE (`-inf`, with `o = 0`,
+/// when no split saw a key and there is no sink).
 fn combine<'a, T: Element>(
     parts: impl Iterator<Item = (f32, &'a [f32])> + Clone,
+    sink: Option<f32>,
     o: &mut [T],
 ) -> f32 {
     let mx = parts.clone().fold(f32::NEG_INFINITY, |a, (l, _)| a.max(l));
     if mx == f32::NEG_INFINITY {
         o.iter_mut().for_each(|x| *x = T::from_f32(0.0));
-        return f32::NEG_INFINITY;
+        let mut lse = f32::NEG_INFINITY;
+        fold_sink(sink, &mut lse);
+        return lse;
     }
     let mut acc = vec![0f32; o.len()];
     let mut sum = 0f32;
@@ -199,10 +228,12 @@ fn combine<'a, T: Element>(
             acc.iter_mut().zip(part).for_each(|(a, x)| *a += w * x);
         }
     }
+    let mut lse = mx + sum.ln();
+    let f = fold_sink(sink, &mut lse);
     o.iter_mut()
         .zip(&acc)
-        .for_each(|(x, a)| *x = T::from_f32(a / sum));
-    mx + sum.ln()
+        .for_each(|(x, a)| *x = T::from_f32(a / sum * f));
+    lse
 }
 
 /// One row's online-softmax step over a tile of scores `s` (already in the exp2 domain, with

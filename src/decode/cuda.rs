@@ -204,6 +204,10 @@ pub(super) fn forward<T: Element>(
     let mut ptrs = DevPtrs::default();
     let stream = &dev.stream;
     let (lens, bt, ro) = table_ptrs(dev, tables, &mut ptrs)?;
+    let sink_logits = match &tables.sink_logits {
+        Some(b) => ptrs.read("sink_logits", dev.view("sink_logits", b)?, stream, 4)? as *const f32,
+        None => std::ptr::null(),
+    };
     let ws_ptr = ptrs.write("workspace", wv, stream, 4)? as *mut f32;
     let rows_out = p.batch * p.heads_q * p.seq_q;
     let params = c::DecodeParams {
@@ -222,6 +226,7 @@ pub(super) fn forward<T: Element>(
         cache_seqlens: lens,
         block_table: bt,
         ring_offsets: ro,
+        sink_logits,
         ..base_params(p)
     };
     let blocks = (params.row_blocks as usize) * p.splits;

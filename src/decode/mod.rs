@@ -481,6 +481,10 @@ pub struct Tables<'a> {
     pub block_table: Option<Buf<'a, i32>>,
     /// The rolling layout's ring offsets, `[batch]`.
     pub ring_offsets: Option<Buf<'a, i32>>,
+    /// Learned per-head sink logits, `[heads_q]` f32 (gpt-oss): each row's softmax gains
+    /// `exp(sink - m)` in its denominator, with no value vector, and the LSE includes it.
+    /// Read by [`forward`]; [`append`] ignores it.
+    pub sink_logits: Option<Buf<'a, f32>>,
 }
 
 impl<'a> Tables<'a> {
@@ -501,6 +505,7 @@ impl<'a> Tables<'a> {
             cache_seqlens: Buf::Host(p.cache_seqlens),
             block_table,
             ring_offsets,
+            sink_logits: None,
         }
     }
 }
@@ -864,7 +869,12 @@ pub fn forward<T: Element>(
             );
             let ws = workspace.host_mut("workspace")?;
             let lse = lse.host_mut("lse")?;
-            cpu::forward(*threads, &pr, q, k, v, ws, o.host_mut("o")?, lse);
+            let sinks = tables
+                .sink_logits
+                .as_ref()
+                .map(|b| b.host("sink_logits"))
+                .transpose()?;
+            cpu::forward(*threads, &pr, q, k, v, sinks, ws, o.host_mut("o")?, lse);
             Ok(())
         }
         #[cfg(attnkit_cuda)]
@@ -979,6 +989,14 @@ fn check_tables(p: &Problem<'_>, t: &Tables<'_>) -> Result<()> {
         Layout::Paged { block_table, .. } => (Some(block_table.len()), None),
         Layout::Rolling { ring_offsets, .. } => (None, Some(ring_offsets.len())),
     };
+    if let Some(sl) = &t.sink_logits {
+        if sl.len() != p.heads_q {
+            return Err(Error::Shape {
+                arg: "sink_logits",
+                detail: format!("holds {} logits, heads_q is {}", sl.len(), p.heads_q),
+            });
+        }
+    }
     for (arg, want, got) in [
         ("block_table", bt, t.block_table.as_ref().map(|b| b.len())),
         ("ring_offsets", ro, t.ring_offsets.as_ref().map(|b| b.len())),

@@ -45,6 +45,7 @@ pub fn run(dev: &Device) -> Result<Row> {
                 cache_seqlens: (&lens_d).into(),
                 block_table: None,
                 ring_offsets: None,
+                sink_logits: None,
             };
             return decode::forward(dev, &p, q, k, v, tables, (&mut ws).into(), o, lse);
         }

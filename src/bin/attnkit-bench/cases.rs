@@ -338,6 +338,7 @@ fn decode_case(
             cache_seqlens: (&lens_d).into(),
             block_table: None,
             ring_offsets: None,
+            sink_logits: None,
         };
         decode::forward(
             dev,
