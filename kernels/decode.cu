@@ -20,6 +20,7 @@
 // History: v1 (this file), written without a GPU at hand: not yet measured or tuned.
 #include "common.cuh"
 #include "decode.h"
+#include <climits>
 #include "decode.cuh"
 
 namespace {
@@ -42,6 +43,12 @@ __device__ __forceinline__ KeyRange key_range(const DecodeParams& p, const SeqVi
         const int group = p.heads_q / p.heads_kv;
         const int last_row = min((rb + 1) * rows_per_block, p.seq_q * group) - 1;
         k.end = max(k.lo, min(k.hi, k.first + last_row / group + 1));
+    }
+    if (p.window_left >= 0) {
+        // Sliding window: the block's first token sees the fewest old keys; tiles left of its
+        // window are never loaded.
+        const int first_token = rb * rows_per_block / (p.heads_q / p.heads_kv);
+        k.lo = max(k.lo, min(k.first + first_token - p.window_left, k.end));
     }
     return k;
 }
@@ -168,13 +175,20 @@ __device__ __forceinline__ void decode_tc(const DecodeParams& p) {
         }
         // Into the exp2 domain; mask keys past the split and (causal) right of each row's
         // diagonal. Rows past the block's real rows see zeros and are never stored.
+        // The visible keys of the thread's two rows, [key_lo, key_hi] (window, causal, split).
+        int key_lo[2], key_hi[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int token_pos = kr.first + (rb * ROWS + g + r * 8) / group;
+            key_hi[r] = p.causal ? min(kr.hi - 1, token_pos) : kr.hi - 1;
+            key_lo[r] = p.window_left >= 0 ? token_pos - p.window_left : INT_MIN;
+        }
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int key = j0 + warp * KW + n * 8 + 2 * t + (e & 1);
-                const int row = rb * ROWS + g + (e >> 1) * 8;
-                const bool masked = key >= kr.hi || (p.causal && key > kr.first + row / group);
+                const bool masked = key > key_hi[e >> 1] || key < key_lo[e >> 1];
                 sc[n][e] = masked ? -INFINITY : sc[n][e] * p.scale_log2;
             }
         }
@@ -306,7 +320,8 @@ __device__ __forceinline__ void decode_f32(const DecodeParams& p) {
             float dot = 0.f;
 #pragma unroll 8
             for (int c = 0; c < D; ++c) dot = fmaf(sQ[row * PITCH + c], sK[(sub + 8 * u) * PITCH + c], dot);
-            const bool masked = key >= kr.hi || (p.causal && key > kr.first + token);
+            const bool masked = key >= kr.hi || (p.causal && key > kr.first + token) ||
+                                (p.window_left >= 0 && key < kr.first + token - p.window_left);
             sc[u] = masked ? -INFINITY : dot * p.scale_log2;
             mx = fmaxf(mx, sc[u]);
         }

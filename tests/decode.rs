@@ -260,8 +260,18 @@ fn check<T: Element>(
         let (k, v) = keys(b);
         let qb = q_rows(p, q, b);
         let args = (sq, hq, p.heads_kv, d, p.softmax_scale(), p.causal, rope);
-        let (want, want_lse) = oracle::sequence(
-            args.0, args.1, args.2, args.3, args.4, args.5, args.6, &qb, &k, &v,
+        let (want, want_lse) = oracle::sequence_windowed(
+            args.0,
+            args.1,
+            args.2,
+            args.3,
+            args.4,
+            args.5,
+            p.window_left,
+            args.6,
+            &qb,
+            &k,
+            &v,
         );
         if T::DTYPE != DType::F32 {
             let lp = naive_lp(
@@ -516,6 +526,54 @@ fn learned_sink_logits_one_split_and_many() {
         let z = vec![0f32; lens.len() * cap * 2 * 64];
         let e = run_with_sinks(&dev, &p, &z[..p.o_len()], &z, &z, Some(&sinks[..3])).unwrap_err();
         assert_eq!(e.arg(), Some("sink_logits"), "{e}");
+    }
+}
+
+#[test]
+fn sliding_window_with_sink_logits_like_gpt_oss() {
+    let mut rng = rng("sliding_window_with_sink_logits_like_gpt_oss");
+    for dev in devices("sliding_window_with_sink_logits_like_gpt_oss") {
+        // Lengths below, at and past the window; not multiples of a tile or a split.
+        let lens = [700, 3, 129, 0];
+        let cap = 768;
+        for (window, splits) in [(0usize, 1usize), (50, 1), (50, 5), (127, 3), (5000, 2)] {
+            let p = Decode::new(&lens, 3, 4, 2, 64, Layout::Contiguous { capacity: cap })
+                .window(Some(window))
+                .splits(splits);
+            let n_kv = lens.len() * cap * 2 * 64;
+            let q = random::<f32>(&mut rng, p.o_len());
+            let (k, v) = (random::<f32>(&mut rng, n_kv), random::<f32>(&mut rng, n_kv));
+            let (o, lse) = run(&dev, &p, &q, &k, &v).unwrap();
+            let what = format!("window {window} splits {splits}");
+            check(&what, &p, &q, &contiguous_keys(&p, &k, &v), &o, &lse);
+            // The window with learned sinks (gpt-oss's sliding layers) runs too: the sink
+            // folding itself is checked against its definition in the test above.
+            let sinks = [0.5f32, -1.0, 2.0, 0.0];
+            let (o2, lse2) = run_with_sinks(&dev, &p, &q, &k, &v, Some(&sinks)).unwrap();
+            assert!(
+                o2.iter().all(|x| x.is_finite()) && lse2.iter().all(|x| !x.is_nan()),
+                "{what}"
+            );
+        }
+        // A rolling cache is its own window.
+        let rc = RollingCache::new(
+            1,
+            4,
+            60,
+            Rope {
+                style: RopeStyle::NeoX,
+                theta: 10000.0,
+            },
+        )
+        .unwrap();
+        let offs = rc.ring_offsets();
+        let lens = rc.cache_seqlens();
+        let p = Decode::new(&lens, 1, 1, 1, 64, rc.layout(&offs)).window(Some(10));
+        let z = vec![0f32; 64 * 64];
+        assert_eq!(
+            run(&dev, &p, &z[..64], &z, &z).unwrap_err().arg(),
+            Some("window_left")
+        );
     }
 }
 

@@ -98,16 +98,19 @@ pub(super) fn forward<T: Element>(
                 widen(&mut vt[c * d..(c + 1) * d], &v[vo..vo + d]);
             }
             for r in 0..rows {
-                // Keys this row sees (exclusive end), under the causal mask.
+                // Keys this row sees, [start, end), under the causal mask and the window.
                 let end = if p.causal {
                     (first + (r / group) as i64 + 1).clamp(0, len as i64) as usize
                 } else {
                     len
                 };
+                let start = p.window_left.map_or(0, |w| {
+                    (first + (r / group) as i64 - w as i64).max(0) as usize
+                });
                 let qr = &qt[r * d..(r + 1) * d];
                 let mut mx = f32::NEG_INFINITY;
                 for (c, sc) in s[..cols].iter_mut().enumerate() {
-                    *sc = if n0 + c < end {
+                    *sc = if n0 + c < end && n0 + c >= start {
                         dot(qr, &kt[c * d..(c + 1) * d]) * scale_log2
                     } else {
                         f32::NEG_INFINITY

@@ -131,6 +131,7 @@ fn base_params(p: &Problem<'_>) -> c::DecodeParams {
         heads_kv: p.heads_kv as i32,
         head_dim: p.d as i32,
         causal: p.causal as i32,
+        window_left: p.window_left.map_or(-1, |w| w as i32),
         num_splits: p.splits as i32,
         keys_per_split: p.keys_per_split.min(i32::MAX as usize) as i32,
         row_blocks: rows.div_ceil(c::ATTNKIT_DECODE_ROWS as usize) as i32,

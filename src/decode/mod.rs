@@ -170,6 +170,10 @@ pub struct Decode<'a> {
     pub layout: Layout<'a>,
     /// Bottom-right causal mask among the new tokens (default true).
     pub causal: bool,
+    /// Sliding window (as [`crate::flash`]'s left bound): a new token at position `t` sees keys
+    /// `j >= t - window_left`; `None` sees the whole cache. Tiles left of every row's window
+    /// are never read. (A rolling cache is its own window: not both.)
+    pub window_left: Option<usize>,
     /// Softmax scale; `None` means `1 / sqrt(head_dim)`.
     pub scale: Option<f32>,
     /// Key splits per sequence, 1 to [`MAX_SPLITS`]; `None` lets [`num_splits`] choose.
@@ -215,6 +219,7 @@ impl<'a> Decode<'a> {
             head_dim,
             layout,
             causal: true,
+            window_left: None,
             scale: None,
             num_splits: None,
             q_strides: Strides::contiguous(seq_q, heads_q, head_dim),
@@ -233,6 +238,19 @@ impl<'a> Decode<'a> {
     /// ```
     pub fn causal(mut self, causal: bool) -> Self {
         self.causal = causal;
+        self
+    }
+
+    /// Sets a sliding window: each new token sees the `left` keys before it and itself
+    /// (gpt-oss's sliding layers use 128, with learned sinks in [`Tables::sink_logits`]).
+    ///
+    /// ```
+    /// # use attnkit::decode::{Decode, Layout};
+    /// let p = Decode::new(&[500], 1, 1, 1, 64, Layout::Contiguous { capacity: 512 }).window(Some(127));
+    /// assert_eq!(p.window_left, Some(127));
+    /// ```
+    pub fn window(mut self, left: Option<usize>) -> Self {
+        self.window_left = left;
         self
     }
 
@@ -724,6 +742,7 @@ pub(crate) struct Problem<'a> {
     pub heads_kv: usize,
     pub d: usize,
     pub causal: bool,
+    pub window_left: Option<usize>,
     pub scale: f32,
     pub splits: usize,
     pub keys_per_split: usize,
@@ -1180,6 +1199,20 @@ fn check<'a>(dev: &Device, p: &Decode<'a>) -> Result<Problem<'a>> {
             detail: format!("{splits} (1 to {MAX_SPLITS})"),
         });
     }
+    if let Some(w) = p.window_left {
+        if matches!(p.layout, Layout::Rolling { .. }) {
+            return Err(Error::Unsupported {
+                arg: "window_left",
+                detail: "a rolling cache is its own window (n_sink + window slots)".into(),
+            });
+        }
+        if w > i32::MAX as usize / 2 {
+            return Err(Error::Value {
+                arg: "window_left",
+                detail: format!("{w} is past any cache"),
+            });
+        }
+    }
     let keys_per_split = p.keys_per_split(splits);
     // Splits past the longest cache would only write empty partials: drop them.
     let splits = p.max_len().div_ceil(keys_per_split).clamp(1, splits);
@@ -1190,6 +1223,7 @@ fn check<'a>(dev: &Device, p: &Decode<'a>) -> Result<Problem<'a>> {
         heads_kv: p.heads_kv,
         d: p.head_dim,
         causal: p.causal,
+        window_left: p.window_left,
         scale,
         splits,
         keys_per_split,

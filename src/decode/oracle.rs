@@ -58,6 +58,35 @@ pub fn sequence<T: Element>(
     k: &[T],
     v: &[T],
 ) -> (Vec<f64>, Vec<f64>) {
+    sequence_windowed(
+        seq_q, heads_q, heads_kv, d, scale, causal, None, rope, q, k, v,
+    )
+}
+
+/// [`sequence`] with a sliding window: token `i` (at position `len - seq_q + i`) sees keys
+/// `j >= position - window_left` only.
+///
+/// ```
+/// use attnkit::decode::oracle;
+/// let kv: Vec<f32> = (0..3 * 64).map(|i| (i / 64) as f32).collect(); // keys 0, 1, 2
+/// let q = vec![0.0f32; 64];
+/// let (o, _) = oracle::sequence_windowed(1, 1, 1, 64, 1.0, true, Some(1), None, &q, &kv, &kv);
+/// assert!((o[0] - 1.5).abs() < 1e-12); // keys 1 and 2, equal weights
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn sequence_windowed<T: Element>(
+    seq_q: usize,
+    heads_q: usize,
+    heads_kv: usize,
+    d: usize,
+    scale: f32,
+    causal: bool,
+    window_left: Option<usize>,
+    rope: Option<Rope>,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+) -> (Vec<f64>, Vec<f64>) {
     let len = k.len() / (heads_kv * d);
     let group = heads_q / heads_kv;
     let mut o = vec![0.0; seq_q * heads_q * d];
@@ -72,7 +101,8 @@ pub fn sequence<T: Element>(
             } else {
                 len
             };
-            let scores: Vec<f64> = (0..seen)
+            let start = window_left.map_or(0, |w| pos.saturating_sub(w)).min(seen);
+            let scores: Vec<f64> = (start..seen)
                 .map(|j| {
                     let kv = vector(&k[(j * heads_kv + hk) * d..][..d], rope, j);
                     qv.iter().zip(&kv).map(|(a, b)| a * b).sum::<f64>() * scale as f64
@@ -85,7 +115,7 @@ pub fn sequence<T: Element>(
             let weights: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
             let total: f64 = weights.iter().sum();
             let out = &mut o[(i * heads_q + h) * d..][..d];
-            for (j, w) in weights.iter().enumerate() {
+            for (j, w) in (start..).zip(&weights) {
                 let vr = &v[(j * heads_kv + hk) * d..][..d];
                 for (x, y) in out.iter_mut().zip(vr) {
                     *x += w * y.to_f32() as f64 / total;
