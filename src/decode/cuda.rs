@@ -249,7 +249,14 @@ pub(super) fn forward<T: Element>(
     if p.splits > 1 {
         let warps = c::ATTNKIT_DECODE_COMBINE_WARPS as usize;
         let cfg = LaunchConfig {
-            grid_dim: (rows_out.div_ceil(warps) as u32, 1, 1),
+            grid_dim: (
+                u32::try_from(rows_out.div_ceil(warps)).map_err(|_| Error::Unsupported {
+                    arg: "batch",
+                    detail: "too many output rows for one combine grid".into(),
+                })?,
+                1,
+                1,
+            ),
             block_dim: (32 * warps as u32, 1, 1),
             shared_mem_bytes: 0,
         };
