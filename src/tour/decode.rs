@@ -53,11 +53,7 @@ pub fn run(dev: &Device) -> Result<Row> {
         decode::forward(dev, &p, q, k, v, Tables::host(&p), (&mut ws).into(), o, lse)
     })?;
     let (want, _) = oracle::decode(&p, &q, &k, &v);
-    let max_err = o
-        .iter()
-        .zip(&want)
-        .map(|(g, w)| (g.to_f32() as f64 - w).abs())
-        .fold(0.0, f64::max);
+    let rel_err = super::rel_err(o.iter().map(|g| g.to_f32() as f64), &want);
     let keys: usize = lens.iter().map(|&l| l as usize).sum();
     let bytes = (2 * keys * hk * d * 2) as f64;
     Ok(Row {
@@ -72,6 +68,6 @@ pub fn run(dev: &Device) -> Result<Row> {
         backend: dev.name(),
         ms: t,
         rate: format!("{:.1} GB/s", bytes / t / 1e6),
-        max_err,
+        rel_err,
     })
 }

@@ -72,7 +72,7 @@ pub fn run(dev: &Device) -> Result<Row> {
         backend: dev.name(),
         ms,
         rate: format!("{:.1} GB/s", bytes / ms / 1e6),
-        max_err,
+        rel_err: max_err / max_ref.max(f64::MIN_POSITIVE),
     })
 }
 

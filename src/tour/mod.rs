@@ -21,8 +21,24 @@ pub struct Row {
     pub ms: f64,
     /// TFLOP/s or GB/s, with its unit.
     pub rate: String,
-    /// Max abs error against the oracle.
-    pub max_err: f64,
+    /// Max abs error against the oracle, over the largest |reference| value (so bf16 outputs
+    /// of any magnitude read alike: about 4e-3 is one bf16 rounding).
+    pub rel_err: f64,
+}
+
+/// Max |got - want| over max |want| (NaN counts as infinitely wrong).
+pub fn rel_err(got: impl Iterator<Item = f64>, want: &[f64]) -> f64 {
+    let scale = want
+        .iter()
+        .fold(0.0f64, |m, w| m.max(w.abs()))
+        .max(f64::MIN_POSITIVE);
+    got.zip(want)
+        .map(|(g, w)| (g - w).abs())
+        .fold(
+            0.0f64,
+            |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) },
+        )
+        / scale
 }
 
 /// A family's tour: one realistic shape on `dev`, checked against its oracle.

@@ -75,20 +75,13 @@ pub fn run(dev: &Device) -> Result<Row> {
         &f64s(&x[..checked * n]),
         checked,
     );
-    let max_err = want
-        .iter()
-        .zip(&y)
-        .map(|(w, g)| (g.to_f32() as f64 - w).abs())
-        .fold(
-            0.0,
-            |m: f64, e| if e.is_nan() { f64::INFINITY } else { m.max(e) },
-        );
+    let rel_err = super::rel_err(y.iter().map(|g| g.to_f32() as f64), &want);
     Ok(Row {
         family: "monarch",
         shape: format!("n={n} b={blocks} t={tokens} bf16"),
         backend: dev.name(),
         ms: best,
         rate: format!("{:.2} TFLOP/s", shape.flops(tokens) / best / 1e9),
-        max_err,
+        rel_err,
     })
 }

@@ -15,11 +15,11 @@ pub fn run(dev: &Device) -> Result<Row> {
     let (alpha, beta) = (1.5f32, 0.25f64);
     let mut y = vec![f32::NAN; n];
     let ms = run_scale(dev, &x, &mut y, alpha, beta)?;
-    let max_err = x
+    let want: Vec<f64> = x
         .iter()
-        .zip(&y)
-        .map(|(&xi, &yi)| (yi as f64 - (alpha as f64 * xi as f64 + beta)).abs())
-        .fold(0.0, f64::max);
+        .map(|&xi| alpha as f64 * xi as f64 + beta)
+        .collect();
+    let rel_err = super::rel_err(y.iter().map(|&g| g as f64), &want);
     let bytes = 2.0 * n as f64 * 4.0;
     Ok(Row {
         family: "selftest",
@@ -27,7 +27,7 @@ pub fn run(dev: &Device) -> Result<Row> {
         backend: dev.name(),
         ms,
         rate: format!("{:.1} GB/s", bytes / ms / 1e6),
-        max_err,
+        rel_err,
     })
 }
 
