@@ -38,6 +38,11 @@ pub use device::{Device, build_info};
 pub use dtype::{Bf16, DType, Element, F16};
 pub use error::{Error, Result};
 
+/// The README's examples are doctests: a newcomer's first code must compile.
+#[cfg(all(doctest, feature = "cuda"))]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 /// Re-export of the cudarc version attnkit is built against, for callers who bring buffers
 /// and streams.
 #[cfg(feature = "cuda")]
