@@ -24,15 +24,26 @@ fn cached_plan(
     even: bool,
     smem_limit: usize,
     transpose: bool,
+    tokens: usize,
+    sms: usize,
 ) -> Option<Plan> {
-    type Key = (MonarchShape, DType, bool, usize, bool);
+    // Tokens by power-of-two bucket: the plan changes with the grid's size, not its detail.
+    let bucket = tokens.max(1).next_power_of_two();
+    type Key = (MonarchShape, DType, bool, usize, bool, usize, usize);
     static PLANS: OnceLock<Mutex<HashMap<Key, Option<Plan>>>> = OnceLock::new();
-    let key = (shape, dtype, even, smem_limit, transpose);
+    let key = (shape, dtype, even, smem_limit, transpose, bucket, sms);
     let plans = PLANS.get_or_init(|| Mutex::new(HashMap::new()));
     if let Some(p) = plans.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
         return *p;
     }
-    let plan = tiles::plan(shape, dtype, even, smem_limit, transpose);
+    let plan = tiles::plan_for(
+        shape,
+        dtype,
+        even,
+        smem_limit,
+        transpose,
+        Some((bucket, sms)),
+    );
     plans
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -61,7 +72,17 @@ pub(super) fn product<T: Element>(
         .driver("shared memory limit")?
         .max(0) as usize;
     let even = x_rows.row_stride % 2 == 0;
-    let plan = cached_plan(shape, T::DTYPE, even, smem_limit, transpose).ok_or_else(|| {
+    let sms = dev.sm_count as usize;
+    let plan = cached_plan(
+        shape,
+        T::DTYPE,
+        even,
+        smem_limit,
+        transpose,
+        x_rows.tokens,
+        sms,
+    )
+    .ok_or_else(|| {
         let (arg, per_block) = if transpose { ("w1", q) } else { ("w2", r) };
         Error::Unsupported {
             arg,

@@ -76,12 +76,29 @@ fn traffic(shape: MonarchShape, transpose: bool, group: usize, tokens: usize) ->
 /// blocks) come out at G = 32 with 32 tokens (x read twice, weights 8K elements per token),
 /// few large ones (n = 4096, 4 blocks of 1024) at G = 1 with 64 tokens (r = 1024 values of h
 /// per token, 129 KB).
+#[cfg(test)]
 pub(crate) fn plan(
     shape: MonarchShape,
     dtype: DType,
     x_even_stride: bool,
     smem_limit: usize,
     transpose: bool,
+) -> Option<Plan> {
+    plan_for(shape, dtype, x_even_stride, smem_limit, transpose, None)
+}
+
+/// [`plan`] for a known launch: `occupancy = (tokens, SMs)`. The traffic estimate is divided
+/// by the fraction of the GPU the grid fills (`min(1, CTAs / SMs)`), so with few tokens a
+/// smaller token tile or group that puts a CTA on every SM wins over the least traffic on a
+/// handful of SMs (64 blocks of 64 at 32 tokens: 2 CTAs on 132 SMs otherwise). With many
+/// tokens every candidate fills the GPU and the choice is [`plan`]'s.
+pub(crate) fn plan_for(
+    shape: MonarchShape,
+    dtype: DType,
+    x_even_stride: bool,
+    smem_limit: usize,
+    transpose: bool,
+    occupancy: Option<(usize, usize)>,
 ) -> Option<Plan> {
     let ([k, q, p], [l, s, r]) = (shape.w1_dims(), shape.w2_dims());
     let mma_ok = !transpose
@@ -99,34 +116,51 @@ pub(crate) fn plan(
             // +8 elements per row: rows land 4 banks apart, so the 8 rows of an A fragment
             // load hit 32 distinct banks.
             let h_stride = width + 8;
-            [4, 2, 1].into_iter().find_map(|mt| {
-                let smem = 16 * mt * h_stride * dtype.size();
-                (smem <= smem_limit).then_some(Plan {
-                    kernel: Kernel::Mma { mt },
-                    group,
-                    block_tokens: 16 * mt,
-                    h_stride,
-                    smem_bytes: smem,
+            [4, 2, 1]
+                .into_iter()
+                .filter_map(|mt| {
+                    let smem = 16 * mt * h_stride * dtype.size();
+                    (smem <= smem_limit).then_some(Plan {
+                        kernel: Kernel::Mma { mt },
+                        group,
+                        block_tokens: 16 * mt,
+                        h_stride,
+                        smem_bytes: smem,
+                    })
                 })
-            })
+                .collect::<Vec<_>>()
         } else if mma_ok {
-            None
+            Vec::new()
         } else {
             // f32 rows; +1 so the token rows do not share banks.
             let h_stride = width + 1;
-            [SIMT_TOKENS, 4, 2, 1].into_iter().find_map(|tokens| {
-                let smem = tokens * h_stride * 4;
-                (smem <= smem_limit).then_some(Plan {
-                    kernel: Kernel::Simt,
-                    group,
-                    block_tokens: tokens,
-                    h_stride,
-                    smem_bytes: smem,
+            [SIMT_TOKENS, 4, 2, 1]
+                .into_iter()
+                .filter_map(|tokens| {
+                    let smem = tokens * h_stride * 4;
+                    (smem <= smem_limit).then_some(Plan {
+                        kernel: Kernel::Simt,
+                        group,
+                        block_tokens: tokens,
+                        h_stride,
+                        smem_bytes: smem,
+                    })
                 })
-            })
+                .collect::<Vec<_>>()
         };
-        if let Some(plan) = candidate {
-            let cost = traffic(shape, transpose, group, plan.block_tokens);
+        // Without occupancy only the largest token tile that fits competes (as before);
+        // with it, every tile that fits.
+        let take = if occupancy.is_some() {
+            candidate.len()
+        } else {
+            1
+        };
+        for plan in candidate.into_iter().take(take) {
+            let mut cost = traffic(shape, transpose, group, plan.block_tokens);
+            if let Some((tokens, sms)) = occupancy {
+                let ctas = tokens.max(1).div_ceil(plan.block_tokens) * (blocks / group);
+                cost /= (ctas as f64 / sms.max(1) as f64).min(1.0);
+            }
             if best.is_none_or(|(c, _)| cost < c) {
                 best = Some((cost, plan));
             }
@@ -134,7 +168,7 @@ pub(crate) fn plan(
     }
     if best.is_none() && mma_ok {
         // No group's column tiles stay in one input block: the simt kernel takes it.
-        return plan(shape, DType::F32, false, smem_limit, false);
+        return plan_for(shape, DType::F32, false, smem_limit, false, occupancy);
     }
     best.map(|(_, p)| p)
 }
@@ -144,6 +178,25 @@ mod tests {
     use super::*;
 
     const H100: usize = 227 * 1024;
+
+    #[test]
+    fn few_tokens_spread_over_the_gpu_many_tokens_keep_the_least_traffic() {
+        let small = MonarchShape::square(4096, 64).unwrap();
+        let ctas = |p: &Plan, tokens: usize| tokens.div_ceil(p.block_tokens) * (64 / p.group);
+        // 32 tokens on 132 SMs: the plain plan puts 2 CTAs on the GPU; the occupancy plan more.
+        let plain = plan(small, DType::Bf16, true, H100, false).unwrap();
+        let spread = plan_for(small, DType::Bf16, true, H100, false, Some((32, 132))).unwrap();
+        assert!(
+            ctas(&spread, 32) > ctas(&plain, 32),
+            "{plain:?} vs {spread:?}"
+        );
+        // 16k tokens fill the GPU with any candidate: the least-traffic choice stands.
+        let many = plan_for(small, DType::Bf16, true, H100, false, Some((16384, 132))).unwrap();
+        assert_eq!(
+            (many.group, many.block_tokens),
+            (plain.group, plain.block_tokens)
+        );
+    }
     const A100: usize = 163 * 1024;
 
     #[test]
