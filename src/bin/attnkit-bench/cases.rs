@@ -206,6 +206,13 @@ fn fill<T: Element>(n: usize, seed: u32) -> Vec<T> {
         .collect()
 }
 
+/// The device's stream (every case runs on a GPU).
+fn stream(dev: &Device) -> Result<std::sync::Arc<attnkit::cudarc::driver::CudaStream>> {
+    dev.stream()
+        .cloned()
+        .ok_or(attnkit::Error::NoDevice { ordinal: None })
+}
+
 fn driver(source: attnkit::cudarc::driver::DriverError) -> attnkit::Error {
     attnkit::Error::Driver {
         context: "bench alloc",
@@ -219,10 +226,7 @@ fn flash_variant_case(
     relu2: bool,
     entropy: bool,
 ) -> Result<(f64, Rate)> {
-    let s = dev
-        .stream()
-        .ok_or(attnkit::Error::NoDevice { ordinal: None })?
-        .clone();
+    let s = stream(dev)?;
     let n_kv = a.batch * a.seq_k * a.heads_kv * a.head_dim;
     let q = s.clone_htod(&fill::<Bf16>(a.o_len(), 1)).map_err(driver)?;
     let k = s.clone_htod(&fill::<Bf16>(n_kv, 2)).map_err(driver)?;
@@ -259,10 +263,7 @@ fn lightning_case(
     d: usize,
     e: usize,
 ) -> Result<(f64, Rate)> {
-    let s = dev
-        .stream()
-        .ok_or(attnkit::Error::NoDevice { ordinal: None })?
-        .clone();
+    let s = stream(dev)?;
     let slopes = lightning::decay_slopes(heads, 1.0)?;
     let cfg = Config {
         heads,
@@ -305,10 +306,7 @@ fn decode_case(
     hk: usize,
     d: usize,
 ) -> Result<(f64, Rate)> {
-    let s = dev
-        .stream()
-        .ok_or(attnkit::Error::NoDevice { ordinal: None })?
-        .clone();
+    let s = stream(dev)?;
     let lens = vec![cache as i32; batch];
     let p = Decode::new(&lens, 1, hq, hk, d, Layout::Contiguous { capacity: cache });
     let n = batch * cache * hk * d;
@@ -359,10 +357,7 @@ fn decode_case(
 }
 
 fn monarch_case(dev: &Device, tokens: usize, n: usize, blocks: usize) -> Result<(f64, Rate)> {
-    let s = dev
-        .stream()
-        .ok_or(attnkit::Error::NoDevice { ordinal: None })?
-        .clone();
+    let s = stream(dev)?;
     let shape = MonarchShape::square(n, blocks)?;
     let w1 = s
         .clone_htod(&fill::<Bf16>(shape.w1_len(), 1))
@@ -400,10 +395,7 @@ fn monarch_case(dev: &Device, tokens: usize, n: usize, blocks: usize) -> Result<
 }
 
 fn flash_case(dev: &Device, a: Attention) -> Result<(f64, Rate)> {
-    let s = dev
-        .stream()
-        .ok_or(attnkit::Error::NoDevice { ordinal: None })?
-        .clone();
+    let s = stream(dev)?;
     let driver = |source| attnkit::Error::Driver {
         context: "bench alloc",
         source,
@@ -440,10 +432,7 @@ fn flash_case(dev: &Device, a: Attention) -> Result<(f64, Rate)> {
 }
 
 fn selftest_case(dev: &Device) -> Result<(f64, Rate)> {
-    let s = dev
-        .stream()
-        .ok_or(attnkit::Error::NoDevice { ordinal: None })?
-        .clone();
+    let s = stream(dev)?;
     let driver = |source| attnkit::Error::Driver {
         context: "bench alloc",
         source,
@@ -462,10 +451,7 @@ fn selftest_case(dev: &Device) -> Result<(f64, Rate)> {
 
 /// Device-to-device copy bandwidth, GB/s counting bytes read plus written (1 GiB, median of 10).
 pub fn copy_bandwidth(dev: &Device) -> Result<f64> {
-    let s = dev
-        .stream()
-        .ok_or(attnkit::Error::NoDevice { ordinal: None })?
-        .clone();
+    let s = stream(dev)?;
     let driver = |source| attnkit::Error::Driver {
         context: "copy bandwidth",
         source,
