@@ -53,38 +53,6 @@ __device__ __forceinline__ KeyRange key_range(const DecodeParams& p, const SeqVi
     return k;
 }
 
-// One online-softmax step for the two rows a thread holds in mma layout (r = 0: row g,
-// r = 1: row g + 8) over NT_N n8 tiles of scores already in the exp2 domain: on return s holds
-// P = exp2(s - m_new) and o, l are rescaled by exp2(m_old - m_new).
-template <int NT_N, int NT_D>
-__device__ __forceinline__ void online_softmax_mma(float (&s)[NT_N][4], float (&o)[NT_D][4], float (&m)[2], float (&l)[2]) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float mx = -INFINITY;
-#pragma unroll
-        for (int n = 0; n < NT_N; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
-        const float m_new = fmaxf(m[r], quad_max(mx));
-        // Only masked keys so far: subtract 0, never -inf - -inf; P and l stay 0.
-        const float base = m_new == -INFINITY ? 0.f : m_new;
-        const float alpha = fast_exp2(m[r] - base);
-        float sum = 0.f;
-#pragma unroll
-        for (int n = 0; n < NT_N; ++n) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                s[n][2 * r + e] = fast_exp2(s[n][2 * r + e] - base);
-                sum += s[n][2 * r + e];
-            }
-        }
-        l[r] = l[r] * alpha + sum;  // a per-thread partial; the quad reduces it at the end
-        m[r] = m_new;
-#pragma unroll
-        for (int d = 0; d < NT_D; ++d) {
-            o[d][2 * r] *= alpha;
-            o[d][2 * r + 1] *= alpha;
-        }
-    }
-}
 
 template <typename T, int D>
 __device__ __forceinline__ void decode_tc(const DecodeParams& p) {

@@ -196,48 +196,6 @@ __device__ __forceinline__ void load_tile(uint32_t smem, const T* base, int64_t 
     }
 }
 
-// Online-softmax update for the two rows a thread holds (r = 0: row g, r = 1: row g + 8).
-// s holds this tile's scores in the exp2 domain (masked ones -inf); on return it holds
-// P = exp2(s - m_new), and o, l, es are rescaled by exp2(m_old - m_new). es accumulates
-// sum(P * s) for the entropy when `track` is set.
-template <int NT_N, int NT_D>
-__device__ __forceinline__ void online_softmax(float (&s)[NT_N][4], float (&o)[NT_D][4], float (&m)[2], float (&l)[2],
-                                               float (&es)[2], bool track) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float mx = -INFINITY;
-#pragma unroll
-        for (int n = 0; n < NT_N; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
-        mx = quad_max(mx);
-        const float m_new = fmaxf(m[r], mx);
-        // A row that has seen only masked keys keeps m = -inf: subtract 0 instead so that
-        // exp2(-inf - -inf) never makes a NaN; its P and l stay exactly 0.
-        const float m_use = m_new == -INFINITY ? 0.f : m_new;
-        const float alpha = fast_exp2(m[r] - m_use);
-        float sum = 0.f, ps = 0.f;
-#pragma unroll
-        for (int n = 0; n < NT_N; ++n) {
-#pragma unroll
-            for (int e = 2 * r; e < 2 * r + 2; ++e) {
-                const float x = s[n][e];
-                const float pr = fast_exp2(x - m_use);
-                sum += pr;
-                if (track) ps += pr > 0.f ? pr * x : 0.f;  // masked: 0 * -inf must not be NaN
-                s[n][e] = pr;
-            }
-        }
-        // l and es stay per-thread partial sums; the quad reduces them once, at the end.
-        l[r] = l[r] * alpha + sum;
-        es[r] = es[r] * alpha + ps;
-        m[r] = m_new;
-#pragma unroll
-        for (int d = 0; d < NT_D; ++d) {
-            o[d][2 * r] *= alpha;
-            o[d][2 * r + 1] *= alpha;
-        }
-    }
-}
-
 template <typename T, int D, int WARPS, int BN, bool RELU2>
 __device__ __forceinline__ void flash_fwd_tc(const FlashParams& p) {
     constexpr int BM = 16 * WARPS;
@@ -349,7 +307,7 @@ __device__ __forceinline__ void flash_fwd_tc(const FlashParams& p) {
                 sc[n][e] = x;
             }
         }
-        if (!RELU2) online_softmax<NT_N, NT_D>(sc, o, m, l, es, track);
+        if (!RELU2) online_softmax_mma<NT_N, NT_D>(sc, o, m, l, es, track);
 
         // Wait for V_j (leaving the next K tile in flight if it was issued).
         if (more) cp_async_wait<1>(); else cp_async_wait<0>();
