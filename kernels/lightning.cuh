@@ -18,38 +18,11 @@ __device__ __forceinline__ uint32_t pack2(T lo, T hi) {
     return (uint32_t)bits(lo) | ((uint32_t)bits(hi) << 16);
 }
 
-__device__ __forceinline__ void mma_bf16(float c[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                         uint32_t a3, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void mma_f16(float c[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                        uint32_t a3, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void mma_any(float c[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                        uint32_t a3, uint32_t b0, uint32_t b1, __nv_bfloat16) {
-    mma_bf16(c, a0, a1, a2, a3, b0, b1);
-}
-__device__ __forceinline__ void mma_any(float c[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                        uint32_t a3, uint32_t b0, uint32_t b1, __half) {
-    mma_f16(c, a0, a1, a2, a3, b0, b1);
-}
-
 // C (16 x 8, f32, the mma accumulator fragment: lane holds rows g and g+8, columns 2t and
 // 2t+1, g = lane/4, t = lane%4) += A (16 x 16) * B (16 x 8), operands in shared memory at any
 // strides: A(r, k) = a[r*a_rs + k*a_ks], B(k, n) = b[k*b_ks + n*b_ns]. One warp, all lanes.
 template <typename T>
-__device__ __forceinline__ void warp_mma_16x8x16(float c[4], const T* a, int a_rs, int a_ks,
+__device__ __forceinline__ void warp_mma_16x8x16(float (&c)[4], const T* a, int a_rs, int a_ks,
                                                  const T* b, int b_ks, int b_ns) {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     auto A = [&](int r, int k) { return a[r * a_rs + k * a_ks]; };
@@ -60,12 +33,13 @@ __device__ __forceinline__ void warp_mma_16x8x16(float c[4], const T* a, int a_r
     const uint32_t a3 = pack2(A(g + 8, 2 * t + 8), A(g + 8, 2 * t + 9));
     const uint32_t b0 = pack2(B(2 * t, g), B(2 * t + 1, g));
     const uint32_t b1 = pack2(B(2 * t + 8, g), B(2 * t + 9, g));
-    mma_any(c, a0, a1, a2, a3, b0, b1, T());
+    const uint32_t frag[4] = {a0, a1, a2, a3};
+    mma_16816<T>(c, frag, b0, b1);
 }
 
 // The f32 path: the same fragment, in FMAs (f32 accuracy, no tensor cores).
 template <>
-__device__ __forceinline__ void warp_mma_16x8x16<float>(float c[4], const float* a, int a_rs,
+__device__ __forceinline__ void warp_mma_16x8x16<float>(float (&c)[4], const float* a, int a_rs,
                                                         int a_ks, const float* b, int b_ks,
                                                         int b_ns) {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
