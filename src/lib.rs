@@ -4,13 +4,21 @@
 //! when no GPU is present. Every call takes a [`Device`] and borrowed buffers ([`Buf`],
 //! [`BufMut`]) that live where it runs; bad input is a typed [`Error`] naming the argument.
 //!
+//! The families:
+//! - [`flash`]: FlashAttention forward (fixed and varlen batches, GQA, causal) and its variants
+//!   (windows, sinks, block-sparse masks, entropy-invariant scale, sink logits, relu², entropy);
+//! - [`decode`]: KV-cache decode (split-KV, paged and StreamingLLM rolling caches);
+//! - [`lightning`]: Lightning Attention-2 linear attention, forward and backward;
+//! - [`monarch`]: Monarch matrices (fused multiply, transpose, backward, projection, layer);
+//! - [`selftest`]: the runtime's own check.
+//!
 //! ```
-//! use attnkit::{selftest, Device};
-//! let dev = Device::cpu();
-//! let x = vec![1.0f32, 2.0, 3.0];
-//! let mut y = vec![f32::NAN; 3];
-//! selftest::scale(&dev, (&x).into(), 1, 3.0, 0.0, (&mut y).into())?;
-//! assert_eq!(y, [3.0, 6.0, 9.0]);
+//! use attnkit::{flash::{self, Attention}, Device};
+//! let a = Attention::new(1, 4, 4, 1, 1, 32).causal(true);
+//! let x = vec![0.5f32; a.o_len()];
+//! let (mut o, mut lse) = (vec![f32::NAN; a.o_len()], vec![f32::NAN; a.lse_len()]);
+//! flash::forward(&Device::cpu(), &a, (&x).into(), (&x).into(), (&x).into(), (&mut o).into(), (&mut lse).into())?;
+//! assert!((o[0] - 0.5).abs() < 1e-6); // every row averages equal values
 //! # Ok::<(), attnkit::Error>(())
 //! ```
 //!
