@@ -11,6 +11,24 @@
 # <nv/target>.
 set -euo pipefail
 
+# What bindgen (clang-sys) dlopens is libclang.so, libclang-<N>.so or libclang.so.<N>: never
+# libclang-cpp (the C++ library, a different ABI). `libclang_in` picks those names out of a
+# listing of paths on stdin (ldconfig -p lines or file paths) and prints the first; the
+# toolchain test feeds it listings that hold only libclang-cpp.
+libclang_in() {
+  grep -oE '/[^ ]*/libclang(-[0-9][0-9.]*)?\.so(\.[0-9][0-9.]*)?$' | grep -v 'libclang-cpp' | head -n 1
+}
+find_libclang() {
+  {
+    [[ -n "${LIBCLANG_PATH:-}" ]] && ls -1 "$LIBCLANG_PATH"/libclang* 2>/dev/null
+    ldconfig -p 2>/dev/null | sed 's/.*=> //'
+    ls -1 /usr/lib/llvm-*/lib/libclang* /usr/lib/x86_64-linux-gnu/libclang* \
+      /usr/lib/aarch64-linux-gnu/libclang* /usr/lib64/libclang* 2>/dev/null
+    true # a missing directory above is no failure: the listing decides
+  } | libclang_in || true
+}
+if [[ "${1:-}" == "--libclang-in" ]]; then libclang_in || true; exit 0; fi
+
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dest="$root/.toolchain/cuda"
 pins=(
@@ -34,17 +52,19 @@ else
 fi
 "$nvcc" --version | tail -n 2
 
-have_libclang() {
-  ldconfig -p 2>/dev/null | grep -q 'libclang\(-[0-9.]*\)\?\.so' && return 0
-  compgen -G '/usr/lib/llvm-*/lib/libclang*.so*' > /dev/null
-}
-if have_libclang; then
-  echo "toolchain: libclang present"
+lib=$(find_libclang)
+if [[ -n "$lib" ]]; then
+  echo "toolchain: libclang for bindgen: $lib"
 else
-  echo "toolchain: installing libclang-dev (for bindgen)"
+  echo "toolchain: no libclang.so for bindgen (libclang-cpp does not count); installing libclang-dev"
   sudo_cmd=""
   [[ $(id -u) -ne 0 ]] && sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq libclang-dev > /dev/null
-  have_libclang || { echo "toolchain: libclang still not found after install" >&2; exit 1; }
+  lib=$(find_libclang)
+  [[ -n "$lib" ]] || {
+    echo "toolchain: libclang still not found after installing libclang-dev: bindgen cannot run" >&2
+    exit 1
+  }
+  echo "toolchain: libclang for bindgen: $lib"
 fi
