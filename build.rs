@@ -8,7 +8,8 @@
 //! - `NVCC`, `CUDA_HOME`, `CUDA_PATH`, `PATH`: where nvcc is looked for, in that order, then
 //!   the project-local toolchain that `scripts/toolchain.sh` fills (`.toolchain/`).
 //! - `ATTNKIT_CUDA_ARCHS`: SASS targets, comma separated (default `80,90a`).
-//! - `ATTNKIT_CUDA_PTX`: the virtual arch embedded as PTX for newer GPUs (default `90`).
+//! - `ATTNKIT_CUDA_PTX`: the virtual arch embedded as PTX for newer GPUs (default `90`), or
+//!   `none` for SASS only (the GPU bundle: `scripts/gpu-bundle.sh` builds sm_90a alone).
 //! - `ATTNKIT_NO_NVCC=1`: behave as if nvcc were absent (to test the CPU-only build).
 //! - `ATTNKIT_PTXAS_VERBOSE=1`: print ptxas' register/spill report (shown by `cargo build -vv`);
 //!   with `ATTNKIT_DENY_SPILLS=1` too, a kernel that spills registers fails the build.
@@ -94,10 +95,15 @@ fn main() {
         check_arch(arch, "ATTNKIT_CUDA_ARCHS");
         gencode.push(format!("-gencode=arch=compute_{arch},code=sm_{arch}"));
     }
-    check_arch(&ptx_arch, "ATTNKIT_CUDA_PTX");
-    gencode.push(format!(
-        "-gencode=arch=compute_{ptx_arch},code=compute_{ptx_arch}"
-    ));
+    // `none`: SASS only. nvcc still writes each SASS target's PTX under --keep, so the ISA
+    // check below runs either way.
+    let ptx = ptx_arch.trim() != "none";
+    if ptx {
+        check_arch(&ptx_arch, "ATTNKIT_CUDA_PTX");
+        gencode.push(format!(
+            "-gencode=arch=compute_{ptx_arch},code=compute_{ptx_arch}"
+        ));
+    }
     let verbose = env::var("ATTNKIT_PTXAS_VERBOSE").is_ok_and(|v| v == "1");
 
     // Compile the files in parallel: nvcc is single threaded per file and arch.
@@ -138,7 +144,11 @@ fn main() {
     rs += &format!("pub const NVCC_VERSION: &str = {:?};\n", version.trim());
     rs += &format!(
         "pub const ARCHS: &str = {:?};\n",
-        format!("sass {archs}; ptx compute_{ptx_arch}")
+        if ptx {
+            format!("sass {archs}; ptx compute_{ptx_arch}")
+        } else {
+            format!("sass {archs}; no ptx")
+        }
     );
     rs += "pub const FATBINS: &[(&str, &[u8])] = &[\n";
     for (name, path) in &modules {

@@ -1,97 +1,118 @@
 #!/usr/bin/env bash
-# Builds, here, the release test binaries, the tour and the bench binaries with the kernels
-# embedded (sm_80 + sm_90a SASS, compute_90 PTX: nothing compiles on the GPU machine), gathers
-# them into .gpu/ (git-ignored) with a script that runs them there, and prints the device
-# tool's `run` call. The GPU machine has no cargo; it only runs what we carry.
+# Builds, here, the GPU bundle: one release test binary per family, the tour, attnkit-bench,
+# the emulator's conformance tests when that target exists, peers.py, report.py, fla's wheel
+# and scripts/run-gpu.sh, all with the kernels embedded for the GPU we are lent (an H200:
+# sm_90a SASS alone, no PTX: nothing compiles there, and the PTX would only serve newer GPUs).
+# Packs them into ONE xz archive, .gpu/attnkit-gpu.tar.xz (git-ignored), and fails if that is
+# over the size limit: the device tool carries at most 64 MiB.
 #
-#   scripts/gpu-bundle.sh            # build and gather
-#   then: run(command="bash .gpu/run-gpu.sh", carry=[".gpu"])
+#   scripts/gpu-bundle.sh              build, pack, check the size, print the `run` call
+#   scripts/gpu-bundle.sh --no-wheels  the same without downloading fla's wheel (offline; the
+#                                      fla peers then report themselves missing)
+#
+# Environment: ATTNKIT_CUDA_ARCHS (default 90a) and ATTNKIT_CUDA_PTX (default none) as in
+# build.rs; GPU_BUNDLE_LIMIT_MIB (default 48, well under the 64 MiB that can travel);
+# GPU_BUNDLE_TARGET (default target/gpu-bundle: its own target directory, so the other archs
+# do not rebuild the usual target/ each time).
+#
+# The binaries share the same fatbins (about 10 MiB of sm_90a code each), so xz gets them
+# nearly for free with a dictionary larger than the whole tarball: 192 MiB here.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-"$root/scripts/toolchain.sh" > /dev/null
+wheels=1
+for arg in "$@"; do
+  case "$arg" in
+    --no-wheels) wheels=0 ;;
+    *)
+      echo "gpu-bundle.sh: unknown argument '$arg' (--no-wheels)" >&2
+      exit 2
+      ;;
+  esac
+done
+limit_mib="${GPU_BUNDLE_LIMIT_MIB:-48}"
 export ATTNKIT_REQUIRE_NVCC=1
+export ATTNKIT_CUDA_ARCHS="${ATTNKIT_CUDA_ARCHS:-90a}"
+export ATTNKIT_CUDA_PTX="${ATTNKIT_CUDA_PTX:-none}"
+export CARGO_TARGET_DIR="${GPU_BUNDLE_TARGET:-$root/target/gpu-bundle}"
+"$root/scripts/toolchain.sh" > /dev/null
 
-rm -rf .gpu && mkdir -p .gpu/tests .gpu/benches
-# Test and bench executables: cargo names them in its JSON messages.
-cargo test --release --no-run --message-format=json 2> /dev/null \
-  | python3 -c '
-import json, sys, shutil
+name=attnkit-gpu
+stage="$CARGO_TARGET_DIR/stage"
+bundle="$stage/$name"
+archive="$root/.gpu/$name.tar.xz"
+rm -rf "$stage" && mkdir -p "$bundle/tests" "$root/.gpu"
+t0=$SECONDS
+
+# The test targets: every tests/*.rs of attnkit (one per family), plus `emulator_conformance`
+# wherever in the workspace it is defined (the emulator's tests, checked against the GPU).
+targets=$(cargo metadata --no-deps --format-version 1 | python3 -c '
+import json, sys
+m = json.load(sys.stdin)
+for p in m["packages"]:
+    for t in p["targets"]:
+        if "test" in t["kind"] and (p["name"] == "attnkit" or t["name"] == "emulator_conformance"):
+            print(p["name"], t["name"])
+')
+# One cargo call per package; the JSON messages name the executables. Building attnkit's
+# integration tests builds its binaries (the tour and attnkit-bench) in the same profile.
+for pkg in $(echo "$targets" | cut -d' ' -f1 | sort -u); do
+  args=()
+  for t in $(echo "$targets" | awk -v p="$pkg" '$1 == p { print $2 }'); do args+=(--test "$t"); done
+  echo "gpu-bundle: building $pkg: ${args[*]} (sass $ATTNKIT_CUDA_ARCHS, ptx $ATTNKIT_CUDA_PTX)"
+  cargo test --release --no-run -p "$pkg" "${args[@]}" --message-format=json-render-diagnostics \
+    | python3 -c '
+import json, shutil, sys
+dest = sys.argv[1]
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") != "compiler-artifact" or not m.get("executable"):
         continue
-    kinds = m["target"]["kind"]
-    if "test" in kinds or ("lib" in kinds and m["profile"]["test"]):
-        name = m["target"]["name"] + ("-unit" if "lib" in kinds else "")
-        shutil.copy(m["executable"], ".gpu/tests/" + name)
-'
-cargo bench --no-run --message-format=json 2> /dev/null \
-  | python3 -c '
-import json, sys, shutil
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and "bench" in m["target"]["kind"]:
-        shutil.copy(m["executable"], ".gpu/benches/" + m["target"]["name"])
-'
-cargo build --release --bins 2> /dev/null
-cp target/release/attnkit target/release/attnkit-bench .gpu/
-cp scripts/peers.py scripts/report.py .gpu/
-# The Lightning Attention peer (pure Python; torch, triton and einops are on the GPU machine).
-mkdir -p .gpu/wheels
-python3 -m pip download --quiet --no-deps --disable-pip-version-check -d .gpu/wheels fla-core==0.6.0
-strip .gpu/attnkit .gpu/attnkit-bench .gpu/tests/* .gpu/benches/* 2> /dev/null || true
-git rev-parse HEAD > .gpu/COMMIT 2> /dev/null || echo unknown > .gpu/COMMIT
+    kind = m["target"]["kind"]
+    if "test" in kind:
+        shutil.copy(m["executable"], dest + "/tests/" + m["target"]["name"])
+    elif "bin" in kind and not m["profile"]["test"] and m["target"]["name"] in ("attnkit", "attnkit-bench"):
+        shutil.copy(m["executable"], dest + "/" + m["target"]["name"])
+' "$bundle"
+done
+build_s=$((SECONDS - t0))
 
-cat > .gpu/run-gpu.sh <<'RUN'
-#!/usr/bin/env bash
-# Runs on the GPU machine. `bash .gpu/run-gpu.sh [tests|bench|all]` (default all).
-# tests: driver check, the tour, every test binary (ATTNKIT_REQUIRE_GPU=1: a missing GPU
-#        fails them), then compute-sanitizer memcheck and racecheck over the GPU tests.
-# bench: the peers (scripts/peers.py) and attnkit-bench at the same cases in this same call,
-#        merged by report.py into $OUT/bench/report.md and one PNG per family.
-# Full log under $OUT; a short summary last.
-set -u
-mode="${1:-all}"
-cd "$(dirname "$0")"
-OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
-log="$OUT/gpu-log.txt"; : > "$log"
-summary=()
-step() { # name, command...
-  local name="$1"; shift
-  echo "=== $name: $*" >> "$log"
-  if "$@" >> "$log" 2>&1; then summary+=("PASS $name"); else summary+=("FAIL $name (rc $?)"); fi
-}
-{ echo "commit $(cat COMMIT)"; date -u; nvidia-smi -L; ldconfig -p | grep -m1 libcuda.so; } >> "$log" 2>&1
-export ATTNKIT_REQUIRE_GPU=1
-if [[ $mode == tests || $mode == all ]]; then
-  step tour ./attnkit
-  for t in tests/*; do step "test $(basename "$t")" "$t" --test-threads=1; done
-  if command -v compute-sanitizer > /dev/null; then
-    for tool in memcheck racecheck; do
-      step "sanitizer $tool" compute-sanitizer --tool "$tool" --error-exitcode 3 tests/runtime --test-threads=1 gpu::
-    done
-  fi
+cp scripts/run-gpu.sh scripts/peers.py scripts/report.py "$bundle/"
+if ((wheels)); then
+  # The Lightning Attention peer (pure Python; torch, triton and einops are on the GPU machine).
+  # Without the network the bundle still builds (the fla peers then report fla missing).
+  mkdir -p "$bundle/wheels"
+  python3 -m pip download --quiet --no-deps --disable-pip-version-check -d "$bundle/wheels" \
+    fla-core==0.6.0 || echo "gpu-bundle: WARNING: could not download fla-core; the bundle has no fla" >&2
 fi
-if [[ $mode == bench || $mode == all ]]; then
-  mkdir -p "$OUT/bench"
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site wheels/*.whl >> "$log" 2>&1 \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-  ./attnkit-bench --list > "$OUT/bench/cases.jsonl"
-  step "peers" sh -c "python3 peers.py --cases '$OUT/bench/cases.jsonl' > '$OUT/bench/peers.jsonl'"
-  peak=$(python3 -c "import json,sys
-for l in open(sys.argv[1]):
-    r=json.loads(l)
-    if r.get('kind')=='ceilings': print(r['matmul_tflops'])" "$OUT/bench/peers.jsonl" 2>/dev/null | head -n1)
-  step "attnkit-bench" sh -c "./attnkit-bench ${peak:+--peak-tflops $peak} > '$OUT/bench/ours.jsonl'"
-  step "report" python3 report.py --ours "$OUT/bench/ours.jsonl" --peers "$OUT/bench/peers.jsonl" \
-    --out "$OUT/bench" --commit "$(cat COMMIT)" --command "bash .gpu/run-gpu.sh $mode"
+strip "$bundle"/attnkit "$bundle"/attnkit-bench "$bundle"/tests/*
+git rev-parse --short HEAD > "$bundle/COMMIT" 2> /dev/null || echo unknown > "$bundle/COMMIT"
+git diff --quiet HEAD 2> /dev/null || sed -i 's/$/+dirty/' "$bundle/COMMIT"
+echo "sass $ATTNKIT_CUDA_ARCHS; ptx $ATTNKIT_CUDA_PTX" > "$bundle/ARCHS"
+
+# Every file must be there: the dry run checks the bundle has what each step runs.
+for f in attnkit attnkit-bench run-gpu.sh peers.py report.py tests/runtime tests/flash \
+  tests/decode tests/lightning tests/monarch; do
+  [[ -e "$bundle/$f" ]] || { echo "gpu-bundle: $f missing from the bundle" >&2; exit 1; }
+done
+
+t1=$SECONDS
+XZ_OPT="-9 --lzma2=dict=192MiB -T1" tar -C "$stage" --owner=0 --group=0 -cJf "$archive" "$name"
+pack_s=$((SECONDS - t1))
+bytes=$(stat -c %s "$archive")
+raw=$(du -sb "$bundle" | cut -f1)
+mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
+echo "gpu-bundle: $(ls "$bundle/tests" | tr '\n' ' ')+ attnkit attnkit-bench"
+echo "gpu-bundle: $archive: $(mib "$bytes") MiB ($(mib "$raw") MiB unpacked; limit ${limit_mib} MiB;" \
+  "build ${build_s} s, xz ${pack_s} s)"
+if ((bytes > limit_mib * 1048576)); then
+  echo "gpu-bundle: FAIL: the archive is $(mib "$bytes") MiB, over the ${limit_mib} MiB limit" >&2
+  exit 1
 fi
-echo; tail -n 60 "$log"; echo
-printf '%s\n' "commit $(cat COMMIT)" "${summary[@]}" | tee "$OUT/summary.txt"
-RUN
-chmod +x .gpu/run-gpu.sh
-du -sh .gpu
-echo
-echo "Bundle ready ($(cat .gpu/COMMIT)). On the GPU machine, through the device tool:"
-echo '  run(command="bash .gpu/run-gpu.sh all", carry=[".gpu"])   # or: tests | bench'
+cat << EOF
+
+Bundle ready ($(cat "$bundle/COMMIT")). Through the device tool, one call (budgets: 8 minutes):
+  run(command="(tar -xJf .gpu/$name.tar.xz -C /tmp || python3 -m tarfile -e .gpu/$name.tar.xz /tmp) && bash /tmp/$name/run-gpu.sh all",
+      carry=[".gpu/$name.tar.xz"], timeout_s=600)
+  (or "... run-gpu.sh tests" / "... run-gpu.sh bench" for a second call)
+EOF
