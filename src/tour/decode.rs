@@ -67,7 +67,7 @@ pub fn run(dev: &Device) -> Result<Row> {
         ),
         backend: dev.name(),
         ms: t,
-        rate: format!("{:.1} GB/s", bytes / t / 1e6),
+        rate: super::rate(bytes / (t * 1e-3), super::Per::Byte),
         rel_err,
     })
 }

@@ -53,7 +53,7 @@ pub fn run(dev: &Device) -> Result<Row> {
         ),
         backend: dev.name(),
         ms: t,
-        rate: format!("{:.2} TFLOP/s", a.flops() / t / 1e9),
+        rate: super::rate(a.flops() / (t * 1e-3), super::Per::Flop),
         rel_err,
     })
 }

@@ -71,7 +71,7 @@ pub fn run(dev: &Device) -> Result<Row> {
         shape: format!("fwd s={seq} h={heads} d={d} bf16"),
         backend: dev.name(),
         ms,
-        rate: format!("{:.1} GB/s", bytes / ms / 1e6),
+        rate: super::rate(bytes / (ms * 1e-3), super::Per::Byte),
         rel_err: max_err / max_ref.max(f64::MIN_POSITIVE),
     })
 }

@@ -19,11 +19,47 @@ pub struct Row {
     pub backend: String,
     /// Time of one call, ms (best of a few).
     pub ms: f64,
-    /// TFLOP/s or GB/s, with its unit.
+    /// The rate, formatted by [`rate`] (a fixed width, in the unit that fits it).
     pub rate: String,
     /// Max abs error against the oracle, over the largest |reference| value (so bf16 outputs
     /// of any magnitude read alike: about 4e-3 is one bf16 rounding).
     pub rel_err: f64,
+}
+
+/// What a rate counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Per {
+    /// Floating-point operations: MFLOP/s, GFLOP/s or TFLOP/s.
+    Flop,
+    /// Bytes moved: MB/s or GB/s (GB/s up to 9999.99: an H200's 4.8 TB/s reads as 4800 GB/s,
+    /// the figure its data sheet compares with).
+    Byte,
+}
+
+/// Width of every [`rate`]: a 7-wide number with two decimals, a space, a 7-wide unit, so the
+/// tour's rate column lines up on the decimal point whatever the device.
+pub const RATE_WIDTH: usize = 15;
+
+/// `per_second` (operations or bytes a second) in the largest unit that shows it as at least
+/// 1.00, e.g. `"  28.31 GFLOP/s"` for a CPU and `" 412.50 TFLOP/s"` for a GPU; always
+/// [`RATE_WIDTH`] characters. Not finite or negative: `"-"` in the number's place.
+pub fn rate(per_second: f64, per: Per) -> String {
+    let units: &[(f64, &str)] = match per {
+        Per::Flop => &[(1e12, "TFLOP/s"), (1e9, "GFLOP/s"), (1e6, "MFLOP/s")],
+        Per::Byte => &[(1e9, "GB/s"), (1e6, "MB/s")],
+    };
+    let smallest = units[units.len() - 1];
+    if !per_second.is_finite() || per_second < 0.0 {
+        return format!("{:>7} {:<7}", "-", smallest.1);
+    }
+    let (scale, unit) = units
+        .iter()
+        .copied()
+        // The first unit in which the value rounds to 1.00 or more (so 999.996e9 FLOP/s is
+        // "1.00 TFLOP/s", not "1000.00 GFLOP/s"); the smallest unit otherwise.
+        .find(|&(scale, _)| (per_second / scale * 100.0).round() >= 100.0)
+        .unwrap_or(smallest);
+    format!("{:>7.2} {unit:<7}", per_second / scale)
 }
 
 /// Max |got - want| over max |want| (NaN counts as infinitely wrong).
@@ -113,4 +149,38 @@ pub fn on_device<T: Element, U: Element>(
         )
     })?;
     Ok(t.median_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_pick_the_unit_that_fits_and_line_up() {
+        let cases = [
+            (28.31e9, Per::Flop, "  28.31 GFLOP/s"),
+            (412.5e12, Per::Flop, " 412.50 TFLOP/s"),
+            (7.0e12, Per::Flop, "   7.00 TFLOP/s"),
+            (999.996e9, Per::Flop, "   1.00 TFLOP/s"),
+            (12.5e6, Per::Flop, "  12.50 MFLOP/s"),
+            (1.0e3, Per::Flop, "   0.00 MFLOP/s"),
+            (1.95e9, Per::Byte, "   1.95 GB/s   "),
+            (4321.0e9, Per::Byte, "4321.00 GB/s   "),
+            (250.0e6, Per::Byte, " 250.00 MB/s   "),
+            (f64::NAN, Per::Byte, "      - MB/s   "),
+            (f64::INFINITY, Per::Flop, "      - MFLOP/s"),
+        ];
+        for (value, per, want) in cases {
+            let got = rate(value, per);
+            assert_eq!(got, want, "{value} {per:?}");
+            assert_eq!(got.len(), RATE_WIDTH, "{got:?}");
+        }
+        // The decimal point sits in the same column for every unit.
+        let points: Vec<_> = cases
+            .iter()
+            .filter(|c| c.0.is_finite())
+            .map(|c| rate(c.0, c.1).find('.'))
+            .collect();
+        assert!(points.iter().all(|&p| p == Some(4)), "{points:?}");
+    }
 }

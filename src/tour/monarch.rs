@@ -81,7 +81,7 @@ pub fn run(dev: &Device) -> Result<Row> {
         shape: format!("n={n} b={blocks} t={tokens} bf16"),
         backend: dev.name(),
         ms: best,
-        rate: format!("{:.2} TFLOP/s", shape.flops(tokens) / best / 1e9),
+        rate: super::rate(shape.flops(tokens) / (best * 1e-3), super::Per::Flop),
         rel_err,
     })
 }

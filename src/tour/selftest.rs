@@ -26,7 +26,7 @@ pub fn run(dev: &Device) -> Result<Row> {
         shape: format!("scale n={n} f32"),
         backend: dev.name(),
         ms,
-        rate: format!("{:.1} GB/s", bytes / ms / 1e6),
+        rate: super::rate(bytes / (ms * 1e-3), super::Per::Byte),
         rel_err,
     })
 }
