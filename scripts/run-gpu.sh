@@ -23,6 +23,9 @@
 #   peers.jsonl, ours.jsonl, report.md, plots.tar   (bench)
 set -u
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# $OUT absolute before the cd below (a relative one names a folder where the caller stands).
+OUT="${OUT:-/tmp/attnkit-gpu-out}"
+mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
 cd "$here"
 
 mode=all
@@ -48,8 +51,6 @@ in_bundle=0
 [[ -f COMMIT ]] && in_bundle=1
 commit=$(cat COMMIT 2> /dev/null || git -C "$here" rev-parse --short HEAD 2> /dev/null || echo unknown)
 
-OUT="${OUT:-/tmp/attnkit-gpu-out}"
-mkdir -p "$OUT"
 work="$(mktemp -d /tmp/attnkit-gpu.XXXXXX)"
 log="$OUT/log.txt"
 summary="$OUT/summary.txt"
