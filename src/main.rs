@@ -49,22 +49,28 @@ fn main() {
         }
     }
     println!();
+    // Columns as wide as their longest entry, so every row lines up whatever the device.
+    let width = |f: fn(&tour::Row) -> &str, head: &str| {
+        rows.iter().map(|r| f(r).len()).fold(head.len(), usize::max)
+    };
+    let sw = width(|r| &r.shape, "shape");
+    let bw = width(|r| &r.backend, "backend");
     println!(
-        "{:<10} {:<36} {:<34} {:>10} {:<w$} {:>10}",
+        "{:<10} {:<sw$} {:<bw$} {:>10} {:<rw$} {:>10}",
         "family",
         "shape",
         "backend",
         "time ms",
         "rate",
         "rel err",
-        w = tour::RATE_WIDTH
+        rw = tour::RATE_WIDTH
     );
     for r in &rows {
         // A few bf16 roundings (4e-3 each) is expected; more than 2e-2 means a wrong result.
         let ok = r.rel_err <= 2e-2;
         failed |= !ok;
         println!(
-            "{:<10} {:<36} {:<34} {:>10.3} {} {:>10.2e}{}",
+            "{:<10} {:<sw$} {:<bw$} {:>10.3} {} {:>10.2e}{}",
             r.family,
             r.shape,
             r.backend,
