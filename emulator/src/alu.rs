@@ -61,13 +61,7 @@ pub(crate) fn int(op: IntOp, ty: Ty, s: [u64; 4]) -> u64 {
                 ia.wrapping_div(ib) as u64
             }
         }
-        IntOp::Div => {
-            if ub == 0 {
-                m
-            } else {
-                ua / ub
-            }
-        }
+        IntOp::Div => ua.checked_div(ub).unwrap_or(m),
         IntOp::Rem if signed => {
             if ib == 0 {
                 a

@@ -2,6 +2,9 @@
 //! lanes at the lowest program counter issue together (independent thread scheduling with
 //! eager reconvergence). Warp collectives wait until every lane of their mask is there.
 
+// Lane loops index several per-lane arrays at once; indices read clearer than zips here.
+#![allow(clippy::needless_range_loop)]
+
 use crate::alu;
 use crate::decode::DISCARD;
 use crate::error::{Check, ConfigError, Error, Finding, Result};
@@ -504,6 +507,7 @@ impl<'a> Cta<'a> {
     }
 
     /// Resolves an access of `len` bytes, checking bounds and alignment.
+    #[allow(clippy::too_many_arguments)]
     fn place(
         &self,
         w: usize,
