@@ -170,6 +170,21 @@ impl Device {
         !matches!(self.backend, Backend::Cpu { .. })
     }
 
+    /// True on attnkit's PTX emulator (`scripts/emulate.sh`): a CUDA device whose kernels
+    /// run in an interpreter on the CPU. Its results are real, its timings are not, and it is
+    /// thousands of times slower than a GPU: pick small shapes on it.
+    ///
+    /// ```
+    /// assert!(!attnkit::Device::cpu().is_emulated());
+    /// ```
+    pub fn is_emulated(&self) -> bool {
+        match &self.backend {
+            Backend::Cpu { .. } => false,
+            #[cfg(attnkit_cuda)]
+            Backend::Cuda(c) => c.name.contains("PTX emulator"),
+        }
+    }
+
     /// Worker threads of the CPU backend (1 on a GPU: the host side is one thread).
     ///
     /// ```

@@ -48,6 +48,13 @@ fn main() {
             }
         }
     }
+    if dev.is_emulated() {
+        // The interpreter's speed says nothing about a GPU's: no rate is printed for it.
+        for r in &mut rows {
+            r.rate = format!("{:<w$}", "(emulated)", w = tour::RATE_WIDTH);
+        }
+        println!("  note   : the PTX emulator: results are checked, times are not a GPU's");
+    }
     println!();
     // Columns as wide as their longest entry, so every row lines up whatever the device.
     let width = |f: fn(&tour::Row) -> &str, head: &str| {
