@@ -256,7 +256,11 @@ impl<'a> Cta<'a> {
             kernel: self.k.name.clone(),
             ptx_line: ins.line,
             source: src.loc(ins.loc),
-            instruction: src.line(ins.line).to_string(),
+            instruction: src
+                .line(ins.line)
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" "),
             cta: self.ctaid,
             thread: self.tid(self.warps[w].base + lane as u32),
             address,
