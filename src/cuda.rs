@@ -10,7 +10,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::sys::CUresult;
+use cudarc::driver::result;
+use cudarc::driver::sys::{self, CUresult};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaStream, CudaView, CudaViewMut, DevicePtr,
     DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, SyncOnDrop,
@@ -83,11 +84,32 @@ impl std::fmt::Debug for CudaDevice {
     }
 }
 
+/// Whether the CUDA driver library opens. cudarc panics on a missing libcuda when it opens it
+/// at run time (`dynamic-loading`), and has its own probe only in that mode; where the
+/// application links libcuda instead (candle's `dynamic-linking`), the process could not have
+/// started without it and this finds it loaded. The names are a subset of those cudarc tries,
+/// so "present" here means cudarc finds it too.
+pub(crate) fn driver_present() -> bool {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    *PRESENT.get_or_init(|| {
+        use std::env::consts::{DLL_PREFIX, DLL_SUFFIX};
+        ["cuda", "nvcuda"].iter().any(|name| {
+            [
+                format!("{DLL_PREFIX}{name}{DLL_SUFFIX}"),
+                format!("{DLL_PREFIX}{name}{DLL_SUFFIX}.1"),
+            ]
+            .iter()
+            // SAFETY: opening the driver runs its initialisers, as cudarc's own loading does;
+            // the handle is closed again (cudarc keeps its own).
+            .any(|file| unsafe { libloading::Library::new(file) }.is_ok())
+        })
+    })
+}
+
 /// Opens the driver and a context on `ordinal`, never panicking (cudarc panics on a missing
 /// libcuda, so that is checked first).
 pub(crate) fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
-    // SAFETY: only tries to dlopen the driver library by name.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+    if !driver_present() {
         return Err(Error::NoDriver);
     }
     let count = match CudaContext::device_count() {
@@ -106,6 +128,81 @@ pub(crate) fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
         });
     }
     CudaContext::new(ordinal).driver("create context")
+}
+
+/// Wraps a stream another stack owns, after checking it against the driver: the context
+/// current on this thread owns it, and that context is its device's primary context (so the
+/// `CudaContext` we hold is the same context, retained, never destroyed by us).
+///
+/// # Safety
+/// `raw` is a live stream of the current context (or null), kept alive by its owner while the
+/// returned stream is in use (see `Device::from_raw_stream`).
+pub(crate) unsafe fn borrow_raw_stream(raw: sys::CUstream) -> Result<Arc<CudaStream>> {
+    if !driver_present() {
+        return Err(Error::NoDriver);
+    }
+    let not_current = || Error::Value {
+        arg: "stream",
+        detail: "no CUDA context is current on this thread: make the stream's context \
+                 current (cuCtxSetCurrent) before handing its stream over"
+            .into(),
+    };
+    let current = match result::ctx::get_current() {
+        Ok(Some(ctx)) => ctx,
+        Ok(None) => return Err(not_current()),
+        Err(e) if e.0 == CUresult::CUDA_ERROR_NOT_INITIALIZED => return Err(not_current()),
+        Err(source) => {
+            return Err(Error::Driver {
+                context: "current context",
+                source,
+            });
+        }
+    };
+    let mut owner: sys::CUcontext = std::ptr::null_mut();
+    // SAFETY: `raw` is a stream handle or null (the caller's contract); `owner` is a valid
+    // out-pointer.
+    unsafe { sys::cuStreamGetCtx(raw, &mut owner) }
+        .result()
+        .map_err(|e| Error::Value {
+            arg: "stream",
+            detail: format!("the driver does not know this stream ({e})"),
+        })?;
+    if owner != current {
+        return Err(Error::Value {
+            arg: "stream",
+            detail: format!(
+                "belongs to context {owner:p}, not to the one current on this thread ({current:p})"
+            ),
+        });
+    }
+    let mut cu_device: sys::CUdevice = 0;
+    // SAFETY: a valid out-pointer; a context is current (checked above).
+    unsafe { sys::cuCtxGetDevice(&mut cu_device) }
+        .result()
+        .driver("device of the current context")?;
+    let count = CudaContext::device_count().driver("device count")?.max(0);
+    let ordinal = (0..count)
+        .find(|&i| result::device::get(i).is_ok_and(|d| d == cu_device))
+        .ok_or(Error::NoDevice { ordinal: None })? as usize;
+    // Compare with the primary context without making anything current.
+    // SAFETY: `cu_device` is a device handle the driver just gave; retain and release pair.
+    let primary = unsafe { result::primary_ctx::retain(cu_device) }.driver("primary context")?;
+    // SAFETY: releases the reference taken just above.
+    unsafe { result::primary_ctx::release(cu_device) }.driver("primary context")?;
+    if primary != current {
+        return Err(Error::Unsupported {
+            arg: "stream",
+            detail: format!(
+                "its context {current:p} is not device {ordinal}'s primary context \
+                 ({primary:p}); attnkit shares primary contexts only"
+            ),
+        });
+    }
+    // Retains the primary context (already current, so nothing changes on this thread).
+    let ctx = CudaContext::new(ordinal).driver("retain primary context")?;
+    // SAFETY: `raw` belongs to `ctx` (checked above) and outlives the wrapper (the caller's
+    // contract); the wrapper never destroys it.
+    Ok(unsafe { ctx.wrap_borrowed_stream(raw) })
 }
 
 impl CudaDevice {
