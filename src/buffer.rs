@@ -5,6 +5,9 @@
 //! every buffer lives where the [`Device`](crate::Device) runs, and says which one does not.
 
 #[cfg(feature = "cuda")]
+use std::mem::ManuallyDrop;
+
+#[cfg(feature = "cuda")]
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 
 #[cfg(feature = "cuda")]
@@ -204,5 +207,178 @@ impl<'a, T> From<&'a mut CudaSlice<T>> for BufMut<'a, T> {
 impl<'a, T> From<CudaViewMut<'a, T>> for BufMut<'a, T> {
     fn from(v: CudaViewMut<'a, T>) -> Self {
         BufMut::Cuda(v)
+    }
+}
+
+/// Device memory another stack owns (burn/cubecl, tch, a candle on another cudarc version,
+/// plain C), given as a raw device pointer and a length in elements, lent to calls as a
+/// [`Buf`] (`(&raw).into()`) or a [`BufMut`] (`(&mut raw).into()`). attnkit never frees it:
+/// dropping a `RawBuf` forgets the pointer.
+///
+/// Made on a CUDA [`Device`](crate::Device) (often one from
+/// [`Device::from_raw_stream`](crate::Device::from_raw_stream)), whose context the memory must
+/// belong to; calls then check, as for any buffer, that it is on the context they run on, and
+/// its length and alignment.
+///
+/// ```no_run
+/// use attnkit::{selftest, Device, RawBuf};
+/// let dev = Device::cuda(0)?;
+/// let stream = dev.stream().unwrap();
+/// // Memory another library allocated, seen only as addresses.
+/// let (x, y) = (stream.clone_htod(&[1.0f32, 2.0, 3.0])?, stream.alloc_zeros::<f32>(3)?);
+/// use cudarc::driver::DevicePtr;
+/// let (x_ptr, y_ptr) = (x.device_ptr(stream).0, y.device_ptr(stream).0);
+/// // SAFETY: both point at 3 live f32 of this device's context, which outlive the RawBufs;
+/// // nothing else touches them meanwhile.
+/// let xr = unsafe { RawBuf::<f32>::from_raw(&dev, x_ptr, 3) }?;
+/// let mut yr = unsafe { RawBuf::<f32>::from_raw(&dev, y_ptr, 3) }?;
+/// selftest::scale(&dev, (&xr).into(), 1, 2.0, 0.0, (&mut yr).into())?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[cfg(feature = "cuda")]
+#[derive(Debug)]
+pub struct RawBuf<T> {
+    /// A cudarc slice over the foreign pointer; leaked (never freed) on drop.
+    slice: ManuallyDrop<CudaSlice<T>>,
+    ptr: u64,
+}
+
+#[cfg(feature = "cuda")]
+impl<T> RawBuf<T> {
+    /// Wraps `len` elements of `T` at device address `ptr`, on `dev`'s context.
+    ///
+    /// Checked: `dev` is a CUDA device ([`Error::Value`] naming `dev`), `ptr` is not null when
+    /// `len > 0` (`ptr`), `len * size_of::<T>()` does not overflow (`len`), and, where the
+    /// driver can say (`cuMemGetAddressRange`; the PTX emulator cannot, and checks every
+    /// access at launch instead), `ptr` is device memory of `dev`'s context (`ptr`) with room
+    /// for `len` elements before its allocation ends (`len`).
+    ///
+    /// # Safety
+    ///
+    /// - `ptr..ptr + len * size_of::<T>()` is device memory of `dev`'s context (or peer memory
+    ///   it may access), allocated and not freed for as long as the `RawBuf` or a
+    ///   [`Buf`]/[`BufMut`] made from it may be used, by calls or by work they enqueued.
+    /// - Its bytes are valid values of `T` wherever a call reads them.
+    /// - Lent as a [`BufMut`], nothing else reads or writes it until the work attnkit
+    ///   enqueued on `dev`'s stream is done; lent as a [`Buf`], nothing else writes it. Work
+    ///   the owning stack runs on other streams must be ordered with `dev`'s stream (events).
+    ///
+    /// ```
+    /// // A CPU device has no device memory: a typed error, nothing dereferenced.
+    /// let e = unsafe { attnkit::RawBuf::<f32>::from_raw(&attnkit::Device::cpu(), 0x1000, 4) };
+    /// assert_eq!(e.unwrap_err().arg(), Some("dev"));
+    /// ```
+    pub unsafe fn from_raw(dev: &crate::Device, ptr: u64, len: usize) -> Result<RawBuf<T>> {
+        let Some(stream) = dev.stream() else {
+            return Err(Error::Value {
+                arg: "dev",
+                detail: format!(
+                    "{} has no device memory: raw device pointers need a CUDA Device",
+                    dev.name()
+                ),
+            });
+        };
+        let bytes = len
+            .checked_mul(std::mem::size_of::<T>())
+            .and_then(|b| u64::try_from(b).ok())
+            .filter(|&b| ptr.checked_add(b).is_some())
+            .ok_or_else(|| Error::Value {
+                arg: "len",
+                detail: format!(
+                    "{len} elements of {} bytes from {ptr:#x} overflow the address space",
+                    std::mem::size_of::<T>()
+                ),
+            })?;
+        if ptr == 0 && len > 0 {
+            return Err(Error::Value {
+                arg: "ptr",
+                detail: format!("is null, with {len} elements"),
+            });
+        }
+        if bytes > 0 {
+            check_range(stream, ptr, bytes)?;
+        }
+        // SAFETY: the caller vouches for the memory (see above); the slice is never freed by
+        // us (leaked in Drop).
+        let slice = unsafe { stream.upgrade_device_ptr::<T>(ptr, len) };
+        Ok(RawBuf {
+            slice: ManuallyDrop::new(slice),
+            ptr,
+        })
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.slice.len()
+    }
+
+    /// True when it holds no element.
+    pub fn is_empty(&self) -> bool {
+        self.slice.len() == 0
+    }
+
+    /// The device address it was made from.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+}
+
+/// Asks the driver where the allocation holding `ptr` ends; `CUDA_ERROR_NOT_SUPPORTED` (the
+/// PTX emulator) skips the check.
+#[cfg(feature = "cuda")]
+fn check_range(stream: &cudarc::driver::CudaStream, ptr: u64, bytes: u64) -> Result<()> {
+    use cudarc::driver::sys;
+    stream
+        .context()
+        .bind_to_thread()
+        .map_err(|source| Error::Driver {
+            context: "bind context",
+            source,
+        })?;
+    let (mut base, mut size): (sys::CUdeviceptr, usize) = (0, 0);
+    // SAFETY: valid out-pointers; `ptr` is only looked up, never dereferenced.
+    match unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut size, ptr) }.result() {
+        Ok(()) => {
+            let end = base.saturating_add(size as u64);
+            if ptr.saturating_add(bytes) > end {
+                return Err(Error::Value {
+                    arg: "len",
+                    detail: format!(
+                        "{bytes} bytes from {ptr:#x} overrun its allocation ({size} bytes from \
+                         {base:#x})"
+                    ),
+                });
+            }
+            Ok(())
+        }
+        Err(e) if e.0 == sys::CUresult::CUDA_ERROR_NOT_SUPPORTED => Ok(()),
+        Err(e) => Err(Error::Value {
+            arg: "ptr",
+            detail: format!("{ptr:#x} is not device memory of this device's context ({e})"),
+        }),
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl<T> Drop for RawBuf<T> {
+    fn drop(&mut self) {
+        // SAFETY: `slice` is taken once, here, and never used again.
+        let slice = unsafe { ManuallyDrop::take(&mut self.slice) };
+        // The memory belongs to its owner: forget the pointer instead of freeing it.
+        let _ = slice.leak();
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl<'a, T> From<&'a RawBuf<T>> for Buf<'a, T> {
+    fn from(r: &'a RawBuf<T>) -> Self {
+        Buf::Cuda(r.slice.as_view())
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl<'a, T> From<&'a mut RawBuf<T>> for BufMut<'a, T> {
+    fn from(r: &'a mut RawBuf<T>) -> Self {
+        BufMut::Cuda(r.slice.as_view_mut())
     }
 }

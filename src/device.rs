@@ -147,6 +147,50 @@ impl Device {
         }
     }
 
+    /// A CUDA device that enqueues every call on a stream owned by another stack (burn/cubecl,
+    /// tch, a candle on another cudarc version, plain C), given as the driver's raw handle.
+    ///
+    /// Checked before it is used: the driver must be present, some context current on this
+    /// thread, `stream` a stream the driver knows on that context (a [`Error::Value`] naming
+    /// `stream` otherwise), and that context its device's primary context, the one the CUDA
+    /// runtime, PyTorch, candle and cubecl share ([`Error::Unsupported`] naming `stream` for
+    /// another). attnkit keeps its own reference on the primary context and never destroys the
+    /// stream.
+    ///
+    /// # Safety
+    ///
+    /// - `stream` is a live `CUstream` of the context current on the calling thread (or null,
+    ///   that context's legacy default stream), and its owner keeps it alive as long as the
+    ///   returned `Device`, a clone of it, or a buffer made with it may be used.
+    /// - The handle comes from the same driver library this process loaded (one libcuda).
+    /// - The caller orders work: attnkit enqueues only on `stream`, so work on other streams
+    ///   that reads what attnkit writes (or writes what it reads) must wait on `stream`
+    ///   (an event), as it would for any other library on that stream.
+    ///
+    /// ```no_run
+    /// // A stream another library created, seen only as its raw handle.
+    /// let ctx = cudarc::driver::CudaContext::new(0)?;
+    /// let theirs = ctx.new_stream()?;
+    /// // SAFETY: `theirs` is a live stream of the current (primary) context and outlives `dev`.
+    /// let dev = unsafe { attnkit::Device::from_raw_stream(theirs.cu_stream()) }?;
+    /// assert!(dev.is_cuda());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[cfg(feature = "cuda")]
+    pub unsafe fn from_raw_stream(stream: cudarc::driver::sys::CUstream) -> Result<Device> {
+        #[cfg(attnkit_cuda)]
+        {
+            // SAFETY: forwarded to the caller (see above).
+            let stream = unsafe { crate::cuda::borrow_raw_stream(stream) }?;
+            Self::from_stream(stream)
+        }
+        #[cfg(not(attnkit_cuda))]
+        {
+            let _ = stream;
+            Err(Error::KernelsNotBuilt(NOT_BUILT))
+        }
+    }
+
     /// The CUDA stream calls are enqueued on (None on the CPU).
     ///
     /// ```

@@ -41,6 +41,8 @@ pub mod monarch;
 pub mod selftest;
 pub mod timing;
 
+#[cfg(feature = "cuda")]
+pub use buffer::RawBuf;
 pub use buffer::{Buf, BufMut};
 pub use device::{Device, build_info};
 pub use dtype::{Bf16, DType, Element, F16};

@@ -117,7 +117,7 @@ fn params_layout_check_needs_a_gpu() {
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::*;
-    use attnkit::{Buf, BufMut};
+    use attnkit::{Buf, BufMut, RawBuf};
 
     fn gpu_scale<T: Element>(dev: &Device) -> impl Fn(&[T], usize, usize, f32, f64) -> Vec<T> + '_ {
         move |x, stride, n, alpha, beta| {
@@ -177,6 +177,82 @@ mod gpu {
         )
         .unwrap_err();
         assert_eq!(e.arg(), Some("x"), "{e}");
+    }
+
+    /// A stream and buffers handed over as raw driver handles, as a stack on another cudarc
+    /// version (or none) would: the kernel runs on them and nothing is freed twice.
+    #[test]
+    fn raw_stream_and_raw_buffers_run_the_kernel() {
+        let Some(dev) = gpu("raw_stream_and_raw_buffers_run_the_kernel") else {
+            return;
+        };
+        // "Their" stream and memory: made through cudarc here, handed over by address only.
+        let ctx = dev.stream().unwrap().context().clone();
+        let theirs = ctx.new_stream().unwrap();
+        let x: Vec<f32> = (0..37).map(|i| i as f32 - 5.0).collect();
+        let xd = theirs.clone_htod(&x).unwrap();
+        let mut yd = theirs.clone_htod(&poisoned::<f32>(x.len())).unwrap();
+        let (x_ptr, y_ptr) = {
+            use attnkit::cudarc::driver::DevicePtr;
+            (xd.device_ptr(&theirs).0, yd.device_ptr(&theirs).0)
+        };
+        {
+            // SAFETY: `theirs` is a live stream of the current (primary) context; it and both
+            // buffers outlive `raw_dev` and the RawBufs, and nothing else touches the buffers.
+            let raw_dev = unsafe { Device::from_raw_stream(theirs.cu_stream()) }.unwrap();
+            assert!(raw_dev.is_cuda());
+            assert_eq!(raw_dev.name(), dev.name());
+            assert_eq!(raw_dev.stream().unwrap().cu_stream(), theirs.cu_stream());
+            // SAFETY: as above, 37 f32 each.
+            let xr = unsafe { RawBuf::<f32>::from_raw(&raw_dev, x_ptr, x.len()) }.unwrap();
+            let mut yr = unsafe { RawBuf::<f32>::from_raw(&raw_dev, y_ptr, x.len()) }.unwrap();
+            assert_eq!((xr.len(), xr.ptr()), (x.len(), x_ptr));
+            selftest::scale(&raw_dev, (&xr).into(), 1, 3.0, 0.5, (&mut yr).into()).unwrap();
+            raw_dev.synchronize().unwrap();
+        } // The RawBufs forget their pointers: xd and yd still own (and free) the memory.
+        let y = theirs.clone_dtoh(&yd).unwrap();
+        let want: Vec<f64> = x.iter().map(|&v| 3.0 * v as f64 + 0.5).collect();
+        assert_close("raw y", &y, &want, 1e-6, 1e-6);
+        // The owner's stream still works after attnkit let go of it.
+        theirs.memset_zeros(&mut yd).unwrap();
+        theirs.synchronize().unwrap();
+    }
+
+    #[test]
+    fn raw_handles_reject_bad_input_naming_the_argument() {
+        let Some(dev) = gpu("raw_handles_reject_bad_input_naming_the_argument") else {
+            return;
+        };
+        let stream = dev.stream().unwrap();
+        let xd = stream.alloc_zeros::<f32>(16).unwrap();
+        let ptr = {
+            use attnkit::cudarc::driver::DevicePtr;
+            xd.device_ptr(stream).0
+        };
+        // SAFETY (every call below): each is refused before the pointer is used.
+        let e = unsafe { RawBuf::<f32>::from_raw(&Device::cpu(), ptr, 16) }.unwrap_err();
+        assert_eq!(e.arg(), Some("dev"), "{e}");
+        let e = unsafe { RawBuf::<f32>::from_raw(&dev, 0, 16) }.unwrap_err();
+        assert_eq!(e.arg(), Some("ptr"), "{e}");
+        let e = unsafe { RawBuf::<f32>::from_raw(&dev, ptr, usize::MAX / 2) }.unwrap_err();
+        assert_eq!(e.arg(), Some("len"), "{e}");
+        // Empty is fine, even at null.
+        let empty = unsafe { RawBuf::<f32>::from_raw(&dev, 0, 0) }.unwrap();
+        assert!(empty.is_empty());
+        // A raw buffer is checked like any other: too short for the call.
+        let short = unsafe { RawBuf::<f32>::from_raw(&dev, ptr, 4) }.unwrap();
+        let mut yd = stream.alloc_zeros::<f32>(8).unwrap();
+        let e = selftest::scale(&dev, (&short).into(), 1, 1.0, 0.0, (&mut yd).into()).unwrap_err();
+        assert_eq!(e.arg(), Some("x"), "{e}");
+        // A stream of this context, but no context current on this thread: refused by name.
+        let other = std::thread::spawn({
+            let raw = stream.cu_stream() as usize;
+            move || unsafe {
+                Device::from_raw_stream(raw as attnkit::cudarc::driver::sys::CUstream)
+            }
+        });
+        let e = other.join().unwrap().unwrap_err();
+        assert_eq!(e.arg(), Some("stream"), "{e}");
     }
 
     #[test]
