@@ -368,20 +368,20 @@ impl<'a> Cta<'a> {
         let warp = &self.warps[w];
         let mut floor = 0u32;
         loop {
-            let mut pc = u32::MAX;
+            // One pass: the lowest pc at or above `floor` and the lanes at it.
+            let (mut pc, mut mask) = (u32::MAX, 0u32);
             for lane in 0..32 {
-                if warp.st[lane] == St::Ready && warp.pc[lane] >= floor {
-                    pc = pc.min(warp.pc[lane]);
+                let p = warp.pc[lane];
+                if warp.st[lane] == St::Ready && p >= floor {
+                    if p < pc {
+                        (pc, mask) = (p, 1 << lane);
+                    } else if p == pc {
+                        mask |= 1 << lane;
+                    }
                 }
             }
             if pc == u32::MAX {
                 return Ok(None);
-            }
-            let mut mask = 0u32;
-            for lane in 0..32 {
-                if warp.st[lane] == St::Ready && warp.pc[lane] == pc {
-                    mask |= 1 << lane;
-                }
             }
             let ins = &self.k.code.instrs[pc as usize];
             if !ins.is_collective() {
@@ -702,12 +702,10 @@ impl<'a> Cta<'a> {
         // Guarded-off lanes skip the instruction (a branch falls through).
         let mut exec = group;
         if let Some((p, neg)) = ins.guard {
-            for lane in 0..32 {
-                if group >> lane & 1 == 1 {
-                    let v = self.warps[w].regs[p as usize * 32 + lane] & 1 == 1;
-                    if v == neg {
-                        exec &= !(1 << lane);
-                    }
+            for lane in Bits(group) {
+                let v = self.warps[w].regs[p as usize * 32 + lane] & 1 == 1;
+                if v == neg {
+                    exec &= !(1 << lane);
                 }
             }
         }
@@ -731,7 +729,7 @@ impl<'a> Cta<'a> {
                 "a predicated-off lane skips a warp collective its mask names".into(),
             ));
         }
-        let lanes = move || (0..32usize).filter(move |l| exec >> l & 1 == 1);
+        let lanes = move || Bits(exec);
         let mut next_pc = [pc + 1; 32];
         match ins.op {
             Op::Mov => {
@@ -1047,11 +1045,11 @@ impl<'a> Cta<'a> {
             Op::Nop => {}
         }
         let warp = &mut self.warps[w];
-        for l in 0..32 {
-            if group >> l & 1 == 1 && warp.st[l] == St::Ready {
-                warp.pc[l] = next_pc[l];
-            } else if group >> l & 1 == 1 && warp.st[l] == St::Bar {
-                warp.pc[l] = pc;
+        for l in Bits(group) {
+            match warp.st[l] {
+                St::Ready => warp.pc[l] = next_pc[l],
+                St::Bar => warp.pc[l] = pc,
+                _ => {}
             }
         }
         Ok(())
@@ -1213,6 +1211,23 @@ impl<'a> Cta<'a> {
                 self.write(w, l, ins.dst[i], (acc as f32).to_bits() as u64);
             }
         }
+    }
+}
+
+/// The set bits of a lane mask, lowest first.
+#[derive(Clone, Copy)]
+struct Bits(u32);
+
+impl Iterator for Bits {
+    type Item = usize;
+    #[inline]
+    fn next(&mut self) -> Option<usize> {
+        if self.0 == 0 {
+            return None;
+        }
+        let l = self.0.trailing_zeros() as usize;
+        self.0 &= self.0 - 1;
+        Some(l)
     }
 }
 
