@@ -101,15 +101,16 @@ pub fn attention_row_with<T: Element>(
             .map(|cc| at(&attn.q_strides, q, i, h, cc) * at(&attn.k_strides, k, j, hk, cc))
             .sum::<f64>()
     };
+    // Keys outer, channels inner: V is read row by row (a column walk of a long V missed the
+    // cache on every element); each channel still sums its keys in order.
     let weighted = |w: &[f64]| -> Vec<f64> {
-        (0..d)
-            .map(|cc| {
-                keys.iter()
-                    .zip(w)
-                    .map(|(&j, wj)| wj * at(&attn.v_strides, v, j, hk, cc))
-                    .sum()
-            })
-            .collect()
+        let mut out = vec![0.0; d];
+        for (&j, wj) in keys.iter().zip(w) {
+            for (cc, acc) in out.iter_mut().enumerate() {
+                *acc += wj * at(&attn.v_strides, v, j, hk, cc);
+            }
+        }
+        out
     };
     if let Score::Relu2(norm) = o.score {
         let denom = match norm {
