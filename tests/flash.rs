@@ -259,7 +259,11 @@ fn sequence_lengths_that_are_not_tile_multiples() {
     for dev in devices("sequence_lengths_that_are_not_tile_multiples") {
         for n in [1, 17, 127, 1000, 4097] {
             // The emulator runs 4097 keys for the last 129 query rows only (minutes otherwise).
-            let sq = if dev.is_emulated() && n > 1000 { 129 } else { n };
+            let sq = if dev.is_emulated() && n > 1000 {
+                129
+            } else {
+                n
+            };
             for causal in [false, true] {
                 case::<Bf16>(
                     &mut rng,
