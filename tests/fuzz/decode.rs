@@ -1,0 +1,1 @@
+//! Fuzz targets of `attnkit::decode` (see main.rs for the harness).

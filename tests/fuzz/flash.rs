@@ -1,0 +1,1 @@
+//! Fuzz targets of `attnkit::flash` (see main.rs for the harness).

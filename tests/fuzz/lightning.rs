@@ -1,0 +1,1 @@
+//! Fuzz targets of `attnkit::lightning` (see main.rs for the harness).

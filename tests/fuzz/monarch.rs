@@ -1,0 +1,1 @@
+//! Fuzz targets of `attnkit::monarch` (see main.rs for the harness).
