@@ -870,9 +870,17 @@ fn bad_input_is_a_typed_error_naming_the_argument() {
         &mut o,
     );
     assert!(matches!(e1, Error::Shape { arg: "decay", .. }), "{e1}");
-    // v sized for e = 128 while the config says 64: mismatched d/e.
-    let v128 = vec![0.0f32; t * h * 128];
-    let e1 = call(&cfg, &dense, &q, &v128, None, &mut ws, &mut o);
+    // v sized for e = 64 while the config says 128: mismatched d/e. (The other way round, v
+    // is merely longer than the call reads, which the length rule accepts.)
+    let e1 = call(
+        &Config { e: 128, ..cfg },
+        &dense,
+        &q,
+        &v,
+        None,
+        &mut ws,
+        &mut o,
+    );
     assert!(matches!(e1, Error::Shape { arg: "v", .. }), "{e1}");
     let e1 = call(
         &cfg,
@@ -1017,13 +1025,7 @@ fn bad_input_is_a_typed_error_naming_the_argument() {
         ),
         "{e1}"
     );
-    for cu in [
-        vec![0, 4, 3, 10],
-        vec![1, 10],
-        vec![0, 9],
-        vec![0],
-        vec![0, 10, 10],
-    ] {
+    for cu in [vec![0, 4, 3, 10], vec![1, 10], vec![0], vec![0, 10, 10]] {
         let seqs = Seqs::Varlen {
             cu_seqlens: (&cu).into(),
             max_seqlen: 9,
@@ -1064,6 +1066,424 @@ fn bad_input_is_a_typed_error_naming_the_argument() {
     )
     .unwrap_err();
     assert!(matches!(e1, Error::Shape { arg: "state", .. }), "{e1}");
+}
+
+/// Issue 13: sizes nobody could allocate are typed errors before anything is allocated.
+/// Before the checks were reordered, `heads = 2^40` aborted the process (a 4 TiB per-head
+/// table), `heads = usize::MAX` panicked ("capacity overflow"), `workspace_len` of a
+/// `seq = usize::MAX` overflowed, `batch = 0` sized a workspace of 0, and a dense batch of
+/// 2^40 empty sequences built a 16 TiB table of spans before the workspace was checked.
+#[test]
+fn hostile_sizes_are_typed_errors_before_any_allocation() {
+    let dev = Device::cpu();
+    let cfg = Config {
+        heads: 1,
+        d: 64,
+        e: 64,
+        decay: None,
+        scale: 1.0,
+        causal: true,
+    };
+    let one = Seqs::Dense { batch: 1, seq: 1 };
+    for heads in [1usize << 40, usize::MAX, lightning::MAX_HOST_HEADS + 1] {
+        let c = Config { heads, ..cfg };
+        let e = lightning::workspace_len(&dev, &c, &one).unwrap_err();
+        assert!(matches!(e, Error::Shape { arg: "heads", .. }), "{e}");
+        assert_eq!(
+            lightning::decay_slopes(heads, 1.0).unwrap_err().arg(),
+            Some("heads")
+        );
+    }
+    for seqs in [
+        Seqs::Dense {
+            batch: 1,
+            seq: usize::MAX,
+        },
+        Seqs::Dense {
+            batch: 1,
+            seq: usize::MAX - 62,
+        },
+        Seqs::Dense {
+            batch: usize::MAX,
+            seq: 1,
+        },
+        Seqs::Dense { batch: 0, seq: 10 },
+    ] {
+        let e = lightning::workspace_len(&dev, &cfg, &seqs).unwrap_err();
+        assert!(matches!(e, Error::Shape { .. }), "{seqs:?}: {e}");
+    }
+    let empty: Vec<i32> = vec![0];
+    let e = lightning::workspace_len(
+        &dev,
+        &cfg,
+        &Seqs::Varlen {
+            cu_seqlens: (&empty).into(),
+            max_seqlen: 1,
+        },
+    )
+    .unwrap_err();
+    assert_eq!(e.arg(), Some("cu_seqlens"), "{e}");
+    // 2^40 empty sequences: no token buffer bounds the count, the workspace must.
+    let (x, mut o, mut ws) = (Vec::<f32>::new(), Vec::<f32>::new(), vec![0.0f32; 64 * 64]);
+    let e = lightning::forward(
+        &dev,
+        &cfg,
+        &Seqs::Dense {
+            batch: 1 << 40,
+            seq: 0,
+        },
+        Forward {
+            q: (&x).into(),
+            k: (&x).into(),
+            v: (&x).into(),
+            o: (&mut o).into(),
+            initial_state: None,
+            final_state: None,
+            workspace: (&mut ws).into(),
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Shape {
+                arg: "workspace",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // Decode: 2^40 sequences against a one-sequence state.
+    let mut st = vec![0.0f32; 64 * 64];
+    let e = lightning::decode(
+        &dev,
+        &cfg,
+        1 << 40,
+        Decode {
+            q: (&x).into(),
+            k: (&x).into(),
+            v: (&x).into(),
+            o: (&mut o).into(),
+            state: (&mut st).into(),
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::Shape { .. }), "{e}");
+}
+
+/// Issue 13 item 4: NaN or infinite scales and decays are Value errors naming them; a decay
+/// of 0 is defined (no decay: the same as `decay: None`).
+#[test]
+fn nan_and_infinite_scales_and_decays_are_value_errors_zero_decay_is_none() {
+    let dev = Device::cpu();
+    let (t, h) = (70, 2);
+    let mut rng = rng("lightning zero decay");
+    let q: Vec<f32> = random(&mut rng, t * h * 64);
+    let k: Vec<f32> = random(&mut rng, t * h * 64);
+    let v: Vec<f32> = random(&mut rng, t * h * 64);
+    let seqs = Seqs::Dense { batch: 1, seq: t };
+    let run = |cfg: &Config| -> attnkit::Result<Vec<f32>> {
+        let mut o = poisoned::<f32>(t * h * 64);
+        let mut ws = vec![
+            0.0f32;
+            lightning::workspace_len(&dev, &Config { heads: h, ..*cfg }, &seqs)
+                .unwrap_or(0)
+        ];
+        lightning::forward(
+            &dev,
+            cfg,
+            &seqs,
+            Forward {
+                q: (&q).into(),
+                k: (&k).into(),
+                v: (&v).into(),
+                o: (&mut o).into(),
+                initial_state: None,
+                final_state: None,
+                workspace: (&mut ws).into(),
+            },
+        )?;
+        Ok(o)
+    };
+    let cfg = Config {
+        heads: h,
+        d: 64,
+        e: 64,
+        decay: None,
+        scale: 0.25,
+        causal: true,
+    };
+    for scale in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let e = run(&Config { scale, ..cfg }).unwrap_err();
+        assert!(
+            matches!(e, Error::Value { arg: "scale", .. }),
+            "{scale}: {e}"
+        );
+    }
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -1e-30] {
+        let decay = [0.1, bad];
+        let e = run(&Config {
+            decay: Some(&decay),
+            ..cfg
+        })
+        .unwrap_err();
+        assert!(matches!(e, Error::Value { arg: "decay", .. }), "{bad}: {e}");
+    }
+    let none = run(&cfg).unwrap();
+    let zero = run(&Config {
+        decay: Some(&[0.0, 0.0]),
+        ..cfg
+    })
+    .unwrap();
+    assert!(written(&zero));
+    assert_eq!(none, zero, "s = 0 must mean no decay");
+    for f in [f32::NAN, f32::INFINITY, -1.0] {
+        assert_eq!(
+            lightning::decay_slopes(4, f).unwrap_err().arg(),
+            Some("layer_factor")
+        );
+    }
+}
+
+fn written(v: &[f32]) -> bool {
+    v.iter().all(|x| !x.is_nan())
+}
+
+/// Issue 13 item 5, the crate's one length rule: every buffer may be longer than the call
+/// reads or writes (its tail untouched: poisoned, still NaN afterwards, and the results those
+/// of exact buffers), and one element short is a Shape error naming it. Lightning used to
+/// refuse one extra element.
+#[test]
+fn longer_buffers_are_accepted_tails_untouched_shorter_are_errors() {
+    let dev = Device::cpu();
+    let (t, h, d, e) = (67, 2, 64, 64);
+    let mut rng = rng("lightning length rule");
+    let decay = [0.05f32, 0.3];
+    let cfg = Config {
+        heads: h,
+        d,
+        e,
+        decay: Some(&decay),
+        scale: 0.125,
+        causal: true,
+    };
+    let seqs = Seqs::Dense { batch: 1, seq: t };
+    let (qk, vo, st) = (t * h * d, t * h * e, h * d * e);
+    let ws_len = lightning::workspace_len(&dev, &cfg, &seqs).unwrap();
+    // Inputs with a NaN tail: a read of it would poison the results.
+    let input = |rng: &mut StdRng, n: usize, extra: usize| {
+        let mut x: Vec<f32> = random(rng, n);
+        x.extend(std::iter::repeat_n(f32::NAN, extra));
+        x
+    };
+    let tail_nan = |x: &[f32], n: usize| x[n..].iter().all(|v| v.is_nan());
+    let q = input(&mut rng, qk, 1);
+    let k = input(&mut rng, qk, 1);
+    let v = input(&mut rng, vo, 1);
+    let s0 = input(&mut rng, st, 1);
+    let fwd = |extra: usize, short: Option<&str>| -> attnkit::Result<(Vec<f32>, Vec<f32>)> {
+        let n = |arg: &str, len: usize| {
+            if short == Some(arg) {
+                len - 1
+            } else {
+                len + extra
+            }
+        };
+        let mut o = poisoned::<f32>(n("o", vo));
+        let mut fin = poisoned::<f32>(n("final_state", st));
+        let mut ws = poisoned::<f32>(n("workspace", ws_len));
+        lightning::forward(
+            &dev,
+            &cfg,
+            &seqs,
+            Forward {
+                q: (&q[..n("q", qk)]).into(),
+                k: (&k[..n("k", qk)]).into(),
+                v: (&v[..n("v", vo)]).into(),
+                o: (&mut o).into(),
+                initial_state: Some((&s0[..n("initial_state", st)]).into()),
+                final_state: Some((&mut fin).into()),
+                workspace: (&mut ws).into(),
+            },
+        )?;
+        assert!(tail_nan(&o, vo) && tail_nan(&fin, st) && tail_nan(&ws, ws_len));
+        Ok((o, fin))
+    };
+    let (o0, f0) = fwd(0, None).unwrap();
+    assert!(written(&o0) && written(&f0));
+    let (o1, f1) = fwd(1, None).unwrap();
+    assert_eq!((&o0[..], &f0[..]), (&o1[..vo], &f1[..st]));
+    for arg in [
+        "q",
+        "k",
+        "v",
+        "o",
+        "initial_state",
+        "final_state",
+        "workspace",
+    ] {
+        let err = fwd(0, Some(arg)).unwrap_err();
+        assert!(
+            matches!(err, Error::Shape { .. }) && err.arg() == Some(arg),
+            "{arg}: {err}"
+        );
+    }
+
+    // Decode: one token per sequence, 3 sequences.
+    let b = 3;
+    let dec = |extra: usize, short: Option<&str>| -> attnkit::Result<(Vec<f32>, Vec<f32>)> {
+        let n = |arg: &str, len: usize| {
+            if short == Some(arg) {
+                len - 1
+            } else {
+                len + extra
+            }
+        };
+        let mut o = poisoned::<f32>(n("o", b * h * e));
+        let mut s: Vec<f32> = s0[..st].repeat(b);
+        s.resize(n("state", b * st), f32::NAN);
+        lightning::decode(
+            &dev,
+            &cfg,
+            b,
+            Decode {
+                q: (&q[..n("q", b * h * d)]).into(),
+                k: (&k[..n("k", b * h * d)]).into(),
+                v: (&v[..n("v", b * h * e)]).into(),
+                o: (&mut o).into(),
+                state: (&mut s).into(),
+            },
+        )?;
+        assert!(tail_nan(&o, b * h * e) && tail_nan(&s, b * st));
+        Ok((o, s))
+    };
+    let (o0, s0d) = dec(0, None).unwrap();
+    let (o1, s1d) = dec(1, None).unwrap();
+    assert!(written(&o0));
+    assert_eq!((&o0[..], &s0d[..]), (&o1[..b * h * e], &s1d[..b * st]));
+    for arg in ["q", "k", "v", "o", "state"] {
+        let err = dec(0, Some(arg)).unwrap_err();
+        assert!(
+            matches!(err, Error::Shape { .. }) && err.arg() == Some(arg),
+            "{arg}: {err}"
+        );
+    }
+
+    // Backward.
+    let g = input(&mut rng, vo, 1);
+    let dfin = input(&mut rng, st, 1);
+    type Grads = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
+    let bwd = |extra: usize, short: Option<&str>| -> attnkit::Result<Grads> {
+        let n = |arg: &str, len: usize| {
+            if short == Some(arg) {
+                len - 1
+            } else {
+                len + extra
+            }
+        };
+        let mut dq = poisoned::<f32>(n("dq", qk));
+        let mut dk = poisoned::<f32>(n("dk", qk));
+        let mut dv = poisoned::<f32>(n("dv", vo));
+        let mut di = poisoned::<f32>(n("d_initial_state", st));
+        let mut ws = poisoned::<f32>(n("workspace", ws_len));
+        lightning::backward(
+            &dev,
+            &cfg,
+            &seqs,
+            Backward {
+                q: (&q[..n("q", qk)]).into(),
+                k: (&k[..n("k", qk)]).into(),
+                v: (&v[..n("v", vo)]).into(),
+                d_o: (&g[..n("d_o", vo)]).into(),
+                initial_state: Some((&s0[..n("initial_state", st)]).into()),
+                d_final_state: Some((&dfin[..n("d_final_state", st)]).into()),
+                dq: (&mut dq).into(),
+                dk: (&mut dk).into(),
+                dv: (&mut dv).into(),
+                d_initial_state: Some((&mut di).into()),
+                workspace: (&mut ws).into(),
+            },
+        )?;
+        assert!(tail_nan(&dq, qk) && tail_nan(&dk, qk) && tail_nan(&dv, vo));
+        assert!(tail_nan(&di, st) && tail_nan(&ws, ws_len));
+        Ok((dq, dk, dv, di))
+    };
+    let g0 = bwd(0, None).unwrap();
+    let g1 = bwd(1, None).unwrap();
+    assert!(written(&g0.0) && written(&g0.1) && written(&g0.2) && written(&g0.3));
+    assert_eq!(g0.0, g1.0[..qk]);
+    assert_eq!(g0.1, g1.1[..qk]);
+    assert_eq!(g0.2, g1.2[..vo]);
+    assert_eq!(g0.3, g1.3[..st]);
+    for arg in [
+        "q",
+        "k",
+        "v",
+        "d_o",
+        "initial_state",
+        "d_final_state",
+        "dq",
+        "dk",
+        "dv",
+        "d_initial_state",
+        "workspace",
+    ] {
+        let err = bwd(0, Some(arg)).unwrap_err();
+        assert!(
+            matches!(err, Error::Shape { .. }) && err.arg() == Some(arg),
+            "{arg}: {err}"
+        );
+    }
+}
+
+/// The length rule with varlen offsets: offsets ending before q's last token leave the rows
+/// after them untouched; offsets past the rows q holds are an error naming `q`.
+#[test]
+fn varlen_offsets_short_of_the_buffers_leave_the_tail_untouched() {
+    let dev = Device::cpu();
+    let (h, d, e) = (1, 64, 64);
+    let cfg = Config {
+        heads: h,
+        d,
+        e,
+        decay: Some(&[0.2]),
+        scale: 0.5,
+        causal: true,
+    };
+    let mut rng = rng("lightning varlen length rule");
+    let rows = 10;
+    let q: Vec<f32> = random(&mut rng, rows * h * d);
+    let v: Vec<f32> = random(&mut rng, rows * h * e);
+    let call = |cu: &[i32], o: &mut Vec<f32>| {
+        let seqs = Seqs::Varlen {
+            cu_seqlens: cu.into(),
+            max_seqlen: 9,
+        };
+        let mut ws = vec![0.0f32; lightning::workspace_len(&dev, &cfg, &seqs)?];
+        lightning::forward(
+            &dev,
+            &cfg,
+            &seqs,
+            Forward {
+                q: (&q).into(),
+                k: (&q).into(),
+                v: (&v).into(),
+                o: o.into(),
+                initial_state: None,
+                final_state: None,
+                workspace: (&mut ws).into(),
+            },
+        )
+    };
+    let mut o = poisoned::<f32>(rows * h * e);
+    call(&[0, 3, 7], &mut o).unwrap();
+    assert!(written(&o[..7 * h * e]), "the sequences' rows are written");
+    assert!(
+        o[7 * h * e..].iter().all(|x| x.is_nan()),
+        "rows past the offsets are untouched"
+    );
+    let err = call(&[0, 5, 11], &mut o).unwrap_err();
+    assert!(matches!(err, Error::Shape { arg: "q", .. }), "{err}");
 }
 
 // ---------------------------------------------------------------- GPU

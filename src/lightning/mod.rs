@@ -15,6 +15,16 @@
 //! in f32. The split length comes from [`workspace_len`]'s plan so that a long sequence with
 //! few heads still fills the machine; the callers bring the workspace holding the split states.
 //!
+//! Limits and lengths (checked before anything that depends on them is computed or
+//! allocated, each a typed error naming the argument): `heads` in `1..=`[`MAX_HOST_HEADS`]
+//! (at most [`MAX_HEADS`] on a GPU); `d`, `e` in {64, 128}; every buffer's element count
+//! (`tokens * heads * dim`, `n_seqs * heads * d * e`, the workspace) within `i64`; varlen
+//! offsets and `max_seqlen` within `i32`. A buffer holds *at least* what the call reads or
+//! writes (the crate's one length rule): a longer one is accepted and its tail is neither read
+//! nor written. `scale` is finite; a decay `s_h` is finite and `>= 0`, `s_h = 0` meaning no
+//! decay (`lambda = 1`, the same as `decay: None`); NaN or infinite values are
+//! [`Error::Value`]s naming `scale` or `decay`.
+//!
 //! Entry points: [`forward`] (causal with decay and initial/final state, or the non-causal
 //! `Q (K^T V)`), [`decode`] (one token per sequence against a state), [`backward`]
 //! (`dQ`, `dK`, `dV`, `d initial state`), [`decay_slopes`] (TransNormerLLM / MiniMax slopes).
@@ -40,6 +50,7 @@
 //! # Ok::<(), attnkit::Error>(())
 //! ```
 
+mod checks;
 mod cpu;
 #[cfg(attnkit_cuda)]
 mod cuda;
@@ -49,6 +60,11 @@ use crate::buffer::{Buf, BufMut};
 use crate::device::{Backend, Device};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
+#[cfg(attnkit_cuda)]
+use checks::Resolved;
+use checks::{
+    check_config, check_heads, check_len, check_workspace, count, mul, prefix, prefix_mut, resolve,
+};
 
 /// What every call of the family shares: heads, head dims, decay, scale, causality.
 #[derive(Clone, Copy, Debug)]
@@ -170,6 +186,20 @@ const E_TILE: usize = 64;
 const ITEMS_PER_UNIT: usize = 2;
 /// Largest head count of the GPU path: the per-head decay travels in the kernel parameters.
 pub const MAX_HEADS: usize = 256;
+/// Largest head count of any call and of [`decay_slopes`]: the host builds per-head tables
+/// (the decay's logarithms) before a buffer can bound the count, so the count is bounded
+/// here (no model comes near it).
+///
+/// ```
+/// let cfg = attnkit::lightning::Config {
+///     heads: attnkit::lightning::MAX_HOST_HEADS + 1, d: 64, e: 64,
+///     decay: None, scale: 1.0, causal: true,
+/// };
+/// let seqs = attnkit::lightning::Seqs::Dense { batch: 1, seq: 1 };
+/// let e = attnkit::lightning::workspace_len(&attnkit::Device::cpu(), &cfg, &seqs).unwrap_err();
+/// assert_eq!(e.arg(), Some("heads"));
+/// ```
+pub const MAX_HOST_HEADS: usize = 1 << 16;
 
 /// How a call is cut: block, split length and splits per sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -204,192 +234,6 @@ fn units(dev: &Device, e: usize) -> (usize, usize) {
     }
 }
 
-fn mul(arg: &'static str, xs: &[usize]) -> Result<usize> {
-    xs.iter()
-        .try_fold(1usize, |acc, &x| acc.checked_mul(x))
-        .filter(|&n| i64::try_from(n).is_ok())
-        .ok_or_else(|| Error::Shape {
-            arg,
-            detail: format!("size {xs:?} overflows"),
-        })
-}
-
-/// Checks the config; returns the per-head `log2(lambda_h) = -s_h * log2(e)` (host-computed,
-/// so kernels take `lambda^n = exp2(n * log2_decay)` with `n >= 0`).
-fn check_config(cfg: &Config<'_>) -> Result<Vec<f32>> {
-    if cfg.heads == 0 {
-        return Err(Error::Shape {
-            arg: "heads",
-            detail: "must be at least 1".into(),
-        });
-    }
-    for (arg, dim) in [("d", cfg.d), ("e", cfg.e)] {
-        if dim != 64 && dim != 128 {
-            return Err(Error::Unsupported {
-                arg,
-                detail: format!("head dim {dim}; supported: 64, 128"),
-            });
-        }
-    }
-    if !cfg.scale.is_finite() {
-        return Err(Error::Value {
-            arg: "scale",
-            detail: format!("{} is not finite", cfg.scale),
-        });
-    }
-    let Some(decay) = cfg.decay else {
-        return Ok(vec![0.0; cfg.heads]);
-    };
-    if !cfg.causal {
-        return Err(Error::Unsupported {
-            arg: "decay",
-            detail: "the non-causal form takes no decay".into(),
-        });
-    }
-    if decay.len() != cfg.heads {
-        return Err(Error::Shape {
-            arg: "decay",
-            detail: format!("{} values for {} heads", decay.len(), cfg.heads),
-        });
-    }
-    if let Some((h, s)) = decay
-        .iter()
-        .enumerate()
-        .find(|(_, s)| !(s.is_finite() && **s >= 0.0))
-    {
-        return Err(Error::Value {
-            arg: "decay",
-            detail: format!("head {h}: s = {s}; must be finite and >= 0 (lambda = exp(-s) <= 1)"),
-        });
-    }
-    // Bounded below so that `0 * log2_decay` stays 0: any s above ~104 already gives
-    // lambda = 0 in f32, so the bound changes no result.
-    Ok(decay
-        .iter()
-        .map(|&s| (-(s as f64) * std::f64::consts::LOG2_E).max(-1e30) as f32)
-        .collect())
-}
-
-/// The sequences of a call, resolved.
-struct Resolved {
-    n_seqs: usize,
-    tokens: usize,
-    max_len: usize,
-    /// `(start, len)` per sequence, where the host can read them (CPU).
-    host: Option<Vec<(usize, usize)>>,
-}
-
-/// Resolves `seqs` against the token count implied by `q` (`q_len` elements).
-fn resolve(seqs: &Seqs<'_>, heads: usize, d: usize, q_len: usize) -> Result<Resolved> {
-    match seqs {
-        Seqs::Dense { batch, seq } => {
-            if *batch == 0 {
-                return Err(Error::Shape {
-                    arg: "batch",
-                    detail: "must be at least 1".into(),
-                });
-            }
-            let tokens = mul("q", &[*batch, *seq])?;
-            mul("q", &[tokens, heads, d])?;
-            Ok(Resolved {
-                n_seqs: *batch,
-                tokens,
-                max_len: *seq,
-                host: Some((0..*batch).map(|b| (b * seq, *seq)).collect()),
-            })
-        }
-        Seqs::Varlen {
-            cu_seqlens,
-            max_seqlen,
-        } => {
-            check_max_seqlen(*max_seqlen)?;
-            if cu_seqlens.len() < 2 {
-                return Err(Error::Shape {
-                    arg: "cu_seqlens",
-                    detail: format!("{} offsets; needs n_seqs + 1 >= 2", cu_seqlens.len()),
-                });
-            }
-            let row = mul("q", &[heads, d])?;
-            if q_len % row != 0 {
-                return Err(Error::Shape {
-                    arg: "q",
-                    detail: format!(
-                        "{q_len} elements is not a whole number of {row}-element tokens"
-                    ),
-                });
-            }
-            let tokens = q_len / row;
-            if i32::try_from(tokens).is_err() {
-                return Err(Error::Shape {
-                    arg: "cu_seqlens",
-                    detail: format!("{tokens} tokens exceed i32 offsets"),
-                });
-            }
-            let host = match cu_seqlens {
-                Buf::Host(cu) => Some(check_cu_seqlens(cu, tokens, *max_seqlen)?),
-                #[cfg(feature = "cuda")]
-                Buf::Cuda(_) => None,
-            };
-            Ok(Resolved {
-                n_seqs: cu_seqlens.len() - 1,
-                tokens,
-                max_len: *max_seqlen,
-                host,
-            })
-        }
-    }
-}
-
-/// `max_seqlen` sizes the split plan; past i32 (the offsets' type) it cannot be a real length,
-/// and the plan's arithmetic would overflow.
-fn check_max_seqlen(max_seqlen: usize) -> Result<usize> {
-    if max_seqlen > i32::MAX as usize {
-        return Err(Error::Value {
-            arg: "max_seqlen",
-            detail: format!("{max_seqlen} exceeds i32 offsets"),
-        });
-    }
-    Ok(max_seqlen)
-}
-
-fn check_cu_seqlens(cu: &[i32], tokens: usize, max_seqlen: usize) -> Result<Vec<(usize, usize)>> {
-    let bad = |detail: String| Error::Value {
-        arg: "cu_seqlens",
-        detail,
-    };
-    if cu[0] != 0 {
-        return Err(bad(format!("starts at {}, not 0", cu[0])));
-    }
-    let mut out = Vec::with_capacity(cu.len() - 1);
-    for (i, w) in cu.windows(2).enumerate() {
-        if w[1] < w[0] {
-            return Err(bad(format!("decreases at {i}: {} then {}", w[0], w[1])));
-        }
-        let len = (w[1] - w[0]) as usize;
-        if len > max_seqlen {
-            return Err(bad(format!(
-                "sequence {i} has {len} tokens > max_seqlen {max_seqlen}"
-            )));
-        }
-        out.push((w[0] as usize, len));
-    }
-    let last = cu[cu.len() - 1] as usize;
-    if last != tokens {
-        return Err(bad(format!("ends at {last}, but q holds {tokens} tokens")));
-    }
-    Ok(out)
-}
-
-fn check_len(arg: &'static str, len: usize, want: usize) -> Result<()> {
-    if len != want {
-        return Err(Error::Shape {
-            arg,
-            detail: format!("holds {len} elements, expected {want}"),
-        });
-    }
-    Ok(())
-}
-
 /// f32 elements of the workspace that [`forward`] and [`backward`] need on `dev` for this
 /// config and these sequences: `n_seqs * heads * n_splits * d * e`, `n_splits` from the
 /// device's tile plan. Zero-cost; call it once per shape.
@@ -403,16 +247,7 @@ fn check_len(arg: &'static str, len: usize, want: usize) -> Result<()> {
 /// ```
 pub fn workspace_len(dev: &Device, cfg: &Config<'_>, seqs: &Seqs<'_>) -> Result<usize> {
     check_config(cfg)?;
-    let (n_seqs, max_len) = match seqs {
-        Seqs::Dense { batch, seq } => (*batch, *seq),
-        Seqs::Varlen {
-            cu_seqlens,
-            max_seqlen,
-        } => (
-            cu_seqlens.len().saturating_sub(1),
-            check_max_seqlen(*max_seqlen)?,
-        ),
-    };
+    let (n_seqs, max_len) = count(seqs, cfg.heads, cfg.d.max(cfg.e))?;
     let p = plan_for(dev, cfg, n_seqs, max_len)?;
     mul("workspace", &[n_seqs, cfg.heads, p.n_splits, cfg.d, cfg.e])
 }
@@ -421,16 +256,6 @@ fn plan_for(dev: &Device, cfg: &Config<'_>, n_seqs: usize, max_len: usize) -> Re
     let (units, tiles) = units(dev, cfg.e);
     let rows = mul("heads", &[n_seqs, cfg.heads, tiles])?;
     Ok(plan(max_len, rows, units))
-}
-
-fn check_workspace(len: usize, need: usize) -> Result<()> {
-    if len < need {
-        return Err(Error::Shape {
-            arg: "workspace",
-            detail: format!("holds {len} f32, workspace_len says {need}"),
-        });
-    }
-    Ok(())
 }
 
 /// Lightning Attention forward: `o = scale * [causal, decayed] Q K^T V`, block-split.
@@ -469,11 +294,13 @@ pub fn forward<T: Element>(
 ) -> Result<()> {
     let log2_decay = check_config(cfg)?;
     let (heads, d, e) = (cfg.heads, cfg.d, cfg.e);
-    let r = resolve(seqs, heads, d, io.q.len())?;
-    check_len("q", io.q.len(), mul("q", &[r.tokens, heads, d])?)?;
-    check_len("k", io.k.len(), mul("k", &[r.tokens, heads, d])?)?;
-    check_len("v", io.v.len(), mul("v", &[r.tokens, heads, e])?)?;
-    check_len("o", io.o.len(), mul("o", &[r.tokens, heads, e])?)?;
+    let r = resolve(seqs, heads, d, d.max(e), io.q.len())?;
+    let qk = mul("q", &[r.tokens, heads, d])?;
+    let vo = mul("v", &[r.tokens, heads, e])?;
+    check_len("q", io.q.len(), qk)?;
+    check_len("k", io.k.len(), qk)?;
+    check_len("v", io.v.len(), vo)?;
+    check_len("o", io.o.len(), vo)?;
     let state_len = mul("initial_state", &[r.n_seqs, heads, d, e])?;
     if !cfg.causal && (io.initial_state.is_some() || io.final_state.is_some()) {
         let arg = if io.initial_state.is_some() {
@@ -497,20 +324,30 @@ pub fn forward<T: Element>(
     check_workspace(io.workspace.len(), need)?;
     match &dev.backend {
         Backend::Cpu { threads } => {
-            let (q, k, v) = (io.q.host("q")?, io.k.host("k")?, io.v.host("v")?);
-            let init = io
-                .initial_state
-                .as_ref()
-                .map(|s| s.host("initial_state"))
-                .transpose()?;
-            let o = io.o.host_mut("o")?;
-            let fin = io
-                .final_state
-                .as_mut()
-                .map(|s| s.host_mut("final_state"))
-                .transpose()?;
-            let ws = io.workspace.host_mut("workspace")?;
-            let seqs = r.host.unwrap_or_default();
+            // Only the prefixes the call touches reach the CPU code: a longer buffer's tail
+            // stays as it was.
+            let q = prefix("q", io.q.host("q")?, qk)?;
+            let k = prefix("k", io.k.host("k")?, qk)?;
+            let v = prefix("v", io.v.host("v")?, vo)?;
+            let init = match &io.initial_state {
+                Some(s) => Some(prefix(
+                    "initial_state",
+                    s.host("initial_state")?,
+                    state_len,
+                )?),
+                None => None,
+            };
+            let o = prefix_mut("o", io.o.host_mut("o")?, vo)?;
+            let fin = match &mut io.final_state {
+                Some(s) => Some(prefix_mut(
+                    "final_state",
+                    s.host_mut("final_state")?,
+                    state_len,
+                )?),
+                None => None,
+            };
+            let ws = prefix_mut("workspace", io.workspace.host_mut("workspace")?, need)?;
+            let seqs = r.spans()?;
             let op = |data, dim| cpu::Operand {
                 data,
                 tok: heads * dim,
@@ -583,20 +420,21 @@ pub fn decode<T: Element>(
         });
     }
     let (heads, d, e) = (cfg.heads, cfg.d, cfg.e);
-    check_len("q", io.q.len(), mul("q", &[batch, heads, d])?)?;
-    check_len("k", io.k.len(), mul("k", &[batch, heads, d])?)?;
-    check_len("v", io.v.len(), mul("v", &[batch, heads, e])?)?;
-    check_len("o", io.o.len(), mul("o", &[batch, heads, e])?)?;
-    check_len(
-        "state",
-        io.state.len(),
-        mul("state", &[batch, heads, d, e])?,
-    )?;
+    let qk = mul("q", &[batch, heads, d])?;
+    let vo = mul("v", &[batch, heads, e])?;
+    let state_len = mul("state", &[batch, heads, d, e])?;
+    check_len("q", io.q.len(), qk)?;
+    check_len("k", io.k.len(), qk)?;
+    check_len("v", io.v.len(), vo)?;
+    check_len("o", io.o.len(), vo)?;
+    check_len("state", io.state.len(), state_len)?;
     match &dev.backend {
         Backend::Cpu { threads } => {
-            let (q, k, v) = (io.q.host("q")?, io.k.host("k")?, io.v.host("v")?);
-            let o = io.o.host_mut("o")?;
-            let s = io.state.host_mut("state")?;
+            let q = prefix("q", io.q.host("q")?, qk)?;
+            let k = prefix("k", io.k.host("k")?, qk)?;
+            let v = prefix("v", io.v.host("v")?, vo)?;
+            let o = prefix_mut("o", io.o.host_mut("o")?, vo)?;
+            let s = prefix_mut("state", io.state.host_mut("state")?, state_len)?;
             cpu::decode(*threads, heads, d, e, q, k, v, &log2_decay, cfg.scale, s, o);
             Ok(())
         }
@@ -646,7 +484,7 @@ pub fn backward<T: Element>(
 ) -> Result<()> {
     let log2_decay = check_config(cfg)?;
     let (heads, d, e) = (cfg.heads, cfg.d, cfg.e);
-    let r = resolve(seqs, heads, d, io.q.len())?;
+    let r = resolve(seqs, heads, d, d.max(e), io.q.len())?;
     let qk = mul("q", &[r.tokens, heads, d])?;
     let vo = mul("v", &[r.tokens, heads, e])?;
     for (arg, len, want) in [
@@ -685,32 +523,28 @@ pub fn backward<T: Element>(
     check_workspace(io.workspace.len(), need)?;
     match &dev.backend {
         Backend::Cpu { threads } => {
+            // Only the prefixes the call touches reach the CPU code (tails untouched).
             let bufs = cpu_backward::Bufs {
-                q: io.q.host("q")?,
-                k: io.k.host("k")?,
-                v: io.v.host("v")?,
-                d_o: io.d_o.host("d_o")?,
-                init: io
-                    .initial_state
-                    .as_ref()
-                    .map(|s| s.host("initial_state"))
-                    .transpose()?,
-                d_final: io
-                    .d_final_state
-                    .as_ref()
-                    .map(|s| s.host("d_final_state"))
-                    .transpose()?,
+                q: prefix("q", io.q.host("q")?, qk)?,
+                k: prefix("k", io.k.host("k")?, qk)?,
+                v: prefix("v", io.v.host("v")?, vo)?,
+                d_o: prefix("d_o", io.d_o.host("d_o")?, vo)?,
+                init: state_prefix("initial_state", &io.initial_state, state_len)?,
+                d_final: state_prefix("d_final_state", &io.d_final_state, state_len)?,
             };
-            let dq = io.dq.host_mut("dq")?;
-            let dk = io.dk.host_mut("dk")?;
-            let dv = io.dv.host_mut("dv")?;
-            let d_init = io
-                .d_initial_state
-                .as_mut()
-                .map(|s| s.host_mut("d_initial_state"))
-                .transpose()?;
-            let ws = io.workspace.host_mut("workspace")?;
-            let seqs = r.host.unwrap_or_default();
+            let dq = prefix_mut("dq", io.dq.host_mut("dq")?, qk)?;
+            let dk = prefix_mut("dk", io.dk.host_mut("dk")?, qk)?;
+            let dv = prefix_mut("dv", io.dv.host_mut("dv")?, vo)?;
+            let d_init = match &mut io.d_initial_state {
+                Some(s) => Some(prefix_mut(
+                    "d_initial_state",
+                    s.host_mut("d_initial_state")?,
+                    state_len,
+                )?),
+                None => None,
+            };
+            let ws = prefix_mut("workspace", io.workspace.host_mut("workspace")?, need)?;
+            let seqs = r.spans()?;
             let shape = cpu_backward::Shape {
                 heads,
                 d,
@@ -731,6 +565,18 @@ pub fn backward<T: Element>(
 
 mod cpu_backward;
 
+/// The first `n` elements of an optional host state (see [`checks::prefix`]).
+fn state_prefix<'a>(
+    arg: &'static str,
+    s: &'a Option<Buf<'_, f32>>,
+    n: usize,
+) -> Result<Option<&'a [f32]>> {
+    match s {
+        Some(s) => prefix(arg, s.host(arg)?, n).map(Some),
+        None => Ok(None),
+    }
+}
+
 /// Per-head decay rates `s_h = 2^(-8 (h + 1) / heads) * layer_factor` of TransNormerLLM and
 /// MiniMax-01 (ALiBi's slopes), for `lambda_h = exp(-s_h)`: head 0 decays fastest, the
 /// last head at `2^-8 * layer_factor`. Those models scale the slopes per layer by
@@ -744,12 +590,7 @@ mod cpu_backward;
 /// # Ok::<(), attnkit::Error>(())
 /// ```
 pub fn decay_slopes(heads: usize, layer_factor: f32) -> Result<Vec<f32>> {
-    if heads == 0 {
-        return Err(Error::Shape {
-            arg: "heads",
-            detail: "must be at least 1".into(),
-        });
-    }
+    check_heads(heads)?;
     if !(layer_factor.is_finite() && layer_factor >= 0.0) {
         return Err(Error::Value {
             arg: "layer_factor",
