@@ -1106,3 +1106,248 @@ fn heuristic_splits_stay_in_range_and_fill_the_machine() {
     }
     assert_eq!(decode::num_splits(64, 8, 1, 131072, 132), 1);
 }
+
+/// Issue 13, item 1: the size helpers users call to size buffers saturate instead of
+/// panicking (overflow checks are on in tests), and the call rejects such a problem.
+#[test]
+fn size_helpers_saturate_and_calls_reject_the_problem() {
+    let dev = Device::cpu();
+    let huge = Layout::Contiguous {
+        capacity: usize::MAX,
+    };
+    let p = Decode::new(&[1], 16, usize::MAX, 1, 256, huge);
+    assert_eq!(p.o_len(), usize::MAX);
+    assert_eq!(p.lse_len(), usize::MAX);
+    assert_eq!(p.capacity(), usize::MAX);
+    let _ = (p.new_kv_len(), p.workspace_len(&dev), p.splits_for(&dev));
+    let _ = p.keys_per_split(0);
+    let r = Rope {
+        style: RopeStyle::NeoX,
+        theta: 1e4,
+    };
+    let rolling = Layout::Rolling {
+        n_sink: usize::MAX,
+        window: usize::MAX,
+        ring_offsets: &[0],
+        rope: r,
+    };
+    assert_eq!(
+        Decode::new(&[1], 1, 1, 1, 64, rolling).capacity(),
+        usize::MAX
+    );
+    let m = usize::MAX;
+    assert!((1..=decode::MAX_SPLITS).contains(&decode::num_splits(m, m, m, m, m)));
+    assert_eq!(decode::workspace_len(m, m, m, m, m), usize::MAX);
+    let z = vec![0f32; 64];
+    let mut o = vec![0f32; 64];
+    let mut l = vec![0f32; 1];
+    let mut ws = vec![0f32; 1];
+    let e = decode::forward(
+        &dev,
+        &p,
+        (&z).into(),
+        (&z).into(),
+        (&z).into(),
+        Tables::host(&p),
+        (&mut ws).into(),
+        (&mut o).into(),
+        (&mut l).into(),
+    )
+    .unwrap_err();
+    assert_eq!(e.arg(), Some("heads_q"), "{e}");
+}
+
+/// Issue 13, item 7: a cache longer than MAX_CAPACITY is refused (the kernels' int32 key
+/// indices run a tile past the last key), even where the buffers would allow it.
+#[test]
+fn caches_past_max_capacity_are_refused() {
+    let dev = Device::cpu();
+    let cap = decode::MAX_CAPACITY + 1;
+    let mut p = Decode::new(&[5], 1, 1, 1, 64, Layout::Contiguous { capacity: cap });
+    // Every key row at one place: the buffers are small, the capacity is not.
+    p.k_strides.row = 0;
+    p.v_strides.row = 0;
+    let z = vec![0.5f32; 64];
+    expect_err(run(&dev, &p, &z, &z, &z), "capacity");
+    p.layout = Layout::Contiguous {
+        capacity: decode::MAX_CAPACITY,
+    };
+    run(&dev, &p, &z, &z, &z).unwrap();
+}
+
+/// Issue 13, item 2: RollingCache::new validates `batch` against MAX_BATCH before it
+/// allocates per sequence.
+#[test]
+fn rolling_cache_batch_is_bounded_before_allocating() {
+    let r = Rope {
+        style: RopeStyle::NeoX,
+        theta: 1e4,
+    };
+    for batch in [usize::MAX, decode::MAX_BATCH + 1] {
+        expect_err(RollingCache::new(batch, 4, 60, r), "batch");
+    }
+    assert!(RollingCache::new(decode::MAX_BATCH, 4, 60, r).is_ok());
+    expect_err(RollingCache::new(1, decode::MAX_CAPACITY, 1, r), "window");
+}
+
+/// Issue 13, item 3: on the CPU the Tables buffers must hold what the problem says (the GPU
+/// reads the buffers, the CPU the problem's copies: they must not differ silently).
+#[test]
+fn cpu_tables_that_differ_from_the_problem_are_errors() {
+    let dev = Device::cpu();
+    let (lens, cap) = ([20, 3], 32);
+    let z = vec![0.5f32; 2 * cap * 2 * 64];
+    let q = vec![0.5f32; 2 * 2 * 4 * 64];
+    let call = |p: &Decode<'_>, t: Tables<'_>| {
+        let mut o = vec![0f32; p.o_len()];
+        let mut l = vec![0f32; p.lse_len()];
+        let mut ws = vec![0f32; p.workspace_len(&dev)];
+        decode::forward(
+            &dev,
+            p,
+            (&q).into(),
+            (&z).into(),
+            (&z).into(),
+            t,
+            (&mut ws).into(),
+            (&mut o).into(),
+            (&mut l).into(),
+        )
+    };
+    let cont = Decode::new(&lens, 2, 4, 2, 64, Layout::Contiguous { capacity: cap });
+    call(&cont, Tables::host(&cont)).unwrap();
+    let other_lens = [21, 3];
+    let mut t = Tables::host(&cont);
+    t.cache_seqlens = (&other_lens[..]).into();
+    expect_err(call(&cont, t), "cache_seqlens");
+
+    let (table, other) = ([0, 1, 2, 3], [0, 3, 2, 1]);
+    let paged = Decode::new(
+        &lens,
+        2,
+        4,
+        2,
+        64,
+        Layout::Paged {
+            page_size: 16,
+            num_pages: 4,
+            block_table: &table,
+            pages_per_seq: 2,
+        },
+    );
+    call(&paged, Tables::host(&paged)).unwrap();
+    let mut t = Tables::host(&paged);
+    t.block_table = Some((&other[..]).into());
+    expect_err(call(&paged, t), "block_table");
+
+    let rope = Rope {
+        style: RopeStyle::NeoX,
+        theta: 1e4,
+    };
+    let (full, offs, other) = ([32, 3], [5, 0], [6, 0]);
+    let rolling = Decode::new(
+        &full,
+        2,
+        4,
+        2,
+        64,
+        Layout::Rolling {
+            n_sink: 2,
+            window: 30,
+            ring_offsets: &offs,
+            rope,
+        },
+    );
+    call(&rolling, Tables::host(&rolling)).unwrap();
+    let mut t = Tables::host(&rolling);
+    t.ring_offsets = Some((&other[..]).into());
+    expect_err(call(&rolling, t), "ring_offsets");
+}
+
+/// Issue 13, item 7: an append into a page two sequences use would race on a GPU: refused,
+/// naming block_table, before anything is written. Sequences that only read a shared page
+/// (prefix sharing) stay legal, for append and forward.
+#[test]
+fn appending_into_a_shared_page_is_refused_reading_one_is_fine() {
+    for dev in devices("appending_into_a_shared_page_is_refused_reading_one_is_fine") {
+        // Both sequences start with page 0 (a shared 16-token prefix), then own pages.
+        let table: &'static [i32] = &[0, 1, 0, 2];
+        let layout = |table: &'static [i32]| Layout::Paged {
+            page_size: 16,
+            num_pages: 3,
+            block_table: table,
+            pages_per_seq: 2,
+        };
+        let new = vec![1.0f32; 2 * 2 * 64];
+        let mut k = vec![0.25f32; 3 * 16 * 64];
+        let mut v = k.clone();
+        // Writes keys 18, 19 (page 1) and 16, 17 (page 2): the shared page is only read.
+        let ok = Decode::new(&[20, 18], 2, 1, 1, 64, layout(table));
+        run_append(&dev, &ok, &new, &new, &mut k, &mut v).unwrap();
+        let q = vec![0.5f32; ok.o_len()];
+        run(&dev, &ok, &q, &k, &v).unwrap();
+        // Sequence 1 writes keys 14, 15: into the shared page 0.
+        let before = (k.clone(), v.clone());
+        let bad = Decode::new(&[20, 16], 2, 1, 1, 64, layout(table));
+        expect_err(
+            run_append(&dev, &bad, &new, &new, &mut k, &mut v),
+            "block_table",
+        );
+        // One page in two columns of one sequence: writing it rewrites another key.
+        let twice = Decode::new(&[20, 2], 2, 1, 1, 64, layout(&[1, 1, 2, 0]));
+        expect_err(
+            run_append(&dev, &twice, &new, &new, &mut k, &mut v),
+            "block_table",
+        );
+        assert!(before == (k, v), "a refused append wrote");
+    }
+}
+
+/// Issue 13, item 4: NaN sink logits (CPU: the values are on the host) and scales whose
+/// exp2-domain product overflows are typed errors naming the argument; ±inf sinks keep their
+/// documented meaning; NaN/inf/<= 1 RoPE bases are errors.
+#[test]
+fn nan_sinks_bad_scales_and_rope_bases_are_typed_errors() {
+    let dev = Device::cpu();
+    let lens = [20, 3];
+    let p = Decode::new(&lens, 2, 4, 2, 64, Layout::Contiguous { capacity: 32 });
+    let q = vec![0.5f32; p.o_len()];
+    let kv = vec![0.5f32; 2 * 32 * 2 * 64];
+    let sinks = [0.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
+    expect_err(
+        run_with_sinks(&dev, &p, &q, &kv, &kv, Some(&sinks)),
+        "sink_logits",
+    );
+    let fine = [0.0, 1.0, f32::INFINITY, f32::NEG_INFINITY];
+    run_with_sinks(&dev, &p, &q, &kv, &kv, Some(&fine)).unwrap();
+    for s in [
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MAX,
+        -f32::MAX,
+    ] {
+        expect_err(run(&dev, &p.clone().scale(s), &q, &kv, &kv), "scale");
+    }
+    // A negative or zero scale is a legal (if odd) softmax.
+    for s in [0.0, -0.5, 1e-30] {
+        run(&dev, &p.clone().scale(s), &q, &kv, &kv).unwrap();
+    }
+    for theta in [f32::NAN, f32::INFINITY, 1.0, 0.5, -3.0] {
+        let rope = Rope {
+            style: RopeStyle::NeoX,
+            theta,
+        };
+        expect_err(RollingCache::new(1, 2, 30, rope), "rope");
+        let l = Layout::Rolling {
+            n_sink: 2,
+            window: 30,
+            ring_offsets: &[0, 0],
+            rope,
+        };
+        expect_err(
+            run(&dev, &Decode::new(&lens, 2, 4, 2, 64, l), &q, &kv, &kv),
+            "rope",
+        );
+    }
+}

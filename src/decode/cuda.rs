@@ -304,7 +304,9 @@ pub(super) fn append<T: Element>(
     let chunks = p.batch * p.seq_q * p.heads_kv * p.d * std::mem::size_of::<T>() / ALIGN;
     let threads = c::ATTNKIT_DECODE_APPEND_THREADS;
     // A grid-stride loop: a few blocks per SM cover any count.
-    let blocks = (chunks.div_ceil(threads as usize) as u32).clamp(1, dev.sm_count * 4);
+    let blocks = u32::try_from(chunks.div_ceil(threads as usize))
+        .unwrap_or(u32::MAX)
+        .clamp(1, dev.sm_count.saturating_mul(4).max(1));
     let cfg = LaunchConfig {
         grid_dim: (blocks, 1, 1),
         block_dim: (threads, 1, 1),

@@ -21,19 +21,36 @@
 //! partial output and LSE per chunk into the caller's workspace, and combine the partials
 //! exactly through their LSEs. Nothing is allocated on the device, nothing synchronises.
 
+mod checks;
 mod cpu;
 #[cfg(attnkit_cuda)]
 mod cuda;
 pub mod oracle;
+mod rolling;
+
+pub use rolling::RollingCache;
 
 use crate::buffer::{Buf, BufMut};
 use crate::device::{Backend, Device};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::flash::Strides;
+pub(crate) use checks::Problem;
+use checks::{check, check_append_pages, check_cache, check_tables, host_tables};
 
 /// The most new tokens per sequence a call takes (more is a prefill: use [`crate::flash`]).
 pub const MAX_SEQ_Q: usize = 16;
+
+/// The most sequences a call takes (a CUDA grid dimension); also [`RollingCache::new`]'s
+/// limit.
+pub const MAX_BATCH: usize = 65535;
+
+/// The most query heads a call takes (a CUDA grid dimension).
+pub const MAX_HEADS: usize = 65535;
+
+/// The most keys one sequence's cache may hold (and the largest page): 2^30, so that the
+/// kernels' int32 key indices can run a tile (64 keys) past any key without wrapping.
+pub const MAX_CAPACITY: usize = 1 << 30;
 
 /// The most key splits per sequence.
 pub const MAX_SPLITS: usize = 64;
@@ -190,7 +207,8 @@ pub struct Decode<'a> {
 
 impl<'a> Decode<'a> {
     /// A causal problem with contiguous tensors and the default scale; the batch is
-    /// `cache_seqlens.len()`.
+    /// `cache_seqlens.len()`. Never fails: the strides saturate at `usize::MAX` for sizes
+    /// past any buffer, and [`forward`] / [`append`] then reject the problem.
     ///
     /// ```
     /// use attnkit::decode::{Decode, Layout};
@@ -208,9 +226,9 @@ impl<'a> Decode<'a> {
         let rows = match &layout {
             Layout::Contiguous { capacity } => *capacity,
             Layout::Paged { page_size, .. } => *page_size,
-            Layout::Rolling { n_sink, window, .. } => n_sink + window,
+            Layout::Rolling { n_sink, window, .. } => n_sink.saturating_add(*window),
         };
-        let kv = Strides::contiguous(rows, heads_kv, head_dim);
+        let kv = contiguous(rows, heads_kv, head_dim);
         Decode {
             cache_seqlens,
             seq_q,
@@ -222,8 +240,8 @@ impl<'a> Decode<'a> {
             window_left: None,
             scale: None,
             num_splits: None,
-            q_strides: Strides::contiguous(seq_q, heads_q, head_dim),
-            o_strides: Strides::contiguous(seq_q, heads_q, head_dim),
+            q_strides: contiguous(seq_q, heads_q, head_dim),
+            o_strides: contiguous(seq_q, heads_q, head_dim),
             k_strides: kv,
             v_strides: kv,
         }
@@ -298,37 +316,40 @@ impl<'a> Decode<'a> {
         self.scale.unwrap_or(1.0 / (self.head_dim as f32).sqrt())
     }
 
-    /// Elements of a contiguous q or o, `batch * seq_q * heads_q * head_dim`.
+    /// Elements of a contiguous q or o, `batch * seq_q * heads_q * head_dim`; saturates at
+    /// `usize::MAX` (the call then rejects the problem).
     ///
     /// ```
     /// # use attnkit::decode::{Decode, Layout};
     /// assert_eq!(Decode::new(&[1, 1], 3, 2, 1, 64, Layout::Contiguous { capacity: 8 }).o_len(), 2 * 3 * 2 * 64);
     /// ```
     pub fn o_len(&self) -> usize {
-        self.batch() * self.seq_q * self.heads_q * self.head_dim
+        product(&[self.batch(), self.seq_q, self.heads_q, self.head_dim])
     }
 
-    /// Elements of the LSE output, `[batch, heads_q, seq_q]`.
+    /// Elements of the LSE output, `[batch, heads_q, seq_q]`; saturates at `usize::MAX`.
     ///
     /// ```
     /// # use attnkit::decode::{Decode, Layout};
     /// assert_eq!(Decode::new(&[1, 1], 3, 2, 1, 64, Layout::Contiguous { capacity: 8 }).lse_len(), 12);
     /// ```
     pub fn lse_len(&self) -> usize {
-        self.batch() * self.heads_q * self.seq_q
+        product(&[self.batch(), self.heads_q, self.seq_q])
     }
 
-    /// Elements of the new tokens' K (or V) for [`append`], `[batch, seq_q, heads_kv, head_dim]`.
+    /// Elements of the new tokens' K (or V) for [`append`], `[batch, seq_q, heads_kv, head_dim]`;
+    /// saturates at `usize::MAX`.
     ///
     /// ```
     /// # use attnkit::decode::{Decode, Layout};
     /// assert_eq!(Decode::new(&[4], 2, 8, 2, 64, Layout::Contiguous { capacity: 8 }).new_kv_len(), 2 * 2 * 64);
     /// ```
     pub fn new_kv_len(&self) -> usize {
-        self.batch() * self.seq_q * self.heads_kv * self.head_dim
+        product(&[self.batch(), self.seq_q, self.heads_kv, self.head_dim])
     }
 
-    /// Tokens one sequence's cache can hold.
+    /// Tokens one sequence's cache can hold; saturates at `usize::MAX` (over
+    /// [`MAX_CAPACITY`], which the call rejects).
     ///
     /// ```
     /// # use attnkit::decode::{Decode, Layout};
@@ -358,7 +379,8 @@ impl<'a> Decode<'a> {
 
     /// Query rows per KV head: `seq_q * heads_q / heads_kv`.
     fn rows(&self) -> usize {
-        self.seq_q * (self.heads_q / self.heads_kv.max(1))
+        self.seq_q
+            .saturating_mul(self.heads_q / self.heads_kv.max(1))
     }
 
     /// The split count a call on `dev` uses: [`Decode::num_splits`] if set, else the heuristic
@@ -399,11 +421,13 @@ impl<'a> Decode<'a> {
     /// ```
     pub fn keys_per_split(&self, splits: usize) -> usize {
         let per = self.max_len().div_ceil(splits.max(1)).max(1);
-        per.div_ceil(SPLIT_GRANULE) * SPLIT_GRANULE
+        per.div_ceil(SPLIT_GRANULE).saturating_mul(SPLIT_GRANULE)
     }
 
     /// Elements (f32) of the workspace a call on `dev` needs for its partial results:
-    /// `splits * batch * heads_q * seq_q * (head_dim + 1)`, or 0 with one split.
+    /// `splits * batch * heads_q * seq_q * (head_dim + 1)`, or 0 with one split. Saturates at
+    /// `usize::MAX` for a problem no call accepts; [`Decode::checked_workspace_len`] checks
+    /// the problem first and says what is wrong instead.
     ///
     /// ```
     /// # use attnkit::{Device, decode::{Decode, Layout}};
@@ -419,6 +443,42 @@ impl<'a> Decode<'a> {
             self.splits_for(dev),
         )
     }
+
+    /// The workspace [`forward`] on `dev` needs (f32 elements, exactly), after every check
+    /// of the problem that [`forward`] makes without its buffers: a problem it would reject
+    /// is the same typed error here, before anything is allocated for it.
+    ///
+    /// ```
+    /// # use attnkit::{Device, decode::{Decode, Layout}};
+    /// let p = Decode::new(&[300], 1, 2, 1, 64, Layout::Contiguous { capacity: 512 }).splits(2);
+    /// assert_eq!(p.checked_workspace_len(&Device::cpu())?, 2 * 2 * 65);
+    /// let bad = Decode::new(&[300], 1, 1 << 40, 1, 64, Layout::Contiguous { capacity: 512 });
+    /// assert_eq!(bad.checked_workspace_len(&Device::cpu()).unwrap_err().arg(), Some("heads_q"));
+    /// # Ok::<(), attnkit::Error>(())
+    /// ```
+    pub fn checked_workspace_len(&self, dev: &Device) -> Result<usize> {
+        let pr = check(dev, self)?;
+        Ok(workspace_len(
+            pr.batch, pr.seq_q, pr.heads_q, pr.d, pr.splits,
+        ))
+    }
+}
+
+/// `[seq, heads, head_dim]` contiguous strides, saturating (a problem that big is rejected by
+/// the call's checks; `Decode::new` itself never fails).
+fn contiguous(seq: usize, heads: usize, head_dim: usize) -> Strides {
+    let row = heads.saturating_mul(head_dim);
+    Strides {
+        batch: seq.saturating_mul(row),
+        row,
+        head: head_dim,
+        dim: 1,
+    }
+}
+
+/// The product of sizes, saturating at `usize::MAX`.
+fn product(xs: &[usize]) -> usize {
+    xs.iter().fold(1usize, |a, &x| a.saturating_mul(x))
 }
 
 /// Elements (f32) of the workspace for `splits` key splits: partial outputs
@@ -471,7 +531,7 @@ pub fn num_splits(
         .saturating_mul(heads_kv)
         .saturating_mul(row_blocks)
         .max(1);
-    let target = 2 * sms.max(1);
+    let target = sms.max(1).saturating_mul(2);
     if blocks >= target {
         return 1;
     }
@@ -528,293 +588,24 @@ impl<'a> Tables<'a> {
     }
 }
 
-/// A StreamingLLM rolling cache's bookkeeping (host side): per sequence, how many tokens it
-/// has seen. The cache keeps the first `n_sink` tokens and the last `window`; the K/V buffers
-/// themselves are the caller's, `[batch, n_sink + window, heads_kv, head_dim]`.
-///
-/// Each step: [`RollingCache::advance`] by the step's `seq_q` new tokens, then [`append`] and
-/// [`forward`] with [`RollingCache::layout`] and the lengths from
-/// [`RollingCache::cache_seqlens`]. The new tokens are written first, so they evict the
-/// oldest ring tokens before attention: a step's queries see the cache as it is after it.
-///
-/// ```
-/// use attnkit::decode::{RollingCache, Rope, RopeStyle};
-/// let mut c = RollingCache::new(1, 2, 4, Rope { style: RopeStyle::NeoX, theta: 1e4 })?;
-/// for _ in 0..7 { c.advance(1)?; }
-/// assert_eq!(c.kept(0), vec![0, 1, 3, 4, 5, 6]);   // sinks 0, 1 and the last 4 tokens
-/// assert_eq!(c.cache_seqlens(), vec![6]);
-/// # Ok::<(), attnkit::Error>(())
-/// ```
-#[derive(Clone, Debug)]
-pub struct RollingCache {
-    n_sink: usize,
-    window: usize,
-    rope: Rope,
-    seen: Vec<u64>,
-}
-
-impl RollingCache {
-    /// A cache for `batch` sequences keeping `n_sink` sinks and a `window`-token ring.
-    ///
-    /// ```
-    /// use attnkit::decode::{RollingCache, Rope, RopeStyle};
-    /// let r = Rope { style: RopeStyle::Interleaved, theta: 1e4 };
-    /// assert!(RollingCache::new(1, 4, 0, r).is_err());
-    /// assert_eq!(RollingCache::new(2, 4, 60, r).unwrap().capacity(), 64);
-    /// ```
-    pub fn new(batch: usize, n_sink: usize, window: usize, rope: Rope) -> Result<Self> {
-        if batch == 0 {
-            return Err(Error::Shape {
-                arg: "batch",
-                detail: "must be at least 1".into(),
-            });
-        }
-        if window == 0 {
-            return Err(Error::Value {
-                arg: "window",
-                detail: "must be at least 1".into(),
-            });
-        }
-        check_rope(&rope)?;
-        let cap = n_sink
-            .checked_add(window)
-            .filter(|&c| c <= i32::MAX as usize);
-        if cap.is_none() {
-            return Err(Error::Unsupported {
-                arg: "window",
-                detail: "n_sink + window exceeds i32".into(),
-            });
-        }
-        Ok(RollingCache {
-            n_sink,
-            window,
-            rope,
-            seen: vec![0; batch],
-        })
-    }
-
-    /// Slots per sequence, `n_sink + window`.
-    ///
-    /// ```
-    /// # use attnkit::decode::{RollingCache, Rope, RopeStyle};
-    /// # let r = Rope { style: RopeStyle::NeoX, theta: 1e4 };
-    /// assert_eq!(RollingCache::new(1, 0, 8, r).unwrap().capacity(), 8);
-    /// ```
-    pub fn capacity(&self) -> usize {
-        self.n_sink + self.window
-    }
-
-    /// Records `seq_q` new tokens in every sequence (at most `window`, else the new tokens
-    /// would evict each other).
-    ///
-    /// ```
-    /// # use attnkit::decode::{RollingCache, Rope, RopeStyle};
-    /// # let r = Rope { style: RopeStyle::NeoX, theta: 1e4 };
-    /// let mut c = RollingCache::new(1, 1, 3, r).unwrap();
-    /// assert!(c.advance(4).is_err());
-    /// c.advance(3).unwrap();
-    /// assert_eq!(c.seen(0), 3);
-    /// ```
-    pub fn advance(&mut self, seq_q: usize) -> Result<()> {
-        if seq_q == 0 || seq_q > self.window {
-            return Err(Error::Value {
-                arg: "seq_q",
-                detail: format!(
-                    "{seq_q} new tokens; a step takes 1 to window ({})",
-                    self.window
-                ),
-            });
-        }
-        for s in &mut self.seen {
-            *s += seq_q as u64;
-        }
-        Ok(())
-    }
-
-    /// Tokens sequence `b` has seen since the start of the stream.
-    ///
-    /// ```
-    /// # use attnkit::decode::{RollingCache, Rope, RopeStyle};
-    /// # let r = Rope { style: RopeStyle::NeoX, theta: 1e4 };
-    /// assert_eq!(RollingCache::new(1, 1, 3, r).unwrap().seen(0), 0);
-    /// ```
-    pub fn seen(&self, b: usize) -> u64 {
-        self.seen.get(b).copied().unwrap_or(0)
-    }
-
-    /// Keys kept per sequence (the `cache_seqlens` of the next call).
-    ///
-    /// ```
-    /// # use attnkit::decode::{RollingCache, Rope, RopeStyle};
-    /// # let r = Rope { style: RopeStyle::NeoX, theta: 1e4 };
-    /// let mut c = RollingCache::new(2, 1, 3, r).unwrap();
-    /// c.advance(2).unwrap();
-    /// assert_eq!(c.cache_seqlens(), vec![2, 2]);
-    /// ```
-    pub fn cache_seqlens(&self) -> Vec<i32> {
-        self.seen
-            .iter()
-            .map(|&s| s.min(self.capacity() as u64) as i32)
-            .collect()
-    }
-
-    /// Per sequence, the ring index of the oldest token in the ring (0 until it wraps).
-    ///
-    /// ```
-    /// # use attnkit::decode::{RollingCache, Rope, RopeStyle};
-    /// # let r = Rope { style: RopeStyle::NeoX, theta: 1e4 };
-    /// let mut c = RollingCache::new(1, 1, 3, r).unwrap();
-    /// c.advance(3).unwrap();
-    /// c.advance(2).unwrap(); // tokens 0 (sink), 2, 3, 4 kept: 2 sits at ring index 1
-    /// assert_eq!(c.ring_offsets(), vec![1]);
-    /// ```
-    pub fn ring_offsets(&self) -> Vec<i32> {
-        self.seen
-            .iter()
-            .map(|&s| {
-                if s <= self.capacity() as u64 {
-                    0
-                } else {
-                    let oldest = s - self.window as u64;
-                    ((oldest - self.n_sink as u64) % self.window as u64) as i32
-                }
-            })
-            .collect()
-    }
-
-    /// The layout to pass in [`Decode`], with `ring_offsets` from [`RollingCache::ring_offsets`].
-    ///
-    /// ```
-    /// # use attnkit::decode::{RollingCache, Rope, RopeStyle, Layout};
-    /// # let r = Rope { style: RopeStyle::NeoX, theta: 1e4 };
-    /// let c = RollingCache::new(1, 4, 12, r).unwrap();
-    /// let off = c.ring_offsets();
-    /// assert!(matches!(c.layout(&off), Layout::Rolling { window: 12, .. }));
-    /// ```
-    pub fn layout<'a>(&self, ring_offsets: &'a [i32]) -> Layout<'a> {
-        Layout::Rolling {
-            n_sink: self.n_sink,
-            window: self.window,
-            ring_offsets,
-            rope: self.rope,
-        }
-    }
-
-    /// The stream indices of the tokens sequence `b` keeps, in logical (cache position) order:
-    /// what the oracle attends to.
-    ///
-    /// ```
-    /// # use attnkit::decode::{RollingCache, Rope, RopeStyle};
-    /// # let r = Rope { style: RopeStyle::NeoX, theta: 1e4 };
-    /// let mut c = RollingCache::new(1, 1, 2, r).unwrap();
-    /// c.advance(2).unwrap();
-    /// c.advance(2).unwrap();
-    /// assert_eq!(c.kept(0), vec![0, 2, 3]);
-    /// ```
-    pub fn kept(&self, b: usize) -> Vec<u64> {
-        let s = self.seen(b);
-        let cap = self.capacity() as u64;
-        if s <= cap {
-            return (0..s).collect();
-        }
-        (0..self.n_sink as u64)
-            .chain(s - self.window as u64..s)
-            .collect()
-    }
-}
-
-fn check_rope(rope: &Rope) -> Result<()> {
-    if !(rope.theta.is_finite() && rope.theta > 1.0) {
-        return Err(Error::Value {
-            arg: "rope",
-            detail: format!("theta {} must be finite and > 1", rope.theta),
-        });
-    }
-    Ok(())
-}
-
-/// The checked problem both backends run.
-#[derive(Clone, Debug)]
-pub(crate) struct Problem<'a> {
-    pub batch: usize,
-    pub seq_q: usize,
-    pub heads_q: usize,
-    pub heads_kv: usize,
-    pub d: usize,
-    pub causal: bool,
-    pub window_left: Option<usize>,
-    pub scale: f32,
-    pub splits: usize,
-    pub keys_per_split: usize,
-    pub lens: &'a [i32],
-    pub layout: Layout<'a>,
-    pub q: Strides,
-    pub o: Strides,
-    pub k: Strides,
-    pub v: Strides,
-    /// Rows of a cache tensor: sequences (or pages) and rows per sequence (or page).
-    pub cache_dims: (usize, usize),
-    /// Keys a sequence may hold.
-    #[cfg_attr(not(attnkit_cuda), allow(dead_code))]
-    pub capacity: usize,
-}
-
-impl Problem<'_> {
-    pub fn group(&self) -> usize {
-        self.heads_q / self.heads_kv
-    }
-
-    /// Element offset of logical key `j` of sequence `b`, head `hk`, in a cache with strides
-    /// `s`: the one map every layout is read (and appended) through.
-    pub fn key_offset(&self, s: &Strides, b: usize, j: usize, hk: usize) -> usize {
-        let (page, row) = match &self.layout {
-            Layout::Contiguous { .. } => (b, j),
-            Layout::Paged {
-                page_size,
-                block_table,
-                pages_per_seq,
-                ..
-            } => (
-                block_table[b * pages_per_seq + j / page_size] as usize,
-                j % page_size,
-            ),
-            Layout::Rolling {
-                n_sink,
-                window,
-                ring_offsets,
-                ..
-            } => {
-                let slot = if j < *n_sink {
-                    j
-                } else {
-                    n_sink + (j - n_sink + ring_offsets[b] as usize) % window
-                };
-                (b, slot)
-            }
-        };
-        page * s.batch + row * s.row + hk * s.head
-    }
-
-    pub fn rope(&self) -> Option<Rope> {
-        match &self.layout {
-            Layout::Rolling { rope, .. } => Some(*rope),
-            _ => None,
-        }
-    }
-
-    pub fn len(&self, b: usize) -> usize {
-        self.lens[b] as usize
-    }
-}
-
 /// Runs decode attention: `o = softmax(scale * q k^T + mask) v` and `lse` for `seq_q` new
 /// tokens per sequence against the cache described by `p`, on `dev`'s backend.
 ///
 /// `q`, `o`: `[batch, seq_q, heads_q, head_dim]` (strides in `p`); `k_cache`, `v_cache`: per
 /// `p.layout`; `tables`: the index arrays where the call runs ([`Tables::host`] on the CPU);
 /// `workspace`: at least [`Decode::workspace_len`] f32s where the call runs (its contents are
-/// scratch); `lse`: contiguous `[batch, heads_q, seq_q]`. Every argument is checked first;
-/// nothing is written on error.
+/// scratch; [`Decode::checked_workspace_len`] checks the problem first); `lse`: contiguous
+/// `[batch, heads_q, seq_q]`. Every argument is checked first; nothing is written on error.
+/// Buffers may be longer than they need to be.
+///
+/// The tables: on the CPU, [`Tables`]' host buffers must hold what the problem's host copies
+/// say (`cache_seqlens`, `block_table`, `ring_offsets`; a difference is a typed error naming
+/// the buffer), so both backends read one truth. On a GPU the device copies are not read back
+/// (no synchronisation): the kernels re-check every length, ring offset and page they read
+/// against the checked capacity, window and page count, so a stale copy gives wrong numbers
+/// for its sequence (a sequence that fails the re-check reads as empty: `O = 0`, `LSE = -inf`)
+/// but never an access out of bounds. A NaN sink logit is an error on the CPU; on a GPU it
+/// makes its rows NaN.
 ///
 /// ```
 /// use attnkit::{decode::{self, Decode, Layout, Tables}, Bf16, Device, Element};
@@ -860,6 +651,7 @@ pub fn forward<T: Element>(
         true,
     )?;
     check_cache(&pr, k_cache.len(), v_cache.len(), false)?;
+    // Each factor was bounded by `check`: no overflow.
     let lse_need = pr.batch * pr.heads_q * pr.seq_q;
     if lse.len() < lse_need {
         return Err(Error::Shape {
@@ -880,7 +672,7 @@ pub fn forward<T: Element>(
     }
     match &dev.backend {
         Backend::Cpu { threads } => {
-            host_tables(&tables)?;
+            let sinks = host_tables(&pr, &tables)?;
             let (q, k, v) = (
                 q.host("q")?,
                 k_cache.host("k_cache")?,
@@ -888,11 +680,6 @@ pub fn forward<T: Element>(
             );
             let ws = workspace.host_mut("workspace")?;
             let lse = lse.host_mut("lse")?;
-            let sinks = tables
-                .sink_logits
-                .as_ref()
-                .map(|b| b.host("sink_logits"))
-                .transpose()?;
             cpu::forward(*threads, &pr, q, k, v, sinks, ws, o.host_mut("o")?, lse);
             Ok(())
         }
@@ -916,8 +703,11 @@ pub fn forward<T: Element>(
 /// *after* the append, as [`forward`] takes them). `k_new`, `v_new`: contiguous
 /// `[batch, seq_q, heads_kv, head_dim]`. Rolling caches store keys as given (before RoPE).
 ///
-/// Errors: a length below `seq_q` or over the capacity, a block table entry out of range:
-/// typed errors before anything is written.
+/// Errors: a length below `seq_q` or over the capacity, a block table entry out of range, a
+/// page written here that another sequence (or another column) also uses (two writers of one
+/// page would race on a GPU; reading shared pages, prefix sharing, is fine): typed errors
+/// before anything is written. The tables follow [`forward`]'s rule (checked against the
+/// problem on the CPU, re-checked by the kernel on a GPU).
 ///
 /// ```
 /// use attnkit::{decode::{self, Decode, Layout, Tables}, Device};
@@ -953,6 +743,7 @@ pub fn append<T: Element>(
             });
         }
     }
+    check_append_pages(&pr)?;
     let need = p.new_kv_len();
     for (arg, len) in [("k_new", k_new.len()), ("v_new", v_new.len())] {
         if len < need {
@@ -967,7 +758,7 @@ pub fn append<T: Element>(
     check_cache(&pr, k_cache.len(), v_cache.len(), true)?;
     match &dev.backend {
         Backend::Cpu { threads } => {
-            host_tables(&tables)?;
+            host_tables(&pr, &tables)?;
             let (kn, vn) = (k_new.host("k_new")?, v_new.host("v_new")?);
             let (kc, vc) = (k_cache.host_mut("k_cache")?, v_cache.host_mut("v_cache")?);
             cpu::append(*threads, &pr, kn, vn, kc, vc);
@@ -978,270 +769,4 @@ pub fn append<T: Element>(
             cuda::append(c, &pr, &k_new, &v_new, &tables, &mut k_cache, &mut v_cache)
         }
     }
-}
-
-fn host_tables(t: &Tables<'_>) -> Result<()> {
-    t.cache_seqlens.host("cache_seqlens")?;
-    if let Some(b) = &t.block_table {
-        b.host("block_table")?;
-    }
-    if let Some(r) = &t.ring_offsets {
-        r.host("ring_offsets")?;
-    }
-    Ok(())
-}
-
-/// The device tables must match the layout and hold as many entries as the host copies.
-fn check_tables(p: &Problem<'_>, t: &Tables<'_>) -> Result<()> {
-    if t.cache_seqlens.len() != p.batch {
-        return Err(Error::Shape {
-            arg: "cache_seqlens",
-            detail: format!(
-                "the buffer holds {}, the batch is {}",
-                t.cache_seqlens.len(),
-                p.batch
-            ),
-        });
-    }
-    let (bt, ro) = match &p.layout {
-        Layout::Contiguous { .. } => (None, None),
-        Layout::Paged { block_table, .. } => (Some(block_table.len()), None),
-        Layout::Rolling { ring_offsets, .. } => (None, Some(ring_offsets.len())),
-    };
-    if let Some(sl) = &t.sink_logits {
-        if sl.len() != p.heads_q {
-            return Err(Error::Shape {
-                arg: "sink_logits",
-                detail: format!("holds {} logits, heads_q is {}", sl.len(), p.heads_q),
-            });
-        }
-    }
-    for (arg, want, got) in [
-        ("block_table", bt, t.block_table.as_ref().map(|b| b.len())),
-        ("ring_offsets", ro, t.ring_offsets.as_ref().map(|b| b.len())),
-    ] {
-        if want != got {
-            return Err(Error::Shape {
-                arg,
-                detail: match (want, got) {
-                    (None, _) => "given, but the layout does not use it".into(),
-                    (Some(_), None) => "the layout needs it, none given".into(),
-                    (Some(w), Some(g)) => format!("the buffer holds {g}, the layout's {w}"),
-                },
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Every check that depends on the problem alone; returns the problem the backends run.
-fn check<'a>(dev: &Device, p: &Decode<'a>) -> Result<Problem<'a>> {
-    let batch = p.batch();
-    let shape = |arg, detail: String| Err(Error::Shape { arg, detail });
-    if batch == 0 {
-        return shape("cache_seqlens", "empty: the batch needs a sequence".into());
-    }
-    if p.seq_q == 0 || p.seq_q > MAX_SEQ_Q {
-        return shape("seq_q", format!("{} (1 to {MAX_SEQ_Q})", p.seq_q));
-    }
-    if !HEAD_DIMS.contains(&p.head_dim) {
-        return Err(Error::Unsupported {
-            arg: "head_dim",
-            detail: format!("{} (supported: {HEAD_DIMS:?})", p.head_dim),
-        });
-    }
-    if p.heads_q == 0 {
-        return shape("heads_q", "must be at least 1".into());
-    }
-    if p.heads_kv == 0 || p.heads_q % p.heads_kv != 0 {
-        return shape(
-            "heads_kv",
-            format!(
-                "{} must be >= 1 and divide heads_q ({})",
-                p.heads_kv, p.heads_q
-            ),
-        );
-    }
-    for (arg, n) in [("cache_seqlens", batch), ("heads_q", p.heads_q)] {
-        if n > 65535 {
-            return Err(Error::Unsupported {
-                arg,
-                detail: format!("{n}: at most 65535 (a CUDA grid dimension)"),
-            });
-        }
-    }
-    let scale = p.softmax_scale();
-    if !scale.is_finite() {
-        return Err(Error::Value {
-            arg: "scale",
-            detail: format!("{scale} is not finite"),
-        });
-    }
-    let cap = p.capacity();
-    if cap > i32::MAX as usize {
-        return Err(Error::Unsupported {
-            arg: "capacity",
-            detail: format!("{cap} tokens a sequence exceed i32"),
-        });
-    }
-    let cache_dims = match &p.layout {
-        Layout::Contiguous { capacity } => (batch, *capacity),
-        Layout::Paged {
-            page_size,
-            num_pages,
-            block_table,
-            pages_per_seq,
-        } => {
-            if *page_size == 0 || page_size % 16 != 0 {
-                return Err(Error::Value {
-                    arg: "page_size",
-                    detail: format!("{page_size} is not a positive multiple of 16"),
-                });
-            }
-            if *num_pages > i32::MAX as usize {
-                return Err(Error::Unsupported {
-                    arg: "num_pages",
-                    detail: format!("{num_pages} exceeds i32"),
-                });
-            }
-            let need = batch.saturating_mul(*pages_per_seq);
-            if block_table.len() != need {
-                return shape(
-                    "block_table",
-                    format!(
-                        "holds {} entries, [batch {batch}, pages_per_seq {pages_per_seq}] is {need}",
-                        block_table.len()
-                    ),
-                );
-            }
-            (*num_pages, *page_size)
-        }
-        Layout::Rolling {
-            window,
-            ring_offsets,
-            rope,
-            ..
-        } => {
-            check_rope(rope)?;
-            if *window == 0 {
-                return Err(Error::Value {
-                    arg: "window",
-                    detail: "must be at least 1".into(),
-                });
-            }
-            if ring_offsets.len() != batch {
-                return shape(
-                    "ring_offsets",
-                    format!("holds {}, the batch is {batch}", ring_offsets.len()),
-                );
-            }
-            (batch, cap)
-        }
-    };
-    for (b, &l) in p.cache_seqlens.iter().enumerate() {
-        if l < 0 || l as usize > cap {
-            return Err(Error::Value {
-                arg: "cache_seqlens",
-                detail: format!("sequence {b}: {l} keys, the capacity is {cap}"),
-            });
-        }
-    }
-    match &p.layout {
-        Layout::Paged {
-            page_size,
-            num_pages,
-            block_table,
-            pages_per_seq,
-        } => {
-            // Only the pages a sequence uses are read; each must name a real page.
-            for (b, &l) in p.cache_seqlens.iter().enumerate() {
-                let row = &block_table[b * pages_per_seq..(b + 1) * pages_per_seq];
-                for (i, &pg) in row
-                    .iter()
-                    .take((l as usize).div_ceil(*page_size))
-                    .enumerate()
-                {
-                    if pg < 0 || pg as usize >= *num_pages {
-                        return Err(Error::Value {
-                            arg: "block_table",
-                            detail: format!(
-                                "sequence {b}, page {i}: entry {pg} is outside 0..{num_pages}"
-                            ),
-                        });
-                    }
-                }
-            }
-        }
-        Layout::Rolling {
-            window,
-            ring_offsets,
-            ..
-        } => {
-            for (b, (&r, &l)) in ring_offsets.iter().zip(p.cache_seqlens).enumerate() {
-                // The ring turns only once full.
-                let ok = r >= 0 && (r as usize) < *window && (r == 0 || l as usize == cap);
-                if !ok {
-                    return Err(Error::Value {
-                        arg: "ring_offsets",
-                        detail: format!(
-                            "sequence {b}: offset {r} with {l} of {cap} slots used (window {window})"
-                        ),
-                    });
-                }
-            }
-        }
-        Layout::Contiguous { .. } => {}
-    }
-    let splits = p.splits_for(dev);
-    if splits == 0 || splits > MAX_SPLITS {
-        return Err(Error::Value {
-            arg: "num_splits",
-            detail: format!("{splits} (1 to {MAX_SPLITS})"),
-        });
-    }
-    if let Some(w) = p.window_left {
-        if matches!(p.layout, Layout::Rolling { .. }) {
-            return Err(Error::Unsupported {
-                arg: "window_left",
-                detail: "a rolling cache is its own window (n_sink + window slots)".into(),
-            });
-        }
-        if w > i32::MAX as usize / 2 {
-            return Err(Error::Value {
-                arg: "window_left",
-                detail: format!("{w} is past any cache"),
-            });
-        }
-    }
-    let keys_per_split = p.keys_per_split(splits);
-    // Splits past the longest cache would only write empty partials: drop them.
-    let splits = p.max_len().div_ceil(keys_per_split).clamp(1, splits);
-    Ok(Problem {
-        batch,
-        seq_q: p.seq_q,
-        heads_q: p.heads_q,
-        heads_kv: p.heads_kv,
-        d: p.head_dim,
-        causal: p.causal,
-        window_left: p.window_left,
-        scale,
-        splits,
-        keys_per_split,
-        lens: p.cache_seqlens,
-        layout: p.layout.clone(),
-        q: p.q_strides,
-        o: p.o_strides,
-        k: p.k_strides,
-        v: p.v_strides,
-        cache_dims,
-        capacity: cap,
-    })
-}
-
-/// Checks both cache tensors `[pages or batch, rows, heads_kv, head_dim]` against their buffers
-/// (as outputs, for an append: no element may alias another).
-fn check_cache(p: &Problem<'_>, k_len: usize, v_len: usize, output: bool) -> Result<()> {
-    let dims = [p.cache_dims.0, p.cache_dims.1, p.heads_kv, p.d];
-    crate::flash::check_strides("k_cache", &p.k, dims, k_len, output)?;
-    crate::flash::check_strides("v_cache", &p.v, dims, v_len, output)
 }
