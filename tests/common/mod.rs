@@ -22,6 +22,20 @@ pub fn gpu(test: &str) -> Option<Device> {
     }
 }
 
+/// The devices a test runs on: the CPU, and the GPU where there is one. With
+/// `ATTNKIT_TESTS_GPU_ONLY=1` and a GPU present, the GPU alone: CI's emulator stage sets it,
+/// because the CPU half of every test already ran in the plain `cargo test` before it.
+pub fn devices(test: &str) -> Vec<Device> {
+    let gpu = gpu(test);
+    let gpu_only = std::env::var("ATTNKIT_TESTS_GPU_ONLY").is_ok_and(|v| v == "1");
+    let mut v = Vec::new();
+    if !(gpu_only && gpu.is_some()) {
+        v.push(Device::cpu());
+    }
+    v.extend(gpu);
+    v
+}
+
 /// A fresh seeded RNG per test, seed printed so a failure can be replayed
 /// (`ATTNKIT_SEED=n`).
 pub fn rng(test: &str) -> StdRng {

@@ -74,8 +74,14 @@ pub fn run(target: &str, cases: usize, mut case: impl FnMut(&mut StdRng) -> Outc
         panicked[0]
     );
     if only.is_none() && cases >= 100 {
-        assert!(ok > 0, "{target}: no case returned Ok: the generator tests nothing");
-        assert!(err > 0, "{target}: no case returned Err: the generator is too tame");
+        assert!(
+            ok > 0,
+            "{target}: no case returned Ok: the generator tests nothing"
+        );
+        assert!(
+            err > 0,
+            "{target}: no case returned Err: the generator is too tame"
+        );
     }
 }
 
