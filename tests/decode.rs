@@ -163,9 +163,29 @@ fn run_append<T: Element>(
     )
 }
 
+/// The kernels' RoPE angle and rotation in f32 (f32 frequency and product, the SFU's sin and
+/// cos, two f32 products): at most `ROPE_F32_ERR * (pos + 1) * (|x_a| + |x_b|)` off the exact
+/// rotation of a pair. The angle's relative error is about 12 * 2^-24 (log2 theta, exp2, the
+/// product), the angle at most `pos`, sin and cos 2^-21.4 off: about 2^-20 (pos + 1); this
+/// bound takes twice that.
+const ROPE_F32_ERR: f64 = 1.0 / (1u64 << 19) as f64;
+
 /// The naive computation in T's precision for one sequence (arguments as
 /// [`oracle::sequence`]): f32 scores from T inputs (rotated in f64, rounded to T, as a kernel
 /// that rotates a tile in place holds them), P rounded to T, f32 sums, O rounded to T.
+/// Returns O `[seq_q, heads_q, d]`, LSE `[heads_q, seq_q]` (the oracle's layouts) and, per
+/// LSE row, how far the kernel's LSE may be from this one by rounding alone (`lse_slack`):
+///
+/// The kernel rotates q and k in f32 (within [`ROPE_F32_ERR`] of the exact rotation) and
+/// rounds them to T, as this naive computation does from the exact rotation. Where the f32
+/// error can cross a rounding boundary of T, the two pick neighbouring T values: element c
+/// of q may differ by `dq_c` (the gap to the other candidate; 0 where no boundary is within
+/// reach), likewise k. A score then differs by at most
+/// `|scale| (sum_c dq_c |k_c| + |q_c| dk_c + dq_c dk_c)`, plus both sides' f32 dot products
+/// (`2 d 2^-24 |scale| sum_c |q_c| |k_c|`), and an LSE (1-Lipschitz in the scores) by at most
+/// the largest such score difference among the keys the row sees. So the bound follows the
+/// rounding actually at hand instead of a worst case, and a wrong rotation (scores off by
+/// O(|q||k|)) stays far outside it.
 #[allow(clippy::too_many_arguments)]
 fn naive_lp<T: Element>(
     seq_q: usize,
@@ -178,19 +198,39 @@ fn naive_lp<T: Element>(
     q: &[T],
     k: &[T],
     v: &[T],
-) -> (Vec<f64>, Vec<f64>) {
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let len = k.len() / (heads_kv * d);
     let group = heads_q / heads_kv;
-    let lp = |x: &[T], pos: usize| -> Vec<f32> {
+    let round = |e: f64| T::from_f32(e as f32).to_f32();
+    // (the rounded rotated vector, per element the most the kernel's rounding may differ)
+    let lp = |x: &[T], pos: usize| -> (Vec<f32>, Vec<f64>) {
         // The oracle's rotation, then T's rounding.
-        let mut w: Vec<f64> = x.iter().map(|e| e.to_f32() as f64).collect();
+        let x: Vec<f64> = x.iter().map(|e| e.to_f32() as f64).collect();
+        let mut w = x.clone();
+        let mut reach = vec![0.0f64; d];
         if let Some(r) = rope {
             oracle::rotate(&mut w, r, pos);
+            for c in 0..d / 2 {
+                let (a, b) = r.pair(c, d);
+                let e = ROPE_F32_ERR * (pos + 1) as f64 * (x[a].abs() + x[b].abs());
+                (reach[a], reach[b]) = (e, e);
+            }
         }
-        w.iter().map(|&e| T::from_f32(e as f32).to_f32()).collect()
+        let vals: Vec<f32> = w.iter().map(|&e| round(e)).collect();
+        let gaps = w
+            .iter()
+            .zip(&reach)
+            .zip(&vals)
+            .map(|((&e, &r), &n)| {
+                let (lo, hi) = (round(e - r) as f64, round(e + r) as f64);
+                (lo - n as f64).abs().max((hi - n as f64).abs())
+            })
+            .collect();
+        (vals, gaps)
     };
     let mut out = vec![0.0; seq_q * heads_q * d];
     let mut lse = vec![f64::NEG_INFINITY; seq_q * heads_q];
+    let mut slack = vec![0.0f64; seq_q * heads_q];
     for i in 0..seq_q {
         let pos = (len + i).saturating_sub(seq_q);
         let seen = if causal {
@@ -200,20 +240,30 @@ fn naive_lp<T: Element>(
         };
         for h in 0..heads_q {
             let hk = h / group;
-            let qv = lp(&q[(i * heads_q + h) * d..][..d], pos);
+            let (qv, dq) = lp(&q[(i * heads_q + h) * d..][..d], pos);
+            let mut row_slack = 0.0f64;
             let s: Vec<f32> = (0..seen)
                 .map(|j| {
-                    let kv = lp(&k[(j * heads_kv + hk) * d..][..d], j);
+                    let (kv, dk) = lp(&k[(j * heads_kv + hk) * d..][..d], j);
+                    let (mut flip, mut mag) = (0.0f64, 0.0f64);
+                    for c in 0..d {
+                        let (qa, ka) = (qv[c].abs() as f64, kv[c].abs() as f64);
+                        flip += dq[c] * ka + qa * dk[c] + dq[c] * dk[c];
+                        mag += (qa + dq[c]) * (ka + dk[c]);
+                    }
+                    let dot_err = 2.0 * d as f64 * f32::EPSILON as f64 / 2.0 * mag;
+                    row_slack = row_slack.max(scale.abs() as f64 * (flip + dot_err));
                     qv.iter().zip(&kv).map(|(a, b)| a * b).sum::<f32>() * scale
                 })
                 .collect();
             if s.is_empty() {
                 continue;
             }
+            slack[h * seq_q + i] = row_slack;
             let mx = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let pr: Vec<f32> = s.iter().map(|x| (x - mx).exp()).collect();
             let l: f32 = pr.iter().sum();
-            lse[i * heads_q + h] = (mx + l.ln()) as f64;
+            lse[h * seq_q + i] = (mx + l.ln()) as f64;
             for c in 0..d {
                 let acc: f32 = pr
                     .iter()
@@ -226,7 +276,7 @@ fn naive_lp<T: Element>(
             }
         }
     }
-    (out, lse)
+    (out, lse, slack)
 }
 
 /// Contiguous `[seq_q, heads_q, d]` rows of sequence `b` of q (read through its strides).
@@ -250,12 +300,35 @@ fn check<T: Element>(
     o: &[T],
     lse: &[f32],
 ) {
+    let (err, bound, first_bad, lse_bad) = check_errors(what, p, q, keys, o, lse);
+    assert!(
+        err <= bound,
+        "{what}: max |o - ref| = {err:e} > {bound:e} (first at b, index, got, want = {first_bad:?})"
+    );
+    assert_eq!(lse_bad, 0, "{what}: {lse_bad} LSE values off");
+}
+
+type FirstBad = Option<(usize, usize, f64, f64)>;
+
+/// [`check`]'s measurements: the largest O error, its bound, where it was, and how many LSE
+/// values are out of their tolerance. LSE tolerance: `2e-4 (1 + |lse|)` for the f32 softmax
+/// and, where q and k are rounded after RoPE (or the layout has none but T is not f32),
+/// the naive same-precision LSE's own distance to the oracle plus [`naive_lp`]'s slack for
+/// the kernel's rounding.
+fn check_errors<T: Element>(
+    what: &str,
+    p: &Decode<'_>,
+    q: &[T],
+    keys: &dyn Fn(usize) -> (Vec<T>, Vec<T>),
+    o: &[T],
+    lse: &[f32],
+) -> (f64, f64, FirstBad, usize) {
     let (sq, hq, d) = (p.seq_q, p.heads_q, p.head_dim);
     let rope = match &p.layout {
         Layout::Rolling { rope, .. } => Some(*rope),
         _ => None,
     };
-    let (mut err, mut lp_err, mut lse_lp_err) = (0.0f64, 0.0f64, 0.0f64);
+    let (mut err, mut lp_err) = (0.0f64, 0.0f64);
     let mut first_bad = None;
     let mut lse_bad = 0;
     for b in 0..p.batch() {
@@ -275,23 +348,28 @@ fn check<T: Element>(
             &k,
             &v,
         );
-        if T::DTYPE != DType::F32 {
+        // Per LSE row, what rounding allows beyond the f32 softmax's 2e-4 (1 + |lse|).
+        let mut lse_round = vec![0.0f64; want_lse.len()];
+        if T::DTYPE != DType::F32 || rope.is_some() {
             // naive_lp has no window: a windowed low-precision check would compare with
             // the wrong reference and loosen its own bound.
             assert!(
                 p.window_left.is_none(),
                 "{what}: naive_lp does not model windows"
             );
-            let (lp, lp_lse) = naive_lp(
+            let (lp, lp_lse, slack) = naive_lp(
                 args.0, args.1, args.2, args.3, args.4, args.5, args.6, &qb, &k, &v,
             );
-            // The LSE too sees Q and K rounded to T (after RoPE), as the tensor cores do.
-            lse_lp_err = lp_lse
-                .iter()
-                .zip(&want_lse)
-                .filter(|(_, w)| w.is_finite())
-                .map(|(x, y)| (x - y).abs())
-                .fold(lse_lp_err, f64::max);
+            // The LSE too sees Q and K rounded to T (after RoPE), as the tensor cores do:
+            // the naive rounding's own error, and how far the kernel's may differ from it.
+            for (r, ((x, w), s)) in lse_round
+                .iter_mut()
+                .zip(lp_lse.iter().zip(&want_lse).zip(&slack))
+            {
+                if w.is_finite() {
+                    *r = (x - w).abs() + s;
+                }
+            }
             lp_err = lp
                 .iter()
                 .zip(&want)
@@ -313,11 +391,15 @@ fn check<T: Element>(
             let ok = if wl == f64::NEG_INFINITY {
                 gl == f64::NEG_INFINITY
             } else {
-                (gl - wl).abs() <= 2e-4 * (1.0 + wl.abs()) + 2.0 * lse_lp_err
+                (gl - wl).abs() <= 2e-4 * (1.0 + wl.abs()) + lse_round[idx]
             };
             if !ok {
                 if lse_bad < 5 {
-                    eprintln!("{what}: lse mismatch at b={b} [h,i]={idx}: got {gl}, want {wl}");
+                    eprintln!(
+                        "{what}: lse mismatch at b={b} [h,i]={idx}: got {gl}, want {wl} \
+                         (rounding allows {:e})",
+                        lse_round[idx]
+                    );
                 }
                 lse_bad += 1;
             }
@@ -329,11 +411,7 @@ fn check<T: Element>(
     } else {
         2.0 * lp_err + 1e-3
     };
-    assert!(
-        err <= bound,
-        "{what}: max |o - ref| = {err:e} > {bound:e} (first at b, index, got, want = {first_bad:?})"
-    );
-    assert_eq!(lse_bad, 0, "{what}: {lse_bad} LSE values off");
+    (err, bound, first_bad, lse_bad)
 }
 
 /// Keys of a contiguous cache, through the oracle's own reader.
@@ -1349,5 +1427,59 @@ fn nan_sinks_bad_scales_and_rope_bases_are_typed_errors() {
             run(&dev, &Decode::new(&lens, 2, 4, 2, 64, l), &q, &kv, &kv),
             "rope",
         );
+    }
+}
+
+/// Issue 13, item 7: the LSE tolerance with RoPE in low precision follows the rounding of the
+/// rotated q and k (see [`naive_lp`]), and still fails a wrong rotation: results computed
+/// (exactly, in f64) with the wrong base or the wrong pairing are refused on most rows.
+#[test]
+fn rope_lse_tolerance_refuses_a_wrong_rotation() {
+    let mut rng = rng("rope_lse_tolerance_refuses_a_wrong_rotation");
+    let dev = Device::cpu();
+    let rope = Rope {
+        style: RopeStyle::Interleaved,
+        theta: 10000.0,
+    };
+    let (lens, offs) = ([3, 40, 64], [0, 0, 0]);
+    let (n_sink, window, hq, hk, d, sq) = (4, 60, 4, 1, 64, 2);
+    let layout = |rope| Layout::Rolling {
+        n_sink,
+        window,
+        ring_offsets: &offs,
+        rope,
+    };
+    let p = Decode::new(&lens, sq, hq, hk, d, layout(rope));
+    let cap = n_sink + window;
+    let k = random::<Bf16>(&mut rng, lens.len() * cap * hk * d);
+    let v = random::<Bf16>(&mut rng, k.len());
+    let q = random::<Bf16>(&mut rng, p.o_len());
+    let keys = contiguous_keys(&p, &k, &v);
+    let (o, lse) = run(&dev, &p, &q, &k, &v).unwrap();
+    let (_, _, _, bad) = check_errors("right rotation", &p, &q, &keys, &o, &lse);
+    assert_eq!(bad, 0, "the CPU's own result fails the tolerance");
+    let rows = lens.len() * hq * sq;
+    for wrong in [
+        Rope {
+            theta: 20000.0,
+            ..rope
+        },
+        Rope {
+            style: RopeStyle::NeoX,
+            ..rope
+        },
+    ] {
+        // The exact result of the wrong rotation, as a kernel with that bug would give it.
+        let pw = Decode::new(&lens, sq, hq, hk, d, layout(wrong));
+        let (wo, wl) = oracle::decode(&pw, &q, &k, &v);
+        let wo: Vec<Bf16> = wo.iter().map(|&x| Bf16::from_f32(x as f32)).collect();
+        let wl: Vec<f32> = wl.iter().map(|&x| x as f32).collect();
+        let (err, bound, _, bad) = check_errors("wrong rotation", &p, &q, &keys, &wo, &wl);
+        eprintln!("{wrong:?}: {bad} of {rows} LSE rows refused; O error {err:e} vs {bound:e}");
+        assert!(
+            bad * 2 > rows,
+            "{wrong:?}: only {bad} of {rows} rows refused"
+        );
+        assert!(err > bound, "{wrong:?}: O passes");
     }
 }
