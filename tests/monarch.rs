@@ -532,6 +532,207 @@ fn backward_matches_finite_differences() {
     check_backward(&Device::cpu(), "backward_cpu");
 }
 
+/// Issue 13: what the host allocates is bounded before it is allocated. `to_dense` of a
+/// 1024x1x1024 / 1024x1024x1 shape used to ask for 4 TiB and abort the process; `project`
+/// of a 1-element dense matrix whose blocks hold 2^30 weights allocated 8 GiB, and one with
+/// 2^16 columns per slice a 32 GiB Gram matrix; `MonarchLinear` of 2^30 one-element blocks
+/// allocated and filled 8 GiB of weights.
+#[test]
+fn host_allocations_are_bounded_before_they_happen() {
+    let big = shape([1024, 1, 1024], [1024, 1024, 1]);
+    let w = vec![0.0f32; 1 << 20];
+    let e = monarch::to_dense(big, &w, &w).unwrap_err();
+    assert_eq!(kind(&e), ("Shape", Some("shape")), "{e}");
+    let e = monarch::project(big, &w, ProjectOptions::default()).unwrap_err();
+    assert_eq!(kind(&e), ("Shape", Some("shape")), "{e}");
+    // 1 x 1 dense, 2^31 - 1 intermediate values: the factors are the problem, not `dense`.
+    let tall = shape([1, i32::MAX as usize, 1], [1, 1, i32::MAX as usize]);
+    let e = monarch::project(tall, &[1.0], ProjectOptions::default()).unwrap_err();
+    assert_eq!(kind(&e), ("Shape", Some("shape")), "{e}");
+    // 1 x 2^16 dense: a 2^32-element Gram matrix for its one slice.
+    let wide = shape([1, 1, 1 << 16], [1, 1, 1]);
+    let e = monarch::project(wide, &vec![1.0; 1 << 16], ProjectOptions::default()).unwrap_err();
+    assert_eq!(kind(&e), ("Shape", Some("shape")), "{e}");
+    let e = MonarchLinear::<f32>::new(1 << 30, 1 << 30, 1 << 30, true, 0).unwrap_err();
+    assert_eq!(kind(&e), ("Shape", Some("blocks")), "{e}");
+    for n in [usize::MAX, 1 << 40, i32::MAX as usize + 1] {
+        assert!(MonarchLinear::<f32>::new(n, 8, 1, false, 0).is_err());
+        assert!(MonarchLinear::<f32>::new(8, n, 2, false, 0).is_err());
+    }
+    // Within the bound: still fine.
+    let s = shape([4, 4, 4], [4, 4, 4]);
+    assert_eq!(
+        monarch::to_dense(s, &[1.0f32; 64], &[1.0f32; 64])
+            .unwrap()
+            .len(),
+        256
+    );
+}
+
+/// Issue 13 item 5, the crate's one length rule: weights, bias, gradients, workspace and the
+/// dense inputs may be longer than the call reads or writes (the tail untouched: NaN before,
+/// NaN after, results those of exact buffers), one element short is a Shape error naming
+/// the argument. Monarch used to refuse longer weights, bias and gradients.
+#[test]
+fn longer_buffers_are_accepted_tails_untouched_shorter_are_errors() {
+    let s = shape([2, 4, 3], [4, 5, 2]);
+    let mut rng = rng("monarch length rule");
+    let tokens = 3;
+    let with_tail = |mut v: Vec<f32>, extra: usize| {
+        v.extend(std::iter::repeat_n(f32::NAN, extra));
+        v
+    };
+    let w1 = with_tail(random(&mut rng, s.w1_len()), 1);
+    let w2 = with_tail(random(&mut rng, s.w2_len()), 1);
+    let bias = with_tail(random(&mut rng, s.n_out()), 1);
+    let x: Vec<f32> = random(&mut rng, tokens * s.n_in());
+    let dy: Vec<f32> = random(&mut rng, tokens * s.n_out());
+    let tail_nan = |v: &[f32], n: usize| v[n..].iter().all(|x| x.is_nan());
+    for dev in devices("monarch length rule") {
+        if dev.stream().is_some() {
+            // The GPU half: backward with no token (the zeroing path) on longer gradients.
+            #[cfg(feature = "cuda")]
+            {
+                let st = dev.stream().unwrap();
+                let up = |v: &[f32]| st.clone_htod(v).unwrap();
+                let (w1d, w2d) = (up(&w1), up(&w2));
+                let mut dw1 = up(&poisoned::<f32>(s.w1_len() + 1));
+                let mut dw2 = up(&poisoned::<f32>(s.w2_len() + 1));
+                let mut db = up(&poisoned::<f32>(s.n_out() + 1));
+                let mut dx = up(&poisoned::<f32>(1));
+                let mut ws = up(&poisoned::<f32>(1));
+                let w = Weights {
+                    shape: s,
+                    w1: (&w1d).into(),
+                    w2: (&w2d).into(),
+                    bias: None,
+                };
+                let g = Grads {
+                    dx: (&mut dx).into(),
+                    dx_row_stride: s.n_in(),
+                    dw1: (&mut dw1).into(),
+                    dw2: (&mut dw2).into(),
+                    dbias: Some((&mut db).into()),
+                    workspace: (&mut ws).into(),
+                };
+                let none = up(&[]);
+                monarch::backward(
+                    &dev,
+                    &w,
+                    (&none).into(),
+                    Rows::contiguous(0, s.n_in()),
+                    (&none).into(),
+                    s.n_out(),
+                    g,
+                )
+                .unwrap();
+                for (v, n) in [(&dw1, s.w1_len()), (&dw2, s.w2_len()), (&db, s.n_out())] {
+                    let h = st.clone_dtoh(v).unwrap();
+                    assert!(h[..n].iter().all(|&x| x == 0.0), "no token: zero gradients");
+                    assert!(tail_nan(&h, n), "the tail stays as it was");
+                }
+            }
+            continue;
+        }
+        let mul = |extra: usize, short: Option<&str>| -> attnkit::Result<Vec<f32>> {
+            let n = |arg: &str, len: usize| {
+                if short == Some(arg) {
+                    len - 1
+                } else {
+                    len + extra
+                }
+            };
+            let w = Weights {
+                shape: s,
+                w1: (&w1[..n("w1", s.w1_len())]).into(),
+                w2: (&w2[..n("w2", s.w2_len())]).into(),
+                bias: Some((&bias[..n("bias", s.n_out())]).into()),
+            };
+            let mut y = poisoned::<f32>(n("y", tokens * s.n_out()));
+            let rows = Rows::contiguous(tokens, s.n_in());
+            monarch::multiply(&dev, &w, (&x).into(), rows, (&mut y).into(), s.n_out())?;
+            assert!(tail_nan(&y, tokens * s.n_out()));
+            Ok(y)
+        };
+        let y0 = mul(0, None).unwrap();
+        assert!(y0.iter().all(|v| !v.is_nan()));
+        assert_eq!(y0, mul(1, None).unwrap()[..y0.len()]);
+        for arg in ["w1", "w2", "bias", "y"] {
+            let e = mul(0, Some(arg)).unwrap_err();
+            assert_eq!(kind(&e), ("Shape", Some(arg)), "{e}");
+        }
+        type G = [Vec<f32>; 4];
+        let bwd = |tokens: usize, extra: usize, short: Option<&str>| -> attnkit::Result<G> {
+            let n = |arg: &str, len: usize| {
+                if short == Some(arg) {
+                    len - 1
+                } else {
+                    len + extra
+                }
+            };
+            let w = Weights {
+                shape: s,
+                w1: (&w1[..n("w1", s.w1_len())]).into(),
+                w2: (&w2[..n("w2", s.w2_len())]).into(),
+                bias: None,
+            };
+            let ws_len = monarch::backward_workspace_len(s, tokens).unwrap();
+            let (lw1, lw2, lb, ldx) = (s.w1_len(), s.w2_len(), s.n_out(), tokens * s.n_in());
+            let mut out = [
+                poisoned::<f32>(n("dw1", lw1)),
+                poisoned::<f32>(n("dw2", lw2)),
+                poisoned::<f32>(n("dbias", lb)),
+                poisoned::<f32>(n("dx", ldx)),
+            ];
+            let mut ws = poisoned::<f32>(n("workspace", ws_len));
+            let [dw1, dw2, db, dx] = &mut out;
+            let g = Grads {
+                dx: dx.into(),
+                dx_row_stride: s.n_in(),
+                dw1: dw1.into(),
+                dw2: dw2.into(),
+                dbias: Some(db.into()),
+                workspace: (&mut ws).into(),
+            };
+            let rows = Rows::contiguous(tokens, s.n_in());
+            let (xb, dyb) = (&x[..tokens * s.n_in()], &dy[..tokens * s.n_out()]);
+            monarch::backward(&dev, &w, xb.into(), rows, dyb.into(), s.n_out(), g)?;
+            for (v, len) in out.iter().zip([lw1, lw2, lb, ldx]) {
+                assert!(tail_nan(v, len), "a gradient's tail was written");
+            }
+            assert!(tail_nan(&ws, ws_len), "the workspace's tail was written");
+            Ok(out)
+        };
+        for t in [0, tokens] {
+            let g0 = bwd(t, 0, None).unwrap();
+            let g1 = bwd(t, 1, None).unwrap();
+            for (a, b) in g0.iter().zip(&g1) {
+                assert!(a.iter().all(|v| !v.is_nan()));
+                assert_eq!(a[..], b[..a.len()]);
+            }
+        }
+        for arg in ["w1", "w2", "dw1", "dw2", "dbias", "dx", "workspace"] {
+            let e = bwd(tokens, 0, Some(arg)).unwrap_err();
+            assert_eq!(kind(&e), ("Shape", Some(arg)), "{e}");
+        }
+        // Dense <-> Monarch: longer inputs accepted (tails not read), shorter refused.
+        let m = monarch::to_dense(s, &w1, &w2).unwrap();
+        assert!(m.iter().all(|v| !v.is_nan()));
+        assert_eq!(
+            m,
+            monarch::to_dense(s, &w1[..s.w1_len()], &w2[..s.w2_len()]).unwrap()
+        );
+        let e = monarch::to_dense(s, &w1[..s.w1_len() - 1], &w2).unwrap_err();
+        assert_eq!(kind(&e), ("Shape", Some("w1")), "{e}");
+        let mut longer = m.clone();
+        longer.push(f32::NAN);
+        let p = monarch::project(s, &longer, ProjectOptions::default()).unwrap();
+        assert!(p.w1.iter().chain(&p.w2).all(|v| !v.is_nan()));
+        let e = monarch::project(s, &m[1..], ProjectOptions::default()).unwrap_err();
+        assert_eq!(kind(&e), ("Shape", Some("dense")), "{e}");
+    }
+}
+
 #[test]
 fn bad_input_is_a_typed_error_naming_the_argument() {
     // Blocks that do not chain, zero blocks, zero widths.

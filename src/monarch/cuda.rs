@@ -206,18 +206,24 @@ pub(super) fn backward<T: Element>(
     let shape = w.shape;
     let tokens = x_rows.tokens;
     if tokens == 0 {
-        // No token: the weight gradients are sums of nothing, and dx has no row.
+        // No token: the weight gradients are sums of nothing, and dx has no row. Only the
+        // gradients' own elements are zeroed: a longer buffer's tail stays as it was.
         let zero = "zero the weight gradients";
-        dev.stream
-            .memset_zeros(dev.view_mut("dw1", &mut g.dw1)?)
-            .driver(zero)?;
-        dev.stream
-            .memset_zeros(dev.view_mut("dw2", &mut g.dw2)?)
-            .driver(zero)?;
+        let zero_prefix = |arg, buf: &mut BufMut<'_, f32>, n: usize| -> Result<()> {
+            let len = buf.len();
+            let mut view =
+                dev.view_mut(arg, buf)?
+                    .try_slice_mut(..n)
+                    .ok_or_else(|| Error::Shape {
+                        arg,
+                        detail: format!("holds {len} elements, needs at least {n}"),
+                    })?;
+            dev.stream.memset_zeros(&mut view).driver(zero)
+        };
+        zero_prefix("dw1", &mut g.dw1, shape.w1_len())?;
+        zero_prefix("dw2", &mut g.dw2, shape.w2_len())?;
         if let Some(db) = &mut g.dbias {
-            dev.stream
-                .memset_zeros(dev.view_mut("dbias", db)?)
-                .driver(zero)?;
+            zero_prefix("dbias", db, shape.n_out())?;
         }
         return Ok(());
     }

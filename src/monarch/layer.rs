@@ -2,7 +2,7 @@
 //! fly's `MonarchLinear`: `blocks` blocks, sizes padded up to a multiple of `blocks` (the input
 //! with zeros, the output truncated), Kaiming-uniform init per block.
 
-use super::{Mode, MonarchShape, Rows, Weights};
+use super::{MAX_HOST_ELEMENTS, Mode, MonarchShape, Rows, Weights};
 use crate::buffer::{Buf, BufMut};
 use crate::device::Device;
 use crate::dtype::Element;
@@ -61,7 +61,9 @@ impl<T: Element> MonarchLinear<T> {
     /// A layer `in_features -> out_features` with `blocks` blocks, weights drawn from `seed`.
     ///
     /// Errors: [`Error::Value`] naming `in_features`/`out_features`/`blocks` if zero;
-    /// [`Error::Shape`] if the padded sizes overflow.
+    /// [`Error::Shape`] if the padded sizes overflow (naming `w1` or `w2`), or if the weights
+    /// together exceed [`MAX_HOST_ELEMENTS`](super::MAX_HOST_ELEMENTS) or cannot be
+    /// allocated (naming `blocks`), before anything is allocated.
     ///
     /// ```
     /// let l = attnkit::monarch::MonarchLinear::<f32>::new(64, 64, 8, false, 1).unwrap();
@@ -93,14 +95,35 @@ impl<T: Element> MonarchLinear<T> {
         } else {
             MonarchShape::new([blocks, ob, ib], [blocks, ob, ob])?
         };
+        // Each term is below i32::MAX (the shape's bounds), so the sum cannot overflow.
+        let total = shape.w1_len() + shape.w2_len() + if bias { out_features } else { 0 };
+        if total > MAX_HOST_ELEMENTS {
+            return Err(Error::Shape {
+                arg: "blocks",
+                detail: format!(
+                    "{total} weights for {in_features} -> {out_features} in {blocks} blocks \
+                     exceed MAX_HOST_ELEMENTS = {MAX_HOST_ELEMENTS}"
+                ),
+            });
+        }
         let mut rng = SplitMix(seed);
-        let mut init = |len: usize, fan_in: usize| -> Vec<T> {
+        let mut init = |len: usize, fan_in: usize| -> Result<Vec<T>> {
             let bound = 1.0 / (fan_in as f64).sqrt();
-            (0..len).map(|_| T::from_f32(rng.uniform(bound))).collect()
+            let mut v = Vec::new();
+            v.try_reserve_exact(len).map_err(|_| Error::Shape {
+                arg: "blocks",
+                detail: format!("no memory for {len} weights"),
+            })?;
+            v.extend((0..len).map(|_| T::from_f32(rng.uniform(bound))));
+            Ok(v)
         };
-        let w1 = init(shape.w1_len(), shape.w1_dims()[2]);
-        let w2 = init(shape.w2_len(), shape.w2_dims()[2]);
-        let bias = bias.then(|| init(out_features, in_features));
+        let w1 = init(shape.w1_len(), shape.w1_dims()[2])?;
+        let w2 = init(shape.w2_len(), shape.w2_dims()[2])?;
+        let bias = if bias {
+            Some(init(out_features, in_features)?)
+        } else {
+            None
+        };
         Ok(MonarchLinear {
             in_features,
             out_features,

@@ -20,6 +20,16 @@
 //! Nothing on the GPU path has run on a GPU yet.
 //! [`project`] finds the closest Monarch matrix to a dense one, [`to_dense`] materialises one,
 //! [`MonarchLinear`] is a layer that owns its weights; [`oracle`] is the slow f64 reference.
+//!
+//! Limits and lengths (checked before anything that depends on them is computed or
+//! allocated, each a typed error naming the argument): every dimension of [`MonarchShape`] at
+//! least 1 and `n_in`, `n_mid`, `n_out`, `w1_len`, `w2_len` within `i32::MAX` (the kernels'
+//! 32-bit weight and column indices); row geometries ([`Rows`]) within `i64`; what the host
+//! itself allocates ([`to_dense`]'s matrix, [`project`]'s factors and Gram matrices,
+//! [`MonarchLinear`]'s weights) within [`MAX_HOST_ELEMENTS`]. A buffer holds *at least* what
+//! the call reads or writes (the crate's one length rule): `w1`, `w2`, `bias`, the gradients
+//! and the workspace may be longer, and their tails are neither read nor written; rows are
+//! [`Rows::min_len`] long at least, and what lies between and after them is left alone.
 
 mod cpu;
 #[cfg(attnkit_cuda)]
@@ -32,6 +42,20 @@ mod project;
 mod tiles;
 
 pub use layer::MonarchLinear;
+
+/// Most elements one host-side allocation of the family may have: [`to_dense`]'s
+/// `n_out * n_in` matrix, each of [`project`]'s factors and slice Gram matrices (`p * p`),
+/// and [`MonarchLinear`]'s weights together (4 GiB of f32). A bigger request is an
+/// [`Error::Shape`] naming `shape` (or the layer's sizes) before anything is allocated.
+///
+/// ```
+/// use attnkit::monarch::{MonarchShape, to_dense};
+/// let s = MonarchShape::new([1024, 1, 1024], [1024, 1024, 1])?; // dense: 2^20 x 2^20
+/// let e = to_dense(s, &[0.0f32; 1 << 20], &[0.0f32; 1 << 20]).unwrap_err();
+/// assert_eq!(e.arg(), Some("shape"));
+/// # Ok::<(), attnkit::Error>(())
+/// ```
+pub const MAX_HOST_ELEMENTS: usize = 1 << 30;
 pub use project::{ProjectOptions, Projection, project, to_dense};
 
 use crate::buffer::{Buf, BufMut};
@@ -420,32 +444,56 @@ fn product<T: Element>(
     run(dev, w, x, x_rows, y, y_rows, mode)
 }
 
-/// Checks the weights of `w` for `mode` (lengths; bias of the output width).
+/// Checks the weights of `w` for `mode` (lengths at least the shape's; a bias at least the
+/// output width).
 fn check_weights<T>(w: &Weights<'_, T>, out_width: usize) -> Result<()> {
     let s = &w.shape;
     for (arg, got, want, dims) in [
         ("w1", w.w1.len(), s.w1_len(), s.w1_dims()),
         ("w2", w.w2.len(), s.w2_len(), s.w2_dims()),
     ] {
-        if got != want {
+        if got < want {
             return Err(Error::Shape {
                 arg,
-                detail: format!("holds {got} elements, {dims:?} needs {want}"),
+                detail: format!("holds {got} elements, {dims:?} needs at least {want}"),
             });
         }
     }
     if let Some(b) = &w.bias {
-        if b.len() != out_width {
+        if b.len() < out_width {
             return Err(Error::Shape {
                 arg: "bias",
                 detail: format!(
-                    "holds {} elements, the output width is {out_width}",
+                    "holds {} elements, less than the output width {out_width}",
                     b.len()
                 ),
             });
         }
     }
     Ok(())
+}
+
+/// The first `n` elements of a checked host buffer: the part a call touches, so a longer
+/// buffer's tail stays as it was.
+pub(crate) fn prefix<'a, T>(arg: &'static str, buf: &'a [T], n: usize) -> Result<&'a [T]> {
+    let len = buf.len();
+    buf.get(..n).ok_or_else(|| Error::Shape {
+        arg,
+        detail: format!("holds {len} elements, needs at least {n}"),
+    })
+}
+
+/// [`prefix`], mutable.
+pub(crate) fn prefix_mut<'a, T>(
+    arg: &'static str,
+    buf: &'a mut [T],
+    n: usize,
+) -> Result<&'a mut [T]> {
+    let len = buf.len();
+    buf.get_mut(..n).ok_or_else(|| Error::Shape {
+        arg,
+        detail: format!("holds {len} elements, needs at least {n}"),
+    })
 }
 
 /// The checked core of [`multiply`], [`multiply_transpose`] and [`MonarchLinear`]: `x_rows`
@@ -483,14 +531,14 @@ pub(crate) fn run<T: Element>(
     match &dev.backend {
         Backend::Cpu { threads } => {
             let bias = match &w.bias {
-                Some(b) => Some(b.host("bias")?),
+                Some(b) => Some(prefix("bias", b.host("bias")?, y_rows.width)?),
                 None => None,
             };
             cpu::run(
                 *threads,
                 w.shape,
-                w.w1.host("w1")?,
-                w.w2.host("w2")?,
+                prefix("w1", w.w1.host("w1")?, w.shape.w1_len())?,
+                prefix("w2", w.w2.host("w2")?, w.shape.w2_len())?,
                 bias,
                 x.host("x")?,
                 x_rows,
@@ -586,10 +634,10 @@ pub fn backward<T: Element>(
         ("dw1", g.dw1.len(), shape.w1_len()),
         ("dw2", g.dw2.len(), shape.w2_len()),
     ] {
-        if got != want {
+        if got < want {
             return Err(Error::Shape {
                 arg,
-                detail: format!("holds {got} elements, needs {want}"),
+                detail: format!("holds {got} elements, needs at least {want}"),
             });
         }
     }
@@ -609,11 +657,11 @@ pub fn backward<T: Element>(
         });
     }
     if let Some(db) = &g.dbias {
-        if db.len() != shape.n_out() {
+        if db.len() < shape.n_out() {
             return Err(Error::Shape {
                 arg: "dbias",
                 detail: format!(
-                    "holds {} elements, needs n_out = {}",
+                    "holds {} elements, needs at least n_out = {}",
                     db.len(),
                     shape.n_out()
                 ),
@@ -622,22 +670,23 @@ pub fn backward<T: Element>(
     }
     match &dev.backend {
         Backend::Cpu { threads } => {
+            // Only the prefixes the call touches reach the CPU code (tails untouched).
             let dbias = match &mut g.dbias {
-                Some(b) => Some(b.host_mut("dbias")?),
+                Some(b) => Some(prefix_mut("dbias", b.host_mut("dbias")?, shape.n_out())?),
                 None => None,
             };
             cpu::backward(
                 *threads,
                 shape,
-                w.w1.host("w1")?,
-                w.w2.host("w2")?,
+                prefix("w1", w.w1.host("w1")?, shape.w1_len())?,
+                prefix("w2", w.w2.host("w2")?, shape.w2_len())?,
                 (x.host("x")?, x_rows),
                 (dy.host("dy")?, dy_rows),
                 (g.dx.host_mut("dx")?, dx_rows),
-                g.dw1.host_mut("dw1")?,
-                g.dw2.host_mut("dw2")?,
+                prefix_mut("dw1", g.dw1.host_mut("dw1")?, shape.w1_len())?,
+                prefix_mut("dw2", g.dw2.host_mut("dw2")?, shape.w2_len())?,
                 dbias,
-                &mut g.workspace.host_mut("workspace")?[..need],
+                prefix_mut("workspace", g.workspace.host_mut("workspace")?, need)?,
             );
             Ok(())
         }

@@ -8,14 +8,42 @@
 //! in two slices. Minimising `||A - M||_F` therefore splits into one best rank-`|C(i,j)|`
 //! approximation per slice: a truncated SVD (rank 1 for the paper's `b = sqrt(n)` shapes).
 
-use super::MonarchShape;
+use super::{MAX_HOST_ELEMENTS, MonarchShape};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
+
+/// `a * b` when it is at most [`MAX_HOST_ELEMENTS`], else a Shape error naming `shape`
+/// (`what` says which allocation).
+fn host_elements(shape: MonarchShape, what: &str, a: usize, b: usize) -> Result<usize> {
+    a.checked_mul(b)
+        .filter(|&n| n <= MAX_HOST_ELEMENTS)
+        .ok_or_else(|| Error::Shape {
+            arg: "shape",
+            detail: format!(
+                "{what} of {a} x {b} elements for {shape:?} exceeds MAX_HOST_ELEMENTS = \
+                 {MAX_HOST_ELEMENTS}"
+            ),
+        })
+}
+
+/// A zeroed vector of `n` elements, `n` already bounded: `try_reserve`, so a request the
+/// machine cannot hold is an error naming `shape`, not an abort.
+fn zeros<T: Clone + Default>(n: usize) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| Error::Shape {
+        arg: "shape",
+        detail: format!("no memory for {n} elements"),
+    })?;
+    v.resize(n, T::default());
+    Ok(v)
+}
 
 /// `M` as a dense row-major `[n_out, n_in]` f32 matrix, in the block form (each pair
 /// `(i, c)` scatters one outer product `w2[j][:][rr] w1[i][c][:]^T` into its slice).
 ///
-/// Errors: [`Error::Shape`] naming `w1` or `w2` if its length does not match `shape`.
+/// Errors: [`Error::Shape`] naming `w1` or `w2` if it holds fewer elements than `shape` needs
+/// (a longer one's tail is not read), naming `shape` if `n_out * n_in` exceeds
+/// [`MAX_HOST_ELEMENTS`](super::MAX_HOST_ELEMENTS) or cannot be allocated.
 ///
 /// ```
 /// use attnkit::monarch::{MonarchShape, to_dense};
@@ -29,7 +57,12 @@ pub fn to_dense<T: Element>(shape: MonarchShape, w1: &[T], w2: &[T]) -> Result<V
     let [k, q, p] = shape.w1_dims();
     let [l, s, r] = shape.w2_dims();
     let n_in = shape.n_in();
-    let mut m = vec![0.0f32; shape.n_out() * n_in];
+    let mut m = zeros::<f32>(host_elements(
+        shape,
+        "the dense matrix",
+        shape.n_out(),
+        n_in,
+    )?)?;
     for i in 0..k {
         for c in 0..q {
             let (rr, j) = ((i * q + c) / l, (i * q + c) % l);
@@ -46,11 +79,12 @@ pub fn to_dense<T: Element>(shape: MonarchShape, w1: &[T], w2: &[T]) -> Result<V
     Ok(m)
 }
 
+/// The crate's length rule: at least what the call reads.
 fn check_len(arg: &'static str, got: usize, want: usize) -> Result<()> {
-    if got != want {
+    if got < want {
         return Err(Error::Shape {
             arg,
-            detail: format!("holds {got} elements, the shape needs {want}"),
+            detail: format!("holds {got} elements, the shape needs at least {want}"),
         });
     }
     Ok(())
@@ -101,7 +135,9 @@ pub struct Projection {
 /// `|{c : (i*q + c) % l == j}|` by power iteration on the slice's Gram matrix with deflation,
 /// in f64. Each singular value is split evenly between the two factors (`sqrt(sigma)` each).
 ///
-/// Errors: [`Error::Shape`] naming `dense` if its length is not `n_out * n_in`;
+/// Errors: [`Error::Shape`] naming `dense` if it holds fewer than `n_out * n_in` elements (a
+/// longer one's tail is not read), naming `shape` if the dense matrix, a factor or a slice's
+/// Gram matrix (`p * p`) exceeds [`MAX_HOST_ELEMENTS`](super::MAX_HOST_ELEMENTS);
 /// [`Error::Value`] naming `opts` for a tolerance that is not positive and finite or zero
 /// iterations.
 ///
@@ -118,7 +154,11 @@ pub struct Projection {
 /// ```
 pub fn project(shape: MonarchShape, dense: &[f32], opts: ProjectOptions) -> Result<Projection> {
     let (n_in, n_out) = (shape.n_in(), shape.n_out());
-    check_len("dense", dense.len(), n_out * n_in)?;
+    check_len(
+        "dense",
+        dense.len(),
+        host_elements(shape, "the dense matrix", n_out, n_in)?,
+    )?;
     if !(opts.tol.is_finite() && opts.tol > 0.0) || opts.max_iters == 0 {
         return Err(Error::Value {
             arg: "opts",
@@ -130,13 +170,22 @@ pub fn project(shape: MonarchShape, dense: &[f32], opts: ProjectOptions) -> Resu
     }
     let [k, q, p] = shape.w1_dims();
     let [l, s, r] = shape.w2_dims();
-    let mut w1 = vec![0.0f32; shape.w1_len()];
-    let mut w2 = vec![0.0f32; shape.w2_len()];
+    // The factors and the Gram matrices are not bounded by `dense` (a slice of few rows can
+    // have many columns, a block many intermediate values): bounded here.
+    host_elements(shape, "a slice's Gram matrix", p, p)?;
+    let mut w1 = zeros::<f32>(host_elements(shape, "w1", shape.w1_len(), 1)?)?;
+    let mut w2 = zeros::<f32>(host_elements(shape, "w2", shape.w2_len(), 1)?)?;
     let (mut max_steps, mut converged) = (0usize, true);
-    let mut slice = vec![0.0f64; s * p];
+    // s * p <= n_out * n_in, bounded above.
+    let mut slice = zeros::<f64>(s * p)?;
     for j in 0..l {
         for i in 0..k {
-            let cs: Vec<usize> = (0..q).filter(|c| (i * q + c) % l == j).collect();
+            // A slice has at most min(s, p) nonzero singular values: the pairs past them keep
+            // zero weights, so they need no entry (and q may be large).
+            let cs: Vec<usize> = (0..q)
+                .filter(|c| (i * q + c) % l == j)
+                .take(s.min(p))
+                .collect();
             if cs.is_empty() {
                 continue;
             }
@@ -145,7 +194,7 @@ pub fn project(shape: MonarchShape, dense: &[f32], opts: ProjectOptions) -> Resu
                     slice[t * p + pp] = dense[(t * l + j) * n_in + i * p + pp] as f64;
                 }
             }
-            let triplets = truncated_svd(&slice, s, p, cs.len(), opts);
+            let triplets = truncated_svd(&slice, s, p, cs.len(), opts)?;
             for (&c, tri) in cs.iter().zip(&triplets) {
                 max_steps = max_steps.max(tri.steps);
                 converged &= tri.converged;
@@ -186,8 +235,9 @@ fn truncated_svd(
     cols: usize,
     rank: usize,
     opts: ProjectOptions,
-) -> Vec<Triplet> {
-    let mut g = vec![0.0f64; cols * cols];
+) -> Result<Vec<Triplet>> {
+    // cols * cols was bounded by `project`.
+    let mut g = zeros::<f64>(cols * cols)?;
     for x in 0..cols {
         for y in x..cols {
             let v: f64 = (0..rows).map(|t| a[t * cols + x] * a[t * cols + y]).sum();
@@ -196,7 +246,7 @@ fn truncated_svd(
         }
     }
     let scale: f64 = (0..cols).map(|x| g[x * cols + x]).sum();
-    let mut out = Vec::with_capacity(rank);
+    let mut out = Vec::with_capacity(rank.min(cols).min(rows));
     for n in 0..rank.min(cols).min(rows) {
         // A start vector that no structured matrix is orthogonal to in practice (a fixed
         // pseudo-random sequence), so results are reproducible.
@@ -247,7 +297,7 @@ fn truncated_svd(
             converged,
         });
     }
-    out
+    Ok(out)
 }
 
 /// Scales `v` to unit length; returns its former norm.
