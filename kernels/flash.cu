@@ -66,7 +66,8 @@ __device__ __forceinline__ Seq locate(const FlashParams& p, int b, int h) {
 // Which keys a row sees: the window [lo(i), hi(i)] (bottom-right aligned, causal folded into
 // window_right), the sinks [0, n_sink) up to hi(i), and the block mask. lo and hi never
 // decrease with i, so a query tile [m0, m1) sees keys within [lo(m0), hi(m1 - 1)] and the sinks.
-// (The host keeps every size below 2^30, so none of this overflows int.)
+// (The host bounds seq_q, seq_k, the totals, windows and sinks by MAX_LEN = 2^30, so
+// i + diag + right <= seq_k - 1 + 2^30 < 2^31: none of this overflows int.)
 struct Visibility {
     int seq_k, diag, left, right, n_sink;
     const uint8_t* mask;
@@ -150,6 +151,10 @@ __device__ __forceinline__ void finish_row(const FlashParams& p, int h, bool rel
     }
     if (p.sink_logits != nullptr) {
         const float sink = p.sink_logits[h] * LOG2E;
+        if (isnan(sink)) {  // no meaning (the CPU path rejects it): NaN everywhere, not a -inf LSE
+            o_factor = lse = entropy = NAN;
+            return;
+        }
         if (sink == INFINITY) {  // all weight on the sink, which has no value vector
             o_factor = 0.f;
             lse = INFINITY;
@@ -176,6 +181,41 @@ __device__ __forceinline__ void finish_row(const FlashParams& p, int h, bool rel
     } else {
         lse = -INFINITY;
         entropy = 0.f;
+    }
+}
+
+// relu^2 weights enter the P V mma rounded to T, and f16 overflows at 65504 where O may still
+// be representable. Each row's weights are divided by a power of two (`scale`, only growing,
+// folded into O's factor at the end) that keeps them at most 2^15: exact, as scaling by a
+// power of two changes no rounding (except of weights 2^-24 below the row's largest, which
+// may go subnormal). `inv` is 1 / scale.
+template <int NT_N, int NT_D>
+__device__ __forceinline__ void relu2_rescale(float (&sc)[NT_N][4], float (&o)[NT_D][4], float (&scale)[2],
+                                              float (&inv)[2]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float mx = 0.f;
+#pragma unroll
+        for (int n = 0; n < NT_N; ++n) mx = fmaxf(mx, fmaxf(sc[n][2 * r], sc[n][2 * r + 1]));
+        mx = quad_max(mx);  // the four threads of the row agree on its scale
+        if (mx * inv[r] > 32768.f) {
+            // The power of two above mx (exponent field + 1), at most 2^126 so 1/scale is normal.
+            const int e = min(((__float_as_int(mx) >> 23) & 0xff) + 1, 253);
+            const float inv_new = __int_as_float((254 - e) << 23);
+            const float f = scale[r] * inv_new;  // old / new: a power of two, exact
+#pragma unroll
+            for (int d = 0; d < NT_D; ++d) {
+                o[d][2 * r] *= f;
+                o[d][2 * r + 1] *= f;
+            }
+            scale[r] = __int_as_float(e << 23);
+            inv[r] = inv_new;
+        }
+#pragma unroll
+        for (int n = 0; n < NT_N; ++n) {
+            sc[n][2 * r] *= inv[r];
+            sc[n][2 * r + 1] *= inv[r];
+        }
     }
 }
 
@@ -235,6 +275,7 @@ __device__ __forceinline__ void flash_fwd_tc(const FlashParams& p) {
 #pragma unroll
     for (int d = 0; d < NT_D; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, es[2] = {0.f, 0.f};
+    float pscale[2] = {1.f, 1.f}, pinv[2] = {1.f, 1.f};  // relu^2 only: see relu2_rescale
 
     const int last = vis.last_tile(m1, BN);
     int j = vis.next_tile(0, m0, m1, BN);
@@ -307,7 +348,8 @@ __device__ __forceinline__ void flash_fwd_tc(const FlashParams& p) {
                 sc[n][e] = x;
             }
         }
-        if (!RELU2) online_softmax_mma<NT_N, NT_D>(sc, o, m, l, es, track);
+        if (RELU2) relu2_rescale<NT_N, NT_D>(sc, o, pscale, pinv);
+        else online_softmax_mma<NT_N, NT_D>(sc, o, m, l, es, track);
 
         // Wait for V_j (leaving the next K tile in flight if it was issued).
         if (more) cp_async_wait<1>(); else cp_async_wait<0>();
@@ -345,6 +387,7 @@ __device__ __forceinline__ void flash_fwd_tc(const FlashParams& p) {
         const float lr = quad_sum(l[r]), er = quad_sum(es[r]);
         float lse, ent;
         finish_row(p, h, RELU2, m[r], lr, er, factor[r], lse, ent);
+        if (RELU2) factor[r] = pscale[r];
         const int row = m0 + warp * 16 + g + r * 8;
         if (t == 0 && row < s.seq_q) {
             p.lse[s.lse_off + row] = lse;

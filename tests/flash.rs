@@ -916,8 +916,8 @@ fn block_sparse_layouts_with_empty_rows() {
         let (sq, sk): (usize, usize) = (300, 300);
         // Sparse Transformer: local (width 2) OR strided (stride 3), causal, 64-key blocks.
         let (rows, cols) = (sq.div_ceil(64), sk.div_ceil(64));
-        let local = BlockMask::local_layout(rows, cols, 2);
-        let strided = BlockMask::strided_layout(rows, cols, 3);
+        let local = BlockMask::local_layout(rows, cols, 2).unwrap();
+        let strided = BlockMask::strided_layout(rows, cols, 3).unwrap();
         let both: Vec<u8> = local.iter().zip(&strided).map(|(a, b)| a | b).collect();
         let a = Attention::new(1, sq, sk, 2, 2, 64).causal(true);
         variant::<Bf16>(
@@ -1233,6 +1233,270 @@ fn varlen_with_variants_matches_the_oracle_per_sequence() {
                     &gather(&ent),
                 );
             }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 13: sizes, limits, overlap, NaN, one source of truth for offsets, relu² overflow.
+// ---------------------------------------------------------------------------------------------
+
+/// `forward` on the CPU with buffers of the given lengths (short ones for huge problems: the
+/// call must refuse the problem before it looks at them).
+fn cpu_forward(a: &Attention, len: usize) -> attnkit::Result<()> {
+    let x = vec![0.5f32; len];
+    let (mut o, mut lse) = (vec![f32::NAN; len], vec![f32::NAN; len]);
+    flash::forward(
+        &Device::cpu(),
+        a,
+        (&x).into(),
+        (&x).into(),
+        (&x).into(),
+        (&mut o).into(),
+        (&mut lse).into(),
+    )
+}
+
+#[test]
+fn size_helpers_saturate_instead_of_overflowing() {
+    let big = usize::MAX;
+    let s = Strides::contiguous(big, big, 64);
+    assert_eq!((s.batch, s.row, s.head), (big, big, 64));
+    let a = Attention::new(big, big, big, big, big, 256);
+    assert_eq!((a.o_len(), a.lse_len()), (big, big));
+    let cu = [0, i32::MAX];
+    let va = VarlenAttention::new(&cu, &cu, big, 1, 256);
+    assert_eq!((va.o_len(), va.lse_len()), (big, big));
+    // forward refuses them, naming a size, before forming any product.
+    let e = cpu_forward(&Attention::new(1 << 40, 1 << 40, 1, 1, 1, 64), 64).unwrap_err();
+    assert_eq!(e.arg(), Some("batch"), "{e}");
+    let e = cpu_forward(&Attention::new(1024, 1 << 21, 1, 1, 1, 64), 64).unwrap_err();
+    assert_eq!(e.arg(), Some("total_q"), "{e}");
+    let e = cpu_forward(&Attention::new(1, 1, 1, 1 << 20, 1, 64), 64).unwrap_err();
+    assert_eq!(e.arg(), Some("heads_q"), "{e}");
+}
+
+#[test]
+fn sizes_past_max_len_are_refused_before_the_kernels_int_arithmetic_wraps() {
+    // hi(0) = 0 + (seq_k - 1) + 2^30 would wrap int32 on the device.
+    let a = Attention::new(1, 1, (1 << 30) + 64, 1, 1, 64).window(None, Some(1 << 30));
+    let e = cpu_forward(&a, 64).unwrap_err();
+    assert!(matches!(e, Error::Unsupported { arg: "seq_k", .. }), "{e}");
+    let e = cpu_forward(&Attention::new(1, flash::MAX_LEN + 1, 1, 1, 1, 64), 64).unwrap_err();
+    assert_eq!(e.arg(), Some("seq_q"), "{e}");
+    // Exactly at the limit the size check passes: the short buffer is what is refused.
+    let a = Attention::new(1, 1, flash::MAX_LEN, 1, 1, 64).window(None, Some(flash::MAX_LEN));
+    let e = cpu_forward(&a, 64).unwrap_err();
+    assert!(matches!(e, Error::Shape { arg: "k", .. }), "{e}");
+    let cu_q = [0, 1];
+    let cu_k = [0, (1 << 30) + 64];
+    let va = VarlenAttention::new(&cu_q, &cu_k, 1, 1, 64);
+    let x = vec![0.5f32; 64];
+    let (mut o, mut lse) = (vec![f32::NAN; 64], vec![f32::NAN; 1]);
+    let e = flash::forward_varlen(
+        &Device::cpu(),
+        &va,
+        (&x).into(),
+        (&x).into(),
+        (&x).into(),
+        cu_q[..].into(),
+        cu_k[..].into(),
+        (&mut o).into(),
+        (&mut lse).into(),
+    )
+    .unwrap_err();
+    assert_eq!(e.arg(), Some("total_k"), "{e}");
+}
+
+/// The per-row sum `flops` used to walk: the definition the closed form must match.
+fn flops_by_rows(a: &Attention) -> f64 {
+    let mut pairs = 0u64;
+    for i in 0..a.seq_q {
+        for j in 0..a.seq_k {
+            let diag = a.seq_k as i64 - a.seq_q as i64;
+            let (i, j) = (i as i64, j as i64);
+            let right = if a.opts.causal {
+                Some(0)
+            } else {
+                a.opts.window_right.map(|r| r as i64)
+            };
+            let hi_ok = right.is_none_or(|r| j <= i + diag + r);
+            let lo_ok = a.opts.window_left.is_none_or(|l| j >= i + diag - l as i64);
+            if hi_ok && (lo_ok || j < a.opts.sinks as i64) {
+                pairs += 1;
+            }
+        }
+    }
+    4.0 * (a.batch * a.heads_q * a.head_dim) as f64 * pairs as f64
+}
+
+#[test]
+fn flops_closed_form_matches_the_row_sum_and_is_instant() {
+    let mut rng = rng("flops_closed_form_matches_the_row_sum_and_is_instant");
+    use rand::Rng;
+    for _ in 0..5000 {
+        let (sq, sk) = (rng.random_range(1..40), rng.random_range(1..40));
+        let w = |rng: &mut StdRng| rng.random_bool(0.6).then(|| rng.random_range(0..45));
+        let a = Attention::new(rng.random_range(1..3), sq, sk, 2, 1, 32)
+            .causal(rng.random_bool(0.5))
+            .window(w(&mut rng), w(&mut rng))
+            .sinks(if rng.random_bool(0.5) {
+                rng.random_range(0..45)
+            } else {
+                0
+            });
+        assert_eq!(a.flops(), flops_by_rows(&a), "{a:?}");
+    }
+    let t = std::time::Instant::now();
+    let a = Attention::new(1, 1 << 30, 1 << 30, 1, 1, 64).causal(true);
+    let n = (1u64 << 30) as f64;
+    assert_eq!(a.flops(), 4.0 * 64.0 * n * (n + 1.0) / 2.0);
+    let huge = Attention::new(usize::MAX, usize::MAX, usize::MAX, 1, 1, 64)
+        .window(Some(usize::MAX), Some(3))
+        .sinks(usize::MAX);
+    assert!(huge.flops() > 0.0);
+    assert!(t.elapsed().as_secs_f64() < 0.1);
+}
+
+#[test]
+fn block_layouts_refuse_sizes_they_cannot_hold() {
+    assert!(BlockMask::local_layout(usize::MAX, 2, 1).is_err());
+    assert!(BlockMask::strided_layout(1 << 20, 1 << 20, 2).is_err());
+    assert!(BlockMask::strided_layout(2, 2, 0).is_err());
+    assert_eq!(BlockMask::local_layout(0, 5, 1).unwrap(), Vec::<u8>::new());
+}
+
+#[test]
+fn interleaved_output_rows_are_not_an_overlap() {
+    // o: rows 96 apart, 2 heads of 32 at 64 apart (the issue's example): each row's second
+    // head sits in the next row's gap. It used to be refused as "overlap".
+    let mut rng = rng("interleaved_output_rows_are_not_an_overlap");
+    for dev in devices("interleaved_output_rows_are_not_an_overlap") {
+        let a = Attention::new(1, 20, 20, 2, 2, 32).causal(true);
+        let (q, k, v) = inputs::<f32>(&mut rng, &a, 1.0);
+        let (want, want_lse) = run(&dev, &a, &q, &k, &v, a.o_len()).unwrap();
+        let mut b = a.clone();
+        b.o_strides = Strides {
+            batch: 20 * 96,
+            row: 96,
+            head: 64,
+            dim: 1,
+        };
+        let (o, lse) = run(&dev, &b, &q, &k, &v, 19 * 96 + 64 + 32).unwrap();
+        for r in 0..20 {
+            for h in 0..2 {
+                let got = &o[r * 96 + h * 64..][..32];
+                assert_eq!(got, &want[(r * 2 + h) * 32..][..32], "row {r} head {h}");
+            }
+        }
+        assert_eq!(lse, want_lse);
+        // Heads 16 apart do overlap.
+        b.o_strides.head = 16;
+        expect_err(run(&dev, &b, &q, &k, &v, 19 * 96 + 64 + 32), "o");
+    }
+}
+
+#[test]
+fn nan_and_infinite_scales_and_sink_logits_are_typed_errors() {
+    let a = Attention::new(1, 8, 8, 2, 1, 32);
+    let q = vec![0.5f32; a.o_len()];
+    let kv = vec![0.5f32; 8 * 32];
+    let dev = Device::cpu();
+    for s in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 3e38] {
+        expect_err(
+            run(&dev, &a.clone().scale(s), &q, &kv, &kv, a.o_len()),
+            "scale",
+        );
+    }
+    // A NaN sink logit used to give O = NaN with LSE = -inf.
+    let x = HostX {
+        sinks: Some(vec![0.0, f32::NAN]),
+        ..Default::default()
+    };
+    let e = run_with(&dev, &a, &q, &kv, &kv, &x).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Value {
+                arg: "sink_logits",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // +inf keeps its documented meaning: all weight on the sink.
+    let x = HostX {
+        sinks: Some(vec![f32::INFINITY, f32::NEG_INFINITY]),
+        ..Default::default()
+    };
+    let (o, lse, _) = run_with(&dev, &a, &q, &kv, &kv, &x).unwrap();
+    assert!(o[..32].iter().all(|&x| x == 0.0) && lse[0] == f32::INFINITY);
+    assert!((o[32] - 0.5).abs() < 1e-6 && lse[8].is_finite());
+}
+
+#[test]
+fn varlen_offset_buffers_must_match_the_problem_on_the_cpu() {
+    // The problem says [0, 4, 10]; a buffer saying [0, 7, 10] used to be ignored on the CPU
+    // (Ok) while a GPU would have used it.
+    let cu = [0, 4, 10];
+    let stale = [0, 7, 10];
+    let a = VarlenAttention::new(&cu, &cu, 1, 1, 32);
+    let x = vec![0.5f32; a.o_len()];
+    for (bq, bk, arg) in [(&stale, &cu, "cu_seqlens_q"), (&cu, &stale, "cu_seqlens_k")] {
+        let (mut o, mut lse) = (vec![f32::NAN; a.o_len()], vec![f32::NAN; a.lse_len()]);
+        let e = flash::forward_varlen(
+            &Device::cpu(),
+            &a,
+            (&x).into(),
+            (&x).into(),
+            (&x).into(),
+            bq[..].into(),
+            bk[..].into(),
+            (&mut o).into(),
+            (&mut lse).into(),
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::Value { arg, .. } if arg == arg), "{e}");
+        assert_eq!(e.arg(), Some(arg), "{e}");
+        assert!(o.iter().all(|x| x.is_nan()), "nothing written on error");
+    }
+}
+
+#[test]
+fn f16_relu2_weights_beyond_f16_range_keep_a_representable_o() {
+    // q = k = 16 everywhere, scale 1/2: every score is 64 * 256 / 2 = 8192, relu² = 6.7e7
+    // (4.2e6 divided by 16 keys), far past f16's 65504, while O = Σ p v <= 6.7e7 * 2e-4 ≈ 1.3e4
+    // is representable.
+    // The GPU rounds P to f16 for the P V product: it scales each row's weights by a power of
+    // two first (relu2_rescale in kernels/flash.cu); the CPU computes in f32. Both must give
+    // the finite O.
+    for dev in devices("f16_relu2_weights_beyond_f16_range_keep_a_representable_o") {
+        for norm in [Relu2Norm::SeqLen, Relu2Norm::Visible] {
+            let a = Attention::new(1, 16, 16, 1, 1, 64)
+                .scale(0.5)
+                .causal(norm == Relu2Norm::Visible)
+                .score(Score::Relu2(norm));
+            let q = vec![F16::from_f32(16.0); a.o_len()];
+            let v: Vec<F16> = (0..a.o_len())
+                .map(|i| F16::from_f32(1e-4 * (1 + i % 2) as f32))
+                .collect();
+            let (o, lse, ent) = run_with(&dev, &a, &q, &q, &v, &HostX::default()).unwrap();
+            assert!(
+                o.iter().all(|x| x.to_f32().is_finite()),
+                "{}: O overflowed",
+                dev.name()
+            );
+            check_variant(
+                &format!("{} relu2 {norm:?}", dev.name()),
+                &a,
+                &q,
+                &q,
+                &v,
+                &HostX::default(),
+                &o,
+                &lse,
+                &ent,
+            );
         }
     }
 }

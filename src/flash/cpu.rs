@@ -229,6 +229,14 @@ pub(super) fn finish_row(
         };
     }
     let o_factor = match sink {
+        // The host rejects a NaN logit; the kernel makes the row NaN, and so does this.
+        Some(s) if s.is_nan() => {
+            return Finished {
+                o_factor: f32::NAN,
+                lse: f32::NAN,
+                entropy: f32::NAN,
+            };
+        }
         Some(s) if s == f32::INFINITY => {
             return Finished {
                 o_factor: 0.0,

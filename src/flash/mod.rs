@@ -7,7 +7,16 @@
 //! `j <= i + seq_k - seq_q`, as FlashAttention >= 2.1), and packed variable-length batches
 //! ([`forward_varlen`]). A row that sees no key gets `O = 0` and `LSE = -inf`. Inputs must be
 //! finite: an inf or NaN anywhere in K or V may reach rows that give it zero weight (the GPU
-//! multiplies it by 0), and the backends need not agree on such rows.
+//! multiplies it by 0), and the backends need not agree on such rows. The scale must be
+//! finite (NaN or inf is a typed error naming `scale`).
+//!
+//! Limits (larger is a typed error naming the argument, checked before any size arithmetic):
+//! `seq_q`, `seq_k`, the packed totals (`batch * seq` for fixed batches), windows and sinks at
+//! most [`MAX_LEN`] (2^30: the kernels' 32-bit visibility arithmetic stays below 2^31);
+//! `batch`, `heads_q`, `heads_kv` at most [`MAX_GRID`] (65535); block-mask blocks in
+//! `1..=MAX_LEN`. Buffers may be longer than the problem needs (the extra is untouched).
+//! The size helpers ([`Attention::o_len`], [`Strides::contiguous`], ...) saturate at
+//! `usize::MAX` instead of overflowing; forward then rejects the problem.
 //!
 //! The variants of the source documents are options of the same call ([`Options`],
 //! [`Extras`]), not separate functions: sliding windows `(left, right)` and StreamingLLM
@@ -20,6 +29,7 @@
 //! kernel (`kernels/flash.cu`: tensor cores for f16/bf16, CUDA cores for the exact f32 path)
 //! on the caller's stream, with no allocation or synchronisation.
 
+mod checks;
 mod cpu;
 #[cfg(attnkit_cuda)]
 mod cuda;
@@ -29,10 +39,22 @@ use crate::buffer::{Buf, BufMut};
 use crate::device::{Backend, Device};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
+pub(crate) use checks::check_strides;
+use checks::{check, check_extras, check_offsets, check_sizes, checked_total};
 
-/// The longest sequence (and packed total) a call takes: 2^30 rows, so that the kernels'
-/// 32-bit row arithmetic keeps a tile of headroom.
+/// The longest sequence, packed total (`batch * seq` for fixed batches, `cu_seqlens[batch]`
+/// for varlen), window side and sink count a call takes: 2^30, so that the kernels' 32-bit
+/// visibility arithmetic (`i + (seq_k - seq_q) + window_right < 2^31`) cannot wrap.
+/// Larger values are a typed error naming the argument.
 pub const MAX_LEN: usize = 1 << 30;
+
+/// The most sequences (`batch`), query heads and key/value heads a call takes: 65535, one
+/// CUDA grid dimension.
+pub const MAX_GRID: usize = checks::MAX_GRID;
+
+/// The most blocks [`BlockMask::local_layout`] and [`BlockMask::strided_layout`] build
+/// (`rows * cols`): 2^32 (4 GiB).
+pub const MAX_MASK_BLOCKS: usize = 1 << 32;
 
 /// Head dimensions the kernels are built for.
 pub const HEAD_DIMS: [usize; 5] = [32, 64, 96, 128, 256];
@@ -56,16 +78,19 @@ pub struct Strides {
 }
 
 impl Strides {
-    /// The strides of a contiguous `[batch, seq, heads, head_dim]` tensor.
+    /// The strides of a contiguous `[batch, seq, heads, head_dim]` tensor. Each saturates at
+    /// `usize::MAX`; forward then rejects the problem.
     ///
     /// ```
     /// let s = attnkit::flash::Strides::contiguous(4, 2, 8);
     /// assert_eq!(s.row, 16);
+    /// assert_eq!(attnkit::flash::Strides::contiguous(usize::MAX, 2, 8).batch, usize::MAX);
     /// ```
     pub fn contiguous(seq: usize, heads: usize, head_dim: usize) -> Strides {
+        let row = heads.saturating_mul(head_dim);
         Strides {
-            batch: seq * heads * head_dim,
-            row: heads * head_dim,
+            batch: seq.saturating_mul(row),
+            row,
             head: head_dim,
             dim: 1,
         }
@@ -187,10 +212,11 @@ option_builders!(VarlenAttention<'_>);
 ///
 /// ```
 /// use attnkit::flash::BlockMask;
-/// let m = BlockMask::local_layout(4, 4, 2);
+/// let m = BlockMask::local_layout(4, 4, 2)?;
 /// assert_eq!(m, [1, 0, 0, 0, 1, 1, 0, 0, 0, 1, 1, 0, 0, 0, 1, 1]);
 /// let mask = BlockMask { mask: (&m).into(), block_q: 64, block_k: 64 };
 /// # let _ = mask;
+/// # Ok::<(), attnkit::Error>(())
 /// ```
 #[derive(Debug)]
 pub struct BlockMask<'a> {
@@ -204,30 +230,54 @@ pub struct BlockMask<'a> {
 
 impl BlockMask<'_> {
     /// Sparse Transformer's local pattern: query block `qb` sees key blocks `qb - width + 1 ..= qb`.
+    /// `rows * cols` above [`MAX_MASK_BLOCKS`] (or memory that cannot be reserved) is an error.
     ///
     /// ```
-    /// assert_eq!(attnkit::flash::BlockMask::local_layout(2, 2, 1), [1, 0, 0, 1]);
+    /// use attnkit::flash::BlockMask;
+    /// assert_eq!(BlockMask::local_layout(2, 2, 1)?, [1, 0, 0, 1]);
+    /// assert!(BlockMask::local_layout(1 << 40, 1 << 40, 1).is_err());
+    /// # Ok::<(), attnkit::Error>(())
     /// ```
-    pub fn local_layout(rows: usize, cols: usize, width: usize) -> Vec<u8> {
+    pub fn local_layout(rows: usize, cols: usize, width: usize) -> Result<Vec<u8>> {
         Self::layout(rows, cols, |qb, kb| kb <= qb && qb - kb < width)
     }
 
     /// Sparse Transformer's strided (atrous) pattern: query block `qb` sees key blocks
-    /// `kb <= qb` with `(qb - kb) % stride == 0`.
+    /// `kb <= qb` with `(qb - kb) % stride == 0`. A zero `stride` is an error, and so is
+    /// `rows * cols` above [`MAX_MASK_BLOCKS`].
     ///
     /// ```
-    /// assert_eq!(attnkit::flash::BlockMask::strided_layout(3, 3, 2), [1, 0, 0, 0, 1, 0, 1, 0, 1]);
+    /// use attnkit::flash::BlockMask;
+    /// assert_eq!(BlockMask::strided_layout(3, 3, 2)?, [1, 0, 0, 0, 1, 0, 1, 0, 1]);
+    /// assert!(BlockMask::strided_layout(3, 3, 0).is_err());
+    /// # Ok::<(), attnkit::Error>(())
     /// ```
-    pub fn strided_layout(rows: usize, cols: usize, stride: usize) -> Vec<u8> {
-        Self::layout(rows, cols, |qb, kb| {
-            kb <= qb && (qb - kb) % stride.max(1) == 0
-        })
+    pub fn strided_layout(rows: usize, cols: usize, stride: usize) -> Result<Vec<u8>> {
+        if stride == 0 {
+            return Err(Error::Value {
+                arg: "stride",
+                detail: "must be at least 1".into(),
+            });
+        }
+        Self::layout(rows, cols, |qb, kb| kb <= qb && (qb - kb) % stride == 0)
     }
 
-    fn layout(rows: usize, cols: usize, keep: impl Fn(usize, usize) -> bool) -> Vec<u8> {
-        (0..rows * cols)
-            .map(|i| keep(i / cols, i % cols) as u8)
-            .collect()
+    fn layout(rows: usize, cols: usize, keep: impl Fn(usize, usize) -> bool) -> Result<Vec<u8>> {
+        let n = rows
+            .checked_mul(cols)
+            .filter(|&n| n <= MAX_MASK_BLOCKS)
+            .ok_or_else(|| Error::Shape {
+                arg: "rows",
+                detail: format!("{rows} x {cols} blocks exceed the limit {MAX_MASK_BLOCKS}"),
+            })?;
+        let mut mask = Vec::new();
+        // Within the limit, but still possibly more than the machine has.
+        mask.try_reserve_exact(n).map_err(|e| Error::Shape {
+            arg: "rows",
+            detail: format!("{rows} x {cols} blocks: {e}"),
+        })?;
+        mask.extend((0..n).map(|i| keep(i / cols, i % cols) as u8));
+        Ok(mask)
     }
 }
 
@@ -243,7 +293,10 @@ impl BlockMask<'_> {
 #[derive(Debug, Default)]
 pub struct Extras<'a> {
     /// `[heads_q]` f32: a learned per-head logit added to the softmax denominator as
-    /// `exp(sink - m)` (gpt-oss), with no value vector; included in the LSE.
+    /// `exp(sink - m)` (gpt-oss), with no value vector; included in the LSE. `-inf` is no
+    /// sink; `+inf` puts all the weight on the sink (`O = 0`, `LSE = +inf`, entropy 0); NaN
+    /// is a typed error on the CPU (the host does not read device buffers: on a GPU a NaN
+    /// logit makes that head's O, LSE and entropy NaN).
     pub sink_logits: Option<Buf<'a, f32>>,
     /// Per-row entropy of the attention distribution, `H = LSE - sum_j p_j s_j` (natural log,
     /// the sink included), in the LSE's layout; accumulated in the kernel, never materialised.
@@ -317,26 +370,33 @@ impl Attention {
     }
 
     /// Elements `o` must hold with contiguous strides (`batch * seq_q * heads_q * head_dim`).
+    /// Saturates at `usize::MAX`; forward then rejects the problem.
     ///
     /// ```
-    /// assert_eq!(attnkit::flash::Attention::new(2, 3, 5, 4, 2, 32).o_len(), 2 * 3 * 4 * 32);
+    /// use attnkit::flash::Attention;
+    /// assert_eq!(Attention::new(2, 3, 5, 4, 2, 32).o_len(), 2 * 3 * 4 * 32);
+    /// assert_eq!(Attention::new(1 << 40, 1 << 40, 5, 4, 2, 32).o_len(), usize::MAX);
     /// ```
     pub fn o_len(&self) -> usize {
-        self.batch * self.seq_q * self.heads_q * self.head_dim
+        saturating_product(&[self.batch, self.seq_q, self.heads_q, self.head_dim])
     }
 
-    /// Elements of the LSE output, `[batch, heads_q, seq_q]`.
+    /// Elements of the LSE output, `[batch, heads_q, seq_q]`. Saturates at `usize::MAX`;
+    /// forward then rejects the problem.
     ///
     /// ```
     /// assert_eq!(attnkit::flash::Attention::new(2, 3, 5, 4, 2, 32).lse_len(), 2 * 4 * 3);
     /// ```
     pub fn lse_len(&self) -> usize {
-        self.batch * self.heads_q * self.seq_q
+        saturating_product(&[self.batch, self.heads_q, self.seq_q])
     }
 
     /// Floating-point operations of the forward pass, `4 * b * h * seq_q * seq_k * d`, only
     /// the visible (query, key) pairs counted under the causal mask and window (a block mask
     /// is not counted).
+    ///
+    /// Closed form (constant time in the lengths), in f64: exact while the counts stay below
+    /// 2^53, and it never panics, whatever the sizes.
     ///
     /// ```
     /// let a = attnkit::flash::Attention::new(1, 4, 4, 1, 1, 32);
@@ -344,15 +404,67 @@ impl Attention {
     /// assert_eq!(a.causal(true).flops(), 4.0 * 10.0 * 32.0);
     /// ```
     pub fn flops(&self) -> f64 {
-        let pairs = visible_pairs(self.seq_q, self.seq_k, &self.opts) as f64;
-        4.0 * (self.batch * self.heads_q * self.head_dim) as f64 * pairs
+        let pairs = visible_pairs(self.seq_q, self.seq_k, &self.opts);
+        4.0 * self.batch as f64 * self.heads_q as f64 * self.head_dim as f64 * pairs
     }
 }
 
-/// (query, key) pairs visible in one sequence under the causal mask, window and sinks.
-fn visible_pairs(seq_q: usize, seq_k: usize, opts: &Options) -> u64 {
-    let vis = Visibility::new(opts, seq_q, seq_k);
-    (0..seq_q).map(|i| vis.count(i) as u64).sum()
+/// The product of sizes, `usize::MAX` when it overflows.
+fn saturating_product(sizes: &[usize]) -> usize {
+    sizes
+        .iter()
+        .try_fold(1usize, |acc, &n| acc.checked_mul(n))
+        .unwrap_or(usize::MAX)
+}
+
+/// (query, key) pairs visible in one sequence under the causal mask, window and sinks, in
+/// closed form: a row's count is piecewise affine in the row index, with its pieces meeting
+/// at a few points where a clamp of [`Visibility`] switches; each piece is an arithmetic
+/// series. In i128 (no size can overflow it), summed in f64.
+pub(crate) fn visible_pairs(seq_q: usize, seq_k: usize, opts: &Options) -> f64 {
+    let (q, k) = (seq_q as i128, seq_k as i128);
+    if q == 0 || k == 0 {
+        return 0.0;
+    }
+    let x = q - k; // minus the diagonal offset: key j = i - x is row i's diagonal
+    let left = opts.window_left.map(|l| l as i128);
+    let right = if opts.causal {
+        Some(0)
+    } else {
+        opts.window_right.map(|r| r as i128)
+    };
+    let sinks = (opts.sinks as i128).min(k);
+    let count = |i: i128| -> i128 {
+        let lo = left.map_or(0, |l| (i - x - l).max(0));
+        let hi = right.map_or(k - 1, |r| (i - x + r).min(k - 1));
+        (hi - lo + 1).max(0) + sinks.min(lo).min(hi + 1).max(0)
+    };
+    // Where a clamp switches: lo leaves 0 or crosses the sinks or the end, hi reaches the
+    // end or crosses -1 or the sinks.
+    let (l, r) = (left.unwrap_or(0), right.unwrap_or(0));
+    let mut cuts = vec![0, q];
+    for c in [
+        l + x,
+        k - 1 - r + x,
+        k + l + x,
+        x - r - 1,
+        sinks + l + x,
+        sinks - 1 - r + x,
+    ] {
+        for c in [c, c + 1] {
+            if 0 < c && c < q {
+                cuts.push(c);
+            }
+        }
+    }
+    cuts.sort_unstable();
+    cuts.dedup();
+    cuts.windows(2)
+        .map(|w| {
+            let (a, b) = (w[0], w[1] - 1);
+            (b - a + 1) as f64 * (count(a) + count(b)) as f64 * 0.5
+        })
+        .sum()
 }
 
 /// Which keys a row sees (causal, window, sinks; the block mask is applied separately), in
@@ -475,7 +587,8 @@ impl<'a> VarlenAttention<'a> {
         }
     }
 
-    /// Packed query rows (`cu_seqlens_q[batch]`, 0 if the slice is empty).
+    /// Packed query rows (`cu_seqlens_q[batch]`, 0 if the slice is empty or the offset
+    /// negative).
     ///
     /// ```
     /// let cu = [0, 2, 9];
@@ -486,23 +599,25 @@ impl<'a> VarlenAttention<'a> {
     }
 
     /// Elements `o` must hold with contiguous strides (`total_q * heads_q * head_dim`).
+    /// Saturates at `usize::MAX`; forward then rejects the problem.
     ///
     /// ```
     /// let cu = [0, 2, 9];
     /// assert_eq!(attnkit::flash::VarlenAttention::new(&cu, &cu, 2, 1, 32).o_len(), 9 * 2 * 32);
     /// ```
     pub fn o_len(&self) -> usize {
-        self.total_q() * self.heads_q * self.head_dim
+        saturating_product(&[self.total_q(), self.heads_q, self.head_dim])
     }
 
-    /// Elements of the LSE output, `[heads_q, total_q]`.
+    /// Elements of the LSE output, `[heads_q, total_q]`. Saturates at `usize::MAX`; forward
+    /// then rejects the problem.
     ///
     /// ```
     /// let cu = [0, 2, 9];
     /// assert_eq!(attnkit::flash::VarlenAttention::new(&cu, &cu, 2, 1, 32).lse_len(), 18);
     /// ```
     pub fn lse_len(&self) -> usize {
-        self.heads_q * self.total_q()
+        saturating_product(&[self.heads_q, self.total_q()])
     }
 }
 
@@ -622,18 +737,16 @@ pub fn forward_with<T: Element>(
     lse: BufMut<'_, f32>,
     extras: Extras<'_>,
 ) -> Result<()> {
-    for (arg, n) in [
+    // Every size is bounded before any product of them is formed.
+    check_sizes(&[
         ("batch", attn.batch),
         ("seq_q", attn.seq_q),
         ("seq_k", attn.seq_k),
-    ] {
-        if n == 0 {
-            return Err(Error::Shape {
-                arg,
-                detail: "must be at least 1".into(),
-            });
-        }
-    }
+        ("heads_q", attn.heads_q),
+        ("heads_kv", attn.heads_kv),
+    ])?;
+    let total_q = checked_total("total_q", attn.batch, attn.seq_q)?;
+    let total_k = checked_total("total_k", attn.batch, attn.seq_k)?;
     let p = Problem {
         batch: attn.batch,
         seq_q: attn.seq_q,
@@ -650,8 +763,8 @@ pub fn forward_with<T: Element>(
         lse_batch: attn.heads_q * attn.seq_q,
         lse_head: attn.seq_q,
         cu: None,
-        total_q: attn.batch * attn.seq_q,
-        total_k: attn.batch * attn.seq_k,
+        total_q,
+        total_k,
     };
     run(dev, &p, q, k, v, None, o, lse, extras)
 }
@@ -661,8 +774,12 @@ pub fn forward_with<T: Element>(
 /// `attn`), `lse` is contiguous `[heads_q, total_q]`. Empty sequences are allowed.
 ///
 /// `cu_seqlens_q`/`cu_seqlens_k` hold the same offsets as `attn`'s host slices, where the call
-/// runs: on the CPU pass the host slices again; on a GPU, device copies. (The kernel re-checks
-/// the device copies' bounds, so a stale copy cannot read or write out of bounds.)
+/// runs: on the CPU pass the host slices again (or copies: their contents must equal the
+/// problem's, a typed error naming the buffer otherwise, so the CPU never computes from
+/// offsets a GPU would not use); on a GPU, device copies, which the host does not read (no
+/// device-to-host copy). The kernel re-checks each sequence's device offsets against the
+/// problem's totals and skips a sequence whose offsets are out of bounds, so a stale copy
+/// gives wrong rows, never a read or write out of bounds.
 ///
 /// ```
 /// use attnkit::{flash::{self, VarlenAttention}, Device};
@@ -739,6 +856,7 @@ pub fn forward_varlen_with<T: Element>(
             detail: "needs at least 2 offsets (one sequence)".into(),
         });
     }
+    check_sizes(&[("batch", cq.len() - 1)])?;
     if ck.len() != cq.len() {
         return Err(Error::Shape {
             arg: "cu_seqlens_k",
@@ -766,6 +884,12 @@ pub fn forward_varlen_with<T: Element>(
             detail: "every sequence is empty".into(),
         });
     }
+    check_sizes(&[
+        ("total_q", total_q),
+        ("total_k", total_k),
+        ("heads_q", attn.heads_q),
+        ("heads_kv", attn.heads_kv),
+    ])?;
     let p = Problem {
         batch: cq.len() - 1,
         seq_q,
@@ -798,27 +922,6 @@ pub fn forward_varlen_with<T: Element>(
     )
 }
 
-/// Checks offsets: from 0, non-decreasing, within i32. Returns the longest sequence.
-fn check_offsets(arg: &'static str, cu: &[i32]) -> Result<usize> {
-    if cu[0] != 0 {
-        return Err(Error::Value {
-            arg,
-            detail: format!("must start at 0, starts at {}", cu[0]),
-        });
-    }
-    let mut longest = 0usize;
-    for (i, w) in cu.windows(2).enumerate() {
-        if w[1] < w[0] {
-            return Err(Error::Value {
-                arg,
-                detail: format!("decreases at {}: {} -> {}", i + 1, w[0], w[1]),
-            });
-        }
-        longest = longest.max((w[1] - w[0]) as usize);
-    }
-    Ok(longest)
-}
-
 #[allow(clippy::too_many_arguments)]
 fn run<T: Element>(
     dev: &Device,
@@ -835,9 +938,9 @@ fn run<T: Element>(
     check_extras(p, &extras)?;
     match &dev.backend {
         Backend::Cpu { threads } => {
-            if let Some((cq, ck)) = &cu {
-                cq.host("cu_seqlens_q")?;
-                ck.host("cu_seqlens_k")?;
+            if let (Some((cq, ck)), Some((pq, pk))) = (&cu, p.cu) {
+                checks::check_offset_buffers(pq, cq.host("cu_seqlens_q")?, "cu_seqlens_q")?;
+                checks::check_offset_buffers(pk, ck.host("cu_seqlens_k")?, "cu_seqlens_k")?;
             }
             let (q, k, v) = (q.host("q")?, k.host("k")?, v.host("v")?);
             let sinks = extras
@@ -845,6 +948,9 @@ fn run<T: Element>(
                 .as_ref()
                 .map(|b| b.host("sink_logits"))
                 .transpose()?;
+            if let Some(s) = sinks {
+                checks::check_sink_values(s)?;
+            }
             let mask = match &extras.block_mask {
                 Some(m) => Some((m.mask.host("block_mask")?, m.block_q, m.block_k)),
                 None => None,
@@ -868,250 +974,4 @@ fn run<T: Element>(
             cuda::forward(c, p, &q, &k, &v, cu.as_ref(), &mut o, &mut lse, &mut extras)
         }
     }
-}
-
-/// Checks the options and the extras against the problem: sizes, and the combinations a score
-/// function does not support.
-fn check_extras(p: &Problem<'_>, x: &Extras<'_>) -> Result<()> {
-    let o = &p.opts;
-    for (arg, n) in [
-        ("window_left", o.window_left),
-        ("window_right", o.window_right),
-        ("sinks", Some(o.sinks)),
-    ] {
-        if n.is_some_and(|n| n > MAX_LEN) {
-            return Err(Error::Value {
-                arg,
-                detail: format!("{} exceeds {MAX_LEN}", n.unwrap_or(0)),
-            });
-        }
-    }
-    if let Score::Relu2(norm) = o.score {
-        let unsupported = |arg: &'static str, what: &str| Error::Unsupported {
-            arg,
-            detail: format!("relu² attention has no {what}"),
-        };
-        if x.sink_logits.is_some() {
-            return Err(unsupported(
-                "sink_logits",
-                "softmax denominator for a sink logit",
-            ));
-        }
-        if x.entropy.is_some() {
-            return Err(unsupported(
-                "entropy",
-                "probability distribution to take the entropy of",
-            ));
-        }
-        if o.entropy_scale {
-            return Err(unsupported(
-                "entropy_scale",
-                "softmax entropy to keep invariant",
-            ));
-        }
-        if norm == Relu2Norm::Visible && x.block_mask.is_some() {
-            return Err(Error::Unsupported {
-                arg: "block_mask",
-                detail: "relu² normalised by visible keys needs a mask without blocks".into(),
-            });
-        }
-    }
-    if o.entropy_scale && x.block_mask.is_some() {
-        return Err(Error::Unsupported { arg: "block_mask", detail: "the entropy-invariant scale counts visible keys in closed form, which a block mask breaks".into() });
-    }
-    if let Some(s) = &x.sink_logits {
-        if s.len() != p.heads_q {
-            return Err(Error::Shape {
-                arg: "sink_logits",
-                detail: format!("holds {} logits, heads_q is {}", s.len(), p.heads_q),
-            });
-        }
-    }
-    if let Some(e) = &x.entropy {
-        let need = p.heads_q * p.total_q;
-        if e.len() < need {
-            return Err(Error::Shape {
-                arg: "entropy",
-                detail: format!(
-                    "holds {} elements, needs {need} (the LSE's layout)",
-                    e.len()
-                ),
-            });
-        }
-    }
-    if let Some(m) = &x.block_mask {
-        if m.block_q == 0 || m.block_k == 0 {
-            return Err(Error::Value {
-                arg: "block_mask",
-                detail: "block_q and block_k must be at least 1".into(),
-            });
-        }
-        let need = p.seq_q.div_ceil(m.block_q) * p.seq_k.div_ceil(m.block_k);
-        if m.mask.len() < need {
-            return Err(Error::Shape {
-                arg: "block_mask",
-                detail: format!(
-                    "holds {} blocks, [{}, {}] needs {need}",
-                    m.mask.len(),
-                    p.seq_q.div_ceil(m.block_q),
-                    p.seq_k.div_ceil(m.block_k)
-                ),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Every check that does not depend on the backend.
-fn check(
-    p: &Problem<'_>,
-    q_len: usize,
-    k_len: usize,
-    v_len: usize,
-    o_len: usize,
-    lse_len: usize,
-) -> Result<()> {
-    if !HEAD_DIMS.contains(&p.d) {
-        return Err(Error::Unsupported {
-            arg: "head_dim",
-            detail: format!("{} (supported: {HEAD_DIMS:?})", p.d),
-        });
-    }
-    if p.heads_q == 0 || p.heads_kv == 0 {
-        let arg = if p.heads_q == 0 {
-            "heads_q"
-        } else {
-            "heads_kv"
-        };
-        return Err(Error::Shape {
-            arg,
-            detail: "must be at least 1".into(),
-        });
-    }
-    if p.heads_q % p.heads_kv != 0 {
-        return Err(Error::Shape {
-            arg: "heads_kv",
-            detail: format!(
-                "heads_q ({}) is not a multiple of heads_kv ({})",
-                p.heads_q, p.heads_kv
-            ),
-        });
-    }
-    if !p.scale.is_finite() {
-        return Err(Error::Value {
-            arg: "scale",
-            detail: format!("{} is not finite", p.scale),
-        });
-    }
-    // The kernels count rows and keys in i32 with a tile of headroom; one grid dimension per
-    // batch and head.
-    for (arg, n) in [
-        ("batch", p.batch),
-        ("seq_q", p.seq_q),
-        ("seq_k", p.seq_k),
-        ("heads_q", p.heads_q),
-        ("total_q", p.total_q),
-        ("total_k", p.total_k),
-    ] {
-        if n > i32::MAX as usize {
-            return Err(Error::Unsupported {
-                arg,
-                detail: format!("{n} exceeds i32"),
-            });
-        }
-    }
-    if p.batch > 65535 || p.heads_q > 65535 {
-        let arg = if p.batch > 65535 { "batch" } else { "heads_q" };
-        return Err(Error::Unsupported {
-            arg,
-            detail: "at most 65535 (a CUDA grid dimension)".into(),
-        });
-    }
-    let fixed = p.cu.is_none();
-    let (rows_q, rows_k) = if fixed {
-        (p.seq_q, p.seq_k)
-    } else {
-        (p.total_q, p.total_k)
-    };
-    let batches = if fixed { p.batch } else { 1 };
-    for (arg, s, rows, heads, len) in [
-        ("q", &p.q, rows_q, p.heads_q, q_len),
-        ("k", &p.k, rows_k, p.heads_kv, k_len),
-        ("v", &p.v, rows_k, p.heads_kv, v_len),
-        ("o", &p.o, rows_q, p.heads_q, o_len),
-    ] {
-        check_strides(arg, s, [batches, rows, heads, p.d], len, arg == "o")?;
-    }
-    let lse_need = p.heads_q * p.total_q;
-    if lse_len < lse_need {
-        return Err(Error::Shape {
-            arg: "lse",
-            detail: format!(
-                "holds {lse_len} elements, needs {lse_need} ({} x heads x rows)",
-                if fixed { "batch" } else { "1" }
-            ),
-        });
-    }
-    Ok(())
-}
-
-/// Checks a strided `[a, b, c, d]` tensor against its buffer: last dimension contiguous, every
-/// element inside the buffer, offsets within i64, and (outputs) no two elements at one place.
-/// Shared by every family that takes `[batch, seq, heads, dim]` tensors.
-pub(crate) fn check_strides(
-    arg: &'static str,
-    s: &Strides,
-    dims: [usize; 4],
-    len: usize,
-    output: bool,
-) -> Result<()> {
-    if s.dim != 1 {
-        return Err(Error::Stride {
-            arg,
-            detail: format!("the head_dim stride must be 1, is {}", s.dim),
-        });
-    }
-    let strides = [s.batch, s.row, s.head, 1];
-    let reach = dims
-        .iter()
-        .zip(&strides)
-        .try_fold(1usize, |acc, (&n, &st)| {
-            n.checked_sub(1)
-                .map_or(Some(acc), |m| m.checked_mul(st)?.checked_add(acc))
-        })
-        .filter(|&r| r <= i64::MAX as usize)
-        .ok_or_else(|| Error::Stride {
-            arg,
-            detail: format!("shape {dims:?} with strides {strides:?} overflows"),
-        })?;
-    if dims.contains(&0) {
-        return Ok(());
-    }
-    if reach > len {
-        return Err(Error::Shape {
-            arg,
-            detail: format!(
-                "holds {len} elements, shape {dims:?} with strides {strides:?} reaches {reach}"
-            ),
-        });
-    }
-    if output {
-        let mut by_stride: Vec<(usize, usize)> = strides
-            .into_iter()
-            .zip(dims)
-            .filter(|&(_, n)| n > 1)
-            .collect();
-        by_stride.sort_unstable();
-        let mut span = 1usize;
-        for (st, n) in by_stride {
-            if st < span {
-                return Err(Error::Stride {
-                    arg,
-                    detail: format!("strides {strides:?} make elements overlap"),
-                });
-            }
-            span = st.saturating_mul(n);
-        }
-    }
-    Ok(())
 }
