@@ -22,6 +22,40 @@
 //! # Ok::<(), attnkit::Error>(())
 //! ```
 //!
+//! ## Errors, limits and buffer lengths
+//!
+//! Every public function checks its arguments before it computes a size from them, allocates
+//! or launches; a bad one is an [`Error`] naming the argument ([`Error::arg`]), never a panic.
+//! Size helpers that return a plain number (`o_len`, `lse_len`, `Strides::contiguous`, ...)
+//! saturate at `usize::MAX` instead of wrapping, so a buffer sized from them is refused by
+//! the call rather than accepted too short.
+//!
+//! **One buffer-length rule, every family:** a buffer must hold at least the elements the
+//! call reads or writes (for a strided tensor: up to its last reached element); a longer one
+//! is accepted, and its tail is neither read nor written. One element fewer is an error.
+//!
+//! **Offsets and tables have one source of truth.** Calls that take per-sequence tables both
+//! as host slices in the problem (for the checks and the launch sizes) and as buffers (what a
+//! kernel reads: `cu_seqlens`, `cache_seqlens`, block tables, ring offsets) check on the CPU
+//! that the buffers hold what the problem says (an error otherwise). On a GPU the device
+//! buffers are not copied back to be compared (that would cost a round trip per step); the
+//! kernels re-check every index they read from them, so a stale table can leave outputs
+//! wrong but never reads or writes outside the buffers.
+//!
+//! **Limits** (larger is a typed error), each where the kernels' 32-bit index arithmetic or a
+//! CUDA grid dimension needs it; element offsets themselves are 64-bit everywhere (tested past
+//! 2^31 elements in `tests/offsets64.rs`):
+//!
+//! | family | limit |
+//! |---|---|
+//! | [`flash`] | sequence lengths, packed totals, window sides and sinks at most [`flash::MAX_LEN`] (2^30); batch and heads at most [`flash::MAX_GRID`] (65535); block-mask layouts at most [`flash::MAX_MASK_BLOCKS`] blocks |
+//! | [`decode`] | at most [`decode::MAX_BATCH`] sequences, [`decode::MAX_HEADS`] query heads, [`decode::MAX_CAPACITY`] keys per sequence, [`decode::MAX_SEQ_Q`] new tokens, [`decode::MAX_SPLITS`] splits |
+//! | [`lightning`] | at most [`lightning::MAX_HEADS`] heads on a GPU, [`lightning::MAX_HOST_HEADS`] on the CPU |
+//! | [`monarch`] | host-side tables and dense matrices at most [`monarch::MAX_HOST_ELEMENTS`] elements |
+//!
+//! Floats: NaN is an error wherever a scale, decay or logit is taken; infinities only where a
+//! meaning is documented (a `-inf` learned sink logit is "no sink").
+//!
 //! Layout of the crate: `kernels/<family>.cu` (+ `<family>.h`, the params struct mirrored into
 //! Rust by bindgen) and `src/<family>/` (API and checks, CPU path, CUDA launcher) per kernel
 //! family; [`Device`] and the private `cuda` module hold the runtime they share.
