@@ -423,7 +423,7 @@ fn fuzz_helpers() {
         let s: [usize; 6] = std::array::from_fn(|_| size(rng, 100));
         let bound = |rng: &mut StdRng| rng.random_bool(0.5).then(|| size(rng, 100));
         let st = Strides::contiguous(s[0], s[1], s[2]);
-        assert_eq!(st.row, s[1].checked_mul(s[2]).unwrap_or(usize::MAX));
+        assert_eq!(st.row, s[1].saturating_mul(s[2]));
         let a = Attention::new(s[0], s[1], s[2], s[3], s[4], s[5])
             .causal(rng.random_bool(0.5))
             .window(bound(rng), bound(rng))
