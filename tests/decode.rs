@@ -17,13 +17,6 @@ use rand::Rng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 
-/// The CPU, and the GPU where there is one.
-fn devices(test: &str) -> Vec<Device> {
-    let mut v = vec![Device::cpu()];
-    v.extend(gpu(test));
-    v
-}
-
 /// Device copies of a problem's index arrays.
 #[cfg(feature = "cuda")]
 struct DeviceTables {

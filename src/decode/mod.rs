@@ -107,7 +107,8 @@ impl Rope {
         (self.theta as f64).powf(-2.0 * c as f64 / d as f64)
     }
 
-    /// The two element indices pair `c` rotates.
+    /// The two element indices pair `c` rotates (saturating at `usize::MAX` for a `c` past
+    /// any head).
     ///
     /// ```
     /// use attnkit::decode::{Rope, RopeStyle};
@@ -116,8 +117,11 @@ impl Rope {
     /// ```
     pub fn pair(&self, c: usize, d: usize) -> (usize, usize) {
         match self.style {
-            RopeStyle::NeoX => (c, c + d / 2),
-            RopeStyle::Interleaved => (2 * c, 2 * c + 1),
+            RopeStyle::NeoX => (c, c.saturating_add(d / 2)),
+            RopeStyle::Interleaved => {
+                let a = c.saturating_mul(2);
+                (a, a.saturating_add(1))
+            }
         }
     }
 }
