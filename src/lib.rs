@@ -54,7 +54,9 @@
 //! | [`monarch`] | host-side tables and dense matrices at most [`monarch::MAX_HOST_ELEMENTS`] elements |
 //!
 //! Floats: NaN is an error wherever a scale, decay or logit is taken; infinities only where a
-//! meaning is documented (a `-inf` learned sink logit is "no sink").
+//! meaning is documented (a `-inf` learned sink logit is "no sink"). Values that live in
+//! device buffers (learned sink logits on a GPU) are not read back to be checked: there a NaN
+//! gives NaN rows, as the family's docs say.
 //!
 //! Layout of the crate: `kernels/<family>.cu` (+ `<family>.h`, the params struct mirrored into
 //! Rust by bindgen) and `src/<family>/` (API and checks, CPU path, CUDA launcher) per kernel

@@ -8,8 +8,8 @@ use crate::error::{Error, Result};
 /// has seen. The cache keeps the first `n_sink` tokens and the last `window`; the K/V buffers
 /// themselves are the caller's, `[batch, n_sink + window, heads_kv, head_dim]`.
 ///
-/// Each step: [`RollingCache::advance`] by the step's `seq_q` new tokens, then [`append`] and
-/// [`forward`] with [`RollingCache::layout`] and the lengths from
+/// Each step: [`RollingCache::advance`] by the step's `seq_q` new tokens, then [`append`](super::append) and
+/// [`forward`](super::forward) with [`RollingCache::layout`] and the lengths from
 /// [`RollingCache::cache_seqlens`]. The new tokens are written first, so they evict the
 /// oldest ring tokens before attention: a step's queries see the cache as it is after it.
 ///
@@ -178,7 +178,7 @@ impl RollingCache {
             .collect()
     }
 
-    /// The layout to pass in [`Decode`], with `ring_offsets` from [`RollingCache::ring_offsets`].
+    /// The layout to pass in [`Decode`](super::Decode), with `ring_offsets` from [`RollingCache::ring_offsets`].
     ///
     /// ```
     /// # use attnkit::decode::{RollingCache, Rope, RopeStyle, Layout};
