@@ -14,13 +14,6 @@ use attnkit::{Bf16, DType, Device, Element, Error, F16};
 use common::*;
 use rand::rngs::StdRng;
 
-/// The CPU, and the GPU where there is one.
-fn devices(test: &str) -> Vec<Device> {
-    let mut v = vec![Device::cpu()];
-    v.extend(gpu(test));
-    v
-}
-
 /// Runs `forward` on `dev` (uploading to and downloading from the GPU when it is one), with
 /// outputs poisoned with NaN beforehand. `o_len` lets a strided o be larger than the problem.
 fn run<T: Element>(
