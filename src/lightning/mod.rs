@@ -96,10 +96,14 @@ pub enum Seqs<'a> {
     },
     /// Packed sequences: sequence `i` is tokens `cu_seqlens[i]..cu_seqlens[i + 1]`.
     ///
-    /// `cu_seqlens` lives where the call runs. On the CPU its contents are checked
-    /// (starts at 0, non-decreasing, ends at the token count, no sequence longer than
-    /// `max_seqlen`); on a GPU they are not read by the host, and the kernels stay within the
-    /// buffers whatever they hold, but lengths over `max_seqlen` leave outputs unwritten.
+    /// `cu_seqlens` lives where the call runs, and is the one source of the sequences (no
+    /// host copy to disagree with). On the CPU its contents are checked (starts at 0,
+    /// non-decreasing, no sequence longer than `max_seqlen`) and the last offset is the token
+    /// count: every token buffer holds at least that many rows, and rows past it are neither
+    /// read nor written. On a GPU the host does not read them: the token count is the whole
+    /// rows `q` holds (the other buffers must hold as many), the kernels stay within the
+    /// buffers whatever the offsets hold, and lengths over `max_seqlen` leave outputs
+    /// unwritten.
     Varlen {
         /// `n_seqs + 1` offsets, i32.
         cu_seqlens: Buf<'a, i32>,
