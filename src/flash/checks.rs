@@ -417,8 +417,8 @@ mod tests {
             for b in 0..dims[1].0 {
                 for c in 0..dims[2].0 {
                     let base = a * dims[0].1 + b * dims[1].1 + c * dims[2].1;
-                    for e in base..base + d {
-                        if std::mem::replace(&mut seen[e], true) {
+                    for e in &mut seen[base..base + d] {
+                        if std::mem::replace(e, true) {
                             return true;
                         }
                     }
