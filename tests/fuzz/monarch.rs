@@ -77,7 +77,7 @@ fn small_shape(rng: &mut StdRng) -> MonarchShape {
 fn rows(rng: &mut StdRng, tokens: usize, width: usize) -> Rows {
     let row_stride = match rng.random_range(0..20) {
         0..12 => width,
-        12..17 => width + rng.random_range(1..4),
+        12..17 => width.saturating_add(rng.random_range(1..4)),
         17 => width.saturating_sub(1),
         _ => size(rng, 16),
     };
