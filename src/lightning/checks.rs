@@ -91,6 +91,7 @@ enum Spans {
     /// Read from host offsets and checked.
     Host(Vec<(usize, usize)>),
     /// Device offsets, which the host never reads.
+    #[cfg(feature = "cuda")]
     Device,
 }
 
@@ -122,6 +123,7 @@ impl Resolved {
                 out.extend((0..self.n_seqs).map(|b| (b * seq, seq)));
                 Ok(out)
             }
+            #[cfg(feature = "cuda")]
             Spans::Device => Err(Error::Placement {
                 arg: "cu_seqlens",
                 expected: "host memory",
