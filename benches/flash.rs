@@ -1,13 +1,14 @@
 //! FlashAttention forward benches.
 //!
-//! - `flash_cpu`: the tiled CPU path against the naive f64 oracle at seq 2k, head dim 64
-//!   (the issue's CPU target: the tiled path at least 5x faster on 2 cores).
+//! - `flash_cpu`: the tiled CPU path at the shapes issue 18 compares with PyTorch's CPU SDPA
+//!   (8 heads, f32 and bf16, causal and not), and beside the naive f64 oracle at seq 2k.
 //! - `flash_cuda` (where a GPU exists): bf16, head dim 128, 16 heads, 16k tokens in all
 //!   (batch x seq), seq 1k..16k, causal and not; throughput in FLOP/s (criterion's
 //!   "elements/s"), timed with CUDA events on the device's stream.
 
 use attnkit::flash::{self, Attention, oracle};
 use attnkit::{Bf16, Device, Element};
+use criterion::measurement::WallTime;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 fn data<T: Element>(n: usize, seed: u32) -> Vec<T> {
@@ -23,24 +24,26 @@ fn data<T: Element>(n: usize, seed: u32) -> Vec<T> {
         .collect()
 }
 
-fn bench_cpu(c: &mut Criterion) {
-    let mut g = c.benchmark_group("flash_cpu");
-    g.sample_size(10);
-    let a = Attention::new(1, 2048, 2048, 1, 1, 64);
+/// One CPU forward of `a` at precision `T`, timed as FLOP/s.
+fn cpu_case<T: Element>(
+    g: &mut criterion::BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    a: &Attention,
+) {
     g.throughput(Throughput::Elements(a.flops() as u64));
     let (q, k, v) = (
-        data::<Bf16>(a.o_len(), 1),
-        data::<Bf16>(a.o_len(), 2),
-        data::<Bf16>(a.o_len(), 3),
+        data::<T>(a.o_len(), 1),
+        data::<T>(a.o_len(), 2),
+        data::<T>(a.o_len(), 3),
     );
-    let mut o = vec![Bf16::default(); a.o_len()];
+    let mut o = vec![T::default(); a.o_len()];
     let mut lse = vec![0f32; a.lse_len()];
     let dev = Device::cpu();
-    g.bench_function("tiled_bf16_s2048_d64", |b| {
+    g.bench_function(name, |b| {
         b.iter(|| {
             flash::forward(
                 &dev,
-                &a,
+                a,
                 (&q).into(),
                 (&k).into(),
                 (&v).into(),
@@ -50,6 +53,25 @@ fn bench_cpu(c: &mut Criterion) {
             .unwrap()
         })
     });
+}
+
+fn bench_cpu(c: &mut Criterion) {
+    let mut g = c.benchmark_group("flash_cpu");
+    g.sample_size(10);
+    // The shapes issue 18 measures beside PyTorch's CPU SDPA (scripts/peers_cpu.py).
+    let a = |s, d, causal| Attention::new(1, s, s, 8, 8, d).causal(causal);
+    cpu_case::<f32>(&mut g, "f32_h8_s1024_d64_causal", &a(1024, 64, true));
+    cpu_case::<f32>(&mut g, "f32_h8_s1024_d128", &a(1024, 128, false));
+    cpu_case::<Bf16>(&mut g, "bf16_h8_s1024_d128", &a(1024, 128, false));
+    cpu_case::<Bf16>(&mut g, "bf16_h8_s4096_d64_causal", &a(4096, 64, true));
+    // The tiled path beside the naive f64 oracle it is tested against.
+    let a = Attention::new(1, 2048, 2048, 1, 1, 64);
+    cpu_case::<Bf16>(&mut g, "tiled_bf16_s2048_d64", &a);
+    let (q, k, v) = (
+        data::<Bf16>(a.o_len(), 1),
+        data::<Bf16>(a.o_len(), 2),
+        data::<Bf16>(a.o_len(), 3),
+    );
     g.bench_function("oracle_f64_s2048_d64", |b| {
         b.iter(|| oracle::attention(&a, &q, &k, &v))
     });

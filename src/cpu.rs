@@ -92,3 +92,143 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     }
     acc.iter().sum::<f32>() + tail
 }
+
+/// `2^x` in f32 to within about 2 ulp for x in [-126, 127] (0 below, NaN stays NaN), written
+/// without branches or library calls so loops over it vectorise (the softmax's exponentials
+/// dominate the CPU path once its products run as GEMMs; `f32::exp2` is a scalar libm call).
+/// Round-to-nearest splits x = i + f with |f| <= 1/2; 2^f is its degree-7 Taylor polynomial
+/// (truncation below 6e-9) and 2^i is built in the exponent bits.
+#[inline(always)]
+pub(crate) fn exp2(x: f32) -> f32 {
+    // 1.5 * 2^23: adding it rounds to an integer in the low mantissa bits (no FMA contraction
+    // in Rust, so the add and subtract round exactly as written).
+    const ROUND: f32 = 12_582_912.0;
+    const C: [f32; 8] = [
+        1.0,
+        std::f32::consts::LN_2,
+        0.240_226_5,
+        0.055_504_11,
+        0.009_618_129,
+        0.001_333_355_8,
+        0.000_154_035_3,
+        0.000_015_252_734,
+    ];
+    // clamp keeps NaN, which then flows through the arithmetic.
+    let xc = x.clamp(-126.0, 127.0);
+    let r = (xc + ROUND) - ROUND;
+    let f = xc - r;
+    let mut p = C[7];
+    for c in C[..7].iter().rev() {
+        p = p * f + c;
+    }
+    let scale = f32::from_bits((((r as i32) + 127) as u32) << 23);
+    if x < -126.0 { 0.0 } else { p * scale }
+}
+
+/// `dst = a · b` (or `dst += a · b` with `accumulate`) for an `m x k` times `k x n` product,
+/// each matrix given by its slice and (row, column) element strides. The CPU path's tile
+/// products go through here: `gemm`'s micro-kernels, dispatched at run time, on this thread.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    (a, a_rs, a_cs): (&[f32], usize, usize),
+    (b, b_rs, b_cs): (&[f32], usize, usize),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                dst[r * dst_rs..r * dst_rs + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    // The last element each matrix touches must be in its slice: gemm reads raw pointers.
+    let fits = |len: usize, rows: usize, cols: usize, rs: usize, cs: usize| {
+        (rows - 1)
+            .checked_mul(rs)
+            .and_then(|x| x.checked_add((cols - 1).checked_mul(cs)?))
+            .is_some_and(|last| last < len)
+    };
+    assert!(
+        fits(dst.len(), m, n, dst_rs, 1) && fits(a.len(), m, k, a_rs, a_cs),
+        "matmul: dst or a out of bounds"
+    );
+    assert!(fits(b.len(), k, n, b_rs, b_cs), "matmul: b out of bounds");
+    // SAFETY: every element the product reads or writes is in bounds (checked above), dst does
+    // not alias a or b (a &mut borrow), and strides below 2^63 fit isize (slices are smaller).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp2_matches_std_to_two_ulp() {
+        let mut worst = 0f64;
+        let mut x = -126.0f32;
+        while x <= 127.0 {
+            let (got, want) = (exp2(x) as f64, (x as f64).exp2());
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.001_37;
+        }
+        // 2 ulp of f32 is 2.4e-7 relative.
+        assert!(worst < 2.4e-7, "worst relative error {worst:e}");
+        assert_eq!(exp2(0.0), 1.0);
+        assert_eq!(exp2(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp2(-200.0), 0.0);
+        assert!(exp2(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn matmul_matches_loops_with_strides() {
+        let (m, n, k) = (5, 7, 3);
+        let a: Vec<f32> = (0..m * k * 2).map(|i| (i % 7) as f32 - 3.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.5).collect();
+        // a is read transposed through its strides (column stride m*2... a[r][c] = a[c*m + r]),
+        // b row-major, dst with a row gap.
+        let mut dst = vec![f32::NAN; m * 9];
+        for acc in [false, true] {
+            if acc {
+                dst.iter_mut().for_each(|x| *x = 1.0);
+            }
+            matmul((m, n, k), &mut dst, 9, acc, (&a, 1, m), (&b, n, 1));
+            for r in 0..m {
+                for c in 0..n {
+                    let want: f32 = (0..k).map(|i| a[i * m + r] * b[i * n + c]).sum::<f32>()
+                        + if acc { 1.0 } else { 0.0 };
+                    assert_eq!(dst[r * 9 + c], want, "({r}, {c}) acc {acc}");
+                }
+                assert!(dst[r * 9 + n..r * 9 + 9].iter().all(|x| x.is_nan() != acc));
+            }
+        }
+    }
+}

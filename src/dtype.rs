@@ -115,12 +115,30 @@ pub trait Element:
     fn nan() -> Self {
         Self::from_f32(f32::NAN)
     }
+    /// The slice itself when this type is `f32` (the CPU path then reads it in place
+    /// instead of widening a copy), else None.
+    #[doc(hidden)]
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    /// Widens `src` into `dst` (equal lengths), in vector-friendly form where the type has
+    /// one: the CPU path widens every tile it reads.
+    #[doc(hidden)]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.to_f32();
+        }
+    }
 }
 
 // #[inline]: without it a caller in another crate (tests, users' code) pays a call per
 // element (it was 10% of the flash tests' time).
 impl Element for f32 {
     const DTYPE: DType = DType::F32;
+    #[inline]
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        Some(s)
+    }
     #[inline]
     fn from_f32(x: f32) -> Self {
         x
@@ -141,6 +159,14 @@ impl Element for Bf16 {
     fn to_f32(self) -> f32 {
         self.0.to_f32()
     }
+    #[inline]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        // bf16 is the top half of an f32: the shift is exact for every value, NaNs included,
+        // and vectorises (half's per-value conversion has a NaN branch).
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = f32::from_bits(u32::from(s.0.to_bits()) << 16);
+        }
+    }
 }
 
 impl Element for F16 {
@@ -152,6 +178,16 @@ impl Element for F16 {
     #[inline]
     fn to_f32(self) -> f32 {
         self.0.to_f32()
+    }
+    #[inline]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        let n = src.len().min(dst.len());
+        // SAFETY: F16 is #[repr(transparent)] over half::f16.
+        let src: &[half::f16] =
+            unsafe { std::slice::from_raw_parts(src.as_ptr().cast::<half::f16>(), n) };
+        // half converts slices with F16C where the CPU has it (detected at run time).
+        src.convert_to_f32_slice(&mut dst[..n]);
     }
 }
 
@@ -187,4 +223,30 @@ pub fn cast_slice<S: SameLayout<T>, T: Element>(s: &[S]) -> &[T] {
 pub fn cast_slice_mut<S: SameLayout<T>, T: Element>(s: &mut [S]) -> &mut [T] {
     // SAFETY: SameLayout guarantees identical size, alignment and validity.
     unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<T>(), s.len()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The slice widening the CPU path uses equals the per-value `to_f32` for every bit
+    /// pattern (NaNs stay NaN).
+    fn widen_matches_to_f32<T: Element>(from_bits: fn(u16) -> T) {
+        let src: Vec<T> = (0..=u16::MAX).map(from_bits).collect();
+        let mut dst = vec![0f32; src.len()];
+        T::widen(&src, &mut dst);
+        for (s, d) in src.iter().zip(&dst) {
+            let want = s.to_f32();
+            assert!(
+                want.to_bits() == d.to_bits() || (want.is_nan() && d.is_nan()),
+                "{s:?}: {d} != {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn widen_is_exact_for_every_half_value() {
+        widen_matches_to_f32(|b| Bf16(half::bf16::from_bits(b)));
+        widen_matches_to_f32(|b| F16(half::f16::from_bits(b)));
+    }
 }

@@ -3,16 +3,22 @@
 //! Work items are (sequence, head, tile of `BLOCK_M` query rows); each walks the key tiles its
 //! rows can see (`BLOCK_N` keys; tiles outside the window and the sinks, or with no visible
 //! block of a block mask, are skipped as the GPU skips them), keeping a running max `m`, sum
-//! `l`, entropy sum and unnormalised output per row, exactly as the GPU kernel does.
+//! `l`, entropy sum and unnormalised output per row, exactly as the GPU kernel does. Each tile
+//! is two GEMMs (`S = Q K^T`, `acc += P V`, through [`matmul`]) around a vectorised softmax
+//! update (compiled for AVX2/AVX-512 as well and picked at run time); per-element masking runs
+//! only on tiles that a window, the sinks or a block mask cut.
+
+use multiversion::multiversion;
 
 use super::{Problem, Relu2Norm, Score, Visibility};
-use crate::cpu::{DisjointSlice, dot, par_for};
+use crate::cpu::{DisjointSlice, exp2, matmul, par_for};
 use crate::dtype::Element;
 
-/// Query rows per work item: enough to amortise converting K/V tiles to f32, few enough that a
-/// causal batch splits into many items for load balance.
-const BLOCK_M: usize = 32;
-/// Keys per tile: a K and a V tile (64 x 256 f32 at most, 128 KiB) stay in L2.
+/// Query rows per work item: a K/V tile converted to f32 serves this many rows, and the GEMMs
+/// are big enough for the micro-kernels; small enough that a causal batch still splits into
+/// many items for load balance.
+const BLOCK_M: usize = 64;
+/// Keys per tile: the K and V tiles (64 x 256 f32 at most, 64 KiB each) stay in L2.
 const BLOCK_N: usize = 64;
 
 /// The outputs of a call, on the host.
@@ -24,6 +30,56 @@ pub(super) struct Outputs<'a, T> {
 
 /// A block mask on the host: (mask, block_q, block_k).
 type HostMask<'a> = (&'a [u8], usize, usize);
+
+/// Which keys rows see: the window and sinks, and the block mask if any.
+#[derive(Clone, Copy)]
+struct Seen<'a> {
+    vis: &'a Visibility,
+    mask: Option<HostMask<'a>>,
+    mask_cols: usize,
+}
+
+impl Seen<'_> {
+    fn blocked(&self, i: usize, j: usize) -> bool {
+        match self.mask {
+            Some((m, bq, bk)) => m[(i / bq) * self.mask_cols + j / bk] != 0,
+            None => true,
+        }
+    }
+
+    fn seen(&self, i: usize, j: usize) -> bool {
+        self.vis.visible(i, j) && self.blocked(i, j)
+    }
+
+    /// Whether key tile [n0, n0 + cols) holds a key some row of [m0, m1) sees, and whether
+    /// every row sees every key of it (no per-element mask needed). The kernel's
+    /// `Visibility::tile_needed`.
+    fn tile(&self, m0: usize, m1: usize, n0: usize, cols: usize) -> (bool, bool) {
+        let (n0i, n1i) = (n0 as i64, (n0 + cols) as i64);
+        let hi = self.vis.hi(m1 - 1);
+        let in_window = n0i <= hi && n1i > self.vis.lo(m0);
+        let in_sinks = n0i < self.vis.sinks().min(hi + 1);
+        if !in_window && !in_sinks {
+            return (false, false);
+        }
+        // lo and hi never decrease with the row: the last row's lo and the first row's hi
+        // bound every row's window.
+        let window_full = self.vis.lo(m1 - 1) <= n0i && self.vis.hi(m0) >= n1i - 1;
+        let mask_full = match self.mask {
+            None => true,
+            Some((m, bq, bk)) => (m0 / bq..=(m1 - 1) / bq).all(|bi| {
+                let row = &m[bi * self.mask_cols..(bi + 1) * self.mask_cols];
+                row[n0 / bk..=(n0 + cols - 1) / bk].iter().all(|&x| x != 0)
+            }),
+        };
+        if window_full && mask_full {
+            return (true, true);
+        }
+        // The exact test decides the tiles the bounds let through.
+        let needed = (m0..m1).any(|i| (n0..n0 + cols).any(|j| self.seen(i, j)));
+        (needed, false)
+    }
+}
 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn forward<T: Element>(
@@ -49,10 +105,6 @@ pub(super) fn forward<T: Element>(
     let lse = DisjointSlice::new(out.lse);
     let entropy = out.entropy.map(DisjointSlice::new);
     let mask_cols = mask.map_or(0, |(_, _, bk)| p.seq_k.div_ceil(bk));
-    let blocked = |i: usize, j: usize| match mask {
-        Some((m, bq, bk)) => m[(i / bq) * mask_cols + j / bk] != 0,
-        None => true,
-    };
     let relu2 = match p.opts.score {
         Score::Softmax => None,
         Score::Relu2(norm) => Some(norm),
@@ -62,111 +114,95 @@ pub(super) fn forward<T: Element>(
         let (b, h, t) = items[i];
         let (sq, sk, q0, k0) = p.seq(b);
         let vis = p.visibility(b);
+        let seen = Seen {
+            vis: &vis,
+            mask,
+            mask_cols,
+        };
         let hk = h / (p.heads_q / p.heads_kv);
         let m0 = t * BLOCK_M;
         let rows = BLOCK_M.min(sq - m0);
         let m1 = m0 + rows;
 
+        // Per-row constants: the scale (entropy-invariant: times log_512 of the keys the row
+        // sees; softmax's in the exp2 domain) folded into the row of Q, and relu²'s 1/n.
+        let mut inv_n = vec![0f32; rows];
         let mut qt = vec![0f32; rows * d];
         for r in 0..rows {
-            let off = p.offset(&p.q, b, q0, m0 + r, h);
-            for (x, y) in qt[r * d..(r + 1) * d].iter_mut().zip(&q[off..off + d]) {
-                *x = y.to_f32();
+            let row = m0 + r;
+            let n = if p.opts.entropy_scale || relu2 == Some(Relu2Norm::Visible) {
+                vis.count(row)
+            } else {
+                sk
+            };
+            let mut scale = if p.opts.entropy_scale {
+                p.scale * (n as f32).log2() / 9.0
+            } else {
+                p.scale
+            };
+            if relu2.is_none() {
+                scale *= std::f32::consts::LOG2_E;
             }
+            inv_n[r] = if n > 0 { 1.0 / n as f32 } else { 0.0 };
+            let off = p.offset(&p.q, b, q0, row, h);
+            convert_scaled(&q[off..off + d], scale, &mut qt[r * d..(r + 1) * d]);
         }
-        // Per-row constants: the scale (entropy-invariant: times log_512 of the keys the row
-        // sees) and relu²'s 1/n.
-        let consts: Vec<(f32, f32)> = (m0..m1)
-            .map(|row| {
-                let n = if p.opts.entropy_scale || relu2 == Some(Relu2Norm::Visible) {
-                    vis.count(row)
-                } else {
-                    sk
-                };
-                let scale = if p.opts.entropy_scale {
-                    p.scale * (n as f32).log2() / 9.0
-                } else {
-                    p.scale
-                };
-                (scale, if n > 0 { 1.0 / n as f32 } else { 0.0 })
-            })
-            .collect();
         let mut kt = vec![0f32; BLOCK_N * d];
         let mut vt = vec![0f32; BLOCK_N * d];
+        let mut s = vec![0f32; rows * BLOCK_N];
         let mut acc = vec![0f32; rows * d];
-        let mut m = vec![f32::NEG_INFINITY; rows];
-        let mut l = vec![0f32; rows];
-        let mut es = vec![0f32; rows];
-        let mut s = [0f32; BLOCK_N];
+        let mut st = RowState {
+            m: vec![f32::NEG_INFINITY; rows],
+            l: vec![0f32; rows],
+            es: vec![0f32; rows],
+        };
         for n0 in (0..sk).step_by(BLOCK_N) {
             let cols = BLOCK_N.min(sk - n0);
-            if !tile_needed(&vis, m0, m1, n0, cols, &blocked) {
+            let (needed, full) = seen.tile(m0, m1, n0, cols);
+            if !needed {
                 continue;
             }
-            for c in 0..cols {
-                let ko = p.offset(&p.k, b, k0, n0 + c, hk);
-                let vo = p.offset(&p.v, b, k0, n0 + c, hk);
-                for j in 0..d {
-                    kt[c * d + j] = k[ko + j].to_f32();
-                    vt[c * d + j] = v[vo + j].to_f32();
-                }
-            }
-            for r in 0..rows {
-                let row = m0 + r;
-                let qr = &qt[r * d..(r + 1) * d];
-                let (scale, inv_n) = consts[r];
-                let ar = &mut acc[r * d..(r + 1) * d];
-                let seen = |c: usize| vis.visible(row, n0 + c) && blocked(row, n0 + c);
-                if relu2.is_some() {
-                    for c in (0..cols).filter(|&c| seen(c)) {
-                        let y = (dot(qr, &kt[c * d..(c + 1) * d]) * scale).max(0.0);
-                        let pr = y * y * inv_n;
-                        for (x, w) in ar.iter_mut().zip(&vt[c * d..(c + 1) * d]) {
-                            *x += pr * w;
-                        }
-                    }
-                    continue;
-                }
-                let scale_log2 = scale * std::f32::consts::LOG2_E;
-                let mut mx = f32::NEG_INFINITY;
-                for (c, sc) in s.iter_mut().enumerate().take(cols) {
-                    *sc = if seen(c) {
-                        dot(qr, &kt[c * d..(c + 1) * d]) * scale_log2
-                    } else {
-                        f32::NEG_INFINITY
-                    };
-                    mx = mx.max(*sc);
-                }
-                let m_new = m[r].max(mx);
-                // A row with only masked keys so far subtracts 0, never -inf - -inf.
-                let m_use = if m_new == f32::NEG_INFINITY {
-                    0.0
-                } else {
-                    m_new
-                };
-                let alpha = (m[r] - m_use).exp2();
-                if alpha != 1.0 {
-                    ar.iter_mut().for_each(|x| *x *= alpha);
-                }
-                let (mut sum, mut ps) = (0.0, 0.0);
-                for c in 0..cols {
-                    let pr = (s[c] - m_use).exp2();
-                    if pr > 0.0 {
-                        sum += pr;
-                        ps += pr * s[c];
-                        for (x, y) in ar.iter_mut().zip(&vt[c * d..(c + 1) * d]) {
-                            *x += pr * y;
+            // The tiles as f32 rows: f32 inputs read in place, others widened into kt/vt.
+            let (ko, vo) = (p.offset(&p.k, b, k0, n0, hk), p.offset(&p.v, b, k0, n0, hk));
+            let (ktile, k_rs) = tile_rows(k, ko, p.k.row, cols, d, &mut kt);
+            let (vtile, v_rs) = tile_rows(v, vo, p.v.row, cols, d, &mut vt);
+            // S = Q K^T (K read transposed through its strides).
+            matmul(
+                (rows, cols, d),
+                &mut s,
+                BLOCK_N,
+                false,
+                (&qt, d, 1),
+                (ktile, 1, k_rs),
+            );
+            for (r, sr) in s.chunks_exact_mut(BLOCK_N).enumerate() {
+                if !full {
+                    for (c, x) in sr[..cols].iter_mut().enumerate() {
+                        if !seen.seen(m0 + r, n0 + c) {
+                            *x = f32::NEG_INFINITY;
                         }
                     }
                 }
-                l[r] = l[r] * alpha + sum;
-                es[r] = es[r] * alpha + ps;
-                m[r] = m_new;
+                // The last tile's missing keys weigh nothing (the P V product stops at cols).
+                sr[cols..].fill(f32::NEG_INFINITY);
             }
+            match relu2 {
+                Some(_) => relu2_weights(&mut s, cols, &inv_n),
+                None => softmax_update(&mut s, &mut acc, d, &mut st),
+            }
+            // acc += P V.
+            matmul(
+                (rows, d, cols),
+                &mut acc,
+                d,
+                true,
+                (&s, BLOCK_N, 1),
+                (vtile, v_rs, 1),
+            );
         }
         let sink = sinks.map(|s| s[h]);
         for r in 0..rows {
-            let f = finish_row(relu2.is_some(), sink, m[r], l[r], es[r]);
+            let f = finish_row(relu2.is_some(), sink, st.m[r], st.l[r], st.es[r]);
             let off = p.offset(&p.o, b, q0, m0 + r, h);
             // SAFETY: o's strides were checked not to overlap, so (b, row, h) owns these d
             // elements; each (b, row, h) belongs to exactly one work item.
@@ -185,23 +221,102 @@ pub(super) fn forward<T: Element>(
     });
 }
 
-/// Does key tile [n0, n0 + cols) hold a key some row of [m0, m1) sees? (The kernel's
-/// `Visibility::tile_needed`.)
-fn tile_needed(
-    vis: &Visibility,
-    m0: usize,
-    m1: usize,
-    n0: usize,
+/// The online softmax's running values per row: max `m` and entropy sum `es` in the exp2
+/// domain, sum `l`.
+struct RowState {
+    m: Vec<f32>,
+    l: Vec<f32>,
+    es: Vec<f32>,
+}
+
+/// `cols` rows of `d` elements of `src`, the first at `off`, the rest every `stride`, as f32
+/// rows: `src` itself when it is f32 (returned with its row stride), else widened into
+/// `buf` (row stride d).
+fn tile_rows<'a, T: Element>(
+    src: &'a [T],
+    off: usize,
+    stride: usize,
     cols: usize,
-    blocked: &impl Fn(usize, usize) -> bool,
-) -> bool {
-    let (n0i, n1i) = (n0 as i64, (n0 + cols) as i64);
-    let hi = vis.hi(m1 - 1);
-    let in_window = n0i <= hi && n1i > vis.lo(m0);
-    let in_sinks = n0i < vis.sinks().min(hi + 1);
-    // The window test is the fast path; the exact test decides tiles it lets through.
-    (in_window || in_sinks)
-        && (m0..m1).any(|i| (n0..n0 + cols).any(|j| vis.visible(i, j) && blocked(i, j)))
+    d: usize,
+    buf: &'a mut [f32],
+) -> (&'a [f32], usize) {
+    if let Some(x) = T::as_f32(src) {
+        return (&x[off..], stride);
+    }
+    for (c, dst) in buf.chunks_exact_mut(d).take(cols).enumerate() {
+        let o = off + c * stride;
+        convert_scaled(&src[o..o + d], 1.0, dst);
+    }
+    (buf, d)
+}
+
+/// `dst = src * scale` in f32 (the conversion from the input's precision).
+fn convert_scaled<T: Element>(src: &[T], scale: f32, dst: &mut [f32]) {
+    T::widen(src, dst);
+    if scale != 1.0 {
+        dst.iter_mut().for_each(|x| *x *= scale);
+    }
+}
+
+/// One key tile's online-softmax step for every row: `s` holds the rows' scores (exp2
+/// domain, masked keys and the columns past the tile's end -inf) and becomes their weights
+/// `2^(s - m)`; `acc` is rescaled to the new max, and `m`, `l`, `es` move on. Rows are whole
+/// `BLOCK_N` arrays so the loops unroll into full vectors with their partial sums in registers.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn softmax_update(s: &mut [f32], acc: &mut [f32], d: usize, st: &mut RowState) {
+    const LANES: usize = 16;
+    for (r, (sr, ar)) in s
+        .chunks_exact_mut(BLOCK_N)
+        .zip(acc.chunks_exact_mut(d))
+        .enumerate()
+    {
+        let Ok(sr) = <&mut [f32; BLOCK_N]>::try_from(sr) else {
+            unreachable!("chunks_exact_mut yields BLOCK_N elements")
+        };
+        // Lane-wise max and sums: float reductions vectorise only when written per lane.
+        let mut lanes = [f32::NEG_INFINITY; LANES];
+        for ch in sr.chunks_exact(LANES) {
+            for (l, &x) in lanes.iter_mut().zip(ch) {
+                *l = if x > *l { x } else { *l };
+            }
+        }
+        let mx = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let m_new = st.m[r].max(mx);
+        // A row with only masked keys so far subtracts 0, never -inf - -inf.
+        let m_use = if m_new == f32::NEG_INFINITY {
+            0.0
+        } else {
+            m_new
+        };
+        let alpha = exp2(st.m[r] - m_use);
+        if alpha != 1.0 {
+            ar.iter_mut().for_each(|x| *x *= alpha);
+        }
+        let (mut sum, mut ps) = ([0f32; LANES], [0f32; LANES]);
+        for ch in sr.chunks_exact_mut(LANES) {
+            for ((x, a), b) in ch.iter_mut().zip(&mut sum).zip(&mut ps) {
+                let pr = exp2(*x - m_use);
+                *a += pr;
+                // Masked keys (s = -inf, p = 0) add nothing, not 0 * -inf.
+                *b += if pr > 0.0 { pr * *x } else { 0.0 };
+                *x = pr;
+            }
+        }
+        st.l[r] = st.l[r] * alpha + sum.iter().sum::<f32>();
+        st.es[r] = st.es[r] * alpha + ps.iter().sum::<f32>();
+        st.m[r] = m_new;
+    }
+}
+
+/// relu²'s weights `max(s, 0)^2 / n` for every row of the tile (masked keys are -inf: 0).
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn relu2_weights(s: &mut [f32], cols: usize, inv_n: &[f32]) {
+    for (sr, &w) in s.chunks_exact_mut(BLOCK_N).zip(inv_n) {
+        for x in &mut sr[..cols] {
+            let y = x.max(0.0);
+            *x = y * y * w;
+        }
+    }
 }
 
 /// What the end of a row writes.
