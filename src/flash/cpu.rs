@@ -14,10 +14,10 @@ use super::{Problem, Relu2Norm, Score, Visibility};
 use crate::cpu::{DisjointSlice, exp2, matmul, par_for};
 use crate::dtype::Element;
 
-/// Query rows per work item: a K/V tile converted to f32 serves this many rows, and the GEMMs
-/// are big enough for the micro-kernels; small enough that a causal batch still splits into
-/// many items for load balance.
-const BLOCK_M: usize = 64;
+/// Query rows per work item: each K/V tile (and gemm's packing of it) serves this many rows;
+/// 128 measured 20% faster than 64 without a window, even with causal masks; small enough that
+/// a causal batch still splits into many items for load balance.
+const BLOCK_M: usize = 128;
 /// Keys per tile: the K and V tiles (64 x 256 f32 at most, 64 KiB each) stay in L2.
 const BLOCK_N: usize = 64;
 
