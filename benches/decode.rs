@@ -1,7 +1,8 @@
 //! Decode benches: GB/s of K + V bytes read (criterion's "bytes/s").
 //!
-//! - `decode_cpu`: the split-KV CPU path against the naive f64 oracle, bf16, 8 query heads on
-//!   1 KV head, head dim 128, cache 4k.
+//! - `decode_cpu`: the split-KV CPU path at issue 18's shapes (32 query heads on 8 KV heads,
+//!   head dim 128, f32 cache 32k and bf16 cache 4k, batch 1) and bf16 with 8 query heads on 1
+//!   KV head, cache 4k, beside the naive f64 oracle.
 //! - `decode_cuda` (where a GPU exists): bf16, head dim 128, 32 query heads on 8 KV heads, one
 //!   new token, batch 1..64 x cache 4k..128k (the issue's sweep), the heuristic's split count;
 //!   timed with CUDA events, caches rotated between runs so L2 cannot serve repeats.
@@ -26,22 +27,33 @@ fn kv_bytes(p: &Decode<'_>, elem: usize) -> u64 {
     2 * keys * (p.heads_kv * p.head_dim * elem) as u64
 }
 
-fn bench_cpu(c: &mut Criterion) {
-    let mut g = c.benchmark_group("decode_cpu");
-    g.sample_size(10);
-    let lens = [4096];
-    let p = Decode::new(&lens, 1, 8, 1, 128, Layout::Contiguous { capacity: 4096 });
-    g.throughput(Throughput::Bytes(kv_bytes(&p, 2)));
-    let dev = Device::cpu();
-    let (q, k, v) = (
-        data::<Bf16>(p.o_len(), 1),
-        data::<Bf16>(4096 * 128, 2),
-        data::<Bf16>(4096 * 128, 3),
+/// One CPU case: `heads_q` query heads on `heads_kv` KV heads, head dim 128, batch 1, one new
+/// token, a full cache of `cache` keys, the CPU's own split count.
+fn cpu_case<T: Element>(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    heads_q: usize,
+    heads_kv: usize,
+    cache: usize,
+) {
+    let d = 128;
+    let lens = [cache as i32];
+    let p = Decode::new(
+        &lens,
+        1,
+        heads_q,
+        heads_kv,
+        d,
+        Layout::Contiguous { capacity: cache },
     );
+    g.throughput(Throughput::Bytes(kv_bytes(&p, std::mem::size_of::<T>())));
+    let dev = Device::cpu();
+    let n = cache * heads_kv * d;
+    let (q, k, v) = (data::<T>(p.o_len(), 1), data::<T>(n, 2), data::<T>(n, 3));
     let mut ws = vec![0f32; p.workspace_len(&dev)];
-    let mut o = vec![Bf16::default(); p.o_len()];
+    let mut o = vec![T::default(); p.o_len()];
     let mut lse = vec![0f32; p.lse_len()];
-    g.bench_function("split_bf16_c4096_d128_g8", |b| {
+    g.bench_function(name, |b| {
         b.iter(|| {
             decode::forward(
                 &dev,
@@ -57,6 +69,23 @@ fn bench_cpu(c: &mut Criterion) {
             .unwrap()
         })
     });
+}
+
+fn bench_cpu(c: &mut Criterion) {
+    let mut g = c.benchmark_group("decode_cpu");
+    g.sample_size(10);
+    // Issue 18's shapes (scripts/peers_cpu.py times PyTorch's SDPA at the same ones).
+    cpu_case::<f32>(&mut g, "f32_hq32_hkv8_d128_c32768", 32, 8, 32768);
+    cpu_case::<Bf16>(&mut g, "bf16_hq32_hkv8_d128_c4096", 32, 8, 4096);
+    cpu_case::<Bf16>(&mut g, "split_bf16_c4096_d128_g8", 8, 1, 4096);
+    let lens = [4096];
+    let p = Decode::new(&lens, 1, 8, 1, 128, Layout::Contiguous { capacity: 4096 });
+    g.throughput(Throughput::Bytes(kv_bytes(&p, 2)));
+    let (q, k, v) = (
+        data::<Bf16>(p.o_len(), 1),
+        data::<Bf16>(4096 * 128, 2),
+        data::<Bf16>(4096 * 128, 3),
+    );
     g.bench_function("oracle_f64_c4096_d128_g8", |b| {
         b.iter(|| oracle::decode(&p, &q, &k, &v))
     });

@@ -48,6 +48,29 @@ def time_sdpa(dtype, heads, seq, d, causal, reps):
     return statistics.median(times)
 
 
+# (name as in benches/decode.rs, dtype, query heads, KV heads, cache length); head dim 128,
+# batch 1, one new token.
+DECODE_CASES = [
+    ("f32_hq32_hkv8_d128_c32768", torch.float32, 32, 8, 32768),
+    ("bf16_hq32_hkv8_d128_c4096", torch.bfloat16, 32, 8, 4096),
+]
+
+
+def time_decode(dtype, hq, hkv, cache, reps, d=128):
+    """SDPA's grouped decode (enable_gqa) on its natural [b, h, s, d] cache layout."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, hq, 1, d, generator=gen).to(dtype)
+    k, v = (torch.randn(1, hkv, cache, d, generator=gen).to(dtype) for _ in range(2))
+    with torch.inference_mode():
+        F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -67,6 +90,15 @@ def main():
                               "gflops": gflops}))
         else:
             print(f"flash_cpu/{name:28s} torch SDPA {t * 1e3:8.2f} ms {gflops:7.1f} GFLOP/s")
+    for name, dtype, hq, hkv, cache in DECODE_CASES:
+        t = time_decode(dtype, hq, hkv, cache, args.reps)
+        # K + V bytes read, in GiB/s as criterion prints them.
+        gib = 2 * cache * hkv * 128 * (4 if dtype == torch.float32 else 2) / t / 2**30
+        if args.json:
+            print(json.dumps({"case": f"decode_cpu/{name}", "peer": "torch_sdpa_gqa", "s": t,
+                              "gib_s": gib}))
+        else:
+            print(f"decode_cpu/{name:27s} torch SDPA {t * 1e3:8.2f} ms {gib:7.2f} GiB/s")
 
 
 if __name__ == "__main__":

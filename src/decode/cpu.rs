@@ -8,8 +8,9 @@
 //! GPU's combine kernel does.
 
 use super::Problem;
-use crate::cpu::{DisjointSlice, dot, par_for};
+use crate::cpu::{DisjointSlice, dot, exp2, par_for};
 use crate::dtype::Element;
+use multiversion::multiversion;
 
 /// Keys per tile: a K and a V tile of 64 x 256 f32 (128 KiB) stay in L2.
 const KEY_TILE: usize = 64;
@@ -33,10 +34,6 @@ fn frequencies(p: &Problem<'_>) -> Vec<f64> {
     p.rope()
         .map(|r| (0..p.d / 2).map(|c| r.inv_freq(c, p.d)).collect())
         .unwrap_or_default()
-}
-
-fn widen<T: Element>(dst: &mut [f32], src: &[T]) {
-    dst.iter_mut().zip(src).for_each(|(x, y)| *x = y.to_f32());
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -70,63 +67,64 @@ pub(super) fn forward<T: Element>(
         let hi = (lo + p.keys_per_split).min(len);
         // The new tokens are the last seq_q logical keys: query i sits at position first + i.
         let first = len as i64 - p.seq_q as i64;
+        // Keys row r sees, [start, end), under the causal mask and the window.
+        let seen = |r: usize| {
+            let pos = first + (r / group) as i64;
+            let end = if p.causal {
+                (pos + 1).clamp(0, len as i64) as usize
+            } else {
+                len
+            };
+            let start = p
+                .window_left
+                .map_or(0, |w| (pos - w as i64).max(0) as usize);
+            (start, end)
+        };
 
+        // The group's query rows, rotated, then scaled into the exp2 domain once.
         let mut qt = vec![0f32; rows * d];
         for r in 0..rows {
             let (i, h) = (r / group, hk * group + r % group);
             let off = p.q.batch * b + p.q.row * i + p.q.head * h;
             let row = &mut qt[r * d..(r + 1) * d];
-            widen(row, &q[off..off + d]);
+            T::widen(&q[off..off + d], row);
             rotate(p, &inv_freq, (first + i as i64).max(0) as usize, row);
+            row.iter_mut().for_each(|x| *x *= scale_log2);
         }
         let mut kt = vec![0f32; KEY_TILE * d];
         let mut vt = vec![0f32; KEY_TILE * d];
         let mut acc = vec![0f32; rows * d];
         let mut m = vec![f32::NEG_INFINITY; rows];
         let mut l = vec![0f32; rows];
-        let mut s = [0f32; KEY_TILE];
+        let mut s = vec![0f32; rows * KEY_TILE];
+        let mut offs = [(0usize, 0usize); KEY_TILE];
         for n0 in (lo..hi).step_by(KEY_TILE) {
             let cols = KEY_TILE.min(hi - n0);
-            for c in 0..cols {
-                let (ko, vo) = (
+            // Each K/V row converted (and rotated) once for every query row of the group.
+            for (c, slot) in offs[..cols].iter_mut().enumerate() {
+                *slot = (
                     p.key_offset(&p.k, b, n0 + c, hk),
                     p.key_offset(&p.v, b, n0 + c, hk),
                 );
-                let krow = &mut kt[c * d..(c + 1) * d];
-                widen(krow, &k[ko..ko + d]);
-                rotate(p, &inv_freq, n0 + c, krow);
-                widen(&mut vt[c * d..(c + 1) * d], &v[vo..vo + d]);
             }
-            for r in 0..rows {
-                // Keys this row sees, [start, end), under the causal mask and the window.
-                let end = if p.causal {
-                    (first + (r / group) as i64 + 1).clamp(0, len as i64) as usize
-                } else {
-                    len
-                };
-                let start = p.window_left.map_or(0, |w| {
-                    (first + (r / group) as i64 - w as i64).max(0) as usize
-                });
-                let qr = &qt[r * d..(r + 1) * d];
-                let mut mx = f32::NEG_INFINITY;
-                for (c, sc) in s[..cols].iter_mut().enumerate() {
-                    *sc = if n0 + c < end && n0 + c >= start {
-                        dot(qr, &kt[c * d..(c + 1) * d]) * scale_log2
-                    } else {
-                        f32::NEG_INFINITY
-                    };
-                    mx = mx.max(*sc);
+            gather(k, v, &offs[..cols], d, &mut kt, &mut vt);
+            if p.rope().is_some() {
+                for c in 0..cols {
+                    rotate(p, &inv_freq, n0 + c, &mut kt[c * d..(c + 1) * d]);
                 }
-                online_update(
-                    &s[..cols],
-                    &vt,
-                    d,
-                    mx,
-                    &mut m[r],
-                    &mut l[r],
-                    &mut acc[r * d..(r + 1) * d],
-                );
             }
+            scores(&qt, &kt[..cols * d], d, &mut s);
+            for r in 0..rows {
+                // Keys outside the row's range, and the tile's tail: -inf (weight 0).
+                let (start, end) = seen(r);
+                let sr = &mut s[r * KEY_TILE..(r + 1) * KEY_TILE];
+                for (c, x) in sr.iter_mut().enumerate() {
+                    if c >= cols || n0 + c < start || n0 + c >= end {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            softmax_pv(&mut s, &vt[..cols * d], d, &mut m, &mut l, &mut acc);
         }
         for r in 0..rows {
             let (i, h) = (r / group, hk * group + r % group);
@@ -239,41 +237,154 @@ fn combine<'a, T: Element>(
     lse
 }
 
-/// One row's online-softmax step over a tile of scores `s` (already in the exp2 domain, with
-/// maximum `mx`): rescales the running sum `l` and output `acc` to the new maximum, then adds
-/// this tile's `exp2(s - m) * v`.
-fn online_update(
-    s: &[f32],
-    vt: &[f32],
+/// Converts the tile's K and V rows (element offsets `offs`, `d` each) into `kt` and `vt`.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn gather<T: Element>(
+    k: &[T],
+    v: &[T],
+    offs: &[(usize, usize)],
     d: usize,
-    mx: f32,
-    m: &mut f32,
-    l: &mut f32,
-    acc: &mut [f32],
+    kt: &mut [f32],
+    vt: &mut [f32],
 ) {
-    let m_new = m.max(mx);
-    // A row that has seen only masked keys so far subtracts 0, never -inf - -inf.
-    let base = if m_new == f32::NEG_INFINITY {
-        0.0
-    } else {
-        m_new
-    };
-    let alpha = (*m - base).exp2();
-    if alpha != 1.0 {
-        acc.iter_mut().for_each(|x| *x *= alpha);
+    for (c, &(ko, vo)) in offs.iter().enumerate() {
+        T::widen(&k[ko..ko + d], &mut kt[c * d..(c + 1) * d]);
+        T::widen(&v[vo..vo + d], &mut vt[c * d..(c + 1) * d]);
     }
-    let mut sum = 0.0;
-    for (c, &sc) in s.iter().enumerate() {
-        let w = (sc - base).exp2();
-        if w != 0.0 {
-            sum += w;
-            acc.iter_mut()
-                .zip(&vt[c * d..(c + 1) * d])
-                .for_each(|(x, y)| *x += w * y);
+}
+
+/// Sums a vector's lanes by halving (a tree, which vectorises; a left fold is a serial chain).
+#[inline(always)]
+fn hsum(mut a: [f32; LANES]) -> f32 {
+    let mut w = LANES / 2;
+    while w > 0 {
+        for i in 0..w {
+            a[i] += a[i + w];
+        }
+        w /= 2;
+    }
+    a[0]
+}
+
+/// f32 lanes per vector step: one AVX-512 register (two AVX2 ones).
+const LANES: usize = 16;
+/// Keys whose dot products with one query row run side by side (independent chains).
+const KEYS: usize = 4;
+
+/// The tile's scores: `s[r * KEY_TILE + c] = q_r · k_c` for every query row `r` (rows of `q`,
+/// already in the exp2 domain) and key `c` (rows of `kt`). [`KEYS`] keys at a time share each
+/// load of the query row and keep independent accumulators: one dot at a time is a chain of
+/// dependent adds.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn scores(q: &[f32], kt: &[f32], d: usize, s: &mut [f32]) {
+    let cols = kt.len() / d;
+    let body = d - d % LANES;
+    for (qr, sr) in q.chunks_exact(d).zip(s.chunks_exact_mut(KEY_TILE)) {
+        let mut c = 0;
+        while c + KEYS <= cols {
+            let mut acc = [[0f32; LANES]; KEYS];
+            for j in (0..body).step_by(LANES) {
+                let Ok(qv) = <&[f32; LANES]>::try_from(&qr[j..j + LANES]) else {
+                    unreachable!("LANES elements")
+                };
+                for (kk, a) in acc.iter_mut().enumerate() {
+                    let o = (c + kk) * d + j;
+                    let Ok(kv) = <&[f32; LANES]>::try_from(&kt[o..o + LANES]) else {
+                        unreachable!("LANES elements")
+                    };
+                    for l in 0..LANES {
+                        a[l] += qv[l] * kv[l];
+                    }
+                }
+            }
+            for (kk, a) in acc.into_iter().enumerate() {
+                let kc = &kt[(c + kk) * d..(c + kk + 1) * d];
+                let tail: f32 = qr[body..].iter().zip(&kc[body..]).map(|(x, y)| x * y).sum();
+                sr[c + kk] = hsum(a) + tail;
+            }
+            c += KEYS;
+        }
+        for (cc, kc) in kt.chunks_exact(d).enumerate().skip(c) {
+            sr[cc] = dot(qr, kc);
         }
     }
-    *l = *l * alpha + sum;
-    *m = m_new;
+}
+
+/// One key tile's online-softmax step for every row: `s` holds each row's [`KEY_TILE`]
+/// scores (exp2 domain, masked keys and the tile's tail -inf); the running max `m` and sum
+/// `l` move on, `acc` is rescaled to the new max and gains `sum_c 2^(s_c - m) v_c`.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn softmax_pv(s: &mut [f32], vt: &[f32], d: usize, m: &mut [f32], l: &mut [f32], acc: &mut [f32]) {
+    let rows = m.len();
+    for r in 0..rows {
+        let Ok(sr) = <&mut [f32; KEY_TILE]>::try_from(&mut s[r * KEY_TILE..(r + 1) * KEY_TILE])
+        else {
+            unreachable!("the slice has KEY_TILE elements")
+        };
+        // Lane-wise max and sum: float reductions vectorise only when written per lane.
+        let mut lanes = [f32::NEG_INFINITY; LANES];
+        for ch in sr.chunks_exact(LANES) {
+            for (a, &x) in lanes.iter_mut().zip(ch) {
+                *a = if x > *a { x } else { *a };
+            }
+        }
+        let mx = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let m_new = m[r].max(mx);
+        // A row that has seen only masked keys so far subtracts 0, never -inf - -inf.
+        let base = if m_new == f32::NEG_INFINITY {
+            0.0
+        } else {
+            m_new
+        };
+        let alpha = exp2(m[r] - base);
+        if alpha != 1.0 {
+            acc[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= alpha);
+        }
+        let mut sum = [0f32; LANES];
+        for ch in sr.chunks_exact_mut(LANES) {
+            for (a, x) in sum.iter_mut().zip(ch) {
+                *x = exp2(*x - base);
+                *a += *x;
+            }
+        }
+        l[r] = l[r] * alpha + sum.iter().sum::<f32>();
+        m[r] = m_new;
+    }
+    // acc_r += sum_c p_rc v_c, a block of BLOCK columns of one row at a time: the block's
+    // accumulator stays in registers across the tile's keys (an AXPY per key would load and
+    // store the accumulator for every key).
+    const BLOCK: usize = 4 * LANES;
+    let cols = vt.len() / d;
+    let body = d - d % BLOCK;
+    for (r, ar) in acc.chunks_exact_mut(d).enumerate() {
+        let w = &s[r * KEY_TILE..r * KEY_TILE + cols];
+        for j in (0..body).step_by(BLOCK) {
+            let Ok(dst) = <&mut [f32; BLOCK]>::try_from(&mut ar[j..j + BLOCK]) else {
+                unreachable!("BLOCK elements")
+            };
+            let mut a = *dst;
+            for (c, &wc) in w.iter().enumerate() {
+                // A masked key (weight 0) is skipped, not multiplied: 0 * inf V would be NaN.
+                if wc == 0.0 {
+                    continue;
+                }
+                let Ok(vc) = <&[f32; BLOCK]>::try_from(&vt[c * d + j..c * d + j + BLOCK]) else {
+                    unreachable!("BLOCK elements")
+                };
+                for l in 0..BLOCK {
+                    a[l] += wc * vc[l];
+                }
+            }
+            *dst = a;
+        }
+        for (c, &wc) in w.iter().enumerate().filter(|(_, w)| **w != 0.0) {
+            let vc = &vt[c * d + body..(c + 1) * d];
+            ar[body..]
+                .iter_mut()
+                .zip(vc)
+                .for_each(|(x, y)| *x += wc * y);
+        }
+    }
 }
 
 /// Writes the new tokens' K/V rows into the cache. One thread: it is `batch * seq_q` rows, and
