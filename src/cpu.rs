@@ -1,30 +1,81 @@
 //! CPU runtime helpers shared by every family's CPU path: a parallel loop over work items on
-//! scoped std threads, and a slice that those items write at disjoint ranges.
+//! persistent worker threads (rayon pools; items never start another loop), and a slice that
+//! those items write at disjoint ranges.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Runs `f(item)` for every item in `0..n` on up to `threads` threads. Items are handed out
 /// one at a time from a shared counter, so uneven items (causal rows) balance themselves.
 pub(crate) fn par_for<F: Fn(usize) + Sync>(threads: usize, n: usize, f: F) {
+    par_for_with(threads, n, || (), |_, i| f(i));
+}
+
+/// [`par_for`] with per-thread scratch: each worker builds one `init()` and hands it to every
+/// item it runs (large tile buffers are allocated, and page-faulted, once per thread, not once
+/// per item).
+pub(crate) fn par_for_with<S, I, F>(threads: usize, n: usize, init: I, f: F)
+where
+    I: Fn() -> S + Sync,
+    F: Fn(&mut S, usize) + Sync,
+{
     let workers = threads.clamp(1, n.max(1));
     if workers == 1 {
-        (0..n).for_each(f);
+        let mut scratch = init();
+        (0..n).for_each(|i| f(&mut scratch, i));
         return;
     }
     let next = AtomicUsize::new(0);
-    std::thread::scope(|s| {
-        for _ in 0..workers {
-            s.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= n {
-                        break;
-                    }
-                    f(i);
-                }
-            });
+    let work = || {
+        let mut scratch = None;
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= n {
+                break;
+            }
+            f(scratch.get_or_insert_with(&init), i);
         }
-    });
+    };
+    match pool(threads) {
+        // Every worker of the pool pulls items; those that find none return at once.
+        Some(pool) => {
+            pool.broadcast(|_| work());
+        }
+        None => std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(work);
+            }
+        }),
+    }
+}
+
+/// Pools kept for this many distinct thread counts; a device with yet another count runs on
+/// scoped threads (correct, only slower to start).
+const MAX_POOLS: usize = 8;
+
+/// The process-wide pool of `threads` persistent workers, built on first use. Persistent
+/// workers matter beyond the spawn cost: `gemm` keeps its packing buffer (the size of L2) per
+/// thread, and a fresh thread allocates and page-faults it again on every call (the Monarch
+/// 1024-wide case spent half its time in page faults on scoped threads). `None` when the pool
+/// table is full or the OS refuses the threads.
+fn pool(threads: usize) -> Option<Arc<rayon::ThreadPool>> {
+    static POOLS: Mutex<Vec<(usize, Arc<rayon::ThreadPool>)>> = Mutex::new(Vec::new());
+    // A poisoned lock only means a panic elsewhere while it was held; the table is still valid.
+    let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, p)) = pools.iter().find(|(t, _)| *t == threads) {
+        return Some(p.clone());
+    }
+    if pools.len() >= MAX_POOLS {
+        return None;
+    }
+    let p = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("attnkit-cpu-{i}"))
+        .build()
+        .ok()
+        .map(Arc::new)?;
+    pools.push((threads, p.clone()));
+    Some(p)
 }
 
 /// A mutable slice that the items of a [`par_for`] write at disjoint ranges.
@@ -126,13 +177,26 @@ pub(crate) fn exp2(x: f32) -> f32 {
 }
 
 /// `dst = a · b` (or `dst += a · b` with `accumulate`) for an `m x k` times `k x n` product,
-/// each matrix given by its slice and (row, column) element strides. The CPU path's tile
-/// products go through here: `gemm`'s micro-kernels, dispatched at run time, on this thread.
+/// each matrix given by its slice and (row, column) element strides, `dst`'s columns
+/// contiguous. The CPU path's tile products go through here: `gemm`'s micro-kernels,
+/// dispatched at run time, on this thread.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul(
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     dst: &mut [f32],
     dst_rs: usize,
+    accumulate: bool,
+    a: (&[f32], usize, usize),
+    b: (&[f32], usize, usize),
+) {
+    matmul_strided(dims, (dst, dst_rs, 1), accumulate, a, b);
+}
+
+/// [`matmul`] with `dst` given by (row, column) strides too (a scatter, as Monarch's second
+/// factor writes its output at stride `l`).
+pub(crate) fn matmul_strided(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs, dst_cs): (&mut [f32], usize, usize),
     accumulate: bool,
     (a, a_rs, a_cs): (&[f32], usize, usize),
     (b, b_rs, b_cs): (&[f32], usize, usize),
@@ -143,7 +207,9 @@ pub(crate) fn matmul(
     if k == 0 {
         if !accumulate {
             for r in 0..m {
-                dst[r * dst_rs..r * dst_rs + n].fill(0.0);
+                for c in 0..n {
+                    dst[r * dst_rs + c * dst_cs] = 0.0;
+                }
             }
         }
         return;
@@ -156,19 +222,21 @@ pub(crate) fn matmul(
             .is_some_and(|last| last < len)
     };
     assert!(
-        fits(dst.len(), m, n, dst_rs, 1) && fits(a.len(), m, k, a_rs, a_cs),
+        fits(dst.len(), m, n, dst_rs, dst_cs) && fits(a.len(), m, k, a_rs, a_cs),
         "matmul: dst or a out of bounds"
     );
     assert!(fits(b.len(), k, n, b_rs, b_cs), "matmul: b out of bounds");
     // SAFETY: every element the product reads or writes is in bounds (checked above), dst does
     // not alias a or b (a &mut borrow), and strides below 2^63 fit isize (slices are smaller).
+    // Distinct (row, column) pairs of dst must be distinct elements for the result to be
+    // defined; the callers' strides are injective (a row of a tile, or one block's scatter).
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
             dst.as_mut_ptr(),
-            1,
+            dst_cs as isize,
             dst_rs as isize,
             accumulate,
             a.as_ptr(),
