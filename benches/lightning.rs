@@ -19,51 +19,76 @@ fn data<T: Element>(n: usize, salt: usize) -> Vec<T> {
 fn bench_forward(c: &mut Criterion) {
     let mut g = c.benchmark_group("lightning_forward");
     g.sample_size(10);
-    // CPU: a small model's layer (8 heads of 64).
+    // CPU: a small model's layer (8 heads of 64): bf16 by bytes moved, f32 by FLOPs counted as
+    // scripts/peers_cpu.py counts the chunked torch form (the side-by-side case).
     let cpu = Device::cpu();
     for seq in [1024usize, 4096] {
-        let (heads, d, e) = (8, 64, 64);
-        let slopes = lightning::decay_slopes(heads, 1.0).unwrap();
-        let cfg = Config {
-            heads,
-            d,
-            e,
-            decay: Some(&slopes),
-            scale: 1.0,
-            causal: true,
-        };
-        let seqs = Seqs::Dense { batch: 1, seq };
-        let n = seq * heads * d;
-        let (q, k, v) = (data::<Bf16>(n, 1), data::<Bf16>(n, 2), data::<Bf16>(n, 3));
-        let mut o = vec![Bf16::default(); n];
-        let mut ws = vec![0.0f32; lightning::workspace_len(&cpu, &cfg, &seqs).unwrap()];
-        g.throughput(Throughput::Bytes((4 * n * 2) as u64));
-        g.bench_function(format!("cpu_bf16_h{heads}_d{d}_seq{seq}"), |b| {
-            b.iter(|| {
-                lightning::forward(
-                    &cpu,
-                    &cfg,
-                    &seqs,
-                    Forward {
-                        q: (&q).into(),
-                        k: (&k).into(),
-                        v: (&v).into(),
-                        o: (&mut o).into(),
-                        initial_state: None,
-                        final_state: None,
-                        workspace: (&mut ws).into(),
-                    },
-                )
-                .unwrap()
-            })
-        });
+        cpu_case::<Bf16>(&mut g, &cpu, seq, false);
     }
+    cpu_case::<f32>(&mut g, &cpu, 4096, true);
     #[cfg(feature = "cuda")]
     match Device::cuda(0) {
         Ok(dev) => gpu_cases(&mut g, &dev),
         Err(e) => eprintln!("lightning_forward/cuda: skipped: {e}"),
     }
     g.finish();
+}
+
+/// FLOPs of the chunked form per call: per token and head, the intra-block products
+/// `2 B d + 2 B e` (whole blocks, as a GEMM computes them), the inter-block read `2 d e` and the
+/// state update `2 d e`.
+fn chunked_flops(tokens: usize, heads: usize, d: usize, e: usize) -> u64 {
+    let b = 64;
+    (tokens * heads * (2 * b * d + 2 * b * e + 4 * d * e)) as u64
+}
+
+/// One CPU forward case: 8 heads of 64, causal, decay slopes; throughput in FLOPs (`flops`)
+/// or in bytes of q, k, v and o.
+fn cpu_case<T: Element>(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    cpu: &Device,
+    seq: usize,
+    flops: bool,
+) {
+    let (heads, d, e) = (8, 64, 64);
+    let slopes = lightning::decay_slopes(heads, 1.0).unwrap();
+    let cfg = Config {
+        heads,
+        d,
+        e,
+        decay: Some(&slopes),
+        scale: 1.0,
+        causal: true,
+    };
+    let seqs = Seqs::Dense { batch: 1, seq };
+    let n = seq * heads * d;
+    let (q, k, v) = (data::<T>(n, 1), data::<T>(n, 2), data::<T>(n, 3));
+    let mut o = vec![T::default(); n];
+    let mut ws = vec![0.0f32; lightning::workspace_len(cpu, &cfg, &seqs).unwrap()];
+    g.throughput(if flops {
+        Throughput::Elements(chunked_flops(seq, heads, d, e))
+    } else {
+        Throughput::Bytes((4 * n * std::mem::size_of::<T>()) as u64)
+    });
+    g.bench_function(format!("cpu_{}_h{heads}_d{d}_seq{seq}", T::DTYPE), |b| {
+        b.iter(|| {
+            lightning::forward(
+                cpu,
+                &cfg,
+                &seqs,
+                Forward {
+                    q: (&q).into(),
+                    k: (&k).into(),
+                    v: (&v).into(),
+                    o: (&mut o).into(),
+                    initial_state: None,
+                    final_state: None,
+                    workspace: (&mut ws).into(),
+                },
+            )
+            .unwrap()
+        })
+    });
 }
 
 /// The shape: bf16, 32 heads of 128, seq 1k to 128k; time per token should be flat.

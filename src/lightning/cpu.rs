@@ -15,7 +15,7 @@
 //!
 //! Everything is accumulated in f32; inputs are widened from their element type.
 
-use crate::cpu::{DisjointSlice, par_for};
+use crate::cpu::{DisjointSlice, matmul, par_for};
 use crate::dtype::Element;
 
 /// Rows of one token operand: the row of physical token `p` and head `h` starts at
@@ -30,10 +30,7 @@ pub(super) struct Operand<'a, T> {
 
 impl<T: Element> Operand<'_, T> {
     fn row_into(&self, p: usize, h: usize, out: &mut [f32]) {
-        let row = &self.data[p * self.tok + h * self.head..][..self.dim];
-        for (o, x) in out.iter_mut().zip(row) {
-            *o = x.to_f32();
-        }
+        T::widen(&self.data[p * self.tok + h * self.head..][..self.dim], out);
     }
 }
 
@@ -143,7 +140,7 @@ impl<T: Element> Scan<'_, T> {
                     let len = self.block.min(range.end - t0);
                     self.load(&self.b, n, h, t0, len, &mut bb);
                     self.load(&self.c, n, h, t0, len, &mut cc);
-                    update_state(st, &bb, &cc, len, p, r, &pw);
+                    update_state(st, &mut bb, &cc, len, p, r, &pw);
                     t0 += len;
                 }
             });
@@ -206,51 +203,47 @@ impl<T: Element> Scan<'_, T> {
             }
             let mut st = ws[item * pr..][..pr].to_vec();
             let pw = powers(l2[h], self.block);
-            let (bl, mut aa) = (self.block, vec![0.0; self.block * p]);
-            let (mut bb, mut cc) = (vec![0.0; bl * p], vec![0.0; bl * r]);
-            let mut row = vec![0.0f32; r];
+            let bl = self.block;
+            let (mut aa, mut bb) = (vec![0.0; bl * p], vec![0.0; bl * p]);
+            let (mut cc, mut oo) = (vec![0.0; bl * r], vec![0.0; bl * r]);
+            let mut sc = vec![0.0f32; bl * bl];
             let mut t0 = range.start;
             while t0 < range.end {
                 let len = bl.min(range.end - t0);
                 self.load(&self.a, n, h, t0, len, &mut aa);
-                self.load(&self.c, n, h, t0, len, &mut cc);
+                // Inter-block: O = A S (then row i times lambda^(i+1) when causal).
+                matmul((len, r, p), &mut oo, r, false, (&aa, p, 1), (&st, r, 1));
                 if self.causal {
                     self.load(&self.b, n, h, t0, len, &mut bb);
-                }
-                for i in 0..len {
-                    let ai = &aa[i * p..][..p];
-                    row.fill(0.0);
-                    // Inter-block: lambda^(i+1) a_i S.
-                    for (x, &ax) in ai.iter().enumerate() {
-                        for (o, &sv) in row.iter_mut().zip(&st[x * r..][..r]) {
-                            *o += ax * sv;
-                        }
-                    }
-                    if self.causal {
+                    self.load(&self.c, n, h, t0, len, &mut cc);
+                    for (i, o) in oo.chunks_exact_mut(r).take(len).enumerate() {
                         let inter = pw[i + 1];
-                        row.iter_mut().for_each(|o| *o *= inter);
-                        // Intra-block: sum_{j<=i} lambda^(i-j) (a_i . b_j) c_j.
-                        for j in 0..=i {
-                            let dot: f32 =
-                                ai.iter().zip(&bb[j * p..][..p]).map(|(x, y)| x * y).sum();
-                            let w = pw[i - j] * dot;
-                            for (o, &cv) in row.iter_mut().zip(&cc[j * r..][..r]) {
-                                *o += w * cv;
-                            }
-                        }
+                        o.iter_mut().for_each(|x| *x *= inter);
                     }
+                    // Intra-block: O += [(A B^T) (.) M] C, M[i][j] = lambda^(i-j) below the
+                    // diagonal and 0 above it.
+                    matmul((len, len, p), &mut sc, bl, false, (&aa, p, 1), (&bb, 1, p));
+                    for (i, s) in sc.chunks_exact_mut(bl).take(len).enumerate() {
+                        for (j, x) in s[..=i].iter_mut().enumerate() {
+                            *x *= pw[i - j];
+                        }
+                        s[i + 1..len].fill(0.0);
+                    }
+                    matmul((len, r, len), &mut oo, r, true, (&sc, bl, 1), (&cc, r, 1));
+                }
+                for (i, row) in oo.chunks_exact_mut(r).take(len).enumerate() {
                     row.iter_mut().for_each(|o| *o *= self.scale);
                     let t = t0 + i;
                     let phys = self.phys(self.seqs[n], t);
-                    fixup(n, h, t, phys, &mut row);
+                    fixup(n, h, t, phys, row);
                     // SAFETY: each (token, head) row is written by exactly one item.
                     let o = unsafe { dst.range_mut(phys * out.tok + h * out.head, r) };
-                    for (o, &x) in o.iter_mut().zip(&row) {
+                    for (o, &x) in o.iter_mut().zip(row.iter()) {
                         *o = T::from_f32(x);
                     }
                 }
                 if self.causal && t0 + len < range.end {
-                    update_state(&mut st, &bb, &cc, len, p, r, &pw);
+                    update_state(&mut st, &mut bb, &cc, len, p, r, &pw);
                 }
                 t0 += len;
             }
@@ -279,20 +272,25 @@ impl<T: Element> Scan<'_, T> {
 }
 
 /// `S <- lambda^n S + sum_j lambda^(n-1-j) b_j^T c_j` for one block of `n` rows (`pw[i]` is
-/// `lambda^i`; the paper's `lambda^B Lambda^-1` folded so no exponent is negative).
-fn update_state(st: &mut [f32], bb: &[f32], cc: &[f32], n: usize, p: usize, r: usize, pw: &[f32]) {
+/// `lambda^i`; the paper's `lambda^B Lambda^-1` folded so no exponent is negative), as one
+/// GEMM `S += (W B)^T C`; the rows of `bb` are scaled by their weights in place.
+fn update_state(
+    st: &mut [f32],
+    bb: &mut [f32],
+    cc: &[f32],
+    n: usize,
+    p: usize,
+    r: usize,
+    pw: &[f32],
+) {
     let whole = pw[n];
     st.iter_mut().for_each(|x| *x *= whole);
-    for j in 0..n {
+    for (j, b) in bb.chunks_exact_mut(p).take(n).enumerate() {
         let w = pw[n - 1 - j];
-        let cj = &cc[j * r..][..r];
-        for (x, &bx) in bb[j * p..][..p].iter().enumerate() {
-            let f = w * bx;
-            for (s, &cv) in st[x * r..][..r].iter_mut().zip(cj) {
-                *s += f * cv;
-            }
-        }
+        b.iter_mut().for_each(|x| *x *= w);
     }
+    // B^T read through its strides: element (x, j) of the p x n left factor is bb[j * p + x].
+    matmul((p, r, n), st, r, true, (bb, 1, p), (cc, r, 1));
 }
 
 /// The decode step on the CPU: `S <- lambda S + k^T v`, `o = scale * q S`, one token per
