@@ -8,10 +8,8 @@
 //!
 //! Quick run: `cargo bench --bench monarch -- --warm-up-time 0.1 --measurement-time 0.3`.
 
-#[cfg(feature = "cuda")]
-use attnkit::Bf16;
 use attnkit::monarch::{self, MonarchShape, Rows, Weights};
-use attnkit::{Device, Element};
+use attnkit::{Bf16, Device, Element};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 fn values<T: Element>(n: usize, salt: usize) -> Vec<T> {
@@ -23,38 +21,57 @@ fn values<T: Element>(n: usize, salt: usize) -> Vec<T> {
 fn bench_cpu(c: &mut Criterion) {
     let mut g = c.benchmark_group("monarch_cpu");
     let dev = Device::cpu();
+    // By bytes of x and y: the small cases.
     for (n, blocks, tokens) in [(1024, 32, 256), (1024, 4, 64)] {
-        let shape = MonarchShape::square(n, blocks).unwrap();
-        let w1: Vec<f32> = values(shape.w1_len(), 1);
-        let w2: Vec<f32> = values(shape.w2_len(), 2);
-        let x: Vec<f32> = values(tokens * n, 3);
-        let mut y = vec![0.0f32; tokens * n];
-        let w = Weights {
-            shape,
-            w1: (&w1).into(),
-            w2: (&w2).into(),
-            bias: None,
-        };
-        eprintln!(
-            "monarch_cpu n={n} blocks={blocks} tokens={tokens}: {:.3} GFLOP per call",
-            shape.flops(tokens) / 1e9
-        );
-        g.throughput(Throughput::Bytes((2 * tokens * n * 4) as u64));
-        g.bench_function(format!("f32_n{n}_b{blocks}_t{tokens}"), |b| {
-            b.iter(|| {
-                monarch::multiply(
-                    &dev,
-                    &w,
-                    (&x).into(),
-                    Rows::contiguous(tokens, n),
-                    (&mut y).into(),
-                    n,
-                )
-                .unwrap()
-            })
-        });
+        cpu_case::<f32>(&mut g, &dev, (n, blocks, tokens), false);
     }
+    // By FLOPs (`shape.flops`, as scripts/peers_cpu.py counts its two bmm): the issue's
+    // side-by-side cases.
+    cpu_case::<f32>(&mut g, &dev, (4096, 64, 1024), true);
+    cpu_case::<Bf16>(&mut g, &dev, (1024, 32, 4096), true);
     g.finish();
+}
+
+fn cpu_case<T: Element>(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    dev: &Device,
+    (n, blocks, tokens): (usize, usize, usize),
+    by_flops: bool,
+) {
+    let shape = MonarchShape::square(n, blocks).unwrap();
+    let w1: Vec<T> = values(shape.w1_len(), 1);
+    let w2: Vec<T> = values(shape.w2_len(), 2);
+    let x: Vec<T> = values(tokens * n, 3);
+    let mut y = vec![T::default(); tokens * n];
+    let w = Weights {
+        shape,
+        w1: (&w1).into(),
+        w2: (&w2).into(),
+        bias: None,
+    };
+    eprintln!(
+        "monarch_cpu n={n} blocks={blocks} tokens={tokens}: {:.3} GFLOP per call",
+        shape.flops(tokens) / 1e9
+    );
+    g.throughput(if by_flops {
+        Throughput::Elements(shape.flops(tokens) as u64)
+    } else {
+        Throughput::Bytes((2 * tokens * n * std::mem::size_of::<T>()) as u64)
+    });
+    let name = format!("{}_n{n}_b{blocks}_t{tokens}", T::DTYPE);
+    g.bench_function(name, |b| {
+        b.iter(|| {
+            monarch::multiply(
+                dev,
+                &w,
+                (&x).into(),
+                Rows::contiguous(tokens, n),
+                (&mut y).into(),
+                n,
+            )
+            .unwrap()
+        })
+    });
 }
 
 #[cfg(feature = "cuda")]

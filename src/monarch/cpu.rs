@@ -4,82 +4,110 @@
 //! input at `b*src.0 + e*src.1` and scatter their output at `b*dst.0 + o*dst.1`. The forward
 //! product reads `x` in contiguous blocks and writes `h` contiguously (w1), then reads `h` at
 //! stride `l` and writes `y` at stride `l` (w2): the permutation is in the strides. The
-//! transpose runs the mirror image with each block's weights transposed. Weights are widened
-//! to f32 once per call (packed `[block][out][in]`), the intermediate is rounded to `T` as the
-//! GPU's tensor cores see it, accumulation is f32.
+//! transpose runs the mirror image with each block's weights transposed (through strides).
+//! Each block's product is one GEMM over a tile of tokens; f32 weights are read in place,
+//! others widened once per call; the intermediate is rounded to `T` as the GPU's tensor cores
+//! see it; accumulation is f32.
+
+use std::borrow::Cow;
 
 use super::{Mode, MonarchShape, Rows};
-use crate::cpu::{DisjointSlice, dot, par_for};
+use crate::cpu::{DisjointSlice, matmul_strided, par_for, par_for_with};
 use crate::dtype::Element;
 
-/// Tokens per parallel work item: enough to amortise the item's scratch, small enough to
-/// balance 2..64 threads on a few hundred tokens.
-const TOKENS_PER_ITEM: usize = 8;
+/// Tokens per parallel work item (the GEMMs' row count): 32, fewer when the rows are long (a
+/// tile's f32 copies stay near 1 MiB). Never a function of the thread count: a token's bits
+/// must not depend on how many threads ran.
+fn tokens_per_item(widest: usize) -> usize {
+    ((1usize << 18) / widest.max(1)).clamp(8, 32)
+}
 
 /// One block-diagonal product with its gather/scatter strides.
-struct Stage {
+struct Stage<'a> {
     blocks: usize,
     out_len: usize,
     in_len: usize,
-    /// `[blocks][out_len][in_len]`, f32.
-    w: Vec<f32>,
+    /// `[blocks][rows][cols]` as given (f32 weights read in place, others widened once per
+    /// call); element `(e, o)` of block `b`'s `in x out` right factor is at
+    /// `b * out_len * in_len + e * w_strides.0 + o * w_strides.1`.
+    w: Cow<'a, [f32]>,
+    w_strides: (usize, usize),
     /// Input element `e` of block `b` is at `b*src.0 + e*src.1`.
     src: (usize, usize),
     /// Output element `o` of block `b` goes to `b*dst.0 + o*dst.1`.
     dst: (usize, usize),
 }
 
-impl Stage {
-    /// Widens `w` (`[blocks][rows][cols]`) to f32, transposing each block if asked.
+impl<'a> Stage<'a> {
+    /// The product by `w` (`[blocks][rows][cols]`), or by each block's transpose.
     fn new<T: Element>(
-        w: &[T],
+        w: &'a [T],
         dims: [usize; 3],
         transpose: bool,
         src: (usize, usize),
         dst: (usize, usize),
-    ) -> Stage {
+    ) -> Stage<'a> {
         let [blocks, rows, cols] = dims;
-        let (out_len, in_len) = if transpose {
-            (cols, rows)
-        } else {
-            (rows, cols)
-        };
-        let mut packed = vec![0.0f32; blocks * rows * cols];
-        for b in 0..blocks {
-            for o in 0..out_len {
-                for e in 0..in_len {
-                    let (row, col) = if transpose { (e, o) } else { (o, e) };
-                    packed[(b * out_len + o) * in_len + e] =
-                        w[(b * rows + row) * cols + col].to_f32();
-                }
+        let w = &w[..blocks * rows * cols];
+        let w = match T::as_f32(w) {
+            Some(f) => Cow::Borrowed(f),
+            None => {
+                let mut wide = vec![0.0f32; w.len()];
+                T::widen(w, &mut wide);
+                Cow::Owned(wide)
             }
-        }
+        };
+        // Forward: (e, o) is w[b][o][e]; transposed: w[b][e][o].
+        let (out_len, in_len, w_strides) = if transpose {
+            (cols, rows, (cols, 1))
+        } else {
+            (rows, cols, (1, cols))
+        };
         Stage {
             blocks,
             out_len,
             in_len,
-            w: packed,
+            w,
+            w_strides,
             src,
             dst,
         }
     }
 
-    /// `out = blockdiag(w) . input`, with `gather` as scratch of `in_len`.
-    fn apply(&self, input: &[f32], out: &mut [f32], gather: &mut [f32]) {
+    /// `out[t] = blockdiag(w) . input[t]` for the `tokens` rows of a tile (input rows
+    /// `in_stride` apart, output rows `out_stride` apart): one GEMM per block, the gather and
+    /// scatter in its strides.
+    fn apply(
+        &self,
+        tokens: usize,
+        (input, in_stride): (&[f32], usize),
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        let wlen = self.out_len * self.in_len;
         for b in 0..self.blocks {
-            for (e, g) in gather.iter_mut().enumerate() {
-                *g = input[b * self.src.0 + e * self.src.1];
-            }
-            let wb = &self.w[b * self.out_len * self.in_len..][..self.out_len * self.in_len];
-            for (o, row) in wb.chunks_exact(self.in_len).enumerate() {
-                out[b * self.dst.0 + o * self.dst.1] = dot(row, gather);
-            }
+            matmul_strided(
+                (tokens, self.out_len, self.in_len),
+                (&mut out[b * self.dst.0..], out_stride, self.dst.1),
+                false,
+                (&input[b * self.src.0..], in_stride, self.src.1),
+                (
+                    &self.w[b * wlen..][..wlen],
+                    self.w_strides.0,
+                    self.w_strides.1,
+                ),
+            );
         }
     }
 }
 
 /// The two stages of `mode`'s product.
-fn stages<T: Element>(shape: MonarchShape, w1: &[T], w2: &[T], mode: Mode) -> [Stage; 2] {
+fn stages<'a, T: Element>(
+    shape: MonarchShape,
+    w1: &'a [T],
+    w2: &'a [T],
+    mode: Mode,
+) -> [Stage<'a>; 2] {
     let [_, q, p] = shape.w1_dims();
     let l = shape.w2_dims()[0];
     match mode {
@@ -133,33 +161,52 @@ pub(super) fn run<T: Element>(
     };
     let bias: Option<Vec<f32>> = bias.map(|b| b.iter().map(|v| v.to_f32()).collect());
     let tokens = x_rows.tokens;
+    let tile = tokens_per_item(n_x.max(n_mid).max(n_y));
     let y = DisjointSlice::new(y);
-    par_for(threads, tokens.div_ceil(TOKENS_PER_ITEM), |item| {
-        let mut xin = vec![0.0f32; n_x];
-        let mut mid = vec![0.0f32; n_mid];
-        let mut out = vec![0.0f32; n_y];
-        let mut gather = vec![0.0f32; a.in_len.max(b.in_len)];
-        let first = item * TOKENS_PER_ITEM;
-        for tok in first..tokens.min(first + TOKENS_PER_ITEM) {
-            load_row(x, x_rows, tok, &mut xin);
-            a.apply(&xin, &mut mid, &mut gather[..a.in_len]);
-            round::<T>(&mut mid);
-            b.apply(&mid, &mut out, &mut gather[..b.in_len]);
-            // SAFETY: token `tok` belongs to this item alone; rows do not overlap
-            // (row_stride >= width, checked by the caller).
-            let row = unsafe { y.range_mut(tok * y_rows.row_stride, y_rows.width) };
-            for (o, dst) in row.iter_mut().enumerate() {
-                *dst = T::from_f32(out[o] + bias.as_ref().map_or(0.0, |b| b[o]));
+    let scratch = || {
+        let buf = |n: usize| vec![0.0f32; tile * n];
+        (buf(n_x), buf(n_mid), buf(n_y))
+    };
+    par_for_with(
+        threads,
+        tokens.div_ceil(tile),
+        scratch,
+        |(xin, mid, out), item| {
+            let first = item * tile;
+            let count = tile.min(tokens - first);
+            for (t, row) in xin.chunks_exact_mut(n_x).take(count).enumerate() {
+                load_row(x, x_rows, first + t, row);
             }
-        }
-    });
+            a.apply(count, (xin, n_x), mid, n_mid);
+            round::<T>(&mut mid[..count * n_mid]);
+            b.apply(count, (mid, n_mid), out, n_y);
+            for (t, res) in out.chunks_exact(n_y).take(count).enumerate() {
+                let tok = first + t;
+                // SAFETY: token `tok` belongs to this item alone; rows do not overlap
+                // (row_stride >= width, checked by the caller).
+                let row = unsafe { y.range_mut(tok * y_rows.row_stride, y_rows.width) };
+                match &bias {
+                    Some(bias) => {
+                        for ((dst, &o), &bv) in row.iter_mut().zip(res).zip(bias) {
+                            *dst = T::from_f32(o + bv);
+                        }
+                    }
+                    None => {
+                        for (dst, &o) in row.iter_mut().zip(res) {
+                            *dst = T::from_f32(o);
+                        }
+                    }
+                }
+            }
+        },
+    );
 }
 
 /// Applies `stage` to every row of `src` (`[tokens, n_src]` via `rows`) into
 /// `dst: [tokens, n_dst]` (contiguous f32), rounded to `T`.
 fn stage_rows<T: Element>(
     threads: usize,
-    stage: &Stage,
+    stage: &Stage<'_>,
     src: &[T],
     rows: Rows,
     n_src: usize,
@@ -167,18 +214,19 @@ fn stage_rows<T: Element>(
     n_dst: usize,
 ) {
     let tokens = rows.tokens;
+    let tile = tokens_per_item(n_src.max(n_dst));
     let dst = DisjointSlice::new(dst);
-    par_for(threads, tokens.div_ceil(TOKENS_PER_ITEM), |item| {
-        let mut xin = vec![0.0f32; n_src];
-        let mut gather = vec![0.0f32; stage.in_len];
-        let first = item * TOKENS_PER_ITEM;
-        for tok in first..tokens.min(first + TOKENS_PER_ITEM) {
-            load_row(src, rows, tok, &mut xin);
-            // SAFETY: row `tok` of dst belongs to this item alone.
-            let out = unsafe { dst.range_mut(tok * n_dst, n_dst) };
-            stage.apply(&xin, out, &mut gather);
-            round::<T>(out);
+    let scratch = || vec![0.0f32; tile * n_src];
+    par_for_with(threads, tokens.div_ceil(tile), scratch, |xin, item| {
+        let first = item * tile;
+        let count = tile.min(tokens - first);
+        for (t, row) in xin.chunks_exact_mut(n_src).take(count).enumerate() {
+            load_row(src, rows, first + t, row);
         }
+        // SAFETY: rows first..first+count of dst belong to this item alone.
+        let out = unsafe { dst.range_mut(first * n_dst, count * n_dst) };
+        stage.apply(count, (xin, n_src), out, n_dst);
+        round::<T>(out);
     });
 }
 
