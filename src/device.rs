@@ -242,6 +242,39 @@ impl Device {
         }
     }
 
+    /// The vector path the CPU backend's hot loops and tile products dispatch to on this
+    /// machine, detected at run time (a default build targets baseline x86_64 and still runs
+    /// the AVX2 or AVX-512 code where the CPU has it): `"AVX-512"`, `"AVX2+FMA"`,
+    /// `"AVX-512 loops, AVX2+FMA products"` (the `x86-v4` feature off), `"SSE2 (baseline)"`,
+    /// `"NEON"` or `"portable"`.
+    ///
+    /// ```
+    /// let isa = attnkit::Device::cpu_simd();
+    /// assert!(!isa.is_empty());
+    /// ```
+    pub fn cpu_simd() -> &'static str {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            let avx512 =
+                avx2 && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl");
+            match (avx512, avx2, cfg!(feature = "x86-v4")) {
+                (true, _, true) => "AVX-512",
+                (true, _, false) => "AVX-512 loops, AVX2+FMA products",
+                (false, true, _) => "AVX2+FMA",
+                _ => "SSE2 (baseline)",
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            "NEON"
+        }
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        {
+            "portable"
+        }
+    }
+
     /// A human-readable name: `"CPU (8 threads)"` or the GPU's name and compute capability.
     ///
     /// ```

@@ -10,6 +10,8 @@ fn main() {
     println!("attnkit tour");
     println!("  device : {}", dev.name());
     println!("  why    : {why}");
+    // Which vector code the CPU path runs here (also the GPU tests' CPU halves).
+    println!("  cpu    : {} (runtime-dispatched)", Device::cpu_simd());
     match attnkit::build_info() {
         Some((nvcc, archs)) => println!("  kernels: {nvcc}; {archs}"),
         None => println!("  kernels: none embedded (CPU-only build)"),
