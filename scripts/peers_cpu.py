@@ -160,6 +160,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--only", default="", help="run only the cases whose name contains this")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(
@@ -167,6 +168,8 @@ def main():
         f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
     )
     for name, dtype, heads, seq, d, causal in FLASH_CASES:
+        if args.only not in name:
+            continue
         t = time_sdpa(dtype, heads, seq, d, causal, args.reps)
         gflops = flash_flops(heads, seq, d, causal) / t / 1e9
         if args.json:
@@ -175,6 +178,8 @@ def main():
         else:
             print(f"flash_cpu/{name:28s} torch SDPA {t * 1e3:8.2f} ms {gflops:7.1f} GFLOP/s")
     for name, dtype, hq, hkv, cache in DECODE_CASES:
+        if args.only not in name:
+            continue
         t = time_decode(dtype, hq, hkv, cache, args.reps)
         # K + V bytes read, in GiB/s as criterion prints them.
         gib = 2 * cache * hkv * 128 * (4 if dtype == torch.float32 else 2) / t / 2**30
@@ -184,10 +189,14 @@ def main():
         else:
             print(f"decode_cpu/{name:27s} torch SDPA {t * 1e3:8.2f} ms {gib:7.2f} GiB/s")
     for name, dtype, heads, seq, d in LIGHTNING_CASES:
+        if args.only not in name:
+            continue
         t = time_lightning(dtype, heads, seq, d, args.reps)
         report(args, f"lightning_forward/cpu_{name}", "torch_chunked",
                t, lightning_flops(heads, seq, d))
     for name, dtype, n, blocks, tokens in MONARCH_CASES:
+        if args.only not in name:
+            continue
         t = time_monarch(dtype, n, blocks, tokens, args.reps)
         # shape.flops(tokens): 2 * tokens * (k q p + l s r) = 4 * tokens * n * (n / blocks).
         report(args, f"monarch_cpu/{name}", "torch_two_bmm", t,

@@ -159,7 +159,17 @@ pub(super) fn forward<T: Element>(
             es: vec![0f32; rows],
         };
         for n0 in (0..sk).step_by(BLOCK_N) {
-            let cols = BLOCK_N.min(sk - n0);
+            // Keys past the last row's last visible key are seen by no row of the tile (`hi`
+            // grows with the row), so the tile stops there: a causal diagonal tile computes
+            // only the columns some row sees (256-key tiles otherwise waste a quarter of a
+            // causal s1024 call).
+            let Ok(visible) = usize::try_from(seen.vis.hi(m1 - 1) + 1 - n0 as i64) else {
+                continue;
+            };
+            let cols = BLOCK_N.min(sk - n0).min(visible);
+            if cols == 0 {
+                continue;
+            }
             let (needed, full) = seen.tile(m0, m1, n0, cols);
             if !needed {
                 continue;
