@@ -42,16 +42,23 @@ where
             pool.broadcast(|_| work());
         }
         None => std::thread::scope(|s| {
-            for _ in 0..workers {
-                s.spawn(work);
+            let spawned = (0..workers)
+                .take_while(|_| std::thread::Builder::new().spawn_scoped(s, work).is_ok())
+                .count();
+            // Threads the OS refused: the calling thread takes part (alone if none started).
+            if spawned < workers {
+                work();
             }
         }),
     }
 }
 
-/// Pools kept for this many distinct thread counts; a device with yet another count runs on
-/// scoped threads (correct, only slower to start).
+/// Pools kept for this many distinct thread counts, of at most `MAX_POOL_THREADS` threads
+/// each; a device with yet another count, or more threads, runs each call on scoped threads
+/// (as many as the call has items: correct, only slower to start), so no thread count a user
+/// passes leaves more than 8 x 256 idle threads behind.
 const MAX_POOLS: usize = 8;
+const MAX_POOL_THREADS: usize = 256;
 
 /// The process-wide pool of `threads` persistent workers, built on first use. Persistent
 /// workers matter beyond the spawn cost: `gemm` keeps its packing buffer (the size of L2) per
@@ -59,6 +66,9 @@ const MAX_POOLS: usize = 8;
 /// 1024-wide case spent half its time in page faults on scoped threads). `None` when the pool
 /// table is full or the OS refuses the threads.
 fn pool(threads: usize) -> Option<Arc<rayon::ThreadPool>> {
+    if threads > MAX_POOL_THREADS {
+        return None;
+    }
     static POOLS: Mutex<Vec<(usize, Arc<rayon::ThreadPool>)>> = Mutex::new(Vec::new());
     // A poisoned lock only means a panic elsewhere while it was held; the table is still valid.
     let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
@@ -258,6 +268,36 @@ pub(crate) fn matmul_strided(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn par_for_runs_every_item_once_on_pools_and_scoped_threads() {
+        use std::sync::atomic::AtomicU32;
+        // 3: a pool; MAX_POOL_THREADS + 1: scoped threads; 1: the calling thread.
+        for threads in [1, 3, MAX_POOL_THREADS + 1] {
+            for n in [0, 1, 7, 1000] {
+                let hits: Vec<AtomicU32> = (0..n).map(|_| AtomicU32::new(0)).collect();
+                let inits = AtomicU32::new(0);
+                let init = || {
+                    inits.fetch_add(1, Ordering::Relaxed);
+                    vec![0u8; 16]
+                };
+                par_for_with(threads, n, init, |scratch, i| {
+                    scratch[0] = scratch[0].wrapping_add(1);
+                    hits[i].fetch_add(1, Ordering::Relaxed);
+                });
+                assert!(
+                    hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
+                    "{threads} {n}"
+                );
+                // Scratch is built once per worker that ran an item, never per item.
+                let workers = threads.min(n.max(1)) as u32;
+                assert!(
+                    inits.load(Ordering::Relaxed) <= workers.max(1),
+                    "{threads} {n}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn exp2_matches_std_to_two_ulp() {
