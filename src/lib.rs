@@ -10,7 +10,9 @@
 //! - [`decode`]: KV-cache decode (split-KV, paged and StreamingLLM rolling caches);
 //! - [`lightning`]: Lightning Attention-2 linear attention, forward and backward;
 //! - [`monarch`]: Monarch matrices (fused multiply, transpose, backward, projection, layer);
-//! - [`selftest`]: the runtime's own check.
+//! - [`selftest`]: the runtime's own check;
+//! - `candle` (feature `candle`): flash attention as a candle op on candle tensors, under
+//!   candle-flash-attn's names (candle CPU tensors so far).
 //!
 //! ```
 //! use attnkit::{flash::{self, Attention}, Device};
@@ -64,6 +66,8 @@
 #![deny(missing_docs)]
 
 mod buffer;
+#[cfg(feature = "candle")]
+pub mod candle;
 mod cpu;
 #[cfg(attnkit_cuda)]
 mod cuda;

@@ -1,0 +1,190 @@
+//! The candle adapter (feature `candle`) on candle CPU tensors: the f64 oracle on fresh random
+//! inputs at sizes that are not tile multiples, views with other strides giving the same bits
+//! as contiguous tensors, and bad input as candle errors naming the argument.
+#![cfg(feature = "candle")]
+
+mod common;
+
+use attnkit::flash::{self, Attention, Options};
+use attnkit::{Bf16, Element, F16};
+use candle_core::{DType, Device, IndexOp, Tensor};
+use common::{assert_close, random, rng};
+
+/// A `[b, s, h, d]` candle tensor holding `x` (attnkit element type `T`) as candle dtype `dt`.
+fn tensor<T: Element>(x: &[T], dims: (usize, usize, usize, usize)) -> Tensor {
+    let f: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+    let dt = match T::DTYPE {
+        attnkit::DType::F32 => DType::F32,
+        attnkit::DType::Bf16 => DType::BF16,
+        attnkit::DType::F16 => DType::F16,
+    };
+    Tensor::from_vec(f, dims, &Device::Cpu)
+        .and_then(|t| t.to_dtype(dt))
+        .expect("tensor")
+}
+
+fn host(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1())
+        .expect("to host")
+}
+
+/// Oracle comparison for one element type: causal GQA, a window, and sinks.
+fn matches_oracle<T: Element>(atol: f64, rtol: f64) {
+    let mut r = rng(&format!("candle_oracle_{}", T::DTYPE));
+    let (b, sq, sk, hq, hkv, d) = (2, 37, 53, 4, 2, 64);
+    let q: Vec<T> = random(&mut r, b * sq * hq * d);
+    let k: Vec<T> = random(&mut r, b * sk * hkv * d);
+    let v: Vec<T> = random(&mut r, b * sk * hkv * d);
+    let (qt, kt, vt) = (
+        tensor(&q, (b, sq, hq, d)),
+        tensor(&k, (b, sk, hkv, d)),
+        tensor(&v, (b, sk, hkv, d)),
+    );
+    let scale = 0.15;
+    let cases: [(&str, Options); 3] = [
+        (
+            "causal",
+            Options {
+                causal: true,
+                scale: Some(scale),
+                ..Options::default()
+            },
+        ),
+        (
+            "window",
+            Options {
+                scale: Some(scale),
+                window_left: Some(9),
+                window_right: Some(3),
+                ..Options::default()
+            },
+        ),
+        (
+            "sinks",
+            Options {
+                causal: true,
+                scale: Some(scale),
+                window_left: Some(7),
+                sinks: 2,
+                ..Options::default()
+            },
+        ),
+    ];
+    for (name, opts) in cases {
+        let got = match name {
+            "causal" => attnkit::candle::flash_attn(&qt, &kt, &vt, scale, true),
+            "window" => {
+                attnkit::candle::flash_attn_windowed(&qt, &kt, &vt, scale, Some(9), Some(3))
+            }
+            _ => attnkit::candle::flash_attn_with(&qt, &kt, &vt, &opts),
+        }
+        .expect("candle op");
+        assert_eq!(got.dims(), &[b, sq, hq, d]);
+        assert_eq!(got.dtype(), qt.dtype());
+        let mut a = Attention::new(b, sq, sk, hq, hkv, d);
+        a.opts = opts;
+        let (want, _) = flash::oracle::attention(&a, &q, &k, &v);
+        assert_close(
+            &format!("{} {name}", T::DTYPE),
+            &host(&got),
+            &want,
+            atol,
+            rtol,
+        );
+    }
+}
+
+#[test]
+fn f32_matches_the_oracle() {
+    matches_oracle::<f32>(2e-5, 2e-5);
+}
+
+#[test]
+fn bf16_matches_the_oracle() {
+    // bf16 output rounding (2^-8 relative) dominates.
+    matches_oracle::<Bf16>(1e-2, 1e-2);
+}
+
+#[test]
+fn f16_matches_the_oracle() {
+    matches_oracle::<F16>(2e-3, 2e-3);
+}
+
+#[test]
+fn strided_views_give_the_bits_of_contiguous_tensors() {
+    let mut r = rng("candle_views");
+    let (b, s, h, d) = (1, 29, 2, 32);
+    // [b, h, s, d] storage, seen as [b, s, h, d] through transpose(1, 2): no copy.
+    let x: Vec<f32> = random(&mut r, b * h * s * d);
+    let bhsd = Tensor::from_vec(x, (b, h, s, d), &Device::Cpu).expect("tensor");
+    let view = bhsd.transpose(1, 2).expect("view");
+    assert!(!view.is_contiguous());
+    let dense = view.contiguous().expect("copy");
+    let from_view = attnkit::candle::flash_attn(&view, &view, &view, 0.2, true).expect("view");
+    let from_dense = attnkit::candle::flash_attn(&dense, &dense, &dense, 0.2, true).expect("dense");
+    assert_eq!(host(&from_view), host(&from_dense));
+    // A narrowed view starts at an offset into its storage.
+    let wide = Tensor::from_vec(
+        random::<f32>(&mut r, b * (s + 5) * h * d),
+        (b, s + 5, h, d),
+        &Device::Cpu,
+    )
+    .expect("tensor");
+    let narrow = wide.narrow(1, 5, s).expect("narrow");
+    let o_narrow = attnkit::candle::flash_attn(&narrow, &narrow, &narrow, 0.2, false).expect("op");
+    let copy = narrow.contiguous().expect("copy");
+    let o_copy = attnkit::candle::flash_attn(&copy, &copy, &copy, 0.2, false).expect("op");
+    assert_eq!(host(&o_narrow), host(&o_copy));
+    // And the result is not trivially constant (the comparison could not fail otherwise).
+    let o = host(&o_copy);
+    assert!(o.iter().any(|x| (x - o[0]).abs() > 1e-3));
+}
+
+/// The error's text, which must name the argument.
+fn err_text(r: candle_core::Result<Tensor>) -> String {
+    match r {
+        Ok(t) => panic!("expected an error, got a tensor of {:?}", t.dims()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn bad_tensors_are_candle_errors_naming_the_argument() {
+    let dev = Device::Cpu;
+    let q = Tensor::zeros((1, 8, 2, 32), DType::F32, &dev).expect("q");
+    let kv = Tensor::zeros((1, 8, 1, 32), DType::F32, &dev).expect("kv");
+    let run = |q: &Tensor, k: &Tensor, v: &Tensor| attnkit::candle::flash_attn(q, k, v, 0.1, false);
+    assert!(run(&q, &kv, &kv).is_ok());
+    // Rank 3.
+    let q3 = q.i(0).expect("rank 3");
+    assert!(err_text(run(&q3, &kv, &kv)).contains("`q`"));
+    // A non-unit last stride (head_dim not contiguous).
+    let kt = Tensor::zeros((1, 8, 32, 2), DType::F32, &dev)
+        .and_then(|t| t.transpose(2, 3))
+        .expect("k");
+    assert_eq!(kt.stride()[3], 2);
+    assert!(err_text(run(&q, &kt, &kt)).contains("`k`"));
+    // dtypes: mixed, and one attnkit has no kernel for.
+    let kb = kv.to_dtype(DType::BF16).expect("bf16");
+    assert!(err_text(run(&q, &kb, &kv)).contains("`k`"));
+    let qi = q.to_dtype(DType::U32).expect("u32");
+    let ki = kv.to_dtype(DType::U32).expect("u32");
+    assert!(err_text(run(&qi, &ki, &ki)).contains("`q`"));
+    // Shapes that do not agree: head dims, value length, batch.
+    let k16 = Tensor::zeros((1, 8, 1, 16), DType::F32, &dev).expect("k");
+    assert!(err_text(run(&q, &k16, &kv)).contains("`k`"));
+    let v7 = Tensor::zeros((1, 7, 1, 32), DType::F32, &dev).expect("v");
+    assert!(err_text(run(&q, &kv, &v7)).contains("`v`"));
+    let k2 = Tensor::zeros((2, 8, 1, 32), DType::F32, &dev).expect("k");
+    assert!(err_text(run(&q, &k2, &k2)).contains("`k`"));
+    // Heads that do not divide, and a head dim with no kernel: attnkit's own checks.
+    let kv3 = Tensor::zeros((1, 8, 3, 32), DType::F32, &dev).expect("kv");
+    assert!(!err_text(run(&q, &kv3, &kv3)).is_empty());
+    let q_odd = Tensor::zeros((1, 8, 2, 33), DType::F32, &dev).expect("q");
+    let kv_odd = Tensor::zeros((1, 8, 1, 33), DType::F32, &dev).expect("kv");
+    assert!(err_text(run(&q_odd, &kv_odd, &kv_odd)).contains("head_dim"));
+    // A NaN scale.
+    assert!(err_text(attnkit::candle::flash_attn(&q, &kv, &kv, f32::NAN, false)).contains("scale"));
+}
