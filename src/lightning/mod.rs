@@ -23,7 +23,10 @@
 //! writes (the crate's one length rule): a longer one is accepted and its tail is neither read
 //! nor written. `scale` is finite; a decay `s_h` is finite and `>= 0`, `s_h = 0` meaning no
 //! decay (`lambda = 1`, the same as `decay: None`); NaN or infinite values are
-//! [`Error::Value`]s naming `scale` or `decay`.
+//! [`Error::Value`]s naming `scale` or `decay`. The inputs `q`, `k`, `v` must be finite (they
+//! are not scanned): both backends compute each block's intra product as whole tiles, so an inf
+//! or NaN in a token's `v` also reaches earlier tokens of its block, which give it weight 0
+//! (`0 * inf` is NaN), as in [`flash`](crate::flash).
 //!
 //! Entry points: [`forward`] (causal with decay and initial/final state, or the non-causal
 //! `Q (K^T V)`), [`decode`] (one token per sequence against a state), [`backward`]
