@@ -2,9 +2,11 @@
 //! model calls it on candle tensors with no copy.
 //!
 //! The entry points keep candle-flash-attn's names and argument order ([`flash_attn`],
-//! [`flash_attn_windowed`]), so switching is an import; [`flash_attn_with`] takes every
+//! [`flash_attn_windowed`], [`flash_attn_varlen`], [`flash_attn_varlen_windowed`]), so
+//! switching is an import; [`flash_attn_with`] and [`flash_attn_varlen_with`] take every
 //! option of [`flash::Options`] (sinks, relu², the entropy-invariant scale, ...). Tensors are
-//! `[batch, seq, heads, head_dim]` as candle-flash-attn takes them, in f32, f16 or bf16, with
+//! `[batch, seq, heads, head_dim]` (packed `[total_tokens, heads, head_dim]` for varlen) as
+//! candle-flash-attn takes them, in f32, f16 or bf16, with
 //! any strides whose last one is 1 (a transposed or narrowed view needs no copy: the strides
 //! go to the kernel as they are). K and V may have fewer heads than Q (GQA/MQA).
 //!
@@ -27,10 +29,10 @@
 //! ```
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 use crate::dtype::{Bf16, Element, F16, cast_slice};
-use crate::flash::{self, Attention, Options, Strides};
+use crate::flash::{self, Attention, Options, Strides, VarlenAttention};
 use crate::{Device, Error};
 
 /// Scaled dot-product attention, candle-flash-attn's `flash_attn`: `softmax(scale q k^T) v`,
@@ -106,6 +108,128 @@ pub fn flash_attn_with(
     v: &Tensor,
     opts: &Options,
 ) -> candle_core::Result<Tensor> {
+    same_place(q, k, v)?;
+    q.apply_op3_no_bwd(k, v, &FlashAttn { opts: *opts })
+}
+
+/// candle-flash-attn's `flash_attn_varlen`: packed sequences (continuous batching). `q`:
+/// `[total_q, heads_q, d]`, `k`, `v`: `[total_k, heads_kv, d]`; `seqlens_q`, `seqlens_k`: the
+/// `[batch + 1]` offsets from 0 (u32 as there, or i32/i64), read on the host; `max_seqlen_*`
+/// must be at least each longest sequence (an error naming it otherwise: a GPU sizes its grid
+/// by them). Returns `[total_q, heads_q, d]`.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let q = Tensor::randn(0f32, 1.0, (7, 2, 32), &Device::Cpu)?;
+/// let cu = Tensor::new(&[0u32, 3, 7], &Device::Cpu)?;
+/// let o = attnkit::candle::flash_attn_varlen(&q, &q, &q, &cu, &cu, 4, 4, 0.2, true)?;
+/// assert_eq!(o.dims(), &[7, 2, 32]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_varlen(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seqlens_q: &Tensor,
+    seqlens_k: &Tensor,
+    max_seqlen_q: usize,
+    max_seqlen_k: usize,
+    softmax_scale: f32,
+    causal: bool,
+) -> candle_core::Result<Tensor> {
+    let opts = Options {
+        causal,
+        scale: Some(softmax_scale),
+        ..Options::default()
+    };
+    flash_attn_varlen_with(
+        q,
+        k,
+        v,
+        (seqlens_q, max_seqlen_q),
+        (seqlens_k, max_seqlen_k),
+        &opts,
+    )
+}
+
+/// candle-flash-attn's `flash_attn_varlen_windowed`: [`flash_attn_varlen`] with the window of
+/// [`flash_attn_windowed`], per sequence.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let q = Tensor::randn(0f32, 1.0, (9, 1, 64), &Device::Cpu)?;
+/// let cu = Tensor::new(&[0u32, 9], &Device::Cpu)?;
+/// let o = attnkit::candle::flash_attn_varlen_windowed(&q, &q, &q, &cu, &cu, 9, 9, 0.1, Some(2), Some(0))?;
+/// assert_eq!(o.dims(), &[9, 1, 64]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_varlen_windowed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seqlens_q: &Tensor,
+    seqlens_k: &Tensor,
+    max_seqlen_q: usize,
+    max_seqlen_k: usize,
+    softmax_scale: f32,
+    window_size_left: Option<usize>,
+    window_size_right: Option<usize>,
+) -> candle_core::Result<Tensor> {
+    let opts = Options {
+        scale: Some(softmax_scale),
+        window_left: window_size_left,
+        window_right: window_size_right,
+        ..Options::default()
+    };
+    flash_attn_varlen_with(
+        q,
+        k,
+        v,
+        (seqlens_q, max_seqlen_q),
+        (seqlens_k, max_seqlen_k),
+        &opts,
+    )
+}
+
+/// Varlen attention with every option of [`flash::Options`]; the offsets come with their
+/// maxima, `(seqlens, max_seqlen)`.
+///
+/// ```
+/// use attnkit::flash::Options;
+/// use candle_core::{Device, Tensor};
+/// let q = Tensor::randn(0f32, 1.0, (12, 2, 32), &Device::Cpu)?;
+/// let cu = Tensor::new(&[0i64, 5, 5, 12], &Device::Cpu)?; // an empty sequence too
+/// let opts = Options { causal: true, sinks: 1, window_left: Some(3), ..Options::default() };
+/// let o = attnkit::candle::flash_attn_varlen_with(&q, &q, &q, (&cu, 7), (&cu, 7), &opts)?;
+/// assert_eq!(o.dims(), &[12, 2, 32]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn flash_attn_varlen_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    (seqlens_q, max_seqlen_q): (&Tensor, usize),
+    (seqlens_k, max_seqlen_k): (&Tensor, usize),
+    opts: &Options,
+) -> candle_core::Result<Tensor> {
+    same_place(q, k, v)?;
+    let cu_q = offsets("seqlens_q", seqlens_q, "max_seqlen_q", max_seqlen_q)?;
+    let cu_k = offsets("seqlens_k", seqlens_k, "max_seqlen_k", max_seqlen_k)?;
+    q.apply_op3_no_bwd(
+        k,
+        v,
+        &VarlenAttn {
+            opts: *opts,
+            cu_q,
+            cu_k,
+        },
+    )
+}
+
+/// q, k, v on the CPU, all three in one dtype (errors naming the argument otherwise).
+fn same_place(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<()> {
     if !q.device().is_cpu() {
         return Err(wrap(Error::Unsupported {
             arg: "q",
@@ -138,7 +262,133 @@ pub fn flash_attn_with(
             }));
         }
     }
-    q.apply_op3_no_bwd(k, v, &FlashAttn { opts: *opts })
+    Ok(())
+}
+
+/// A `[batch + 1]` offsets tensor (u32, i32 or i64) read to the host as i32, with its maximum
+/// checked: `max` must be at least the longest sequence.
+fn offsets(
+    arg: &'static str,
+    t: &Tensor,
+    max_arg: &'static str,
+    max: usize,
+) -> candle_core::Result<Vec<i32>> {
+    if t.rank() != 1 {
+        return Err(wrap(Error::Shape {
+            arg,
+            detail: format!(
+                "rank {} ({:?}); expected [batch + 1] offsets",
+                t.rank(),
+                t.dims()
+            ),
+        }));
+    }
+    let wide: Vec<i64> = match t.dtype() {
+        DType::U32 => t.to_vec1::<u32>()?.into_iter().map(i64::from).collect(),
+        DType::I32 => t.to_vec1::<i32>()?.into_iter().map(i64::from).collect(),
+        DType::I64 => t.to_vec1::<i64>()?,
+        other => {
+            return Err(wrap(Error::Unsupported {
+                arg,
+                detail: format!("dtype {other:?}; offsets are u32, i32 or i64"),
+            }));
+        }
+    };
+    let cu: Vec<i32> = wide
+        .iter()
+        .map(|&x| i32::try_from(x))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| {
+            wrap(Error::Value {
+                arg,
+                detail: "an offset outside i32 (the kernels' index type)".into(),
+            })
+        })?;
+    // Lengths are checked (sorted, from 0) by flash itself; the maximum only needs them here.
+    let longest = cu
+        .windows(2)
+        .map(|w| w[1].saturating_sub(w[0]).max(0))
+        .max()
+        .unwrap_or(0);
+    if (longest as usize) > max {
+        return Err(wrap(Error::Value {
+            arg: max_arg,
+            detail: format!("{max}, but a sequence of {arg} holds {longest}"),
+        }));
+    }
+    Ok(cu)
+}
+
+/// The varlen candle op: options and host offsets; shapes from the layouts.
+struct VarlenAttn {
+    opts: Options,
+    cu_q: Vec<i32>,
+    cu_k: Vec<i32>,
+}
+
+impl CpuAttention for VarlenAttn {
+    fn run<T: Element + Copy + Default>(
+        &self,
+        (q, lq): (&[T], &Layout),
+        (k, lk): (&[T], &Layout),
+        (v, lv): (&[T], &Layout),
+    ) -> Result<(Vec<T>, Shape), Error> {
+        let (qd, qs, qo) = operand::<3>("q", lq)?;
+        let (kd, ks, ko) = operand::<3>("k", lk)?;
+        let (vd, vs, vo) = operand::<3>("v", lv)?;
+        let [total_q, heads_q, d] = qd;
+        let [total_k, heads_kv, _] = kd;
+        let shapes = format!("q {qd:?}, k {kd:?}, v {vd:?}");
+        let last = |cu: &[i32]| cu.last().map_or(0, |&x| x.max(0) as usize);
+        agree(
+            &[
+                ("q", total_q, last(&self.cu_q)),
+                ("k", total_k, last(&self.cu_k)),
+                ("k", kd[2], d),
+                ("v", vd[0], total_k),
+                ("v", vd[1], heads_kv),
+                ("v", vd[2], d),
+            ],
+            &shapes,
+        )?;
+        let mut a = VarlenAttention::new(&self.cu_q, &self.cu_k, heads_q, heads_kv, d);
+        a.opts = self.opts;
+        a.q_strides = qs;
+        a.k_strides = ks;
+        a.v_strides = vs;
+        let mut o = vec![T::default(); a.o_len()];
+        let mut lse = vec![0f32; a.lse_len()];
+        flash::forward_varlen(
+            &Device::cpu(),
+            &a,
+            tail("q", q, qo)?.into(),
+            tail("k", k, ko)?.into(),
+            tail("v", v, vo)?.into(),
+            self.cu_q[..].into(),
+            self.cu_k[..].into(),
+            (&mut o).into(),
+            (&mut lse).into(),
+        )?;
+        Ok((o, Shape::from(qd.to_vec())))
+    }
+}
+
+impl CustomOp3 for VarlenAttn {
+    fn name(&self) -> &'static str {
+        "attnkit-flash-attn-varlen"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_fwd_any(self, (s1, l1), (s2, l2), (s3, l3))
+    }
 }
 
 /// The candle op: the options; the shapes come from the tensors' layouts.
@@ -146,72 +396,133 @@ struct FlashAttn {
     opts: Options,
 }
 
-/// A `[batch, seq, heads, d]` operand's sizes and strides from its candle layout.
-fn operand(arg: &'static str, l: &Layout) -> Result<([usize; 4], Strides, usize), Error> {
-    let dims: [usize; 4] = l.dims().try_into().map_err(|_| Error::Shape {
+/// An operand's sizes and strides from its candle layout: `[batch, seq, heads, d]` (`R` = 4)
+/// or packed `[tokens, heads, d]` (`R` = 3, for varlen); the last stride must be 1.
+fn operand<const R: usize>(
+    arg: &'static str,
+    l: &Layout,
+) -> Result<([usize; R], Strides, usize), Error> {
+    let dims: [usize; R] = l.dims().try_into().map_err(|_| Error::Shape {
         arg,
         detail: format!(
-            "rank {} ({:?}); expected [batch, seq, heads, head_dim]",
+            "rank {} ({:?}); expected {}",
             l.dims().len(),
-            l.dims()
+            l.dims(),
+            if R == 4 {
+                "[batch, seq, heads, head_dim]"
+            } else {
+                "[total_tokens, heads, head_dim]"
+            }
         ),
     })?;
     let s = l.stride();
-    if s[3] != 1 && dims[3] > 1 {
+    if s[R - 1] != 1 && dims[R - 1] > 1 {
         return Err(Error::Stride {
             arg,
             detail: format!(
                 "last stride {} (strides {s:?}); the head dimension must be contiguous",
-                s[3]
+                s[R - 1]
             ),
         });
     }
     let strides = Strides {
-        batch: s[0],
-        row: s[1],
-        head: s[2],
+        // Packed varlen operands have no batch dimension (the kernels ignore it).
+        batch: if R == 4 { s[0] } else { 0 },
+        row: s[R - 3],
+        head: s[R - 2],
         dim: 1,
     };
     Ok((dims, strides, l.start_offset()))
 }
 
-impl FlashAttn {
-    /// Runs attnkit's CPU path on the three operands' slices (each from its layout's start).
-    fn cpu<T: Element + Copy + Default>(
+/// Sizes that must agree between q, k and v: `(arg, found, expected)` triples.
+fn agree(pairs: &[(&'static str, usize, usize)], shapes: &str) -> Result<(), Error> {
+    match pairs.iter().find(|(_, got, want)| got != want) {
+        Some(&(arg, got, want)) => Err(Error::Shape {
+            arg,
+            detail: format!("a size of {arg} is {got} where {want} is needed ({shapes})"),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The attention computation of an op on the CPU, for any element type: the three operands'
+/// storage and layouts in, the output and its shape out.
+trait CpuAttention {
+    fn run<T: Element + Copy + Default>(
+        &self,
+        q: (&[T], &Layout),
+        k: (&[T], &Layout),
+        v: (&[T], &Layout),
+    ) -> Result<(Vec<T>, Shape), Error>;
+}
+
+/// `cpu_fwd` for every dtype attnkit computes in (the others are an error naming `q`).
+fn cpu_fwd_any<A: CpuAttention>(
+    op: &A,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    (s3, l3): (&CpuStorage, &Layout),
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    match (s1, s2, s3) {
+        (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+            let (o, shape) = op.run((q, l1), (k, l2), (v, l3)).map_err(wrap)?;
+            Ok((CpuStorage::F32(o), shape))
+        }
+        (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
+            let (q, k, v) = (cast_slice::<_, Bf16>(q), cast_slice(k), cast_slice(v));
+            let (o, shape) = op.run((q, l1), (k, l2), (v, l3)).map_err(wrap)?;
+            Ok((
+                CpuStorage::BF16(o.into_iter().map(|x| x.0).collect()),
+                shape,
+            ))
+        }
+        (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => {
+            let (q, k, v) = (cast_slice::<_, F16>(q), cast_slice(k), cast_slice(v));
+            let (o, shape) = op.run((q, l1), (k, l2), (v, l3)).map_err(wrap)?;
+            Ok((CpuStorage::F16(o.into_iter().map(|x| x.0).collect()), shape))
+        }
+        _ => Err(wrap(Error::Unsupported {
+            arg: "q",
+            detail: format!(
+                "{:?} (k {:?}, v {:?}); f32, f16 or bf16, all three the same",
+                s1.dtype(),
+                s2.dtype(),
+                s3.dtype()
+            ),
+        })),
+    }
+}
+
+impl CpuAttention for FlashAttn {
+    fn run<T: Element + Copy + Default>(
         &self,
         (q, lq): (&[T], &Layout),
         (k, lk): (&[T], &Layout),
         (v, lv): (&[T], &Layout),
     ) -> Result<(Vec<T>, Shape), Error> {
-        let (qd, qs, qo) = operand("q", lq)?;
-        let (kd, ks, ko) = operand("k", lk)?;
-        let (vd, vs, vo) = operand("v", lv)?;
+        let (qd, qs, qo) = operand::<4>("q", lq)?;
+        let (kd, ks, ko) = operand::<4>("k", lk)?;
+        let (vd, vs, vo) = operand::<4>("v", lv)?;
         let [batch, seq_q, heads_q, d] = qd;
         let [_, seq_k, heads_kv, _] = kd;
-        for (arg, got, want) in [
-            ("k", kd[0], batch),
-            ("k", kd[3], d),
-            ("v", vd[0], batch),
-            ("v", vd[1], seq_k),
-            ("v", vd[2], heads_kv),
-            ("v", vd[3], d),
-        ] {
-            if got != want {
-                return Err(Error::Shape {
-                    arg,
-                    detail: format!(
-                        "{arg} is {:?} with q {qd:?} and k {kd:?}",
-                        if arg == "k" { kd } else { vd }
-                    ),
-                });
-            }
-        }
+        let shapes = format!("q {qd:?}, k {kd:?}, v {vd:?}");
+        agree(
+            &[
+                ("k", kd[0], batch),
+                ("k", kd[3], d),
+                ("v", vd[0], batch),
+                ("v", vd[1], seq_k),
+                ("v", vd[2], heads_kv),
+                ("v", vd[3], d),
+            ],
+            &shapes,
+        )?;
         let mut a = Attention::new(batch, seq_q, seq_k, heads_q, heads_kv, d);
         a.opts = self.opts;
         a.q_strides = qs;
         a.k_strides = ks;
         a.v_strides = vs;
-        // Offsets past the end are the checks' to report (as a short buffer), not a panic.
         let mut o = vec![T::default(); a.o_len()];
         let mut lse = vec![0f32; a.lse_len()];
         flash::forward(
@@ -254,36 +565,6 @@ impl CustomOp3 for FlashAttn {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                let (o, shape) = self.cpu((q, l1), (k, l2), (v, l3)).map_err(wrap)?;
-                (CpuStorage::F32(o), shape)
-            }
-            (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
-                let (q, k, v) = (cast_slice::<_, Bf16>(q), cast_slice(k), cast_slice(v));
-                let (o, shape) = self.cpu((q, l1), (k, l2), (v, l3)).map_err(wrap)?;
-                (
-                    CpuStorage::BF16(o.into_iter().map(|x| x.0).collect()),
-                    shape,
-                )
-            }
-            (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => {
-                let (q, k, v) = (cast_slice::<_, F16>(q), cast_slice(k), cast_slice(v));
-                let (o, shape) = self.cpu((q, l1), (k, l2), (v, l3)).map_err(wrap)?;
-                (CpuStorage::F16(o.into_iter().map(|x| x.0).collect()), shape)
-            }
-            _ => {
-                return Err(wrap(Error::Unsupported {
-                    arg: "q",
-                    detail: format!(
-                        "{:?} (k {:?}, v {:?}); f32, f16 or bf16, all three the same",
-                        s1.dtype(),
-                        s2.dtype(),
-                        s3.dtype()
-                    ),
-                }));
-            }
-        };
-        Ok(out)
+        cpu_fwd_any(self, (s1, l1), (s2, l2), (s3, l3))
     }
 }

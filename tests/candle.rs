@@ -142,6 +142,79 @@ fn strided_views_give_the_bits_of_contiguous_tensors() {
     assert!(o.iter().any(|x| (x - o[0]).abs() > 1e-3));
 }
 
+#[test]
+fn varlen_matches_the_oracle_per_sequence() {
+    let mut r = rng("candle_varlen");
+    let (hq, hkv, d) = (4, 2, 32);
+    // An empty query sequence, keys longer than queries, and a long one.
+    let (cu_q, cu_k) = ([0usize, 5, 5, 24, 93], [0usize, 9, 12, 31, 131]);
+    let (tq, tk) = (cu_q[4], cu_k[4]);
+    let q: Vec<f32> = random(&mut r, tq * hq * d);
+    let k: Vec<f32> = random(&mut r, tk * hkv * d);
+    let v: Vec<f32> = random(&mut r, tk * hkv * d);
+    let t = |x: &[f32], n: usize, h: usize| {
+        Tensor::from_vec(x.to_vec(), (n, h, d), &Device::Cpu).expect("tensor")
+    };
+    let (qt, kt, vt) = (t(&q, tq, hq), t(&k, tk, hkv), t(&v, tk, hkv));
+    let cq = Tensor::new(&cu_q.map(|x| x as u32), &Device::Cpu).expect("cu_q");
+    let ck = Tensor::new(&cu_k.map(|x| x as i64), &Device::Cpu).expect("cu_k");
+    let opts = Options {
+        causal: true,
+        scale: Some(0.2),
+        window_left: Some(11),
+        sinks: 2,
+        ..Options::default()
+    };
+    let got = attnkit::candle::flash_attn_varlen_with(&qt, &kt, &vt, (&cq, 69), (&ck, 100), &opts)
+        .expect("varlen");
+    assert_eq!(got.dims(), &[tq, hq, d]);
+    let got = host(&got);
+    for s in 0..4 {
+        let (lq, lk) = (cu_q[s + 1] - cu_q[s], cu_k[s + 1] - cu_k[s]);
+        let mut a = Attention::new(1, lq, lk, hq, hkv, d);
+        a.opts = opts;
+        let (want, _) = flash::oracle::attention(
+            &a,
+            &q[cu_q[s] * hq * d..cu_q[s + 1] * hq * d],
+            &k[cu_k[s] * hkv * d..cu_k[s + 1] * hkv * d],
+            &v[cu_k[s] * hkv * d..cu_k[s + 1] * hkv * d],
+        );
+        let rows = &got[cu_q[s] * hq * d..cu_q[s + 1] * hq * d];
+        assert_close(&format!("varlen sequence {s}"), rows, &want, 2e-5, 2e-5);
+    }
+    // The drop-in forms agree with the options form they stand for.
+    let causal = attnkit::candle::flash_attn_varlen(&qt, &kt, &vt, &cq, &ck, 69, 100, 0.2, true)
+        .expect("varlen");
+    let as_window = attnkit::candle::flash_attn_varlen_windowed(
+        &qt,
+        &kt,
+        &vt,
+        &cq,
+        &ck,
+        69,
+        100,
+        0.2,
+        None,
+        Some(0),
+    )
+    .expect("varlen windowed");
+    assert_eq!(host(&causal), host(&as_window));
+    // Bad offsets and maxima name their argument.
+    let short = attnkit::candle::flash_attn_varlen(&qt, &kt, &vt, &cq, &ck, 68, 100, 0.2, true);
+    assert!(err_text(short).contains("`max_seqlen_q`"));
+    let f = Tensor::new(&[0f32, 93.0], &Device::Cpu).expect("f32 offsets");
+    assert!(
+        err_text(attnkit::candle::flash_attn_varlen(
+            &qt, &kt, &vt, &f, &ck, 99, 99, 0.2, true
+        ))
+        .contains("`seqlens_q`")
+    );
+    let wrong_total = Tensor::new(&[0u32, 90], &Device::Cpu).expect("cu");
+    let r =
+        attnkit::candle::flash_attn_varlen(&qt, &kt, &vt, &wrong_total, &ck, 99, 200, 0.2, true);
+    assert!(!err_text(r).is_empty());
+}
+
 /// The error's text, which must name the argument.
 fn err_text(r: candle_core::Result<Tensor>) -> String {
     match r {
