@@ -4,7 +4,8 @@
 //! The entry points keep candle-flash-attn's names and argument order ([`flash_attn`],
 //! [`flash_attn_windowed`], [`flash_attn_varlen`], [`flash_attn_varlen_windowed`]), so
 //! switching is an import; [`flash_attn_with`] and [`flash_attn_varlen_with`] take every
-//! option of [`flash::Options`] (sinks, relu², the entropy-invariant scale, ...). Tensors are
+//! option of [`flash::Options`] (sinks, relu², the entropy-invariant scale, ...), and
+//! [`flash_attn_with_lse`] returns the log-sum-exp too. Tensors are
 //! `[batch, seq, heads, head_dim]` (packed `[total_tokens, heads, head_dim]` for varlen) as
 //! candle-flash-attn takes them, in f32, f16 or bf16, with
 //! any strides whose last one is 1 (a transposed or narrowed view needs no copy: the strides
@@ -27,6 +28,8 @@
 //! assert_eq!(o.dims(), &[1, 10, 4, 32]);
 //! # Ok::<(), candle_core::Error>(())
 //! ```
+
+use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
@@ -109,7 +112,40 @@ pub fn flash_attn_with(
     opts: &Options,
 ) -> candle_core::Result<Tensor> {
     same_place(q, k, v)?;
-    q.apply_op3_no_bwd(k, v, &FlashAttn { opts: *opts })
+    q.apply_op3_no_bwd(k, v, &FlashAttn::new(opts))
+}
+
+/// [`flash_attn_with`] that also returns the per-row log-sum-exp of the scaled scores (f32,
+/// `[batch, heads_q, seq_q]`; `-inf` for a row that sees no key), as FlashAttention's
+/// `softmax_lse`: what a caller needs to merge attention computed in pieces.
+///
+/// ```
+/// use attnkit::flash::Options;
+/// use candle_core::{Device, Tensor};
+/// let q = Tensor::zeros((1, 4, 1, 32), candle_core::DType::F32, &Device::Cpu)?;
+/// let (o, lse) = attnkit::candle::flash_attn_with_lse(&q, &q, &q, &Options::default())?;
+/// // Four equal scores of 0: lse = ln 4 on every row.
+/// let l: Vec<f32> = lse.flatten_all()?.to_vec1()?;
+/// assert!(l.iter().all(|x| (x - 4f32.ln()).abs() < 1e-6));
+/// assert_eq!((o.dims(), lse.dims()), (&[1, 4, 1, 32][..], &[1, 1, 4][..]));
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn flash_attn_with_lse(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    opts: &Options,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    same_place(q, k, v)?;
+    let op = FlashAttn::new(opts);
+    let o = q.apply_op3_no_bwd(k, v, &op)?;
+    let taken = op.lse.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let Some((lse, shape)) = taken else {
+        return Err(candle_core::Error::Msg(
+            "attnkit: the op left no LSE".into(),
+        ));
+    };
+    Ok((o, Tensor::from_vec(lse, shape, q.device())?))
 }
 
 /// candle-flash-attn's `flash_attn_varlen`: packed sequences (continuous batching). `q`:
@@ -394,6 +430,9 @@ impl CustomOp3 for VarlenAttn {
 /// The candle op: the options; the shapes come from the tensors' layouts.
 struct FlashAttn {
     opts: Options,
+    /// Where `cpu_fwd` leaves the LSE (`[batch, heads_q, seq_q]`) and its shape, for
+    /// [`flash_attn_with_lse`] (a candle op has one output).
+    lse: Mutex<Option<(Vec<f32>, Shape)>>,
 }
 
 /// An operand's sizes and strides from its candle layout: `[batch, seq, heads, d]` (`R` = 4)
@@ -494,6 +533,15 @@ fn cpu_fwd_any<A: CpuAttention>(
     }
 }
 
+impl FlashAttn {
+    fn new(opts: &Options) -> FlashAttn {
+        FlashAttn {
+            opts: *opts,
+            lse: Mutex::new(None),
+        }
+    }
+}
+
 impl CpuAttention for FlashAttn {
     fn run<T: Element + Copy + Default>(
         &self,
@@ -534,6 +582,8 @@ impl CpuAttention for FlashAttn {
             (&mut o).into(),
             (&mut lse).into(),
         )?;
+        let mut slot = self.lse.lock().unwrap_or_else(|e| e.into_inner());
+        *slot = Some((lse, Shape::from((batch, heads_q, seq_q))));
         Ok((o, Shape::from(qd.to_vec())))
     }
 }

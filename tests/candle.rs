@@ -85,13 +85,24 @@ fn matches_oracle<T: Element>(atol: f64, rtol: f64) {
         assert_eq!(got.dtype(), qt.dtype());
         let mut a = Attention::new(b, sq, sk, hq, hkv, d);
         a.opts = opts;
-        let (want, _) = flash::oracle::attention(&a, &q, &k, &v);
+        let (want, want_lse) = flash::oracle::attention(&a, &q, &k, &v);
         assert_close(
             &format!("{} {name}", T::DTYPE),
             &host(&got),
             &want,
             atol,
             rtol,
+        );
+        // The LSE form: the same output, and the LSE (f32 from the same inputs) to 1e-4.
+        let (o2, lse) = attnkit::candle::flash_attn_with_lse(&qt, &kt, &vt, &opts).expect("lse");
+        assert_eq!(host(&o2), host(&got), "{name}: with_lse changed o");
+        assert_eq!(lse.dims(), &[b, hq, sq]);
+        assert_close(
+            &format!("{} {name} lse", T::DTYPE),
+            &host(&lse),
+            &want_lse,
+            1e-4,
+            1e-4,
         );
     }
 }
