@@ -11,8 +11,8 @@
 //! - [`lightning`]: Lightning Attention-2 linear attention, forward and backward;
 //! - [`monarch`]: Monarch matrices (fused multiply, transpose, backward, projection, layer);
 //! - [`selftest`]: the runtime's own check;
-//! - `candle` (feature `candle`): flash attention as a candle op on candle tensors, under
-//!   candle-flash-attn's names (candle CPU tensors so far).
+//! - `candle` (feature `candle`): flash attention as candle ops under candle-flash-attn's
+//!   names, and the Monarch layer as a candle `Module` (candle CPU tensors so far).
 //!
 //! ```
 //! use attnkit::{flash::{self, Attention}, Device};

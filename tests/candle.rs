@@ -272,3 +272,67 @@ fn bad_tensors_are_candle_errors_naming_the_argument() {
     // A NaN scale.
     assert!(err_text(attnkit::candle::flash_attn(&q, &kv, &kv, f32::NAN, false)).contains("scale"));
 }
+
+#[test]
+fn monarch_module_equals_the_layer_on_views_and_batches() {
+    use attnkit::candle::MonarchModule;
+    use attnkit::monarch::{MonarchLinear, Rows};
+    use candle_core::Module;
+    let mut r = rng("candle_monarch");
+    let layer = MonarchLinear::<f32>::new(45, 37, 4, true, 11).expect("layer");
+    let m = MonarchModule::new(layer.clone());
+    let (tokens, width) = (13, 45);
+    // Rows 50 apart: a narrowed view of a wider tensor, read in place.
+    let wide: Vec<f32> = random(&mut r, tokens * 50);
+    let wt = Tensor::from_vec(wide.clone(), (tokens, 50), &Device::Cpu).expect("tensor");
+    let view = wt.narrow(1, 2, width).expect("view");
+    let got = host(&m.forward(&view).expect("forward"));
+    let mut want = vec![f32::NAN; tokens * 37];
+    let rows = Rows {
+        tokens,
+        width,
+        row_stride: 50,
+    };
+    layer
+        .forward(
+            &attnkit::Device::cpu(),
+            wide[2..].into(),
+            rows,
+            (&mut want).into(),
+            37,
+        )
+        .expect("layer");
+    assert_eq!(got, want);
+    assert!(want.iter().any(|x| (x - want[0]).abs() > 1e-4));
+    // [b, s, in] -> [b, s, out], the same rows.
+    let x3 = view
+        .contiguous()
+        .and_then(|t| t.reshape((1, tokens, width)))
+        .expect("3d");
+    let y3 = m.forward(&x3).expect("forward 3d");
+    assert_eq!(y3.dims(), &[1, tokens, 37]);
+    assert_eq!(host(&y3), want);
+    // bf16 layer on bf16 tensors.
+    let lb = MonarchLinear::<Bf16>::new(45, 37, 4, false, 3).expect("bf16 layer");
+    let yb = MonarchModule::new(lb).forward(&x3.to_dtype(DType::BF16).expect("bf16"));
+    assert_eq!(yb.expect("bf16 forward").dtype(), DType::BF16);
+    // Errors naming x: dtype, width, scalar.
+    let e = m
+        .forward(&x3.to_dtype(DType::F16).expect("f16"))
+        .map(|t| t.dims().to_vec());
+    assert!(e.expect_err("dtype").to_string().contains("`x`"));
+    let narrow = Tensor::zeros((2, 44), DType::F32, &Device::Cpu).expect("x");
+    assert!(
+        m.forward(&narrow)
+            .expect_err("width")
+            .to_string()
+            .contains("`x`")
+    );
+    let scalar = Tensor::new(1f32, &Device::Cpu).expect("scalar");
+    assert!(
+        m.forward(&scalar)
+            .expect_err("scalar")
+            .to_string()
+            .contains("`x`")
+    );
+}

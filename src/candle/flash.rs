@@ -1,40 +1,11 @@
-//! candle adapter (feature `candle`): attnkit's flash attention as a candle op, so a candle
-//! model calls it on candle tensors with no copy.
-//!
-//! The entry points keep candle-flash-attn's names and argument order ([`flash_attn`],
-//! [`flash_attn_windowed`], [`flash_attn_varlen`], [`flash_attn_varlen_windowed`]), so
-//! switching is an import; [`flash_attn_with`] and [`flash_attn_varlen_with`] take every
-//! option of [`flash::Options`] (sinks, relu², the entropy-invariant scale, ...), and
-//! [`flash_attn_with_lse`] returns the log-sum-exp too. Tensors are
-//! `[batch, seq, heads, head_dim]` (packed `[total_tokens, heads, head_dim]` for varlen) as
-//! candle-flash-attn takes them, in f32, f16 or bf16, with
-//! any strides whose last one is 1 (a transposed or narrowed view needs no copy: the strides
-//! go to the kernel as they are). K and V may have fewer heads than Q (GQA/MQA).
-//!
-//! What runs: candle CPU tensors run attnkit's CPU path (candle's own flash-attn has none).
-//! CUDA tensors are not supported yet by this adapter (a candle error says so); the CUDA path
-//! is tracked by issue 14 and needs candle's own CUDA build.
-//!
-//! Bad input (a wrong dtype, rank or device, mixed devices, a non-unit last stride, shapes
-//! that do not agree) is a candle error naming the argument, never a panic: attnkit's own
-//! [`Error`] is carried inside it ([`candle_core::Error::Wrapped`]).
-//!
-//! ```
-//! use candle_core::{DType, Device, Tensor};
-//! // batch 1, 10 positions, 4 query heads sharing 2 KV heads, head_dim 32.
-//! let q = Tensor::randn(0f32, 1.0, (1, 10, 4, 32), &Device::Cpu)?;
-//! let kv = Tensor::randn(0f32, 1.0, (1, 10, 2, 32), &Device::Cpu)?;
-//! let o = attnkit::candle::flash_attn(&q, &kv, &kv, 32f32.powf(-0.5), true)?;
-//! assert_eq!(o.dims(), &[1, 10, 4, 32]);
-//! # Ok::<(), candle_core::Error>(())
-//! ```
+//! Flash attention on candle tensors: fixed-length and varlen, under candle-flash-attn's names.
 
 use std::sync::Mutex;
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
-use crate::dtype::{Bf16, Element, F16, cast_slice};
+use super::{CpuOp, cpu_fwd_any, same_place, tail, wrap};
+use crate::dtype::Element;
 use crate::flash::{self, Attention, Options, Strides, VarlenAttention};
 use crate::{Device, Error};
 
@@ -264,43 +235,6 @@ pub fn flash_attn_varlen_with(
     )
 }
 
-/// q, k, v on the CPU, all three in one dtype (errors naming the argument otherwise).
-fn same_place(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<()> {
-    if !q.device().is_cpu() {
-        return Err(wrap(Error::Unsupported {
-            arg: "q",
-            detail: format!(
-                "a tensor on {:?}: attnkit::candle runs candle CPU tensors so far",
-                q.device()
-            ),
-        }));
-    }
-    for (arg, t) in [("k", k), ("v", v)] {
-        if !t.device().same_device(q.device()) {
-            return Err(wrap(Error::Placement {
-                arg,
-                expected: "the CPU (where q is)",
-                found: if t.device().is_cuda() {
-                    "a CUDA device"
-                } else {
-                    "another device"
-                },
-            }));
-        }
-        if t.dtype() != q.dtype() {
-            return Err(wrap(Error::Unsupported {
-                arg,
-                detail: format!(
-                    "dtype {:?} next to q's {:?}: all three the same",
-                    t.dtype(),
-                    q.dtype()
-                ),
-            }));
-        }
-    }
-    Ok(())
-}
-
 /// A `[batch + 1]` offsets tensor (u32, i32 or i64) read to the host as i32, with its maximum
 /// checked: `max` must be at least the longest sequence.
 fn offsets(
@@ -362,8 +296,8 @@ struct VarlenAttn {
     cu_k: Vec<i32>,
 }
 
-impl CpuAttention for VarlenAttn {
-    fn run<T: Element + Copy + Default>(
+impl CpuOp for VarlenAttn {
+    fn run<T: Element>(
         &self,
         (q, lq): (&[T], &Layout),
         (k, lk): (&[T], &Layout),
@@ -485,54 +419,6 @@ fn agree(pairs: &[(&'static str, usize, usize)], shapes: &str) -> Result<(), Err
     }
 }
 
-/// The attention computation of an op on the CPU, for any element type: the three operands'
-/// storage and layouts in, the output and its shape out.
-trait CpuAttention {
-    fn run<T: Element + Copy + Default>(
-        &self,
-        q: (&[T], &Layout),
-        k: (&[T], &Layout),
-        v: (&[T], &Layout),
-    ) -> Result<(Vec<T>, Shape), Error>;
-}
-
-/// `cpu_fwd` for every dtype attnkit computes in (the others are an error naming `q`).
-fn cpu_fwd_any<A: CpuAttention>(
-    op: &A,
-    (s1, l1): (&CpuStorage, &Layout),
-    (s2, l2): (&CpuStorage, &Layout),
-    (s3, l3): (&CpuStorage, &Layout),
-) -> candle_core::Result<(CpuStorage, Shape)> {
-    match (s1, s2, s3) {
-        (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-            let (o, shape) = op.run((q, l1), (k, l2), (v, l3)).map_err(wrap)?;
-            Ok((CpuStorage::F32(o), shape))
-        }
-        (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
-            let (q, k, v) = (cast_slice::<_, Bf16>(q), cast_slice(k), cast_slice(v));
-            let (o, shape) = op.run((q, l1), (k, l2), (v, l3)).map_err(wrap)?;
-            Ok((
-                CpuStorage::BF16(o.into_iter().map(|x| x.0).collect()),
-                shape,
-            ))
-        }
-        (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => {
-            let (q, k, v) = (cast_slice::<_, F16>(q), cast_slice(k), cast_slice(v));
-            let (o, shape) = op.run((q, l1), (k, l2), (v, l3)).map_err(wrap)?;
-            Ok((CpuStorage::F16(o.into_iter().map(|x| x.0).collect()), shape))
-        }
-        _ => Err(wrap(Error::Unsupported {
-            arg: "q",
-            detail: format!(
-                "{:?} (k {:?}, v {:?}); f32, f16 or bf16, all three the same",
-                s1.dtype(),
-                s2.dtype(),
-                s3.dtype()
-            ),
-        })),
-    }
-}
-
 impl FlashAttn {
     fn new(opts: &Options) -> FlashAttn {
         FlashAttn {
@@ -542,8 +428,8 @@ impl FlashAttn {
     }
 }
 
-impl CpuAttention for FlashAttn {
-    fn run<T: Element + Copy + Default>(
+impl CpuOp for FlashAttn {
+    fn run<T: Element>(
         &self,
         (q, lq): (&[T], &Layout),
         (k, lk): (&[T], &Layout),
@@ -586,19 +472,6 @@ impl CpuAttention for FlashAttn {
         *slot = Some((lse, Shape::from((batch, heads_q, seq_q))));
         Ok((o, Shape::from(qd.to_vec())))
     }
-}
-
-/// The storage from a layout's start offset (one past the end is the checks' to report as a
-/// short buffer; further is an error here, never a panic).
-fn tail<'a, T>(arg: &'static str, s: &'a [T], off: usize) -> Result<&'a [T], Error> {
-    s.get(off..).ok_or(Error::Shape {
-        arg,
-        detail: format!("layout starts at {off}, storage holds {}", s.len()),
-    })
-}
-
-fn wrap(e: Error) -> candle_core::Error {
-    candle_core::Error::wrap(e)
 }
 
 impl CustomOp3 for FlashAttn {

@@ -1,0 +1,206 @@
+//! candle adapter (feature `candle`): attnkit's flash attention as candle ops and its Monarch
+//! layer as a candle [`Module`](candle_core::Module), on candle tensors with no copy.
+//!
+//! The attention entry points keep candle-flash-attn's names and argument order
+//! ([`flash_attn`], [`flash_attn_windowed`], [`flash_attn_varlen`],
+//! [`flash_attn_varlen_windowed`]), so switching is an import; [`flash_attn_with`] and
+//! [`flash_attn_varlen_with`] take every option of [`flash::Options`](crate::flash::Options)
+//! (sinks, relu², the entropy-invariant scale, ...), and [`flash_attn_with_lse`] returns the
+//! log-sum-exp too. Tensors are `[batch, seq, heads, head_dim]` (packed `[total_tokens, heads,
+//! head_dim]` for varlen) as candle-flash-attn takes them, in f32, f16 or bf16, with any
+//! strides whose last one is 1 (a transposed or narrowed view needs no copy: the strides go to
+//! the kernel as they are). K and V may have fewer heads than Q (GQA/MQA). [`MonarchModule`]
+//! wraps a [`MonarchLinear`](crate::monarch::MonarchLinear).
+//!
+//! What runs: candle CPU tensors run attnkit's CPU path (candle's own flash-attn has none).
+//! CUDA tensors are not supported yet by this adapter (a candle error says so); the CUDA path
+//! is tracked by issue 14 and needs candle's own CUDA build.
+//!
+//! Bad input (a wrong dtype, rank or device, mixed devices, a non-unit last stride, shapes
+//! that do not agree) is a candle error naming the argument, never a panic: attnkit's own
+//! [`Error`] is carried inside it ([`candle_core::Error::Wrapped`]).
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! // batch 1, 10 positions, 4 query heads sharing 2 KV heads, head_dim 32.
+//! let q = Tensor::randn(0f32, 1.0, (1, 10, 4, 32), &Device::Cpu)?;
+//! let kv = Tensor::randn(0f32, 1.0, (1, 10, 2, 32), &Device::Cpu)?;
+//! let o = attnkit::candle::flash_attn(&q, &kv, &kv, 32f32.powf(-0.5), true)?;
+//! assert_eq!(o.dims(), &[1, 10, 4, 32]);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+mod flash;
+mod monarch;
+
+pub use flash::{
+    flash_attn, flash_attn_varlen, flash_attn_varlen_windowed, flash_attn_varlen_with,
+    flash_attn_windowed, flash_attn_with, flash_attn_with_lse,
+};
+pub use monarch::MonarchModule;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
+
+use crate::Error;
+use crate::dtype::{Bf16, Element, F16, cast_slice};
+
+/// The element types the adapter computes in: `f32`, [`Bf16`] and [`F16`] (candle's f32,
+/// bf16 and f16 storage, viewed without a copy). Sealed.
+pub trait CandleElement: Element + sealed::Sealed {
+    /// candle's name for this type.
+    const CANDLE_DTYPE: DType;
+    /// The storage's elements if it holds this type.
+    #[doc(hidden)]
+    fn slice(s: &CpuStorage) -> Option<&[Self]>;
+    /// A candle storage owning `v`.
+    #[doc(hidden)]
+    fn storage(v: Vec<Self>) -> CpuStorage;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for crate::Bf16 {}
+    impl Sealed for crate::F16 {}
+}
+
+impl CandleElement for f32 {
+    const CANDLE_DTYPE: DType = DType::F32;
+    fn slice(s: &CpuStorage) -> Option<&[f32]> {
+        match s {
+            CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn storage(v: Vec<f32>) -> CpuStorage {
+        CpuStorage::F32(v)
+    }
+}
+
+impl CandleElement for Bf16 {
+    const CANDLE_DTYPE: DType = DType::BF16;
+    fn slice(s: &CpuStorage) -> Option<&[Bf16]> {
+        match s {
+            CpuStorage::BF16(v) => Some(cast_slice(v)),
+            _ => None,
+        }
+    }
+    fn storage(v: Vec<Bf16>) -> CpuStorage {
+        CpuStorage::BF16(v.into_iter().map(|x| x.0).collect())
+    }
+}
+
+impl CandleElement for F16 {
+    const CANDLE_DTYPE: DType = DType::F16;
+    fn slice(s: &CpuStorage) -> Option<&[F16]> {
+        match s {
+            CpuStorage::F16(v) => Some(cast_slice(v)),
+            _ => None,
+        }
+    }
+    fn storage(v: Vec<F16>) -> CpuStorage {
+        CpuStorage::F16(v.into_iter().map(|x| x.0).collect())
+    }
+}
+
+/// An op's CPU computation for any element type: the three operands' storage and layouts in,
+/// the output and its shape out.
+trait CpuOp {
+    fn run<T: Element>(
+        &self,
+        q: (&[T], &Layout),
+        k: (&[T], &Layout),
+        v: (&[T], &Layout),
+    ) -> Result<(Vec<T>, Shape), Error>;
+}
+
+/// `cpu_fwd` for every dtype attnkit computes in (the others are an error naming `q`).
+fn cpu_fwd_any<A: CpuOp>(
+    op: &A,
+    q: (&CpuStorage, &Layout),
+    k: (&CpuStorage, &Layout),
+    v: (&CpuStorage, &Layout),
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    match q.0.dtype() {
+        DType::F32 => cpu_fwd_as::<f32, A>(op, q, k, v),
+        DType::BF16 => cpu_fwd_as::<Bf16, A>(op, q, k, v),
+        DType::F16 => cpu_fwd_as::<F16, A>(op, q, k, v),
+        other => Err(wrap(Error::Unsupported {
+            arg: "q",
+            detail: format!("{other:?}; f32, f16 or bf16"),
+        })),
+    }
+}
+
+fn cpu_fwd_as<T: CandleElement, A: CpuOp>(
+    op: &A,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    (s3, l3): (&CpuStorage, &Layout),
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let (Some(q), Some(k), Some(v)) = (T::slice(s1), T::slice(s2), T::slice(s3)) else {
+        return Err(wrap(Error::Unsupported {
+            arg: "k",
+            detail: format!(
+                "k {:?} and v {:?} next to q's {:?}: all three the same",
+                s2.dtype(),
+                s3.dtype(),
+                s1.dtype()
+            ),
+        }));
+    };
+    let (o, shape) = op.run((q, l1), (k, l2), (v, l3)).map_err(wrap)?;
+    Ok((T::storage(o), shape))
+}
+
+/// q, k, v on the CPU, all three in one dtype (errors naming the argument otherwise).
+fn same_place(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<()> {
+    if !q.device().is_cpu() {
+        return Err(wrap(Error::Unsupported {
+            arg: "q",
+            detail: format!(
+                "a tensor on {:?}: attnkit::candle runs candle CPU tensors so far",
+                q.device()
+            ),
+        }));
+    }
+    for (arg, t) in [("k", k), ("v", v)] {
+        if !t.device().same_device(q.device()) {
+            return Err(wrap(Error::Placement {
+                arg,
+                expected: "the CPU (where q is)",
+                found: if t.device().is_cuda() {
+                    "a CUDA device"
+                } else {
+                    "another device"
+                },
+            }));
+        }
+        if t.dtype() != q.dtype() {
+            return Err(wrap(Error::Unsupported {
+                arg,
+                detail: format!(
+                    "dtype {:?} next to q's {:?}: all three the same",
+                    t.dtype(),
+                    q.dtype()
+                ),
+            }));
+        }
+    }
+    Ok(())
+}
+
+/// The storage from a layout's start offset (one past the end is the checks' to report as a
+/// short buffer; further is an error here, never a panic).
+fn tail<'a, T>(arg: &'static str, s: &'a [T], off: usize) -> Result<&'a [T], Error> {
+    s.get(off..).ok_or(Error::Shape {
+        arg,
+        detail: format!("layout starts at {off}, storage holds {}", s.len()),
+    })
+}
+
+/// attnkit's typed error, carried inside candle's.
+fn wrap(e: Error) -> candle_core::Error {
+    candle_core::Error::wrap(e)
+}
