@@ -336,3 +336,55 @@ fn monarch_module_equals_the_layer_on_views_and_batches() {
             .contains("`x`")
     );
 }
+
+#[test]
+fn kvcache_decode_matches_the_oracle_per_sequence() {
+    let mut r = rng("candle_kvcache");
+    let (b, sq, hq, hkv, d, cap) = (3, 2, 8, 2, 64, 90);
+    let lens = [2usize, 37, 90];
+    let q: Vec<f32> = random(&mut r, b * sq * hq * d);
+    let k: Vec<f32> = random(&mut r, b * cap * hkv * d);
+    let v: Vec<f32> = random(&mut r, b * cap * hkv * d);
+    let t = |x: &[f32], s: usize, h: usize| {
+        Tensor::from_vec(x.to_vec(), (b, s, h, d), &Device::Cpu).expect("tensor")
+    };
+    let (qt, kt, vt) = (t(&q, sq, hq), t(&k, cap, hkv), t(&v, cap, hkv));
+    let lt = Tensor::new(&lens.map(|x| x as i32), &Device::Cpu).expect("lens");
+    let got =
+        attnkit::candle::flash_attn_with_kvcache(&qt, &kt, &vt, &lt, 0.15, true).expect("decode");
+    assert_eq!(got.dims(), &[b, sq, hq, d]);
+    let got = host(&got);
+    for (s, &len) in lens.iter().enumerate() {
+        let kv = |x: &[f32]| x[s * cap * hkv * d..][..len * hkv * d].to_vec();
+        let qs = &q[s * sq * hq * d..][..sq * hq * d];
+        let (want, _) = attnkit::decode::oracle::sequence(
+            sq,
+            hq,
+            hkv,
+            d,
+            0.15,
+            true,
+            None,
+            qs,
+            &kv(&k),
+            &kv(&v),
+        );
+        let rows = &got[s * sq * hq * d..][..sq * hq * d];
+        assert_close(&format!("kvcache sequence {s}"), rows, &want, 2e-5, 2e-5);
+    }
+    // Lengths past the capacity, and a batch that disagrees, name their argument.
+    let long = Tensor::new(&[2i32, 37, 91], &Device::Cpu).expect("lens");
+    assert!(
+        !err_text(attnkit::candle::flash_attn_with_kvcache(
+            &qt, &kt, &vt, &long, 0.15, true
+        ))
+        .is_empty()
+    );
+    let two = Tensor::new(&[2u32, 37], &Device::Cpu).expect("lens");
+    assert!(
+        err_text(attnkit::candle::flash_attn_with_kvcache(
+            &qt, &kt, &vt, &two, 0.15, true
+        ))
+        .contains("`cache_seqlens`")
+    );
+}

@@ -371,7 +371,7 @@ struct FlashAttn {
 
 /// An operand's sizes and strides from its candle layout: `[batch, seq, heads, d]` (`R` = 4)
 /// or packed `[tokens, heads, d]` (`R` = 3, for varlen); the last stride must be 1.
-fn operand<const R: usize>(
+pub(super) fn operand<const R: usize>(
     arg: &'static str,
     l: &Layout,
 ) -> Result<([usize; R], Strides, usize), Error> {

@@ -9,8 +9,9 @@
 //! log-sum-exp too. Tensors are `[batch, seq, heads, head_dim]` (packed `[total_tokens, heads,
 //! head_dim]` for varlen) as candle-flash-attn takes them, in f32, f16 or bf16, with any
 //! strides whose last one is 1 (a transposed or narrowed view needs no copy: the strides go to
-//! the kernel as they are). K and V may have fewer heads than Q (GQA/MQA). [`MonarchModule`]
-//! wraps a [`MonarchLinear`](crate::monarch::MonarchLinear).
+//! the kernel as they are). K and V may have fewer heads than Q (GQA/MQA).
+//! [`flash_attn_with_kvcache`] runs decode steps against a contiguous KV cache, and
+//! [`MonarchModule`] wraps a [`MonarchLinear`](crate::monarch::MonarchLinear).
 //!
 //! What runs: candle CPU tensors run attnkit's CPU path (candle's own flash-attn has none).
 //! CUDA tensors are not supported yet by this adapter (a candle error says so); the CUDA path
@@ -30,9 +31,11 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+mod decode;
 mod flash;
 mod monarch;
 
+pub use decode::flash_attn_with_kvcache;
 pub use flash::{
     flash_attn, flash_attn_varlen, flash_attn_varlen_windowed, flash_attn_varlen_with,
     flash_attn_windowed, flash_attn_with, flash_attn_with_lse,
