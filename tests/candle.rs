@@ -388,3 +388,69 @@ fn kvcache_decode_matches_the_oracle_per_sequence() {
         .contains("`cache_seqlens`")
     );
 }
+
+#[test]
+fn lightning_matches_the_oracle_on_views_too() {
+    let mut r = rng("candle_lightning");
+    let (b, s, h, d, e) = (2, 77, 3, 64, 128);
+    let q: Vec<f32> = random(&mut r, b * s * h * d);
+    let k: Vec<f32> = random(&mut r, b * s * h * d);
+    let v: Vec<f32> = random(&mut r, b * s * h * e);
+    let t = |x: &[f32], dim: usize| {
+        Tensor::from_vec(x.to_vec(), (b, s, h, dim), &Device::Cpu).expect("tensor")
+    };
+    let (qt, kt, vt) = (t(&q, d), t(&k, d), t(&v, e));
+    let slopes = attnkit::lightning::decay_slopes(h, 1.0).expect("slopes");
+    let wide = |x: &[f32]| x.iter().map(|&y| y as f64).collect::<Vec<f64>>();
+    let slopes64 = wide(&slopes);
+    for causal in [true, false] {
+        let decay = causal.then_some(&slopes[..]);
+        let got = attnkit::candle::lightning_attn(&qt, &kt, &vt, decay, 0.3, causal).expect("op");
+        assert_eq!(got.dims(), &[b, s, h, e]);
+        let want = attnkit::lightning::oracle::forward(
+            &[s, s],
+            h,
+            d,
+            e,
+            &wide(&q),
+            &wide(&k),
+            &wide(&v),
+            causal.then_some(&slopes64[..]),
+            0.3,
+            causal,
+            None,
+        );
+        assert_close(
+            &format!("lightning causal {causal}"),
+            &host(&got),
+            &want.o,
+            1e-4,
+            1e-4,
+        );
+    }
+    // A transposed view ([b, h, s, d] storage) gives the same bits as its contiguous copy.
+    let qv = qt
+        .transpose(1, 2)
+        .and_then(|x| x.contiguous())
+        .and_then(|x| x.transpose(1, 2));
+    let qv = qv.expect("view");
+    assert!(!qv.is_contiguous());
+    let a = attnkit::candle::lightning_attn(&qv, &kt, &vt, Some(&slopes), 0.3, true).expect("view");
+    let c = attnkit::candle::lightning_attn(&qt, &kt, &vt, Some(&slopes), 0.3, true).expect("copy");
+    assert_eq!(host(&a), host(&c));
+    // Head dims and shapes that do not agree.
+    let v32 = Tensor::zeros((b, s, h, 32), DType::F32, &Device::Cpu).expect("v");
+    assert!(
+        !err_text(attnkit::candle::lightning_attn(
+            &qt, &kt, &v32, None, 1.0, true
+        ))
+        .is_empty()
+    );
+    let k_short = Tensor::zeros((b, s - 1, h, d), DType::F32, &Device::Cpu).expect("k");
+    assert!(
+        err_text(attnkit::candle::lightning_attn(
+            &qt, &k_short, &vt, None, 1.0, true
+        ))
+        .contains("`k`")
+    );
+}

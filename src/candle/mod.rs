@@ -10,8 +10,8 @@
 //! head_dim]` for varlen) as candle-flash-attn takes them, in f32, f16 or bf16, with any
 //! strides whose last one is 1 (a transposed or narrowed view needs no copy: the strides go to
 //! the kernel as they are). K and V may have fewer heads than Q (GQA/MQA).
-//! [`flash_attn_with_kvcache`] runs decode steps against a contiguous KV cache, and
-//! [`MonarchModule`] wraps a [`MonarchLinear`](crate::monarch::MonarchLinear).
+//! [`flash_attn_with_kvcache`] runs decode steps against a contiguous KV cache,
+//! [`lightning_attn`] Lightning Attention-2, and [`MonarchModule`] wraps a [`MonarchLinear`](crate::monarch::MonarchLinear).
 //!
 //! What runs: candle CPU tensors run attnkit's CPU path (candle's own flash-attn has none).
 //! CUDA tensors are not supported yet by this adapter (a candle error says so); the CUDA path
@@ -33,6 +33,7 @@
 
 mod decode;
 mod flash;
+mod lightning;
 mod monarch;
 
 pub use decode::flash_attn_with_kvcache;
@@ -40,6 +41,7 @@ pub use flash::{
     flash_attn, flash_attn_varlen, flash_attn_varlen_windowed, flash_attn_varlen_with,
     flash_attn_windowed, flash_attn_with, flash_attn_with_lse,
 };
+pub use lightning::lightning_attn;
 pub use monarch::MonarchModule;
 
 use candle_core::backend::BackendStorage;
