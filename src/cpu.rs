@@ -186,6 +186,56 @@ pub(crate) fn exp2(x: f32) -> f32 {
     if x < -126.0 { 0.0 } else { p * scale }
 }
 
+/// One row's online-softmax step, as the flash and decode CPU paths share it.
+pub(crate) struct SoftmaxStep {
+    /// The new running max (exp2 domain).
+    pub m: f32,
+    /// Rescales what was accumulated under the old max: `2^(m_old - m)`.
+    pub alpha: f32,
+    /// The tile's weights summed.
+    pub sum: f32,
+    /// `sum_c p_c s_c` (the entropy's term; masked keys add nothing, not `0 * -inf`).
+    pub psum: f32,
+}
+
+/// The online-softmax step over one row's tile of scores `s` (exp2 domain, masked keys
+/// -inf) against the running max `m`: `s` becomes the weights `2^(s - m_new)`. Reductions
+/// are lane-wise (float reductions vectorise only when written per lane); `#[inline(always)]`
+/// puts it inside each caller's run-time-dispatched AVX2/AVX-512 clone.
+#[inline(always)]
+pub(crate) fn softmax_step<const N: usize>(s: &mut [f32; N], m: f32) -> SoftmaxStep {
+    const LANES: usize = 16;
+    const { assert!(N % LANES == 0, "tile rows are whole vectors") };
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    for ch in s.chunks_exact(LANES) {
+        for (l, &x) in lanes.iter_mut().zip(ch) {
+            *l = if x > *l { x } else { *l };
+        }
+    }
+    let m_new = lanes.iter().fold(m, |a, &b| a.max(b));
+    // A row with only masked keys so far subtracts 0, never -inf - -inf.
+    let base = if m_new == f32::NEG_INFINITY {
+        0.0
+    } else {
+        m_new
+    };
+    let (mut sum, mut ps) = ([0f32; LANES], [0f32; LANES]);
+    for ch in s.chunks_exact_mut(LANES) {
+        for ((x, a), b) in ch.iter_mut().zip(&mut sum).zip(&mut ps) {
+            let pr = exp2(*x - base);
+            *a += pr;
+            *b += if pr > 0.0 { pr * *x } else { 0.0 };
+            *x = pr;
+        }
+    }
+    SoftmaxStep {
+        m: m_new,
+        alpha: exp2(m - base),
+        sum: sum.iter().sum(),
+        psum: ps.iter().sum(),
+    }
+}
+
 /// `dst = a · b` (or `dst += a · b` with `accumulate`) for an `m x k` times `k x n` product,
 /// each matrix given by its slice and (row, column) element strides, `dst`'s columns
 /// contiguous. The CPU path's tile products go through here: `gemm`'s micro-kernels,

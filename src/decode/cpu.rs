@@ -8,7 +8,7 @@
 //! GPU's combine kernel does.
 
 use super::Problem;
-use crate::cpu::{DisjointSlice, dot, exp2, par_for};
+use crate::cpu::{DisjointSlice, dot, par_for, softmax_step};
 use crate::dtype::Element;
 use multiversion::multiversion;
 
@@ -321,34 +321,14 @@ fn softmax_pv(s: &mut [f32], vt: &[f32], d: usize, m: &mut [f32], l: &mut [f32],
         else {
             unreachable!("the slice has KEY_TILE elements")
         };
-        // Lane-wise max and sum: float reductions vectorise only when written per lane.
-        let mut lanes = [f32::NEG_INFINITY; LANES];
-        for ch in sr.chunks_exact(LANES) {
-            for (a, &x) in lanes.iter_mut().zip(ch) {
-                *a = if x > *a { x } else { *a };
-            }
+        let step = softmax_step(sr, m[r]);
+        if step.alpha != 1.0 {
+            acc[r * d..(r + 1) * d]
+                .iter_mut()
+                .for_each(|x| *x *= step.alpha);
         }
-        let mx = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let m_new = m[r].max(mx);
-        // A row that has seen only masked keys so far subtracts 0, never -inf - -inf.
-        let base = if m_new == f32::NEG_INFINITY {
-            0.0
-        } else {
-            m_new
-        };
-        let alpha = exp2(m[r] - base);
-        if alpha != 1.0 {
-            acc[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= alpha);
-        }
-        let mut sum = [0f32; LANES];
-        for ch in sr.chunks_exact_mut(LANES) {
-            for (a, x) in sum.iter_mut().zip(ch) {
-                *x = exp2(*x - base);
-                *a += *x;
-            }
-        }
-        l[r] = l[r] * alpha + sum.iter().sum::<f32>();
-        m[r] = m_new;
+        l[r] = l[r] * step.alpha + step.sum;
+        m[r] = step.m;
     }
     // acc_r += sum_c p_rc v_c, a block of BLOCK columns of one row at a time: the block's
     // accumulator stays in registers across the tile's keys (an AXPY per key would load and

@@ -11,7 +11,7 @@
 use multiversion::multiversion;
 
 use super::{Problem, Relu2Norm, Score, Visibility};
-use crate::cpu::{DisjointSlice, exp2, matmul, par_for};
+use crate::cpu::{DisjointSlice, matmul, par_for, softmax_step};
 use crate::dtype::Element;
 
 /// Query rows per work item: each K/V tile (and gemm's packing of it) serves this many rows;
@@ -276,7 +276,6 @@ fn convert_scaled<T: Element>(src: &[T], scale: f32, dst: &mut [f32]) {
 /// `BLOCK_N` arrays so the loops unroll into full vectors with their partial sums in registers.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 fn softmax_update(s: &mut [f32], acc: &mut [f32], d: usize, st: &mut RowState) {
-    const LANES: usize = 16;
     for (r, (sr, ar)) in s
         .chunks_exact_mut(BLOCK_N)
         .zip(acc.chunks_exact_mut(d))
@@ -285,38 +284,13 @@ fn softmax_update(s: &mut [f32], acc: &mut [f32], d: usize, st: &mut RowState) {
         let Ok(sr) = <&mut [f32; BLOCK_N]>::try_from(sr) else {
             unreachable!("chunks_exact_mut yields BLOCK_N elements")
         };
-        // Lane-wise max and sums: float reductions vectorise only when written per lane.
-        let mut lanes = [f32::NEG_INFINITY; LANES];
-        for ch in sr.chunks_exact(LANES) {
-            for (l, &x) in lanes.iter_mut().zip(ch) {
-                *l = if x > *l { x } else { *l };
-            }
+        let step = softmax_step(sr, st.m[r]);
+        if step.alpha != 1.0 {
+            ar.iter_mut().for_each(|x| *x *= step.alpha);
         }
-        let mx = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let m_new = st.m[r].max(mx);
-        // A row with only masked keys so far subtracts 0, never -inf - -inf.
-        let m_use = if m_new == f32::NEG_INFINITY {
-            0.0
-        } else {
-            m_new
-        };
-        let alpha = exp2(st.m[r] - m_use);
-        if alpha != 1.0 {
-            ar.iter_mut().for_each(|x| *x *= alpha);
-        }
-        let (mut sum, mut ps) = ([0f32; LANES], [0f32; LANES]);
-        for ch in sr.chunks_exact_mut(LANES) {
-            for ((x, a), b) in ch.iter_mut().zip(&mut sum).zip(&mut ps) {
-                let pr = exp2(*x - m_use);
-                *a += pr;
-                // Masked keys (s = -inf, p = 0) add nothing, not 0 * -inf.
-                *b += if pr > 0.0 { pr * *x } else { 0.0 };
-                *x = pr;
-            }
-        }
-        st.l[r] = st.l[r] * alpha + sum.iter().sum::<f32>();
-        st.es[r] = st.es[r] * alpha + ps.iter().sum::<f32>();
-        st.m[r] = m_new;
+        st.l[r] = st.l[r] * step.alpha + step.sum;
+        st.es[r] = st.es[r] * step.alpha + step.psum;
+        st.m[r] = step.m;
     }
 }
 
