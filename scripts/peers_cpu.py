@@ -43,14 +43,7 @@ def flash_flops(heads, seq, d, causal):
 def time_sdpa(dtype, heads, seq, d, causal, reps):
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, heads, seq, d, generator=gen).to(dtype) for _ in range(3))
-    with torch.inference_mode():
-        F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # warm-up
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), reps)
 
 
 # (name as in benches/decode.rs, dtype, query heads, KV heads, cache length); head dim 128,
@@ -66,14 +59,7 @@ def time_decode(dtype, hq, hkv, cache, reps, d=128):
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, hq, 1, d, generator=gen).to(dtype)
     k, v = (torch.randn(1, hkv, cache, d, generator=gen).to(dtype) for _ in range(2))
-    with torch.inference_mode():
-        F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return timed(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), reps)
 
 
 # (name as in benches/lightning.rs, dtype, heads, seq, head dim); causal, decay per head.
@@ -145,6 +131,7 @@ def time_monarch(dtype, n, blocks, tokens, reps):
 
 
 def timed(fn, reps):
+    """Median seconds of `reps` runs of fn() after one warm-up, without autograd."""
     with torch.inference_mode():
         fn()  # warm-up
         times = []

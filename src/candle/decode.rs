@@ -1,9 +1,9 @@
 //! Decode attention on candle tensors: new tokens against a contiguous KV cache.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{Layout, Shape, Tensor};
 
 use super::flash::operand;
-use super::{CpuOp, cpu_fwd_any, same_place, tail, wrap};
+use super::{CpuOp, host_i32, same_place, tail};
 use crate::decode::{self, Decode, Tables};
 use crate::dtype::Element;
 use crate::{Device, Error};
@@ -33,41 +33,7 @@ pub fn flash_attn_with_kvcache(
     causal: bool,
 ) -> candle_core::Result<Tensor> {
     same_place(q, k_cache, v_cache)?;
-    if cache_seqlens.rank() != 1 {
-        return Err(wrap(Error::Shape {
-            arg: "cache_seqlens",
-            detail: format!("dims {:?}; expected [batch]", cache_seqlens.dims()),
-        }));
-    }
-    let wide: Vec<i64> = match cache_seqlens.dtype() {
-        DType::U32 => cache_seqlens
-            .to_vec1::<u32>()?
-            .into_iter()
-            .map(i64::from)
-            .collect(),
-        DType::I32 => cache_seqlens
-            .to_vec1::<i32>()?
-            .into_iter()
-            .map(i64::from)
-            .collect(),
-        DType::I64 => cache_seqlens.to_vec1::<i64>()?,
-        other => {
-            return Err(wrap(Error::Unsupported {
-                arg: "cache_seqlens",
-                detail: format!("dtype {other:?}; lengths are u32, i32 or i64"),
-            }));
-        }
-    };
-    let lens = wide
-        .iter()
-        .map(|&x| i32::try_from(x))
-        .collect::<std::result::Result<Vec<i32>, _>>()
-        .map_err(|_| {
-            wrap(Error::Value {
-                arg: "cache_seqlens",
-                detail: "a length outside i32 (the kernels' index type)".into(),
-            })
-        })?;
+    let lens = host_i32("cache_seqlens", cache_seqlens)?;
     let op = DecodeAttn {
         lens,
         scale: softmax_scale,
@@ -134,20 +100,4 @@ impl CpuOp for DecodeAttn {
     }
 }
 
-impl CustomOp3 for DecodeAttn {
-    fn name(&self) -> &'static str {
-        "attnkit-decode"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_fwd_any(self, (s1, l1), (s2, l2), (s3, l3))
-    }
-}
+super::cpu_custom_op3!(DecodeAttn, "attnkit-decode");

@@ -2,9 +2,9 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{Layout, Shape, Tensor};
 
-use super::{CpuOp, cpu_fwd_any, same_place, tail, wrap};
+use super::{CpuOp, host_i32, same_place, tail, wrap};
 use crate::dtype::Element;
 use crate::flash::{self, Attention, Options, Strides, VarlenAttention};
 use crate::{Device, Error};
@@ -243,37 +243,7 @@ fn offsets(
     max_arg: &'static str,
     max: usize,
 ) -> candle_core::Result<Vec<i32>> {
-    if t.rank() != 1 {
-        return Err(wrap(Error::Shape {
-            arg,
-            detail: format!(
-                "rank {} ({:?}); expected [batch + 1] offsets",
-                t.rank(),
-                t.dims()
-            ),
-        }));
-    }
-    let wide: Vec<i64> = match t.dtype() {
-        DType::U32 => t.to_vec1::<u32>()?.into_iter().map(i64::from).collect(),
-        DType::I32 => t.to_vec1::<i32>()?.into_iter().map(i64::from).collect(),
-        DType::I64 => t.to_vec1::<i64>()?,
-        other => {
-            return Err(wrap(Error::Unsupported {
-                arg,
-                detail: format!("dtype {other:?}; offsets are u32, i32 or i64"),
-            }));
-        }
-    };
-    let cu: Vec<i32> = wide
-        .iter()
-        .map(|&x| i32::try_from(x))
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|_| {
-            wrap(Error::Value {
-                arg,
-                detail: "an offset outside i32 (the kernels' index type)".into(),
-            })
-        })?;
+    let cu = host_i32(arg, t)?;
     // Lengths are checked (sorted, from 0) by flash itself; the maximum only needs them here.
     let longest = cu
         .windows(2)
@@ -343,23 +313,7 @@ impl CpuOp for VarlenAttn {
     }
 }
 
-impl CustomOp3 for VarlenAttn {
-    fn name(&self) -> &'static str {
-        "attnkit-flash-attn-varlen"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_fwd_any(self, (s1, l1), (s2, l2), (s3, l3))
-    }
-}
+super::cpu_custom_op3!(VarlenAttn, "attnkit-flash-attn-varlen");
 
 /// The candle op: the options; the shapes come from the tensors' layouts.
 struct FlashAttn {
@@ -474,20 +428,4 @@ impl CpuOp for FlashAttn {
     }
 }
 
-impl CustomOp3 for FlashAttn {
-    fn name(&self) -> &'static str {
-        "attnkit-flash-attn"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_fwd_any(self, (s1, l1), (s2, l2), (s3, l3))
-    }
-}
+super::cpu_custom_op3!(FlashAttn, "attnkit-flash-attn");

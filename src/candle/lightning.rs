@@ -1,8 +1,8 @@
 //! Lightning Attention-2 on candle tensors.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{Layout, Shape, Tensor};
 
-use super::{CpuOp, cpu_fwd_any, same_place, tail};
+use super::{CpuOp, same_place, tail};
 use crate::dtype::Element;
 use crate::lightning::{self, Config, Forward, Seqs};
 use crate::{Device, Error};
@@ -113,20 +113,4 @@ impl CpuOp for LightningAttn {
     }
 }
 
-impl CustomOp3 for LightningAttn {
-    fn name(&self) -> &'static str {
-        "attnkit-lightning"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_fwd_any(self, (s1, l1), (s2, l2), (s3, l3))
-    }
-}
+super::cpu_custom_op3!(LightningAttn, "attnkit-lightning");

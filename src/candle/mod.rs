@@ -196,6 +196,62 @@ fn same_place(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<()> {
     Ok(())
 }
 
+/// A rank-1 index tensor (offsets or lengths; u32, i32 or i64) read to the host as i32, each
+/// value checked to fit (the kernels' index type); errors name `arg`.
+fn host_i32(arg: &'static str, t: &Tensor) -> candle_core::Result<Vec<i32>> {
+    if t.rank() != 1 {
+        return Err(wrap(Error::Shape {
+            arg,
+            detail: format!("dims {:?}; expected one dimension", t.dims()),
+        }));
+    }
+    let wide: Vec<i64> = match t.dtype() {
+        DType::U32 => t.to_vec1::<u32>()?.into_iter().map(i64::from).collect(),
+        DType::I32 => t.to_vec1::<i32>()?.into_iter().map(i64::from).collect(),
+        DType::I64 => t.to_vec1::<i64>()?,
+        other => {
+            return Err(wrap(Error::Unsupported {
+                arg,
+                detail: format!("dtype {other:?}; u32, i32 or i64"),
+            }));
+        }
+    };
+    wide.into_iter()
+        .map(i32::try_from)
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| {
+            wrap(Error::Value {
+                arg,
+                detail: "a value outside i32 (the kernels' index type)".into(),
+            })
+        })
+}
+
+/// `CustomOp3` for an op whose CPU computation is its [`CpuOp`] (CUDA: candle's default
+/// "no cuda implementation" error; [`same_place`] reports it first, naming the argument).
+macro_rules! cpu_custom_op3 {
+    ($op:ty, $name:literal) => {
+        impl candle_core::CustomOp3 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(
+                &self,
+                s1: &candle_core::CpuStorage,
+                l1: &candle_core::Layout,
+                s2: &candle_core::CpuStorage,
+                l2: &candle_core::Layout,
+                s3: &candle_core::CpuStorage,
+                l3: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+                super::cpu_fwd_any(self, (s1, l1), (s2, l2), (s3, l3))
+            }
+        }
+    };
+}
+use cpu_custom_op3;
+
 /// The storage from a layout's start offset (one past the end is the checks' to report as a
 /// short buffer; further is an error here, never a panic).
 fn tail<'a, T>(arg: &'static str, s: &'a [T], off: usize) -> Result<&'a [T], Error> {
