@@ -124,6 +124,14 @@ template <int ROW_BYTES> struct SwizzledTile {
     }
 };
 
+// The swizzled tile for rows of D two-byte elements (a head dim): rows padded up to a multiple
+// of 64 bytes, so head dims 80 and 112 take 96- and 128-element rows (192 and 256 bytes, whose
+// swizzle is conflict-free as above). The padding chunks are never read, written or copied:
+// the kernels loop over the D / 8 real chunks only.
+template <int D> using HeadRows = SwizzledTile<(D * 2 + 63) / 64 * 64>;
+// Bytes of one such row in shared memory (the host sizes shared memory by the same rule).
+template <int D> __host__ __device__ constexpr int head_row_bytes() { return (D * 2 + 63) / 64 * 64; }
+
 // 2^x on the special function unit, flushing denormals (the fast form the softmax wants;
 // 2^-inf = +0). Relative error about 2^-22: for the tensor-core paths, whose P is rounded to
 // 16 bits anyway; the exact f32 path keeps exp2f.
@@ -131,6 +139,18 @@ __device__ __forceinline__ float fast_exp2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
+}
+
+// Logit soft-capping (Gemma 2): cap * tanh(x / cap), `inv_cap` = 1 / cap. The tensor-core
+// paths (whose P is rounded to 16 bits) take tanh(y) = 1 - 2 / (2^(2y log2 e) + 1) through one
+// ex2.approx: absolute error about 2^-21 in tanh, so 2^-21 * cap in the logit, which is what
+// the softmax sees (the SFU's tanh.approx.f32, 2^-11 relative, would be a thousand times
+// coarser). The exact f32 paths pass EXACT = true (tanhf). Saturates to +-cap, NaN stays NaN.
+template <bool EXACT> __device__ __forceinline__ float soft_cap(float x, float cap, float inv_cap) {
+    const float y = x * inv_cap;
+    if (EXACT) return cap * tanhf(y);
+    const float e = fast_exp2(y * 2.8853900817779268f);  // 2 log2 e; +inf for large y
+    return cap * (1.f - 2.f * __frcp_rn(e + 1.f));           // rcp(+inf) = 0: tanh = 1
 }
 
 // Max and sum across the four lanes of a quad (the lanes that share an mma row).
