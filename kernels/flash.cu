@@ -3,7 +3,8 @@
 // documents are parameters of the same kernel, not copies of it: sliding windows and
 // StreamingLLM sinks (whole key tiles outside them are never visited), block-sparse masks
 // (skipped blocks are never loaded), the entropy-invariant scale (log_512 of the keys a row
-// sees), a learned per-head sink logit, relu^2 scores (GAU), and per-row entropy.
+// sees), a learned per-head sink logit, relu^2 scores (GAU), per-row entropy, and the logit
+// transforms of Gemma 2 and ALiBi models (soft-capping, linear position biases).
 //
 // Tensor-core path (f16, bf16), per block of BM = 16 * WARPS query rows:
 //   load Q tile (cp.async) ........................................ shared, swizzled
@@ -122,6 +123,23 @@ struct Visibility {
     __device__ __forceinline__ int last_tile(int m1, int BN) const { return hi(m1 - 1) < 0 ? -1 : hi(m1 - 1) / BN; }
 };
 
+// The softmax's logit transforms, per block (one head): soft-capping (cap = 0: none) and the
+// ALiBi slope in the exp2 domain (0: none).
+struct Logits {
+    float cap, inv_cap, cap_log2, slope_log2;
+    __device__ __forceinline__ Logits(const FlashParams& p, int h)
+        : cap(p.softcap), inv_cap(p.softcap > 0.f ? 1.f / p.softcap : 0.f), cap_log2(p.softcap * LOG2E),
+          slope_log2(p.alibi_slopes != nullptr ? p.alibi_slopes[h] * LOG2E : 0.f) {}
+    // A score q.k (times the row's scale `scale`, or `scale_log2` in the exp2 domain) as an
+    // exp2-domain logit; `dist` = i + diag - j.
+    template <bool EXACT>
+    __device__ __forceinline__ float operator()(float dot, float scale, float scale_log2, int dist) const {
+        float x = cap > 0.f ? soft_cap<EXACT>(dot * scale, cap, inv_cap) * LOG2E : dot * scale_log2;
+        if (slope_log2 != 0.f) x -= slope_log2 * fabsf((float)dist);
+        return x;
+    }
+};
+
 // Per-row constants: the exp2-domain scale (entropy scale: log_512(visible keys) times it)
 // and, for relu^2, 1/n.
 __device__ __forceinline__ void row_constants(const FlashParams& p, const Visibility& vis, const Seq& s, int row,
@@ -220,16 +238,17 @@ __device__ __forceinline__ void relu2_rescale(float (&sc)[NT_N][4], float (&o)[N
 }
 
 // Copies rows [row0, row0 + ROWS) (those below `limit`; the rest zero-filled) of a
-// [rows, D] tile with row stride `stride` into swizzled shared memory, 16 bytes per cp.async.
+// [rows, D] tile with row stride `stride` into swizzled shared memory, 16 bytes per cp.async
+// (the D / 8 real chunks of each row; a row's padding is never touched).
 template <typename T, int D, int ROWS, int THREADS>
 __device__ __forceinline__ void load_tile(uint32_t smem, const T* base, int64_t stride, int row0, int limit) {
-    using Tile = SwizzledTile<D * 2>;
-    constexpr int CHUNKS = ROWS * Tile::CHUNKS_PER_ROW;
-    static_assert(CHUNKS % THREADS == 0, "tile chunks must divide evenly among threads");
+    using Tile = HeadRows<D>;
+    constexpr int CPR = D / 8, CHUNKS = ROWS * CPR;
 #pragma unroll
-    for (int i = 0; i < CHUNKS / THREADS; ++i) {
+    for (int i = 0; i < (CHUNKS + THREADS - 1) / THREADS; ++i) {
         const int idx = threadIdx.x + i * THREADS;
-        const int r = idx / Tile::CHUNKS_PER_ROW, c = idx % Tile::CHUNKS_PER_ROW;
+        if (CHUNKS % THREADS != 0 && idx >= CHUNKS) break;  // head dims 80, 112: a partial sweep
+        const int r = idx / CPR, c = idx % CPR;
         const bool valid = row0 + r < limit;
         const T* src = valid ? base + (int64_t)(row0 + r) * stride + c * 8 : base;
         cp_async_16(smem + Tile::offset(r, c), src, valid);
@@ -242,13 +261,14 @@ __device__ __forceinline__ void flash_fwd_tc(const FlashParams& p) {
     constexpr int THREADS = 32 * WARPS;
     constexpr int NT_N = BN / 8;  // n8 tiles of S per warp row tile
     constexpr int NT_D = D / 8;   // n8 tiles of O
-    using Tile = SwizzledTile<D * 2>;
-    static_assert(D % 32 == 0 && BN % 16 == 0, "head dim and key tile must be multiples of 16");
+    using Tile = HeadRows<D>;
+    constexpr int ROW = head_row_bytes<D>();
+    static_assert(D % 16 == 0 && BN % 16 == 0, "head dim and key tile must be multiples of 16");
 
     unsigned char* smem = dynamic_smem();
     const uint32_t sQ = smem_addr(smem);
-    const uint32_t sK = sQ + BM * D * 2;
-    const uint32_t sV = sK + BN * D * 2;
+    const uint32_t sK = sQ + BM * ROW;
+    const uint32_t sV = sK + BN * ROW;
 
     const int tile = gridDim.x - 1 - blockIdx.x;  // heaviest (causal: last) tiles first
     const int h = blockIdx.y, b = blockIdx.z;
@@ -265,6 +285,8 @@ __device__ __forceinline__ void flash_fwd_tc(const FlashParams& p) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
     const bool track = p.entropy != nullptr;
+    const Logits logit(p, h);
+    const bool per_element = logit.slope_log2 != 0.f;  // ALiBi: every tile's scores vary by key
 
     // Per-row constants of the two rows this thread holds.
     float rs_log2[2], rs[2], inv_n[2];
@@ -331,20 +353,18 @@ __device__ __forceinline__ void flash_fwd_tc(const FlashParams& p) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int r = e >> 1;
+                const int key = n0 + n * 8 + 2 * t + (e & 1);
+                const int row = m0 + warp * 16 + g + r * 8;
                 float x;
                 if (RELU2) {
                     const float y = fmaxf(sc[n][e] * rs[r], 0.f);
                     x = y * y * inv_n[r];
                 } else {
-                    x = sc[n][e] * rs_log2[r];
+                    x = logit.operator()<false>(sc[n][e], rs[r], rs_log2[r], row + vis.diag - key);
                 }
-                if (need_mask) {
-                    const int key = n0 + n * 8 + 2 * t + (e & 1);
-                    const int row = m0 + warp * 16 + g + r * 8;
-                    // Rows past the sequence are never written; skipping them also keeps
-                    // the block-mask lookup inside the mask.
-                    if (row >= s.seq_q || key >= s.seq_k || !vis.visible(row, key)) x = RELU2 ? 0.f : -INFINITY;
-                }
+                // Rows past the sequence are never written; skipping them also keeps the
+                // block-mask lookup inside the mask.
+                if (need_mask && (row >= s.seq_q || key >= s.seq_k || !vis.visible(row, key))) x = RELU2 ? 0.f : -INFINITY;
                 sc[n][e] = x;
             }
         }
@@ -406,7 +426,7 @@ __device__ __forceinline__ void flash_fwd_tc(const FlashParams& p) {
         }
     }
     __syncwarp();
-    constexpr int CPR = Tile::CHUNKS_PER_ROW;
+    constexpr int CPR = D / 8;  // real chunks per row
 #pragma unroll
     for (int i = 0; i < (16 * CPR + 31) / 32; ++i) {
         const int idx = lane + i * 32;
@@ -450,6 +470,7 @@ __device__ __forceinline__ void flash_fwd_f32(const FlashParams& p) {
     const Visibility vis(p, s);
     const bool relu2 = p.score == ATTNKIT_FLASH_SCORE_RELU2;
     const bool track = p.entropy != nullptr;
+    const Logits logit(p, h);
     const int row = threadIdx.x / 8, sub = threadIdx.x % 8;
     const int grow = m0 + row;
     float rs_log2, rs, inv_n;
@@ -489,7 +510,7 @@ __device__ __forceinline__ void flash_fwd_f32(const FlashParams& p) {
                 const float y = fmaxf(dot * rs, 0.f);
                 x = vis_ok ? y * y * inv_n : 0.f;
             } else {
-                x = vis_ok ? dot * rs_log2 : -INFINITY;
+                x = vis_ok ? logit.operator()<true>(dot, rs, rs_log2, grow + vis.diag - (n0 + key)) : -INFINITY;
             }
             sc[u] = x;
             mx = fmaxf(mx, x);
@@ -555,13 +576,19 @@ __device__ __forceinline__ void flash_fwd_f32(const FlashParams& p) {
 #define FLASH_TC_SMALL(NAME, T, D) FLASH_TC(NAME, T, D, ATTNKIT_FLASH_WARPS_SMALL_D, ATTNKIT_FLASH_BLOCK_N_SMALL_D)
 FLASH_TC_SMALL(flash_fwd_bf16_d32, __nv_bfloat16, 32)
 FLASH_TC_SMALL(flash_fwd_bf16_d64, __nv_bfloat16, 64)
+FLASH_TC_SMALL(flash_fwd_bf16_d80, __nv_bfloat16, 80)
 FLASH_TC_SMALL(flash_fwd_bf16_d96, __nv_bfloat16, 96)
+FLASH_TC_SMALL(flash_fwd_bf16_d112, __nv_bfloat16, 112)
 FLASH_TC_SMALL(flash_fwd_bf16_d128, __nv_bfloat16, 128)
+FLASH_TC(flash_fwd_bf16_d192, __nv_bfloat16, 192, ATTNKIT_FLASH_WARPS_D192, ATTNKIT_FLASH_BLOCK_N_D192)
 FLASH_TC(flash_fwd_bf16_d256, __nv_bfloat16, 256, ATTNKIT_FLASH_WARPS_D256, ATTNKIT_FLASH_BLOCK_N_D256)
 FLASH_TC_SMALL(flash_fwd_f16_d32, __half, 32)
 FLASH_TC_SMALL(flash_fwd_f16_d64, __half, 64)
+FLASH_TC_SMALL(flash_fwd_f16_d80, __half, 80)
 FLASH_TC_SMALL(flash_fwd_f16_d96, __half, 96)
+FLASH_TC_SMALL(flash_fwd_f16_d112, __half, 112)
 FLASH_TC_SMALL(flash_fwd_f16_d128, __half, 128)
+FLASH_TC(flash_fwd_f16_d192, __half, 192, ATTNKIT_FLASH_WARPS_D192, ATTNKIT_FLASH_BLOCK_N_D192)
 FLASH_TC(flash_fwd_f16_d256, __half, 256, ATTNKIT_FLASH_WARPS_D256, ATTNKIT_FLASH_BLOCK_N_D256)
 
 #define FLASH_F32(NAME, D)                                                                         \
@@ -570,8 +597,11 @@ FLASH_TC(flash_fwd_f16_d256, __half, 256, ATTNKIT_FLASH_WARPS_D256, ATTNKIT_FLAS
     }
 FLASH_F32(flash_fwd_f32_d32, 32)
 FLASH_F32(flash_fwd_f32_d64, 64)
+FLASH_F32(flash_fwd_f32_d80, 80)
 FLASH_F32(flash_fwd_f32_d96, 96)
+FLASH_F32(flash_fwd_f32_d112, 112)
 FLASH_F32(flash_fwd_f32_d128, 128)
+FLASH_F32(flash_fwd_f32_d192, 192)
 FLASH_F32(flash_fwd_f32_d256, 256)
 
 ATTNKIT_DEFINE_PARAMS_ECHO(FlashParams)

@@ -15,7 +15,8 @@
 #include <stdint.h>
 
 /* Tile shapes, one source for host and device: query rows per block = 16 * WARPS (each warp
- * owns 16 rows, one m16n8k16 row tile), keys per tile = BLOCK_N.
+ * owns 16 rows, one m16n8k16 row tile), keys per tile = BLOCK_N. Shared rows of 2-byte
+ * elements are padded up to 64 bytes (HeadRows in common.cuh: head dims 80 and 112).
  * Why: head dims up to 128 take FlashAttention-2's sm80 shape, 128 x 64 with 8 warps (K/V tiles
  * reused by 128 rows); 256 takes 64 x 16 with 4 warps, the largest key tile that sm_90a compiles
  * without spills (O alone is 128 floats a thread; 64 x 32 spilled 12 bytes).
@@ -24,6 +25,10 @@
 #define ATTNKIT_FLASH_BLOCK_N_SMALL_D 64
 #define ATTNKIT_FLASH_WARPS_D256 4
 #define ATTNKIT_FLASH_BLOCK_N_D256 16
+/* 192 (mistral.rs serves it): O is 96 floats a thread; 128 x 64 with 8 warps (FA2's shape)
+ * spilled 36 bytes on sm_80, 128 x 32 uses 224 registers (sm_80) / 229 (sm_90a), no spills. */
+#define ATTNKIT_FLASH_WARPS_D192 8
+#define ATTNKIT_FLASH_BLOCK_N_D192 32
 /* The f32 path (CUDA cores, exact): 16 query rows, 32 keys a tile, 128 threads. */
 #define ATTNKIT_FLASH_F32_BLOCK_M 16
 #define ATTNKIT_FLASH_F32_BLOCK_N 32
@@ -49,7 +54,7 @@ typedef struct FlashParams {
     int32_t total_k;   /* varlen: rows in the packed k/v; bounds check */
     int32_t heads_q;   /* query heads */
     int32_t heads_kv;  /* key/value heads; heads_q % heads_kv == 0 (GQA/MQA) */
-    int32_t head_dim;  /* 32, 64, 96, 128 or 256 */
+    int32_t head_dim;  /* 32, 64, 80, 96, 112, 128, 192 or 256 */
     /* Visibility of key j to row i, with diag = seq_k - seq_q (bottom-right alignment):
      *   j <= i + diag + window_right                       (causal: window_right = 0)
      *   and (j >= i + diag - window_left or j < n_sink)    (StreamingLLM sinks)
@@ -62,12 +67,15 @@ typedef struct FlashParams {
     int32_t mask_cols;     /* block-mask columns: ceil(longest seq_k / block_k) */
     const uint8_t* block_mask; /* [mask rows, mask_cols] row-major, nonzero = attend; or NULL */
     const float* sink_logits;  /* [heads_q] learned per-head sink logit (natural units), or NULL */
+    const float* alibi_slopes; /* [heads_q] ALiBi: logit -= slope * |i + diag - j|, or NULL */
     float* entropy;        /* like lse: per-row entropy of the attention distribution, or NULL */
     int32_t score;         /* ATTNKIT_FLASH_SCORE_SOFTMAX or ATTNKIT_FLASH_SCORE_RELU2 */
     int32_t entropy_scale; /* 1: a row's scale is log_512(its visible keys) * scale */
     int32_t relu2_by_visible; /* relu2: divide by the row's visible keys (1) or by seq_k (0) */
     float scale;           /* the softmax (or relu2) scale */
     float scale_log2;      /* scale * log2(e): softmax scores go through exp2 */
+    float softcap;         /* 0: none; else logit = softcap * tanh(scale q.k / softcap) (before
+                              ALiBi; the sink logit is not capped) */
 } FlashParams;
 
 #define ATTNKIT_FLASH_SCORE_SOFTMAX 0

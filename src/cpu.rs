@@ -186,6 +186,16 @@ pub(crate) fn exp2(x: f32) -> f32 {
     if x < -126.0 { 0.0 } else { p * scale }
 }
 
+/// `tanh(x)` in f32 as `1 - 2 / (2^(2x log2 e) + 1)` through [`exp2`], so loops over it
+/// vectorise (logit soft-capping applies it to every score). Absolute error about 2^-23
+/// (what a capped logit `cap * tanh(x / cap)` needs: its error is absolute, times cap);
+/// saturates to ±1, NaN stays NaN.
+#[inline(always)]
+pub(crate) fn tanh(x: f32) -> f32 {
+    let e = exp2(x * (2.0 * std::f32::consts::LOG2_E));
+    1.0 - 2.0 / (e + 1.0)
+}
+
 /// One row's online-softmax step, as the flash and decode CPU paths share it.
 pub(crate) struct SoftmaxStep {
     /// The new running max (exp2 domain).
@@ -364,6 +374,22 @@ mod tests {
         assert_eq!(exp2(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp2(-200.0), 0.0);
         assert!(exp2(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn tanh_is_within_2e_7_of_std_and_saturates() {
+        for i in -4000..=4000 {
+            let x = i as f32 * 0.01;
+            let err = (tanh(x) as f64 - (x as f64).tanh()).abs();
+            assert!(
+                err < 2e-7,
+                "tanh({x}): {} vs {}",
+                tanh(x),
+                (x as f64).tanh()
+            );
+        }
+        assert_eq!((tanh(1e30), tanh(-1e30), tanh(0.0)), (1.0, -1.0, 0.0));
+        assert!(tanh(f32::NAN).is_nan());
     }
 
     #[test]

@@ -454,3 +454,147 @@ fn lightning_matches_the_oracle_on_views_too() {
         .contains("`k`")
     );
 }
+
+#[test]
+fn extras_alibi_softcap_sinks_masks_and_entropy_match_the_oracle() {
+    use attnkit::candle::FlashExtras;
+    use attnkit::flash::oracle::{HostExtras, attention_row_with};
+    let mut r = rng("candle_extras");
+    let (b, sq, sk, hq, hkv, d) = (1, 33, 47, 4, 2, 64);
+    let q: Vec<f32> = random(&mut r, b * sq * hq * d);
+    let k: Vec<f32> = random(&mut r, b * sk * hkv * d);
+    let v: Vec<f32> = random(&mut r, b * sk * hkv * d);
+    let (qt, kt, vt) = (
+        tensor(&q, (b, sq, hq, d)),
+        tensor(&k, (b, sk, hkv, d)),
+        tensor(&v, (b, sk, hkv, d)),
+    );
+    let slopes = vec![0.5f32, 0.25, 0.0, 0.0625];
+    let sinks = vec![1.0f32, f32::NEG_INFINITY, 0.0, -2.0];
+    let (bq, bk) = (8usize, 16usize);
+    let cols = sk.div_ceil(bk);
+    let mask: Vec<u8> = (0..sq.div_ceil(bq) * cols)
+        .map(|i| (i % 3 != 1) as u8)
+        .collect();
+    let (st, lt) = (
+        Tensor::new(slopes.as_slice(), &Device::Cpu).expect("slopes"),
+        Tensor::new(sinks.as_slice(), &Device::Cpu).expect("sinks"),
+    );
+    let mt = Tensor::from_vec(mask.clone(), (sq.div_ceil(bq), cols), &Device::Cpu).expect("mask");
+    // The candle-flash-attn form: ALiBi alone, causal and windowed.
+    for (causal, window) in [(true, None), (false, Some((5, 2)))] {
+        let got = match window {
+            None => attnkit::candle::flash_attn_alibi(&qt, &kt, &vt, &st, 1.0, causal),
+            Some((l, rr)) => attnkit::candle::flash_attn_alibi_windowed(
+                &qt,
+                &kt,
+                &vt,
+                &st,
+                1.0,
+                Some(l),
+                Some(rr),
+            ),
+        }
+        .expect("alibi op");
+        let mut a = Attention::new(b, sq, sk, hq, hkv, d)
+            .scale(1.0)
+            .causal(causal);
+        a.opts.window_left = window.map(|w| w.0);
+        a.opts.window_right = window.map(|w| w.1);
+        let x = HostExtras {
+            alibi_slopes: Some(&slopes),
+            ..Default::default()
+        };
+        let want: Vec<f64> = (0..sq)
+            .flat_map(|i| (0..hq).map(move |h| (i, h)))
+            .flat_map(|(i, h)| attention_row_with(&a, &q, &k, &v, &x, 0, h, i).o)
+            .collect();
+        assert_close("alibi", &host(&got), &want, 2e-5, 2e-5);
+    }
+    // Everything at once through FlashExtras, with the LSE and entropy back.
+    let opts = Options {
+        causal: true,
+        scale: Some(1.0),
+        softcap: Some(2.0),
+        ..Options::default()
+    };
+    let fx = FlashExtras {
+        alibi_slopes: Some(&st),
+        sink_logits: Some(&lt),
+        block_mask: Some((&mt, bq, bk)),
+        entropy: true,
+    };
+    let out = attnkit::candle::flash_attn_with_extras(&qt, &kt, &vt, &opts, &fx).expect("extras");
+    let mut a = Attention::new(b, sq, sk, hq, hkv, d);
+    a.opts = opts;
+    let x = HostExtras {
+        alibi_slopes: Some(&slopes),
+        sink_logits: Some(&sinks),
+        block_mask: Some((&mask, bq, bk)),
+    };
+    let (mut want_o, mut want_lse, mut want_ent) = (vec![], vec![0.0; hq * sq], vec![0.0; hq * sq]);
+    for i in 0..sq {
+        for h in 0..hq {
+            let row = attention_row_with(&a, &q, &k, &v, &x, 0, h, i);
+            want_o.extend(row.o);
+            want_lse[h * sq + i] = row.lse;
+            want_ent[h * sq + i] = row.entropy;
+        }
+    }
+    assert_close("extras o", &host(&out.o), &want_o, 2e-5, 2e-5);
+    assert_close("extras lse", &host(&out.lse), &want_lse, 1e-4, 1e-4);
+    let ent = out.entropy.expect("entropy asked for");
+    assert_close("extras entropy", &host(&ent), &want_ent, 1e-4, 1e-4);
+    // Varlen: two sequences, each against its own fixed-length call.
+    let cu = [0u32, 13, 33];
+    let cut = Tensor::new(&cu, &Device::Cpu).expect("cu");
+    let (qp, kp) = (qt.i(0).expect("q"), qt.i(0).expect("k"));
+    let packed =
+        attnkit::candle::flash_attn_varlen_alibi(&qp, &kp, &kp, &st, &cut, &cut, 20, 20, 0.3, true)
+            .expect("varlen alibi");
+    for w in cu.windows(2) {
+        let (s0, s1) = (w[0] as usize, w[1] as usize);
+        let one = qt.narrow(1, s0, s1 - s0).expect("narrow");
+        let fixed =
+            attnkit::candle::flash_attn_alibi(&one, &one, &one, &st, 0.3, true).expect("fixed");
+        let part = packed.narrow(0, s0, s1 - s0).expect("part");
+        assert_eq!(host(&part), host(&fixed), "varlen sequence {s0}..{s1}");
+    }
+    // Bad extras are errors naming them.
+    let f64_slopes = st.to_dtype(DType::F64).expect("f64");
+    let short = Tensor::new(&[0.5f32; 3], &Device::Cpu).expect("short");
+    let f32_mask = mt.to_dtype(DType::F32).expect("f32 mask");
+    for (arg, x) in [
+        (
+            "alibi_slopes",
+            FlashExtras {
+                alibi_slopes: Some(&f64_slopes),
+                ..Default::default()
+            },
+        ),
+        (
+            "alibi_slopes",
+            FlashExtras {
+                alibi_slopes: Some(&short),
+                ..Default::default()
+            },
+        ),
+        (
+            "sink_logits",
+            FlashExtras {
+                sink_logits: Some(&short),
+                ..Default::default()
+            },
+        ),
+        (
+            "block_mask",
+            FlashExtras {
+                block_mask: Some((&f32_mask, bq, bk)),
+                ..Default::default()
+            },
+        ),
+    ] {
+        let e = attnkit::candle::flash_attn_with_extras(&qt, &kt, &vt, &opts, &x).map(|o| o.o);
+        assert!(err_text(e).contains(arg), "expected an error naming {arg}");
+    }
+}

@@ -511,7 +511,7 @@ fn bad_input_is_a_typed_error_naming_the_argument() {
         expect_err(
             run(
                 &dev,
-                &Attention::new(1, 16, 16, 2, 1, 80),
+                &Attention::new(1, 16, 16, 2, 1, 48),
                 &q,
                 &kv,
                 &kv,
@@ -661,6 +661,7 @@ fn gpu_rejects_strides_the_tensor_cores_cannot_load() {
 #[derive(Clone, Default)]
 struct HostX {
     sinks: Option<Vec<f32>>,
+    alibi: Option<Vec<f32>>,
     mask: Option<(Vec<u8>, usize, usize)>,
     entropy: bool,
 }
@@ -669,6 +670,7 @@ impl HostX {
     fn oracle(&self) -> HostExtras<'_> {
         HostExtras {
             sink_logits: self.sinks.as_deref(),
+            alibi_slopes: self.alibi.as_deref(),
             block_mask: self.mask.as_ref().map(|(m, bq, bk)| (&m[..], *bq, *bk)),
         }
     }
@@ -699,12 +701,14 @@ fn run_with<T: Element>(
             s.clone_htod(&ent).unwrap(),
         );
         let sd = x.sinks.as_ref().map(|v| s.clone_htod(v).unwrap());
+        let ad = x.alibi.as_ref().map(|v| s.clone_htod(v).unwrap());
         let md = x
             .mask
             .as_ref()
             .map(|(m, bq, bk)| (s.clone_htod(m).unwrap(), *bq, *bk));
         let extras = Extras {
             sink_logits: sd.as_ref().map(|b| b.into()),
+            alibi_slopes: ad.as_ref().map(|b| b.into()),
             entropy: x.entropy.then(|| (&mut ed).into()),
             block_mask: md.as_ref().map(|(m, bq, bk)| BlockMask {
                 mask: m.into(),
@@ -730,6 +734,7 @@ fn run_with<T: Element>(
     }
     let extras = Extras {
         sink_logits: x.sinks.as_ref().map(|v| v.into()),
+        alibi_slopes: x.alibi.as_ref().map(|v| v.into()),
         entropy: x.entropy.then(|| (&mut ent).into()),
         block_mask: x.mask.as_ref().map(|(m, bq, bk)| BlockMask {
             mask: m.into(),
@@ -1004,6 +1009,86 @@ fn relu2_attention_both_normalisations() {
     }
 }
 
+/// Soft-capping and ALiBi, each and together, with the masks, sinks, sink logits, entropy
+/// scale and GQA they combine with. A scale of 1 makes raw scores of a few units, so a cap of
+/// 2 changes most of them; slopes up to 1/2 over 300 keys make the bias dominate.
+fn softcap_and_alibi<T: Element>(test: &str) {
+    let mut rng = rng(test);
+    for dev in devices(test) {
+        for (sq, sk) in [(150, 333), (333, 150)] {
+            let base = Attention::new(1, sq, sk, 4, 2, 64).scale(1.0);
+            // Per head, one of them 0 (no bias) and one negative (a bias toward distance).
+            let slopes = Some(vec![0.5f32, 0.0, 0.0625, -0.01]);
+            let alibi = HostX {
+                alibi: slopes.clone(),
+                entropy: true,
+                ..Default::default()
+            };
+            let cases = [
+                ("softcap", base.clone().softcap(2.0), HostX::default()),
+                (
+                    "causal softcap + alibi",
+                    base.clone().causal(true).softcap(2.0),
+                    alibi.clone(),
+                ),
+                ("alibi", base.clone(), alibi.clone()),
+                ("causal alibi", base.clone().causal(true), alibi.clone()),
+                (
+                    "streaming + softcap + alibi + sink logits",
+                    base.clone()
+                        .causal(true)
+                        .window(Some(49), Some(0))
+                        .sinks(4)
+                        .softcap(3.0),
+                    HostX {
+                        sinks: Some(vec![0.5, f32::NEG_INFINITY, 2.0, -1.0]),
+                        ..alibi.clone()
+                    },
+                ),
+                (
+                    "window (64, 17) + entropy scale + softcap",
+                    base.clone()
+                        .window(Some(64), Some(17))
+                        .entropy_invariant_scale(true)
+                        .softcap(1.5),
+                    alibi.clone(),
+                ),
+            ];
+            for (label, a, x) in cases {
+                variant::<T>(&mut rng, &dev, &a, &x, label);
+            }
+        }
+    }
+}
+
+#[test]
+fn softcap_and_alibi_f32() {
+    softcap_and_alibi::<f32>("softcap_and_alibi_f32");
+}
+
+#[test]
+fn softcap_and_alibi_bf16() {
+    softcap_and_alibi::<Bf16>("softcap_and_alibi_bf16");
+}
+
+#[test]
+fn softcap_and_alibi_f16_at_the_new_head_dims() {
+    let mut rng = rng("softcap_and_alibi_f16_at_the_new_head_dims");
+    for dev in devices("softcap_and_alibi_f16_at_the_new_head_dims") {
+        for d in [80, 112, 192] {
+            let a = Attention::new(2, 77, 140, 2, 1, d)
+                .causal(true)
+                .scale(0.5)
+                .softcap(2.0);
+            let x = HostX {
+                alibi: Some(vec![0.25, 0.125]),
+                ..Default::default()
+            };
+            variant::<F16>(&mut rng, &dev, &a, &x, "softcap + alibi");
+        }
+    }
+}
+
 #[test]
 fn variants_reject_bad_input_naming_the_argument() {
     for dev in devices("variants_reject_bad_input_naming_the_argument") {
@@ -1026,6 +1111,21 @@ fn variants_reject_bad_input_naming_the_argument() {
             "window_right",
         );
         err(&a.clone().sinks(usize::MAX), HostX::default(), "sinks");
+        for cap in [0.0, -1.0, f32::NAN, f32::INFINITY, f32::MAX] {
+            err(&a.clone().softcap(cap), HostX::default(), "softcap");
+        }
+        err(&relu.clone().softcap(30.0), HostX::default(), "softcap");
+        let slopes = |s: Vec<f32>| HostX {
+            alibi: Some(s),
+            ..Default::default()
+        };
+        err(&a, slopes(vec![0.5; 3]), "alibi_slopes");
+        err(&relu, slopes(vec![0.5; 2]), "alibi_slopes");
+        if !dev.is_cuda() {
+            // The host reads host slopes only.
+            err(&a, slopes(vec![0.5, f32::NAN]), "alibi_slopes");
+            err(&a, slopes(vec![f32::INFINITY, 0.5]), "alibi_slopes");
+        }
         err(
             &a,
             HostX {
@@ -1124,12 +1224,18 @@ fn varlen_with_variants_matches_the_oracle_per_sequence() {
     let (rows, cols) = (max_q.div_ceil(bq), max_k.div_ceil(bk));
     let mask: Vec<u8> = (0..rows * cols).map(|i| ((i * 7) % 5 != 0) as u8).collect();
     let sinks = vec![0.25f32, f32::NEG_INFINITY];
+    // ALiBi's distance is to each sequence's own diagonal (its seq_k - seq_q): slopes that
+    // make it matter, one head without.
+    let alibi = vec![0.0625f32, 0.0];
     for dev in devices("varlen_with_variants_matches_the_oracle_per_sequence") {
         for use_mask in [false, true] {
-            let a = VarlenAttention::new(&cu_q, &cu_k, hq, hk, d)
+            let mut a = VarlenAttention::new(&cu_q, &cu_k, hq, hk, d)
                 .causal(true)
                 .window(Some(20), None)
                 .sinks(2);
+            if use_mask {
+                a = a.softcap(0.5);
+            }
             let q: Vec<f32> = random(&mut rng, tq * hq * d);
             let k: Vec<f32> = random(&mut rng, tk * hk * d);
             let v: Vec<f32> = random(&mut rng, tk * hk * d);
@@ -1139,12 +1245,13 @@ fn varlen_with_variants_matches_the_oracle_per_sequence() {
             #[cfg(feature = "cuda")]
             if let Some(s) = dev.stream() {
                 let up = |x: &[f32]| s.clone_htod(x).unwrap();
-                let (qd, kd, vd, sd) = (up(&q), up(&k), up(&v), up(&sinks));
+                let (qd, kd, vd, sd, ad) = (up(&q), up(&k), up(&v), up(&sinks), up(&alibi));
                 let (cqd, ckd) = (s.clone_htod(&cu_q).unwrap(), s.clone_htod(&cu_k).unwrap());
                 let md = s.clone_htod(&mask).unwrap();
                 let (mut od, mut ld, mut ed) = (up(&o), up(&lse), up(&ent));
                 let x = Extras {
                     sink_logits: Some((&sd).into()),
+                    alibi_slopes: Some((&ad).into()),
                     entropy: Some((&mut ed).into()),
                     block_mask: use_mask.then(|| BlockMask {
                         mask: (&md).into(),
@@ -1172,6 +1279,7 @@ fn varlen_with_variants_matches_the_oracle_per_sequence() {
             if !dev.is_cuda() {
                 let x = Extras {
                     sink_logits: Some((&sinks).into()),
+                    alibi_slopes: Some((&alibi).into()),
                     entropy: Some((&mut ent).into()),
                     block_mask: use_mask.then(|| BlockMask {
                         mask: (&mask).into(),
@@ -1199,10 +1307,11 @@ fn varlen_with_variants_matches_the_oracle_per_sequence() {
                 if q1 == q0 {
                     continue;
                 }
-                let one = Attention::new(1, q1 - q0, k1 - k0, hq, hk, d)
+                let mut one = Attention::new(1, q1 - q0, k1 - k0, hq, hk, d)
                     .causal(true)
                     .window(Some(20), None)
                     .sinks(2);
+                one.opts.softcap = a.opts.softcap;
                 // The sequence's own corner of the mask, re-laid with its own column count.
                 let seq_cols = (k1 - k0).div_ceil(bk);
                 let seq_mask: Vec<u8> = (0..(q1 - q0).div_ceil(bq) * seq_cols)
@@ -1210,6 +1319,7 @@ fn varlen_with_variants_matches_the_oracle_per_sequence() {
                     .collect();
                 let hx = HostX {
                     sinks: Some(sinks.clone()),
+                    alibi: Some(alibi.clone()),
                     mask: use_mask.then_some((seq_mask, bq, bk)),
                     entropy: true,
                 };

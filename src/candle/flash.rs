@@ -4,10 +4,114 @@ use std::sync::Mutex;
 
 use candle_core::{Layout, Shape, Tensor};
 
-use super::{CpuOp, host_i32, same_place, tail, wrap};
+use super::{CpuOp, host_f32, host_i32, host_u8, same_place, tail, wrap};
 use crate::dtype::Element;
-use crate::flash::{self, Attention, Options, Strides, VarlenAttention};
+use crate::flash::{self, Attention, BlockMask, Extras, Options, Strides, VarlenAttention};
 use crate::{Device, Error};
+
+/// The optional inputs and outputs of [`flash_attn_with_extras`] and
+/// [`flash_attn_varlen_with_extras`] (attnkit's [`flash::Extras`] as candle tensors, read on
+/// the host): f32 `[heads_q]` ALiBi slopes and learned sink logits, a u8 block mask, and
+/// whether to return the per-row entropy.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let slopes = Tensor::new(&[0.5f32, 0.25], &Device::Cpu)?;
+/// let x = attnkit::candle::FlashExtras { alibi_slopes: Some(&slopes), entropy: true, ..Default::default() };
+/// assert!(x.sink_logits.is_none());
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FlashExtras<'a> {
+    /// ALiBi slopes, f32 `[heads_q]` ([`flash::Extras::alibi_slopes`]).
+    pub alibi_slopes: Option<&'a Tensor>,
+    /// Learned per-head sink logits, f32 `[heads_q]` ([`flash::Extras::sink_logits`]).
+    pub sink_logits: Option<&'a Tensor>,
+    /// A block-sparse mask ([`BlockMask`]): a u8 tensor of `[rows, cols]` blocks (any shape
+    /// with that many elements, row-major) and its `(block_q, block_k)`.
+    pub block_mask: Option<(&'a Tensor, usize, usize)>,
+    /// Also return the per-row entropy of the attention distribution.
+    pub entropy: bool,
+}
+
+/// What [`flash_attn_with_extras`] and [`flash_attn_varlen_with_extras`] return.
+#[derive(Clone, Debug)]
+pub struct FlashOutput {
+    /// The attention output, in q's shape and dtype.
+    pub o: Tensor,
+    /// Per-row log-sum-exp, f32: `[batch, heads_q, seq_q]` (varlen: `[heads_q, total_q]`).
+    pub lse: Tensor,
+    /// Per-row entropy in the LSE's shape, when asked for.
+    pub entropy: Option<Tensor>,
+}
+
+/// Host copies of [`FlashExtras`].
+#[derive(Clone, Debug, Default)]
+struct HostExtras {
+    alibi: Option<Vec<f32>>,
+    sinks: Option<Vec<f32>>,
+    mask: Option<(Vec<u8>, usize, usize)>,
+    entropy: bool,
+}
+
+impl HostExtras {
+    fn read(x: &FlashExtras<'_>) -> candle_core::Result<HostExtras> {
+        Ok(HostExtras {
+            alibi: x
+                .alibi_slopes
+                .map(|t| host_f32("alibi_slopes", t))
+                .transpose()?,
+            sinks: x
+                .sink_logits
+                .map(|t| host_f32("sink_logits", t))
+                .transpose()?,
+            mask: match x.block_mask {
+                Some((t, bq, bk)) => Some((host_u8("block_mask", t)?, bq, bk)),
+                None => None,
+            },
+            entropy: x.entropy,
+        })
+    }
+
+    fn extras<'a>(&'a self, entropy: &'a mut [f32]) -> Extras<'a> {
+        Extras {
+            sink_logits: self.sinks.as_ref().map(|s| s.into()),
+            alibi_slopes: self.alibi.as_ref().map(|s| s.into()),
+            entropy: self.entropy.then(|| entropy.into()),
+            block_mask: self.mask.as_ref().map(|(m, bq, bk)| BlockMask {
+                mask: m.into(),
+                block_q: *bq,
+                block_k: *bk,
+            }),
+        }
+    }
+}
+
+/// Where an op's `cpu_fwd` leaves its side outputs (a candle op has one output): the LSE, the
+/// entropy if asked for, and their shape.
+type SideOutputs = Mutex<Option<(Vec<f32>, Option<Vec<f32>>, Shape)>>;
+
+/// Takes an op's side outputs as tensors on `dev`.
+fn side_outputs(
+    o: Tensor,
+    slot: &SideOutputs,
+    dev: &candle_core::Device,
+) -> candle_core::Result<FlashOutput> {
+    let taken = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let Some((lse, entropy, shape)) = taken else {
+        return Err(candle_core::Error::Msg(
+            "attnkit: the op left no LSE".into(),
+        ));
+    };
+    let entropy = entropy
+        .map(|e| Tensor::from_vec(e, shape.clone(), dev))
+        .transpose()?;
+    Ok(FlashOutput {
+        o,
+        lse: Tensor::from_vec(lse, shape, dev)?,
+        entropy,
+    })
+}
 
 /// Scaled dot-product attention, candle-flash-attn's `flash_attn`: `softmax(scale q k^T) v`,
 /// causal (bottom-right aligned) when asked. `q`: `[batch, seq_q, heads_q, d]`; `k`, `v`:
@@ -83,7 +187,102 @@ pub fn flash_attn_with(
     opts: &Options,
 ) -> candle_core::Result<Tensor> {
     same_place(q, k, v)?;
-    q.apply_op3_no_bwd(k, v, &FlashAttn::new(opts))
+    q.apply_op3_no_bwd(k, v, &FlashAttn::new(opts, HostExtras::default()))
+}
+
+/// [`flash_attn_with`] with [`FlashExtras`]: ALiBi slopes, learned sink logits, a block mask,
+/// and the LSE and (if asked) entropy returned beside the output.
+///
+/// ```
+/// use attnkit::candle::FlashExtras;
+/// use attnkit::flash::Options;
+/// use candle_core::{Device, Tensor};
+/// let q = Tensor::zeros((1, 4, 1, 32), candle_core::DType::F32, &Device::Cpu)?;
+/// let sink = Tensor::new(&[0f32], &Device::Cpu)?;
+/// let x = FlashExtras { sink_logits: Some(&sink), entropy: true, ..Default::default() };
+/// let out = attnkit::candle::flash_attn_with_extras(&q, &q, &q, &Options::default(), &x)?;
+/// // Four keys and the sink, all logit 0: lse = ln 5, entropy ln 5.
+/// let e: Vec<f32> = out.entropy.expect("asked for").flatten_all()?.to_vec1()?;
+/// assert!(e.iter().all(|x| (x - 5f32.ln()).abs() < 1e-5));
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn flash_attn_with_extras(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    opts: &Options,
+    extras: &FlashExtras<'_>,
+) -> candle_core::Result<FlashOutput> {
+    same_place(q, k, v)?;
+    let op = FlashAttn::new(opts, HostExtras::read(extras)?);
+    let o = q.apply_op3_no_bwd(k, v, &op)?;
+    side_outputs(o, &op.side, q.device())
+}
+
+/// candle-flash-attn's `flash_attn_alibi`: [`flash_attn`] with ALiBi slopes (f32
+/// `[heads_q]`): head `h`'s logits gain `-slope[h] * |i + seq_k - seq_q - j|`. (With
+/// `causal`, FlashAttention adds `slope * (j - i - diag)` instead, which differs by a
+/// constant per row: the same output, but attnkit's LSE is that of the logits as defined here.)
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let q = Tensor::randn(0f32, 1.0, (1, 8, 2, 64), &Device::Cpu)?;
+/// let slopes = Tensor::new(&[0.5f32, 0.25], &Device::Cpu)?;
+/// let o = attnkit::candle::flash_attn_alibi(&q, &q, &q, &slopes, 0.125, true)?;
+/// assert_eq!(o.dims(), q.dims());
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn flash_attn_alibi(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    alibi_slopes: &Tensor,
+    softmax_scale: f32,
+    causal: bool,
+) -> candle_core::Result<Tensor> {
+    let opts = Options {
+        causal,
+        scale: Some(softmax_scale),
+        ..Options::default()
+    };
+    let x = FlashExtras {
+        alibi_slopes: Some(alibi_slopes),
+        ..Default::default()
+    };
+    Ok(flash_attn_with_extras(q, k, v, &opts, &x)?.o)
+}
+
+/// candle-flash-attn's `flash_attn_alibi_windowed`: [`flash_attn_alibi`] with the window of
+/// [`flash_attn_windowed`].
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let q = Tensor::randn(0f32, 1.0, (1, 8, 1, 32), &Device::Cpu)?;
+/// let slopes = Tensor::new(&[0.1f32], &Device::Cpu)?;
+/// let o = attnkit::candle::flash_attn_alibi_windowed(&q, &q, &q, &slopes, 0.2, Some(3), Some(0))?;
+/// assert_eq!(o.dims(), q.dims());
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn flash_attn_alibi_windowed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    alibi_slopes: &Tensor,
+    softmax_scale: f32,
+    window_size_left: Option<usize>,
+    window_size_right: Option<usize>,
+) -> candle_core::Result<Tensor> {
+    let opts = Options {
+        scale: Some(softmax_scale),
+        window_left: window_size_left,
+        window_right: window_size_right,
+        ..Options::default()
+    };
+    let x = FlashExtras {
+        alibi_slopes: Some(alibi_slopes),
+        ..Default::default()
+    };
+    Ok(flash_attn_with_extras(q, k, v, &opts, &x)?.o)
 }
 
 /// [`flash_attn_with`] that also returns the per-row log-sum-exp of the scaled scores (f32,
@@ -107,16 +306,8 @@ pub fn flash_attn_with_lse(
     v: &Tensor,
     opts: &Options,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    same_place(q, k, v)?;
-    let op = FlashAttn::new(opts);
-    let o = q.apply_op3_no_bwd(k, v, &op)?;
-    let taken = op.lse.lock().unwrap_or_else(|e| e.into_inner()).take();
-    let Some((lse, shape)) = taken else {
-        return Err(candle_core::Error::Msg(
-            "attnkit: the op left no LSE".into(),
-        ));
-    };
-    Ok((o, Tensor::from_vec(lse, shape, q.device())?))
+    let out = flash_attn_with_extras(q, k, v, opts, &FlashExtras::default())?;
+    Ok((out.o, out.lse))
 }
 
 /// candle-flash-attn's `flash_attn_varlen`: packed sequences (continuous batching). `q`:
@@ -221,18 +412,148 @@ pub fn flash_attn_varlen_with(
     (seqlens_k, max_seqlen_k): (&Tensor, usize),
     opts: &Options,
 ) -> candle_core::Result<Tensor> {
+    let out = flash_attn_varlen_with_extras(
+        q,
+        k,
+        v,
+        (seqlens_q, max_seqlen_q),
+        (seqlens_k, max_seqlen_k),
+        opts,
+        &FlashExtras::default(),
+    )?;
+    Ok(out.o)
+}
+
+/// [`flash_attn_varlen_with`] with [`FlashExtras`] (a block mask is indexed from each
+/// sequence's first row and key); the LSE and entropy are `[heads_q, total_q]`.
+///
+/// ```
+/// use attnkit::{candle::FlashExtras, flash::Options};
+/// use candle_core::{Device, Tensor};
+/// let q = Tensor::randn(0f32, 1.0, (12, 2, 32), &Device::Cpu)?;
+/// let cu = Tensor::new(&[0u32, 5, 12], &Device::Cpu)?;
+/// let slopes = Tensor::new(&[0.5f32, 0.0], &Device::Cpu)?;
+/// let x = FlashExtras { alibi_slopes: Some(&slopes), ..Default::default() };
+/// let opts = Options { causal: true, softcap: Some(30.0), ..Options::default() };
+/// let out = attnkit::candle::flash_attn_varlen_with_extras(&q, &q, &q, (&cu, 7), (&cu, 7), &opts, &x)?;
+/// assert_eq!((out.o.dims(), out.lse.dims()), (&[12, 2, 32][..], &[2, 12][..]));
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn flash_attn_varlen_with_extras(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    (seqlens_q, max_seqlen_q): (&Tensor, usize),
+    (seqlens_k, max_seqlen_k): (&Tensor, usize),
+    opts: &Options,
+    extras: &FlashExtras<'_>,
+) -> candle_core::Result<FlashOutput> {
     same_place(q, k, v)?;
     let cu_q = offsets("seqlens_q", seqlens_q, "max_seqlen_q", max_seqlen_q)?;
     let cu_k = offsets("seqlens_k", seqlens_k, "max_seqlen_k", max_seqlen_k)?;
-    q.apply_op3_no_bwd(
+    let op = VarlenAttn {
+        opts: *opts,
+        cu_q,
+        cu_k,
+        extras: HostExtras::read(extras)?,
+        side: Mutex::new(None),
+    };
+    let o = q.apply_op3_no_bwd(k, v, &op)?;
+    side_outputs(o, &op.side, q.device())
+}
+
+/// candle-flash-attn's `flash_attn_varlen_alibi`: [`flash_attn_varlen`] with ALiBi slopes
+/// (see [`flash_attn_alibi`]), each sequence's distances to its own diagonal.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let q = Tensor::randn(0f32, 1.0, (7, 2, 32), &Device::Cpu)?;
+/// let cu = Tensor::new(&[0u32, 3, 7], &Device::Cpu)?;
+/// let slopes = Tensor::new(&[0.5f32, 0.25], &Device::Cpu)?;
+/// let o = attnkit::candle::flash_attn_varlen_alibi(&q, &q, &q, &slopes, &cu, &cu, 4, 4, 0.2, true)?;
+/// assert_eq!(o.dims(), &[7, 2, 32]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_varlen_alibi(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    alibi_slopes: &Tensor,
+    seqlens_q: &Tensor,
+    seqlens_k: &Tensor,
+    max_seqlen_q: usize,
+    max_seqlen_k: usize,
+    softmax_scale: f32,
+    causal: bool,
+) -> candle_core::Result<Tensor> {
+    let opts = Options {
+        causal,
+        scale: Some(softmax_scale),
+        ..Options::default()
+    };
+    let x = FlashExtras {
+        alibi_slopes: Some(alibi_slopes),
+        ..Default::default()
+    };
+    let out = flash_attn_varlen_with_extras(
+        q,
         k,
         v,
-        &VarlenAttn {
-            opts: *opts,
-            cu_q,
-            cu_k,
-        },
-    )
+        (seqlens_q, max_seqlen_q),
+        (seqlens_k, max_seqlen_k),
+        &opts,
+        &x,
+    )?;
+    Ok(out.o)
+}
+
+/// candle-flash-attn's `flash_attn_varlen_alibi_windowed`: [`flash_attn_varlen_alibi`] with
+/// the window of [`flash_attn_windowed`].
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let q = Tensor::randn(0f32, 1.0, (9, 1, 64), &Device::Cpu)?;
+/// let cu = Tensor::new(&[0u32, 9], &Device::Cpu)?;
+/// let slopes = Tensor::new(&[0.3f32], &Device::Cpu)?;
+/// let o = attnkit::candle::flash_attn_varlen_alibi_windowed(&q, &q, &q, &slopes, &cu, &cu, 9, 9, 0.1, Some(2), Some(0))?;
+/// assert_eq!(o.dims(), &[9, 1, 64]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_varlen_alibi_windowed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    alibi_slopes: &Tensor,
+    seqlens_q: &Tensor,
+    seqlens_k: &Tensor,
+    max_seqlen_q: usize,
+    max_seqlen_k: usize,
+    softmax_scale: f32,
+    window_size_left: Option<usize>,
+    window_size_right: Option<usize>,
+) -> candle_core::Result<Tensor> {
+    let opts = Options {
+        scale: Some(softmax_scale),
+        window_left: window_size_left,
+        window_right: window_size_right,
+        ..Options::default()
+    };
+    let x = FlashExtras {
+        alibi_slopes: Some(alibi_slopes),
+        ..Default::default()
+    };
+    let out = flash_attn_varlen_with_extras(
+        q,
+        k,
+        v,
+        (seqlens_q, max_seqlen_q),
+        (seqlens_k, max_seqlen_k),
+        &opts,
+        &x,
+    )?;
+    Ok(out.o)
 }
 
 /// A `[batch + 1]` offsets tensor (u32, i32 or i64) read to the host as i32, with its maximum
@@ -259,11 +580,13 @@ fn offsets(
     Ok(cu)
 }
 
-/// The varlen candle op: options and host offsets; shapes from the layouts.
+/// The varlen candle op: options, host offsets and extras; shapes from the layouts.
 struct VarlenAttn {
     opts: Options,
     cu_q: Vec<i32>,
     cu_k: Vec<i32>,
+    extras: HostExtras,
+    side: SideOutputs,
 }
 
 impl CpuOp for VarlenAttn {
@@ -298,7 +621,8 @@ impl CpuOp for VarlenAttn {
         a.v_strides = vs;
         let mut o = vec![T::default(); a.o_len()];
         let mut lse = vec![0f32; a.lse_len()];
-        flash::forward_varlen(
+        let mut ent = vec![0f32; if self.extras.entropy { a.lse_len() } else { 0 }];
+        flash::forward_varlen_with(
             &Device::cpu(),
             &a,
             tail("q", q, qo)?.into(),
@@ -308,19 +632,23 @@ impl CpuOp for VarlenAttn {
             self.cu_k[..].into(),
             (&mut o).into(),
             (&mut lse).into(),
+            self.extras.extras(&mut ent),
         )?;
+        let entropy = self.extras.entropy.then_some(ent);
+        let mut slot = self.side.lock().unwrap_or_else(|e| e.into_inner());
+        *slot = Some((lse, entropy, Shape::from((heads_q, a.total_q()))));
         Ok((o, Shape::from(qd.to_vec())))
     }
 }
 
 super::cpu_custom_op3!(VarlenAttn, "attnkit-flash-attn-varlen");
 
-/// The candle op: the options; the shapes come from the tensors' layouts.
+/// The candle op: the options and extras; the shapes come from the tensors' layouts.
 struct FlashAttn {
     opts: Options,
-    /// Where `cpu_fwd` leaves the LSE (`[batch, heads_q, seq_q]`) and its shape, for
-    /// [`flash_attn_with_lse`] (a candle op has one output).
-    lse: Mutex<Option<(Vec<f32>, Shape)>>,
+    extras: HostExtras,
+    /// The LSE (`[batch, heads_q, seq_q]`) and entropy, for [`flash_attn_with_extras`].
+    side: SideOutputs,
 }
 
 /// An operand's sizes and strides from its candle layout: `[batch, seq, heads, d]` (`R` = 4)
@@ -374,10 +702,11 @@ fn agree(pairs: &[(&'static str, usize, usize)], shapes: &str) -> Result<(), Err
 }
 
 impl FlashAttn {
-    fn new(opts: &Options) -> FlashAttn {
+    fn new(opts: &Options, extras: HostExtras) -> FlashAttn {
         FlashAttn {
             opts: *opts,
-            lse: Mutex::new(None),
+            extras,
+            side: Mutex::new(None),
         }
     }
 }
@@ -413,7 +742,8 @@ impl CpuOp for FlashAttn {
         a.v_strides = vs;
         let mut o = vec![T::default(); a.o_len()];
         let mut lse = vec![0f32; a.lse_len()];
-        flash::forward(
+        let mut ent = vec![0f32; if self.extras.entropy { a.lse_len() } else { 0 }];
+        flash::forward_with(
             &Device::cpu(),
             &a,
             tail("q", q, qo)?.into(),
@@ -421,9 +751,11 @@ impl CpuOp for FlashAttn {
             tail("v", v, vo)?.into(),
             (&mut o).into(),
             (&mut lse).into(),
+            self.extras.extras(&mut ent),
         )?;
-        let mut slot = self.lse.lock().unwrap_or_else(|e| e.into_inner());
-        *slot = Some((lse, Shape::from((batch, heads_q, seq_q))));
+        let entropy = self.extras.entropy.then_some(ent);
+        let mut slot = self.side.lock().unwrap_or_else(|e| e.into_inner());
+        *slot = Some((lse, entropy, Shape::from((batch, heads_q, seq_q))));
         Ok((o, Shape::from(qd.to_vec())))
     }
 }

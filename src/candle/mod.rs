@@ -5,8 +5,12 @@
 //! ([`flash_attn`], [`flash_attn_windowed`], [`flash_attn_varlen`],
 //! [`flash_attn_varlen_windowed`]), so switching is an import; [`flash_attn_with`] and
 //! [`flash_attn_varlen_with`] take every option of [`flash::Options`](crate::flash::Options)
-//! (sinks, relu², the entropy-invariant scale, ...), and [`flash_attn_with_lse`] returns the
-//! log-sum-exp too. Tensors are `[batch, seq, heads, head_dim]` (packed `[total_tokens, heads,
+//! (sinks, relu², the entropy-invariant scale, soft-capping, ...), [`flash_attn_with_lse`]
+//! returns the log-sum-exp too, and [`flash_attn_with_extras`] /
+//! [`flash_attn_varlen_with_extras`] take ALiBi slopes, learned sink logits and block masks
+//! ([`FlashExtras`]) and return the LSE and entropy. The ALiBi forms keep candle-flash-attn's
+//! names too ([`flash_attn_alibi`], [`flash_attn_alibi_windowed`], [`flash_attn_varlen_alibi`],
+//! [`flash_attn_varlen_alibi_windowed`]). Tensors are `[batch, seq, heads, head_dim]` (packed `[total_tokens, heads,
 //! head_dim]` for varlen) as candle-flash-attn takes them, in f32, f16 or bf16, with any
 //! strides whose last one is 1 (a transposed or narrowed view needs no copy: the strides go to
 //! the kernel as they are). K and V may have fewer heads than Q (GQA/MQA).
@@ -38,8 +42,10 @@ mod monarch;
 
 pub use decode::flash_attn_with_kvcache;
 pub use flash::{
-    flash_attn, flash_attn_varlen, flash_attn_varlen_windowed, flash_attn_varlen_with,
-    flash_attn_windowed, flash_attn_with, flash_attn_with_lse,
+    FlashExtras, FlashOutput, flash_attn, flash_attn_alibi, flash_attn_alibi_windowed,
+    flash_attn_varlen, flash_attn_varlen_alibi, flash_attn_varlen_alibi_windowed,
+    flash_attn_varlen_windowed, flash_attn_varlen_with, flash_attn_varlen_with_extras,
+    flash_attn_windowed, flash_attn_with, flash_attn_with_extras, flash_attn_with_lse,
 };
 pub use lightning::lightning_attn;
 pub use monarch::MonarchModule;
@@ -225,6 +231,32 @@ fn host_i32(arg: &'static str, t: &Tensor) -> candle_core::Result<Vec<i32>> {
                 detail: "a value outside i32 (the kernels' index type)".into(),
             })
         })
+}
+
+/// A rank-1 f32 tensor (per-head ALiBi slopes, sink logits) read to the host.
+fn host_f32(arg: &'static str, t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    if t.rank() != 1 || t.dtype() != DType::F32 {
+        return Err(wrap(Error::Shape {
+            arg,
+            detail: format!(
+                "{:?} {:?}; expected one f32 value per query head",
+                t.dtype(),
+                t.dims()
+            ),
+        }));
+    }
+    t.to_vec1::<f32>()
+}
+
+/// A u8 tensor of any shape (a block mask, row-major) read to the host, flattened.
+fn host_u8(arg: &'static str, t: &Tensor) -> candle_core::Result<Vec<u8>> {
+    if t.dtype() != DType::U8 {
+        return Err(wrap(Error::Unsupported {
+            arg,
+            detail: format!("dtype {:?}; u8 (nonzero = attend)", t.dtype()),
+        }));
+    }
+    t.flatten_all()?.to_vec1::<u8>()
 }
 
 /// `CustomOp3` for an op whose CPU computation is its [`CpuOp`] (CUDA: candle's default

@@ -119,6 +119,12 @@ pub(super) fn check_extras(p: &Problem<'_>, x: &Extras<'_>) -> Result<()> {
                 "softmax denominator for a sink logit",
             ));
         }
+        if x.alibi_slopes.is_some() {
+            return Err(unsupported("alibi_slopes", "softmax logits to bias"));
+        }
+        if o.softcap.is_some() {
+            return Err(unsupported("softcap", "softmax logits to cap"));
+        }
         if x.entropy.is_some() {
             return Err(unsupported(
                 "entropy",
@@ -145,6 +151,22 @@ pub(super) fn check_extras(p: &Problem<'_>, x: &Extras<'_>) -> Result<()> {
                      block mask breaks"
                 .into(),
         });
+    }
+    if let Some(c) = o.softcap {
+        if !(c > 0.0 && (c * std::f32::consts::LOG2_E).is_finite()) {
+            return Err(Error::Value {
+                arg: "softcap",
+                detail: format!("{c} is not a finite cap above 0"),
+            });
+        }
+    }
+    if let Some(s) = &x.alibi_slopes {
+        if s.len() != p.heads_q {
+            return Err(Error::Shape {
+                arg: "alibi_slopes",
+                detail: format!("holds {} slopes, heads_q is {}", s.len(), p.heads_q),
+            });
+        }
     }
     if let Some(s) = &x.sink_logits {
         if s.len() != p.heads_q {
@@ -212,6 +234,17 @@ pub(super) fn check_sink_values(sinks: &[f32]) -> Result<()> {
         return Err(Error::Value {
             arg: "sink_logits",
             detail: format!("head {h}'s logit is NaN"),
+        });
+    }
+    Ok(())
+}
+
+/// Checks the host ALiBi slopes: each finite (an infinite slope times a zero distance is NaN).
+pub(super) fn check_alibi_values(slopes: &[f32]) -> Result<()> {
+    if let Some(h) = slopes.iter().position(|s| !s.is_finite()) {
+        return Err(Error::Value {
+            arg: "alibi_slopes",
+            detail: format!("head {h}'s slope {} is not finite", slopes[h]),
         });
     }
     Ok(())

@@ -11,7 +11,7 @@
 use multiversion::multiversion;
 
 use super::{Problem, Relu2Norm, Score, Visibility};
-use crate::cpu::{DisjointSlice, matmul, par_for, softmax_step};
+use crate::cpu::{DisjointSlice, matmul, par_for, softmax_step, tanh};
 use crate::dtype::Element;
 
 /// Query rows per work item: each K/V tile (and gemm's packing of it) serves this many rows;
@@ -32,6 +32,15 @@ pub(super) struct Outputs<'a, T> {
 
 /// A block mask on the host: (mask, block_q, block_k).
 type HostMask<'a> = (&'a [u8], usize, usize);
+
+/// The optional inputs on the host (checked): sink logits and ALiBi slopes `[heads_q]`, and a
+/// block mask.
+#[derive(Clone, Copy, Default)]
+pub(super) struct HostInputs<'a> {
+    pub sinks: Option<&'a [f32]>,
+    pub alibi: Option<&'a [f32]>,
+    pub mask: Option<HostMask<'a>>,
+}
 
 /// Which keys rows see: the window and sinks, and the block mask if any.
 #[derive(Clone, Copy)]
@@ -90,10 +99,11 @@ pub(super) fn forward<T: Element>(
     q: &[T],
     k: &[T],
     v: &[T],
-    sinks: Option<&[f32]>,
-    mask: Option<HostMask<'_>>,
+    inputs: HostInputs<'_>,
     out: Outputs<'_, T>,
 ) {
+    let HostInputs { sinks, alibi, mask } = inputs;
+    let cap = p.opts.softcap;
     let mut items = Vec::new();
     for b in 0..p.batch {
         let (sq, _, _, _) = p.seq(b);
@@ -142,8 +152,11 @@ pub(super) fn forward<T: Element>(
             } else {
                 p.scale
             };
-            if relu2.is_none() {
-                scale *= std::f32::consts::LOG2_E;
+            // Softmax: the exp2 domain's log2 e, or (soft-capped) 1 / cap, the tanh's argument.
+            match (relu2, cap) {
+                (None, Some(c)) => scale /= c,
+                (None, None) => scale *= std::f32::consts::LOG2_E,
+                (Some(_), _) => {}
             }
             inv_n[r] = if n > 0 { 1.0 / n as f32 } else { 0.0 };
             let off = p.offset(&p.q, b, q0, row, h);
@@ -153,6 +166,11 @@ pub(super) fn forward<T: Element>(
         let mut vt = vec![0f32; BLOCK_N * d];
         let mut s = vec![0f32; rows * BLOCK_N];
         let mut acc = vec![0f32; rows * d];
+        let transform = Transform {
+            cap_log2: cap.map(|c| c * std::f32::consts::LOG2_E),
+            slope_log2: alibi.map_or(0.0, |a| a[h] * std::f32::consts::LOG2_E),
+        };
+        let diag = sk as i64 - sq as i64;
         let mut st = RowState {
             m: vec![f32::NEG_INFINITY; rows],
             l: vec![0f32; rows],
@@ -187,6 +205,10 @@ pub(super) fn forward<T: Element>(
                 (&qt, d, 1),
                 (ktile, 1, k_rs),
             );
+            if relu2.is_none() && transform.any() {
+                // Row r's diagonal key, counted from the tile's first key.
+                transform.apply(&mut s, cols, (m0 as i64 + diag - n0 as i64) as f32);
+            }
             for (r, sr) in s.chunks_exact_mut(BLOCK_N).enumerate() {
                 if !full {
                     for (c, x) in sr[..cols].iter_mut().enumerate() {
@@ -231,6 +253,42 @@ pub(super) fn forward<T: Element>(
             }
         }
     });
+}
+
+/// The softmax logits' transforms, in the exp2 domain: soft-capping (`cap * tanh(x)`, the
+/// tile's scores already divided by cap) and the ALiBi slope (0: none).
+#[derive(Clone, Copy)]
+struct Transform {
+    cap_log2: Option<f32>,
+    slope_log2: f32,
+}
+
+impl Transform {
+    fn any(&self) -> bool {
+        self.cap_log2.is_some() || self.slope_log2 != 0.0
+    }
+
+    /// Applies both to the first `cols` scores of every row of `s`; `diag0` is row 0's
+    /// diagonal key counted from the tile's first key (row r's is `diag0 + r`).
+    fn apply(&self, s: &mut [f32], cols: usize, diag0: f32) {
+        transform_rows(s, cols, self.cap_log2, self.slope_log2, diag0)
+    }
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn transform_rows(s: &mut [f32], cols: usize, cap_log2: Option<f32>, slope_log2: f32, diag0: f32) {
+    for (r, sr) in s.chunks_exact_mut(BLOCK_N).enumerate() {
+        let row = &mut sr[..cols];
+        if let Some(c) = cap_log2 {
+            row.iter_mut().for_each(|x| *x = c * tanh(*x));
+        }
+        if slope_log2 != 0.0 {
+            let dg = diag0 + r as f32;
+            for (c, x) in row.iter_mut().enumerate() {
+                *x -= slope_log2 * (dg - c as f32).abs();
+            }
+        }
+    }
 }
 
 /// The online softmax's running values per row: max `m` and entropy sum `es` in the exp2

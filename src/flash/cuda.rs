@@ -23,20 +23,20 @@ fn tile(dtype: DType, d: usize) -> (String, usize, u32, u32) {
             (name, bm, c::ATTNKIT_FLASH_F32_THREADS, smem as u32)
         }
         DType::F16 | DType::Bf16 => {
-            let (warps, bn) = if d == 256 {
-                (
-                    c::ATTNKIT_FLASH_WARPS_D256 as usize,
-                    c::ATTNKIT_FLASH_BLOCK_N_D256 as usize,
-                )
-            } else {
-                (
-                    c::ATTNKIT_FLASH_WARPS_SMALL_D as usize,
-                    c::ATTNKIT_FLASH_BLOCK_N_SMALL_D as usize,
-                )
+            let (warps, bn) = match d {
+                256 => (c::ATTNKIT_FLASH_WARPS_D256, c::ATTNKIT_FLASH_BLOCK_N_D256),
+                192 => (c::ATTNKIT_FLASH_WARPS_D192, c::ATTNKIT_FLASH_BLOCK_N_D192),
+                _ => (
+                    c::ATTNKIT_FLASH_WARPS_SMALL_D,
+                    c::ATTNKIT_FLASH_BLOCK_N_SMALL_D,
+                ),
             };
+            let (warps, bn) = (warps as usize, bn as usize);
             let bm = 16 * warps;
-            // sQ [bm][d], sK [bn][d], sV [bn][d], 2-byte elements.
-            (name, bm, 32 * warps as u32, ((bm + 2 * bn) * d * 2) as u32)
+            // sQ [bm], sK [bn], sV [bn] rows of d 2-byte elements, each padded up to 64 bytes
+            // (common.cuh's head_row_bytes).
+            let row = (d * 2).div_ceil(64) * 64;
+            (name, bm, 32 * warps as u32, ((bm + 2 * bn) * row) as u32)
         }
     }
 }
@@ -64,6 +64,11 @@ pub(super) fn forward<T: Element>(
         .sink_logits
         .as_ref()
         .map(|b| dev.view("sink_logits", b))
+        .transpose()?;
+    let alibi_view = extras
+        .alibi_slopes
+        .as_ref()
+        .map(|b| dev.view("alibi_slopes", b))
         .transpose()?;
     let mask_view = match &extras.block_mask {
         Some(m) => Some((dev.view("block_mask", &m.mask)?, m.block_q, m.block_k)),
@@ -113,6 +118,10 @@ pub(super) fn forward<T: Element>(
     };
     let sink_logits = match sink_view {
         Some(v) => ptrs.read("sink_logits", v, stream, 4)? as *const f32,
+        None => std::ptr::null(),
+    };
+    let alibi_slopes = match alibi_view {
+        Some(v) => ptrs.read("alibi_slopes", v, stream, 4)? as *const f32,
         None => std::ptr::null(),
     };
     let entropy = match ent_view {
@@ -175,6 +184,7 @@ pub(super) fn forward<T: Element>(
         mask_cols: p.seq_k.div_ceil(block_k) as i32,
         block_mask,
         sink_logits,
+        alibi_slopes,
         entropy,
         score: match opts.score {
             Score::Softmax => c::ATTNKIT_FLASH_SCORE_SOFTMAX as i32,
@@ -184,6 +194,7 @@ pub(super) fn forward<T: Element>(
         relu2_by_visible: matches!(opts.score, Score::Relu2(super::Relu2Norm::Visible)) as i32,
         scale: p.scale,
         scale_log2: p.scale * std::f32::consts::LOG2_E,
+        softcap: opts.softcap.unwrap_or(0.0),
     };
     let (name, bm, threads, smem) = tile(T::DTYPE, p.d);
     let tiles = p.seq_q.div_ceil(bm);
@@ -210,21 +221,30 @@ pub(super) fn forward<T: Element>(
 
 /// The kernel names as `'static` strings (the function cache is keyed by them).
 fn kernel_name(name: &str) -> Result<&'static str> {
-    const NAMES: [&str; 15] = [
+    const NAMES: [&str; 24] = [
         "flash_fwd_f32_d32",
         "flash_fwd_f32_d64",
+        "flash_fwd_f32_d80",
         "flash_fwd_f32_d96",
+        "flash_fwd_f32_d112",
         "flash_fwd_f32_d128",
+        "flash_fwd_f32_d192",
         "flash_fwd_f32_d256",
         "flash_fwd_f16_d32",
         "flash_fwd_f16_d64",
+        "flash_fwd_f16_d80",
         "flash_fwd_f16_d96",
+        "flash_fwd_f16_d112",
         "flash_fwd_f16_d128",
+        "flash_fwd_f16_d192",
         "flash_fwd_f16_d256",
         "flash_fwd_bf16_d32",
         "flash_fwd_bf16_d64",
+        "flash_fwd_bf16_d80",
         "flash_fwd_bf16_d96",
+        "flash_fwd_bf16_d112",
         "flash_fwd_bf16_d128",
+        "flash_fwd_bf16_d192",
         "flash_fwd_bf16_d256",
     ];
     NAMES

@@ -5,12 +5,14 @@
 use super::{Attention, Relu2Norm, Score, Strides};
 use crate::dtype::Element;
 
-/// Host copies of the optional inputs ([`super::Extras`]): sink logits `[heads_q]` and a
-/// block mask `(mask, block_q, block_k)`.
+/// Host copies of the optional inputs ([`super::Extras`]): sink logits and ALiBi slopes
+/// `[heads_q]`, and a block mask `(mask, block_q, block_k)`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct HostExtras<'a> {
     /// Learned per-head sink logits.
     pub sink_logits: Option<&'a [f32]>,
+    /// ALiBi slopes.
+    pub alibi_slopes: Option<&'a [f32]>,
     /// `(mask, block_q, block_k)`, `mask` row-major with `ceil(seq_k / block_k)` columns.
     pub block_mask: Option<(&'a [u8], usize, usize)>,
 }
@@ -51,7 +53,7 @@ pub fn attention_row<T: Element>(
 }
 
 /// [`attention_row`] with every option and extra: windows, sinks, block mask, entropy scale,
-/// sink logits, relu² scores; also returns the row's entropy.
+/// sink logits, soft-capping, ALiBi, relu² scores; also returns the row's entropy.
 ///
 /// ```
 /// use attnkit::flash::{Attention, oracle::{self, HostExtras}};
@@ -127,7 +129,19 @@ pub fn attention_row_with<T: Element>(
             entropy: 0.0,
         };
     }
-    let s: Vec<f64> = keys.iter().map(|&j| scale * dot(j)).collect();
+    // The logits from their definitions: cap * tanh(x / cap), then the ALiBi bias.
+    let slope = extras.alibi_slopes.map_or(0.0, |a| a[h] as f64);
+    let s: Vec<f64> = keys
+        .iter()
+        .map(|&j| {
+            let x = scale * dot(j);
+            let x = o.softcap.map_or(x, |cap| {
+                let cap = cap as f64;
+                cap * (x / cap).tanh()
+            });
+            x - slope * (c - j as i64).abs() as f64
+        })
+        .collect();
     let sink = extras.sink_logits.map(|l| l[h] as f64);
     if sink == Some(f64::INFINITY) {
         return RowRef {

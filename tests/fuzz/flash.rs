@@ -49,6 +49,7 @@ fn options(rng: &mut StdRng) -> Options {
             _ => Score::Softmax,
         },
         entropy_scale: rng.random_bool(0.1),
+        softcap: rng.random_bool(0.15).then(|| float(rng, 0.5, 50.0)),
     }
 }
 
@@ -121,9 +122,11 @@ fn written_strided<T: Element>(o: &[T], s: &Strides, dims: [usize; 4]) -> bool {
     })
 }
 
-/// Random extras for a problem: (sink logits, entropy length, block mask (mask, bq, bk)).
+/// Random extras for a problem: (sink logits, ALiBi slopes, entropy length, block mask (mask,
+/// bq, bk)).
 struct HostExtras {
     sinks: Option<Vec<f32>>,
+    alibi: Option<Vec<f32>>,
     entropy: Option<usize>,
     mask: Option<(Vec<u8>, usize, usize)>,
 }
@@ -134,14 +137,18 @@ fn extras(
     lse_need: Option<usize>,
     seq: (usize, usize),
 ) -> HostExtras {
-    let sinks = rng.random_bool(0.3).then(|| {
-        let n = if rng.random_bool(0.9) && heads_q <= 64 {
-            heads_q
-        } else {
-            rng.random_range(0..6)
-        };
-        (0..n).map(|_| float(rng, -3.0, 3.0)).collect()
-    });
+    let per_head = |rng: &mut StdRng, p: f64, lo: f32, hi: f32| {
+        rng.random_bool(p).then(|| {
+            let n = if rng.random_bool(0.9) && heads_q <= 64 {
+                heads_q
+            } else {
+                rng.random_range(0..6)
+            };
+            (0..n).map(|_| float(rng, lo, hi)).collect::<Vec<f32>>()
+        })
+    };
+    let sinks = per_head(rng, 0.3, -3.0, 3.0);
+    let alibi = per_head(rng, 0.2, 0.0, 1.0);
     let entropy = rng.random_bool(0.3).then(|| length(rng, lse_need));
     let mask = rng.random_bool(0.25).then(|| {
         let (bq, bk) = (size(rng, 40), size(rng, 40));
@@ -154,6 +161,7 @@ fn extras(
     });
     HostExtras {
         sinks,
+        alibi,
         entropy,
         mask,
     }
@@ -163,6 +171,7 @@ impl HostExtras {
     fn as_extras<'a>(&'a self, entropy: &'a mut [f32]) -> Extras<'a> {
         Extras {
             sink_logits: self.sinks.as_ref().map(|s| s.into()),
+            alibi_slopes: self.alibi.as_ref().map(|s| s.into()),
             entropy: self.entropy.map(|_| entropy.into()),
             block_mask: self.mask.as_ref().map(|(m, bq, bk)| BlockMask {
                 mask: m.into(),
@@ -221,6 +230,7 @@ fn fixed_case<T: Element>(rng: &mut StdRng, with_extras: bool) -> Outcome {
     } else {
         HostExtras {
             sinks: None,
+            alibi: None,
             entropy: None,
             mask: None,
         }
@@ -337,6 +347,7 @@ fn varlen_case<T: Element>(rng: &mut StdRng, with_extras: bool) -> Outcome {
     } else {
         HostExtras {
             sinks: None,
+            alibi: None,
             entropy: None,
             mask: None,
         }
