@@ -42,9 +42,12 @@ __device__ __forceinline__ Seq locate(const FlashParams& p, int b, int h) {
     if (p.cu_seqlens_q != nullptr) {
         const int q0 = p.cu_seqlens_q[b], q1 = p.cu_seqlens_q[b + 1];
         const int k0 = p.cu_seqlens_k[b], k1 = p.cu_seqlens_k[b + 1];
-        // The host validated its copy; the device copy is re-checked so a stale one can never
-        // send a read or write out of bounds.
-        s.valid = 0 <= q0 && q0 <= q1 && q1 <= p.total_q && 0 <= k0 && k0 <= k1 && k1 <= p.total_k;
+        // The host validated its copy (or has none: device-only offsets); the device copy is
+        // re-checked so a stale one can never send a read or write out of bounds. A sequence
+        // longer than the maxima (p.seq_q, p.seq_k) would need tiles the grid lacks and block
+        // mask columns past the mask's rows: it is skipped, its rows left unwritten.
+        s.valid = 0 <= q0 && q0 <= q1 && q1 <= p.total_q && 0 <= k0 && k0 <= k1 && k1 <= p.total_k &&
+                  q1 - q0 <= p.seq_q && k1 - k0 <= p.seq_k;
         s.seq_q = q1 - q0;
         s.seq_k = k1 - k0;
         s.q_off = (int64_t)q0 * p.q_row_stride + h * p.q_head_stride;

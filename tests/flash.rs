@@ -7,8 +7,8 @@ mod common;
 
 use attnkit::flash::oracle::HostExtras;
 use attnkit::flash::{
-    self, Attention, BlockMask, Extras, HEAD_DIMS, Relu2Norm, Score, Strides, VarlenAttention,
-    oracle,
+    self, Attention, BlockMask, DeviceOffsets, Extras, HEAD_DIMS, Offsets, Relu2Norm, Score,
+    Strides, VarlenAttention, oracle,
 };
 use attnkit::{Bf16, DType, Device, Element, Error, F16};
 use common::*;
@@ -389,6 +389,22 @@ fn run_varlen<T: Element>(
     k: &[T],
     v: &[T],
 ) -> attnkit::Result<(Vec<T>, Vec<f32>)> {
+    let Offsets::Host { q: cu_q, k: cu_k } = a.offsets else {
+        panic!("host offsets expected");
+    };
+    run_varlen_with(dev, a, (cu_q, cu_k), q, k, v)
+}
+
+/// [`run_varlen`] with the offsets buffers given apart from the problem (which may have
+/// device-only offsets).
+fn run_varlen_with<T: Element>(
+    dev: &Device,
+    a: &VarlenAttention<'_>,
+    (cu_q, cu_k): (&[i32], &[i32]),
+    q: &[T],
+    k: &[T],
+    v: &[T],
+) -> attnkit::Result<(Vec<T>, Vec<f32>)> {
     let mut o = poisoned::<T>(a.o_len());
     let mut lse = vec![f32::NAN; a.lse_len()];
     #[cfg(feature = "cuda")]
@@ -398,10 +414,7 @@ fn run_varlen<T: Element>(
             s.clone_htod(k).unwrap(),
             s.clone_htod(v).unwrap(),
         );
-        let (cq, ck) = (
-            s.clone_htod(a.cu_seqlens_q).unwrap(),
-            s.clone_htod(a.cu_seqlens_k).unwrap(),
-        );
+        let (cq, ck) = (s.clone_htod(cu_q).unwrap(), s.clone_htod(cu_k).unwrap());
         let mut od = s.clone_htod(&o).unwrap();
         let mut ld = s.clone_htod(&lse).unwrap();
         flash::forward_varlen(
@@ -423,8 +436,8 @@ fn run_varlen<T: Element>(
         q.into(),
         k.into(),
         v.into(),
-        a.cu_seqlens_q.into(),
-        a.cu_seqlens_k.into(),
+        cu_q.into(),
+        cu_k.into(),
         (&mut o).into(),
         (&mut lse).into(),
     )?;
@@ -486,6 +499,73 @@ fn varlen_batches_match_the_oracle_per_sequence() {
                     os,
                     &lse_seq,
                 );
+            }
+        }
+    }
+}
+
+/// Device-only offsets (no host copy; the sizes from the caller) give the bits of host ones;
+/// tables that break the declared sizes are typed errors on the CPU and skipped sequences
+/// (rows left unwritten, nothing out of bounds) on a GPU.
+#[test]
+fn device_only_offsets_match_host_ones_and_stale_tables_stay_in_bounds() {
+    let mut rng = rng("device_only_offsets_match_host_ones_and_stale_tables_stay_in_bounds");
+    let cu_q = [0i32, 70, 70, 200, 201];
+    let cu_k = [0i32, 90, 91, 300, 333];
+    let (hq, hk, d) = (4, 2, 64);
+    let dims = DeviceOffsets {
+        batch: 4,
+        total_q: 201,
+        total_k: 333,
+        max_seqlen_q: 130,
+        max_seqlen_k: 209,
+    };
+    let q: Vec<Bf16> = random(&mut rng, 201 * hq * d);
+    let k: Vec<Bf16> = random(&mut rng, 333 * hk * d);
+    let v: Vec<Bf16> = random(&mut rng, 333 * hk * d);
+    for dev in devices("device_only_offsets_match_host_ones_and_stale_tables_stay_in_bounds") {
+        let host = VarlenAttention::new(&cu_q, &cu_k, hq, hk, d).causal(true);
+        let device = VarlenAttention::with_device_offsets(dims, hq, hk, d).causal(true);
+        let want = run_varlen(&dev, &host, &q, &k, &v).unwrap();
+        let got = run_varlen_with(&dev, &device, (&cu_q, &cu_k), &q, &k, &v).unwrap();
+        let bits = |x: &[Bf16]| x.iter().map(|y| y.to_f32().to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got.0), bits(&want.0), "{}: o", dev.name());
+        assert_eq!(got.1.len(), want.1.len());
+        assert!(
+            got.1
+                .iter()
+                .zip(&want.1)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+        // A table whose sequence 2 outgrew the declared maxima (a stale table), and one whose
+        // last sequence ends past the declared total.
+        let too_long = [0i32, 10, 10, 200, 201];
+        let past_end = [0i32, 70, 70, 200, 260];
+        // (table, what, rows left unwritten, rows equal to the host-offset result)
+        type Rows = std::ops::Range<usize>;
+        let cases: [(&[i32], &str, Rows, Rows); 2] = [
+            (&too_long, "longer than max_seqlen_q", 10..200, 200..201),
+            (&past_end, "past total_q", 200..201, 0..200),
+        ];
+        for (bad_q, what, skipped, same) in cases {
+            let r = run_varlen_with(&dev, &device, (bad_q, &cu_k), &q, &k, &v);
+            if !dev.is_cuda() {
+                match r {
+                    Err(e) => assert_eq!(e.arg(), Some("cu_seqlens_q"), "{what}: {e}"),
+                    Ok(_) => panic!("{what}: accepted on the CPU"),
+                }
+                continue;
+            }
+            let (o, _) = r.unwrap();
+            let row = |x: &[Bf16], r: usize| bits(&x[r * hq * d..(r + 1) * hq * d]);
+            for r in skipped {
+                assert!(
+                    row(&o, r).iter().all(|b| f32::from_bits(*b).is_nan()),
+                    "{what}: row {r} written"
+                );
+            }
+            for r in same {
+                assert_eq!(row(&o, r), row(&want.0, r), "{what}: row {r} differs");
             }
         }
     }

@@ -92,6 +92,29 @@ pub(super) fn check_offset_buffers(problem: &[i32], buf: &[i32], arg: &'static s
     Ok(())
 }
 
+/// Checks offsets the caller declared only by their sizes ([`super::Offsets::Device`]) once
+/// the CPU can read them: from 0, non-decreasing, no sequence longer than `max`, the last at
+/// most `total`.
+pub(super) fn check_device_offsets(
+    cu: &[i32],
+    arg: &'static str,
+    max: usize,
+    total: usize,
+) -> Result<()> {
+    let longest = check_offsets(arg, cu)?;
+    let last = cu.last().map_or(0, |&x| x as usize);
+    if longest > max || last > total {
+        return Err(Error::Value {
+            arg,
+            detail: format!(
+                "a sequence of {longest} rows or an end at {last} exceeds the declared maximum \
+                 {max} or total {total}"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Checks the options and the extras against the problem: sizes, NaN, and the combinations
 /// a score function does not support.
 pub(super) fn check_extras(p: &Problem<'_>, x: &Extras<'_>) -> Result<()> {
@@ -276,7 +299,7 @@ pub(super) fn check(
         });
     }
     check_scale(p.scale)?;
-    let fixed = p.cu.is_none();
+    let fixed = !p.varlen;
     let (rows_q, rows_k) = if fixed {
         (p.seq_q, p.seq_k)
     } else {

@@ -83,8 +83,8 @@ pub(super) fn forward<T: Element>(
     let align = if T::DTYPE == DType::F32 { 4 } else { 16 };
     if align == 16 {
         let per = 16 / std::mem::size_of::<T>();
-        let batches = if p.cu.is_some() { 1 } else { p.batch };
-        let (rows_q, rows_k) = if p.cu.is_some() {
+        let batches = if p.varlen { 1 } else { p.batch };
+        let (rows_q, rows_k) = if p.varlen {
             (p.total_q, p.total_k)
         } else {
             (p.seq_q, p.seq_k)

@@ -223,10 +223,8 @@ fn saturating_product(sizes: &[usize]) -> usize {
 /// ```
 #[derive(Clone, Debug)]
 pub struct VarlenAttention<'a> {
-    /// Query row offsets, `[batch + 1]`, from 0, non-decreasing.
-    pub cu_seqlens_q: &'a [i32],
-    /// Key row offsets, `[batch + 1]`, from 0, non-decreasing.
-    pub cu_seqlens_k: &'a [i32],
+    /// Where the sequences are: host offsets, or device-only offsets with their sizes.
+    pub offsets: Offsets<'a>,
     /// Query heads.
     pub heads_q: usize,
     /// Key/value heads (`heads_q % heads_kv == 0`).
@@ -245,6 +243,84 @@ pub struct VarlenAttention<'a> {
     pub o_strides: Strides,
 }
 
+/// The sequences of a varlen problem.
+///
+/// ```
+/// use attnkit::flash::{DeviceOffsets, Offsets};
+/// let cu = [0, 4, 9];
+/// let host = Offsets::Host { q: &cu, k: &cu };
+/// let dev = Offsets::Device(DeviceOffsets { batch: 2, total_q: 9, total_k: 9, max_seqlen_q: 5, max_seqlen_k: 5 });
+/// assert_eq!((host.total_q(), dev.total_q()), (9, 9));
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub enum Offsets<'a> {
+    /// Host copies of the `[batch + 1]` offsets (from 0, non-decreasing), checked before the
+    /// call; the call's offset buffers hold the same (on a GPU, device copies).
+    Host {
+        /// Query row offsets.
+        q: &'a [i32],
+        /// Key row offsets.
+        k: &'a [i32],
+    },
+    /// The offsets live only in the call's buffers (a server keeps them on the device: no
+    /// device-to-host copy per step); the host supplies the sizes.
+    Device(DeviceOffsets),
+}
+
+/// The sizes of a varlen problem whose offsets the host does not read ([`Offsets::Device`]).
+///
+/// The offsets buffers hold `batch + 1` entries. On the CPU their contents are checked against
+/// these sizes (a typed error naming the buffer when a sequence is longer than its maximum or
+/// ends past its total). On a GPU the host does not read them: the kernel re-checks each
+/// sequence and skips (leaves unwritten) one whose offsets decrease, end past `total_q` /
+/// `total_k`, or are longer than `max_seqlen_q` / `max_seqlen_k`; nothing outside the
+/// buffers is ever read or written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceOffsets {
+    /// Sequences.
+    pub batch: usize,
+    /// Rows of the packed q and o (and the LSE's row count).
+    pub total_q: usize,
+    /// Rows of the packed k and v.
+    pub total_k: usize,
+    /// At least the longest query sequence (sizes the grid).
+    pub max_seqlen_q: usize,
+    /// At least the longest key sequence (sizes the block mask's columns).
+    pub max_seqlen_k: usize,
+}
+
+impl Offsets<'_> {
+    /// Packed query rows: the last host offset (0 if there is none or it is negative), or
+    /// [`DeviceOffsets::total_q`].
+    pub fn total_q(&self) -> usize {
+        match self {
+            Offsets::Host { q, .. } => q.last().map_or(0, |&x| x.max(0) as usize),
+            Offsets::Device(d) => d.total_q,
+        }
+    }
+}
+
+impl VarlenAttention<'static> {
+    /// A varlen problem whose offsets stay on the device ([`Offsets::Device`]).
+    ///
+    /// ```
+    /// use attnkit::flash::{DeviceOffsets, VarlenAttention};
+    /// let dims = DeviceOffsets { batch: 3, total_q: 12, total_k: 40, max_seqlen_q: 7, max_seqlen_k: 20 };
+    /// let a = VarlenAttention::with_device_offsets(dims, 8, 2, 128).causal(true);
+    /// assert_eq!(a.o_len(), 12 * 8 * 128);
+    /// ```
+    pub fn with_device_offsets(
+        dims: DeviceOffsets,
+        heads_q: usize,
+        heads_kv: usize,
+        head_dim: usize,
+    ) -> Self {
+        let mut a = VarlenAttention::new(&[], &[], heads_q, heads_kv, head_dim);
+        a.offsets = Offsets::Device(dims);
+        a
+    }
+}
+
 impl<'a> VarlenAttention<'a> {
     /// A non-causal varlen problem with contiguous packed tensors and the default scale.
     ///
@@ -261,8 +337,10 @@ impl<'a> VarlenAttention<'a> {
         head_dim: usize,
     ) -> Self {
         VarlenAttention {
-            cu_seqlens_q,
-            cu_seqlens_k,
+            offsets: Offsets::Host {
+                q: cu_seqlens_q,
+                k: cu_seqlens_k,
+            },
             heads_q,
             heads_kv,
             head_dim,
@@ -275,14 +353,14 @@ impl<'a> VarlenAttention<'a> {
     }
 
     /// Packed query rows (`cu_seqlens_q[batch]`, 0 if the slice is empty or the offset
-    /// negative).
+    /// negative; [`DeviceOffsets::total_q`] for device-only offsets).
     ///
     /// ```
     /// let cu = [0, 2, 9];
     /// assert_eq!(attnkit::flash::VarlenAttention::new(&cu, &cu, 1, 1, 32).total_q(), 9);
     /// ```
     pub fn total_q(&self) -> usize {
-        self.cu_seqlens_q.last().map_or(0, |&x| x.max(0) as usize)
+        self.offsets.total_q()
     }
 
     /// Elements `o` must hold with contiguous strides (`total_q * heads_q * head_dim`).
@@ -387,6 +465,7 @@ pub fn forward_with<T: Element>(
         o: attn.o_strides,
         lse_batch: attn.heads_q * attn.seq_q,
         lse_head: attn.seq_q,
+        varlen: false,
         cu: None,
         total_q,
         total_k,
@@ -398,13 +477,16 @@ pub fn forward_with<T: Element>(
 /// `[total_q, heads_q, head_dim]`, `k`, `v` are `[total_k, heads_kv, head_dim]` (strides in
 /// `attn`), `lse` is contiguous `[heads_q, total_q]`. Empty sequences are allowed.
 ///
-/// `cu_seqlens_q`/`cu_seqlens_k` hold the same offsets as `attn`'s host slices, where the call
-/// runs: on the CPU pass the host slices again (or copies: their contents must equal the
-/// problem's, a typed error naming the buffer otherwise, so the CPU never computes from
-/// offsets a GPU would not use); on a GPU, device copies, which the host does not read (no
-/// device-to-host copy). The kernel re-checks each sequence's device offsets against the
-/// problem's totals and skips a sequence whose offsets are out of bounds, so a stale copy
-/// gives wrong rows, never a read or write out of bounds.
+/// `cu_seqlens_q`/`cu_seqlens_k` hold the offsets where the call runs. With host offsets
+/// ([`Offsets::Host`]) they hold the same ones: on the CPU pass the host slices again (or
+/// copies: their contents must equal the problem's, a typed error naming the buffer
+/// otherwise, so the CPU never computes from offsets a GPU would not use); on a GPU, device
+/// copies, which the host does not read (no device-to-host copy). With device-only offsets
+/// ([`Offsets::Device`], [`VarlenAttention::with_device_offsets`]) the host has only the
+/// sizes ([`DeviceOffsets`]): a server's step needs no host copy of its tables at all. The
+/// kernel re-checks each sequence's device offsets against the problem's totals and maxima
+/// and skips a sequence that breaks them, so a stale table gives wrong (or unwritten) rows,
+/// never a read or write out of bounds.
 ///
 /// ```
 /// use attnkit::{flash::{self, VarlenAttention}, Device};
@@ -474,35 +556,60 @@ pub fn forward_varlen_with<T: Element>(
     lse: BufMut<'_, f32>,
     extras: Extras<'_>,
 ) -> Result<()> {
-    let (cq, ck) = (attn.cu_seqlens_q, attn.cu_seqlens_k);
-    if cq.len() < 2 {
-        return Err(Error::Shape {
-            arg: "cu_seqlens_q",
-            detail: "needs at least 2 offsets (one sequence)".into(),
-        });
-    }
-    check_sizes(&[("batch", cq.len() - 1)])?;
-    if ck.len() != cq.len() {
-        return Err(Error::Shape {
-            arg: "cu_seqlens_k",
-            detail: format!("has {} offsets, cu_seqlens_q has {}", ck.len(), cq.len()),
-        });
-    }
-    let seq_q = check_offsets("cu_seqlens_q", cq)?;
-    let seq_k = check_offsets("cu_seqlens_k", ck)?;
+    let (batch, seq_q, seq_k, total_q, total_k, host) = match attn.offsets {
+        Offsets::Host { q: cq, k: ck } => {
+            if cq.len() < 2 {
+                return Err(Error::Shape {
+                    arg: "cu_seqlens_q",
+                    detail: "needs at least 2 offsets (one sequence)".into(),
+                });
+            }
+            check_sizes(&[("batch", cq.len() - 1)])?;
+            if ck.len() != cq.len() {
+                return Err(Error::Shape {
+                    arg: "cu_seqlens_k",
+                    detail: format!("has {} offsets, cu_seqlens_q has {}", ck.len(), cq.len()),
+                });
+            }
+            let seq_q = check_offsets("cu_seqlens_q", cq)?;
+            let seq_k = check_offsets("cu_seqlens_k", ck)?;
+            let total_k = ck.last().map_or(0, |&x| x as usize);
+            (
+                cq.len() - 1,
+                seq_q,
+                seq_k,
+                attn.total_q(),
+                total_k,
+                Some((cq, ck)),
+            )
+        }
+        Offsets::Device(d) => {
+            check_sizes(&[
+                ("batch", d.batch),
+                ("max_seqlen_q", d.max_seqlen_q),
+                ("max_seqlen_k", d.max_seqlen_k.max(1)),
+            ])?;
+            (
+                d.batch,
+                d.max_seqlen_q,
+                d.max_seqlen_k,
+                d.total_q,
+                d.total_k,
+                None,
+            )
+        }
+    };
     for (arg, buf) in [
         ("cu_seqlens_q", &cu_seqlens_q),
         ("cu_seqlens_k", &cu_seqlens_k),
     ] {
-        if buf.len() != cq.len() {
+        if buf.len() != batch + 1 {
             return Err(Error::Shape {
                 arg,
-                detail: format!("holds {} offsets, the problem has {}", buf.len(), cq.len()),
+                detail: format!("holds {} offsets, the problem has {}", buf.len(), batch + 1),
             });
         }
     }
-    let total_q = attn.total_q();
-    let total_k = ck.last().map_or(0, |&x| x as usize);
     if total_q == 0 {
         return Err(Error::Shape {
             arg: "cu_seqlens_q",
@@ -516,7 +623,7 @@ pub fn forward_varlen_with<T: Element>(
         ("heads_kv", attn.heads_kv),
     ])?;
     let p = Problem {
-        batch: cq.len() - 1,
+        batch,
         seq_q,
         seq_k,
         heads_q: attn.heads_q,
@@ -530,7 +637,8 @@ pub fn forward_varlen_with<T: Element>(
         o: attn.o_strides,
         lse_batch: 0,
         lse_head: total_q,
-        cu: Some((cq, ck)),
+        varlen: true,
+        cu: host,
         total_q,
         total_k,
     };
@@ -563,10 +671,24 @@ fn run<T: Element>(
     check_extras(p, &extras)?;
     match &dev.backend {
         Backend::Cpu { threads } => {
-            if let (Some((cq, ck)), Some((pq, pk))) = (&cu, p.cu) {
-                checks::check_offset_buffers(pq, cq.host("cu_seqlens_q")?, "cu_seqlens_q")?;
-                checks::check_offset_buffers(pk, ck.host("cu_seqlens_k")?, "cu_seqlens_k")?;
+            let mut p = p.clone();
+            if let Some((cq, ck)) = &cu {
+                let (cq, ck) = (cq.host("cu_seqlens_q")?, ck.host("cu_seqlens_k")?);
+                match p.cu {
+                    Some((pq, pk)) => {
+                        checks::check_offset_buffers(pq, cq, "cu_seqlens_q")?;
+                        checks::check_offset_buffers(pk, ck, "cu_seqlens_k")?;
+                    }
+                    // Device-only offsets: here they are host buffers, checked against the
+                    // sizes the caller gave, then used as the host copies.
+                    None => {
+                        checks::check_device_offsets(cq, "cu_seqlens_q", p.seq_q, p.total_q)?;
+                        checks::check_device_offsets(ck, "cu_seqlens_k", p.seq_k, p.total_k)?;
+                        p.cu = Some((cq, ck));
+                    }
+                }
             }
+            let p = &p;
             let (q, k, v) = (q.host("q")?, k.host("k")?, v.host("v")?);
             let sinks = extras
                 .sink_logits

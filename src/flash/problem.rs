@@ -129,7 +129,10 @@ pub(crate) struct Problem<'a> {
     /// LSE strides (batch, head); the row stride is 1.
     pub lse_batch: usize,
     pub lse_head: usize,
-    /// Varlen offsets (host copies), or None for fixed batches.
+    /// Packed sequences (varlen), whether or not the host has their offsets.
+    pub varlen: bool,
+    /// Varlen offsets (host copies), or None for fixed batches and for device-only offsets
+    /// on a GPU (the CPU path reads its host buffers into this before it runs).
     pub cu: Option<(&'a [i32], &'a [i32])>,
     pub total_q: usize,
     pub total_k: usize,
@@ -150,7 +153,7 @@ impl Problem<'_> {
 
     /// Element offset of (sequence b, row r counted from the sequence start, head h).
     pub fn offset(&self, s: &Strides, b: usize, row0: usize, r: usize, h: usize) -> usize {
-        let batch = if self.cu.is_some() { 0 } else { b * s.batch };
+        let batch = if self.varlen { 0 } else { b * s.batch };
         batch + (row0 + r) * s.row + h * s.head
     }
 
@@ -162,11 +165,7 @@ impl Problem<'_> {
 
     /// Index of (sequence b, head h, row r) in the LSE output.
     pub fn lse_index(&self, b: usize, row0: usize, r: usize, h: usize) -> usize {
-        let batch = if self.cu.is_some() {
-            0
-        } else {
-            b * self.lse_batch
-        };
+        let batch = if self.varlen { 0 } else { b * self.lse_batch };
         batch + h * self.lse_head + row0 + r
     }
 }
