@@ -598,3 +598,87 @@ fn extras_alibi_softcap_sinks_masks_and_entropy_match_the_oracle() {
         assert!(err_text(e).contains(arg), "expected an error naming {arg}");
     }
 }
+
+#[test]
+fn lightning_states_and_decode_steps_continue_one_long_call() {
+    let mut r = rng("candle_lightning_states");
+    let (b, s, h, d, e) = (2, 70, 2, 64, 64);
+    let q: Vec<f32> = random(&mut r, b * s * h * d);
+    let k: Vec<f32> = random(&mut r, b * s * h * d);
+    let v: Vec<f32> = random(&mut r, b * s * h * e);
+    let t = |x: &[f32], dim: usize| {
+        Tensor::from_vec(x.to_vec(), (b, s, h, dim), &Device::Cpu).expect("tensor")
+    };
+    let (qt, kt, vt) = (t(&q, d), t(&k, d), t(&v, e));
+    let decay = [0.05f32, 0.3];
+    let whole =
+        attnkit::candle::lightning_attn(&qt, &kt, &vt, Some(&decay), 0.2, true).expect("op");
+    // Prefill 0..40 then 40..66 through states, then four decode steps.
+    let part = |x: &Tensor, a: usize, n: usize| x.narrow(1, a, n).expect("narrow");
+    let (o1, s1) = attnkit::candle::lightning_attn_with_state(
+        &part(&qt, 0, 40),
+        &part(&kt, 0, 40),
+        &part(&vt, 0, 40),
+        Some(&decay),
+        0.2,
+        None,
+    )
+    .expect("chunk 1");
+    let (o2, mut st) = attnkit::candle::lightning_attn_with_state(
+        &part(&qt, 40, 26),
+        &part(&kt, 40, 26),
+        &part(&vt, 40, 26),
+        Some(&decay),
+        0.2,
+        Some(&s1),
+    )
+    .expect("chunk 2");
+    assert_eq!(st.dims(), &[b, h, d, e]);
+    let mut outs = vec![o1, o2];
+    for i in 66..70 {
+        let (o, next) = attnkit::candle::lightning_decode_step(
+            &part(&qt, i, 1),
+            &part(&kt, i, 1),
+            &part(&vt, i, 1),
+            Some(&decay),
+            0.2,
+            &st,
+        )
+        .expect("step");
+        assert_eq!(o.dims(), &[b, 1, h, e]);
+        outs.push(o);
+        st = next;
+    }
+    let pieces = Tensor::cat(&outs, 1).expect("cat");
+    let want: Vec<f64> = host(&whole).iter().map(|&x| x as f64).collect();
+    assert_close("chunks + steps", &host(&pieces), &want, 1e-5, 1e-4);
+    // Bad states and steps are errors naming them.
+    let bad_dims = Tensor::zeros((b, h, d, 32), DType::F32, &Device::Cpu).expect("s");
+    let bad_dtype = s1.to_dtype(DType::F16).expect("f16");
+    for (state, arg) in [(&bad_dims, "initial_state"), (&bad_dtype, "initial_state")] {
+        let e = attnkit::candle::lightning_attn_with_state(
+            &qt,
+            &kt,
+            &vt,
+            Some(&decay),
+            0.2,
+            Some(state),
+        )
+        .map(|x| x.0);
+        assert!(err_text(e).contains(arg), "expected an error naming {arg}");
+    }
+    let two = part(&qt, 0, 2);
+    let e = attnkit::candle::lightning_decode_step(&two, &two, &two, Some(&decay), 0.2, &s1)
+        .map(|x| x.0);
+    assert!(err_text(e).contains("one token"));
+    let e = attnkit::candle::lightning_decode_step(
+        &part(&qt, 0, 1),
+        &part(&kt, 0, 1),
+        &part(&vt, 0, 1),
+        Some(&decay),
+        0.2,
+        &bad_dims,
+    )
+    .map(|x| x.0);
+    assert!(err_text(e).contains("state"));
+}

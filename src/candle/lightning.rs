@@ -1,10 +1,12 @@
 //! Lightning Attention-2 on candle tensors.
 
-use candle_core::{Layout, Shape, Tensor};
+use std::sync::Mutex;
 
-use super::{CpuOp, same_place, tail};
+use candle_core::{DType, Layout, Shape, Tensor};
+
+use super::{CpuOp, same_place, tail, wrap};
 use crate::dtype::Element;
-use crate::lightning::{self, Config, Forward, Seqs};
+use crate::lightning::{self, Config, Decode, Forward, Seqs};
 use crate::{Device, Error};
 
 /// Lightning Attention-2 (causal linear attention with per-head decay, by the block split):
@@ -13,7 +15,8 @@ use crate::{Device, Error};
 /// `causal = false` the non-causal `scale * Q (K^T V)` (no decay). `q`, `k`:
 /// `[batch, seq, heads, d]`, `v`: `[batch, seq, heads, e]`, `d` and `e` in {64, 128}; returns
 /// `[batch, seq, heads, e]` in `q`'s dtype. Non-contiguous inputs are made contiguous first
-/// (the family reads packed rows). No states in or out here: [`lightning::forward`] has them.
+/// (the family reads packed rows). States in and out: [`lightning_attn_with_state`]; one
+/// token at a time: [`lightning_decode_step`].
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
@@ -37,16 +40,201 @@ pub fn lightning_attn(
         decay: decay.map(<[f32]>::to_vec),
         scale,
         causal,
+        initial: None,
+        final_state: None,
     };
     q.apply_op3_no_bwd(&k, &v, &op)
 }
 
-/// The candle op: the options; shapes from the (contiguous) layouts.
+/// Causal [`lightning_attn`] with the recurrent state in and out, for chunked prefill: the
+/// state `S = sum_s lambda^(T-1-s) k_s^T v_s` (f32 `[batch, heads, d, e]`) before the chunk
+/// (`None`: zero) and after it. Feeding the returned state to the next chunk gives what one
+/// call over both chunks gives.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let x = Tensor::randn(0f32, 0.1, (1, 40, 2, 64), &Device::Cpu)?;
+/// let decay = [0.1f32, 0.2];
+/// let (_, s) = attnkit::candle::lightning_attn_with_state(&x.narrow(1, 0, 25)?, &x.narrow(1, 0, 25)?, &x.narrow(1, 0, 25)?, Some(&decay), 0.1, None)?;
+/// let tail = x.narrow(1, 25, 15)?;
+/// let (o2, _) = attnkit::candle::lightning_attn_with_state(&tail, &tail, &tail, Some(&decay), 0.1, Some(&s))?;
+/// let whole = attnkit::candle::lightning_attn(&x, &x, &x, Some(&decay), 0.1, true)?;
+/// let diff = (whole.narrow(1, 25, 15)? - o2)?.abs()?.max_all()?.to_scalar::<f32>()?;
+/// assert!(diff < 1e-5, "{diff}");
+/// assert_eq!(s.dims(), &[1, 2, 64, 64]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn lightning_attn_with_state(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    decay: Option<&[f32]>,
+    scale: f32,
+    initial_state: Option<&Tensor>,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    same_place(q, k, v)?;
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let op = LightningAttn {
+        decay: decay.map(<[f32]>::to_vec),
+        scale,
+        causal: true,
+        initial: initial_state
+            .map(|s| host_state("initial_state", s))
+            .transpose()?,
+        final_state: Some(Mutex::new(None)),
+    };
+    let o = q.apply_op3_no_bwd(&k, &v, &op)?;
+    let state = take_state(op.final_state.as_ref(), q.device())?;
+    Ok((o, state))
+}
+
+/// One decode step of causal Lightning attention: the new token's `q`, `k` (`[batch, 1,
+/// heads, d]`) and `v` (`[batch, 1, heads, e]`) against the state (f32 `[batch, heads, d,
+/// e]`); returns the output (`[batch, 1, heads, e]`) and the updated state
+/// `S' = lambda S + k^T v`. Steps after [`lightning_attn_with_state`] continue the sequence.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// let q = Tensor::ones((1, 1, 1, 64), DType::F32, &Device::Cpu)?;
+/// let s = Tensor::zeros((1, 1, 64, 64), DType::F32, &Device::Cpu)?;
+/// let (o, s2) = attnkit::candle::lightning_decode_step(&q, &q, &q, Some(&[0.5]), 1.0, &s)?;
+/// // From a zero state: o = (q . k) v = 64 per column, and S' = k^T v (all ones).
+/// assert_eq!(o.flatten_all()?.to_vec1::<f32>()?[0], 64.0);
+/// assert_eq!(s2.sum_all()?.to_scalar::<f32>()?, 64.0 * 64.0);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn lightning_decode_step(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    decay: Option<&[f32]>,
+    scale: f32,
+    state: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    same_place(q, k, v)?;
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let op = LightningStep {
+        decay: decay.map(<[f32]>::to_vec),
+        scale,
+        state: host_state("state", state)?,
+        updated: Mutex::new(None),
+    };
+    let o = q.apply_op3_no_bwd(&k, &v, &op)?;
+    let state = take_state(Some(&op.updated), q.device())?;
+    Ok((o, state))
+}
+
+/// A state tensor (f32, `[batch, heads, d, e]`) read to the host, with its dims.
+fn host_state(arg: &'static str, t: &Tensor) -> candle_core::Result<(Vec<f32>, [usize; 4])> {
+    let dims: [usize; 4] = t.dims().try_into().map_err(|_| {
+        wrap(Error::Shape {
+            arg,
+            detail: format!("dims {:?}; expected [batch, heads, d, e]", t.dims()),
+        })
+    })?;
+    if t.dtype() != DType::F32 {
+        return Err(wrap(Error::Unsupported {
+            arg,
+            detail: format!("dtype {:?}; states are f32", t.dtype()),
+        }));
+    }
+    Ok((t.flatten_all()?.to_vec1::<f32>()?, dims))
+}
+
+/// A state an op left in its slot, as a tensor on `dev`.
+type StateSlot = Mutex<Option<(Vec<f32>, Shape)>>;
+
+fn take_state(slot: Option<&StateSlot>, dev: &candle_core::Device) -> candle_core::Result<Tensor> {
+    let taken = slot.and_then(|s| s.lock().unwrap_or_else(|e| e.into_inner()).take());
+    let Some((s, shape)) = taken else {
+        return Err(candle_core::Error::Msg(
+            "attnkit: the op left no state".into(),
+        ));
+    };
+    Tensor::from_vec(s, shape, dev)
+}
+
+/// A state's dims must be `[batch, heads, d, e]` of the problem.
+fn check_state(arg: &'static str, got: [usize; 4], want: [usize; 4]) -> Result<(), Error> {
+    if got != want {
+        return Err(Error::Shape {
+            arg,
+            detail: format!("dims {got:?}; the problem's state is {want:?}"),
+        });
+    }
+    Ok(())
+}
+
+/// The candle op: the options (and, with states, the initial one and a slot for the final
+/// one); shapes from the (contiguous) layouts.
 struct LightningAttn {
     decay: Option<Vec<f32>>,
     scale: f32,
     causal: bool,
+    initial: Option<(Vec<f32>, [usize; 4])>,
+    final_state: Option<StateSlot>,
 }
+
+/// The decode-step op: the options, the state before the step and a slot for the one after.
+struct LightningStep {
+    decay: Option<Vec<f32>>,
+    scale: f32,
+    state: (Vec<f32>, [usize; 4]),
+    updated: StateSlot,
+}
+
+impl CpuOp for LightningStep {
+    fn run<T: Element>(
+        &self,
+        (q, lq): (&[T], &Layout),
+        (k, lk): (&[T], &Layout),
+        (v, lv): (&[T], &Layout),
+    ) -> Result<(Vec<T>, Shape), Error> {
+        let (qd, kd, vd) = (dims("q", lq)?, dims("k", lk)?, dims("v", lv)?);
+        let [batch, seq, heads, d] = qd;
+        let e = vd[3];
+        if seq != 1 {
+            return Err(Error::Shape {
+                arg: "q",
+                detail: format!("dims {qd:?}; a decode step takes one token per sequence"),
+            });
+        }
+        if kd != qd || vd[..3] != qd[..3] {
+            return Err(Error::Shape {
+                arg: if kd != qd { "k" } else { "v" },
+                detail: format!("q {qd:?}, k {kd:?}, v {vd:?}: k as q, v as q but its last"),
+            });
+        }
+        check_state("state", self.state.1, [batch, heads, d, e])?;
+        let cfg = Config {
+            heads,
+            d,
+            e,
+            decay: self.decay.as_deref(),
+            scale: self.scale,
+            causal: true,
+        };
+        let mut state = self.state.0.clone();
+        let mut o = vec![T::default(); batch.saturating_mul(heads).saturating_mul(e)];
+        lightning::decode(
+            &Device::cpu(),
+            &cfg,
+            batch,
+            Decode {
+                q: tail("q", q, lq.start_offset())?.into(),
+                k: tail("k", k, lk.start_offset())?.into(),
+                v: tail("v", v, lv.start_offset())?.into(),
+                o: (&mut o).into(),
+                state: (&mut state).into(),
+            },
+        )?;
+        let mut slot = self.updated.lock().unwrap_or_else(|e| e.into_inner());
+        *slot = Some((state, Shape::from(self.state.1.to_vec())));
+        Ok((o, Shape::from(vec![batch, 1, heads, e])))
+    }
+}
+
+super::cpu_custom_op3!(LightningStep, "attnkit-lightning-decode");
 
 /// `[batch, seq, heads, dim]` of a contiguous operand.
 fn dims(arg: &'static str, l: &Layout) -> Result<[usize; 4], Error> {
@@ -95,6 +283,14 @@ impl CpuOp for LightningAttn {
         let mut ws = vec![0f32; lightning::workspace_len(&dev, &cfg, &seqs)?];
         let rows = batch.saturating_mul(seq).saturating_mul(heads);
         let mut o = vec![T::default(); rows.saturating_mul(e)];
+        let state_dims = [batch, heads, d, e];
+        if let Some((_, got)) = &self.initial {
+            check_state("initial_state", *got, state_dims)?;
+        }
+        let mut fin = match self.final_state {
+            Some(_) => vec![0f32; state_dims.iter().product()],
+            None => Vec::new(),
+        };
         lightning::forward(
             &dev,
             &cfg,
@@ -104,11 +300,15 @@ impl CpuOp for LightningAttn {
                 k: tail("k", k, lk.start_offset())?.into(),
                 v: tail("v", v, lv.start_offset())?.into(),
                 o: (&mut o).into(),
-                initial_state: None,
-                final_state: None,
+                initial_state: self.initial.as_ref().map(|(s, _)| s.into()),
+                final_state: self.final_state.as_ref().map(|_| (&mut fin).into()),
                 workspace: (&mut ws).into(),
             },
         )?;
+        if let Some(slot) = &self.final_state {
+            let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+            *slot = Some((fin, Shape::from(state_dims.to_vec())));
+        }
         Ok((o, Shape::from(vec![batch, seq, heads, e])))
     }
 }

@@ -15,7 +15,8 @@
 //! strides whose last one is 1 (a transposed or narrowed view needs no copy: the strides go to
 //! the kernel as they are). K and V may have fewer heads than Q (GQA/MQA).
 //! [`flash_attn_with_kvcache`] runs decode steps against a contiguous KV cache,
-//! [`lightning_attn`] Lightning Attention-2, and [`MonarchModule`] wraps a [`MonarchLinear`](crate::monarch::MonarchLinear).
+//! [`lightning_attn`] Lightning Attention-2 ([`lightning_attn_with_state`] with states in and
+//! out for chunked prefill, [`lightning_decode_step`] one token at a time), and [`MonarchModule`] wraps a [`MonarchLinear`](crate::monarch::MonarchLinear).
 //!
 //! What runs: candle CPU tensors run attnkit's CPU path (candle's own flash-attn has none).
 //! CUDA tensors are not supported yet by this adapter (a candle error says so); the CUDA path
@@ -47,7 +48,7 @@ pub use flash::{
     flash_attn_varlen_windowed, flash_attn_varlen_with, flash_attn_varlen_with_extras,
     flash_attn_windowed, flash_attn_with, flash_attn_with_extras, flash_attn_with_lse,
 };
-pub use lightning::lightning_attn;
+pub use lightning::{lightning_attn, lightning_attn_with_state, lightning_decode_step};
 pub use monarch::MonarchModule;
 
 use candle_core::backend::BackendStorage;
