@@ -49,6 +49,9 @@ typedef struct DecodeParams {
     const int32_t* block_table;   /* [batch, pages_per_seq] (paged), else NULL */
     const int32_t* ring_offsets;  /* [batch] (rolling), else NULL */
     const float* sink_logits;     /* [heads_q] learned per-head sink logits (natural units), or NULL */
+    const float* alibi_slopes;    /* [heads_q] ALiBi slopes (natural units), or NULL: query i of
+                                     sequence b at position cache_seqlens[b] - seq_q + i, key j,
+                                     head h: logit -= alibi_slopes[h] * |position - j| */
     int64_t q_batch_stride, q_row_stride, q_head_stride; /* elements */
     int64_t o_batch_stride, o_row_stride, o_head_stride;
     int64_t k_batch_stride, k_row_stride, k_head_stride; /* batch: per sequence, or per page */
@@ -73,6 +76,8 @@ typedef struct DecodeParams {
     int32_t rope_style;     /* ATTNKIT_ROPE_*: applied to q and k with logical positions */
     float rope_log2_theta;  /* log2 of the RoPE base */
     float scale_log2;       /* softmax scale * log2(e): scores go through exp2 */
+    float softcap;          /* 0: none; else c > 0 (natural units): logit = c * tanh(scale * q.k / c),
+                               before the ALiBi term (Gemma 2) */
 } DecodeParams;
 
 #endif

@@ -144,6 +144,7 @@ fn base_params(p: &Problem<'_>) -> c::DecodeParams {
         rope_style: rope_style as i32,
         rope_log2_theta: log2_theta,
         scale_log2: p.scale * std::f32::consts::LOG2_E,
+        softcap: p.softcap.unwrap_or(0.0),
         ..Default::default()
     }
 }
@@ -209,6 +210,12 @@ pub(super) fn forward<T: Element>(
         Some(b) => ptrs.read("sink_logits", dev.view("sink_logits", b)?, stream, 4)? as *const f32,
         None => std::ptr::null(),
     };
+    let alibi_slopes = match &tables.alibi_slopes {
+        Some(b) => {
+            ptrs.read("alibi_slopes", dev.view("alibi_slopes", b)?, stream, 4)? as *const f32
+        }
+        None => std::ptr::null(),
+    };
     let ws_ptr = ptrs.write("workspace", wv, stream, 4)? as *mut f32;
     let rows_out = p.batch * p.heads_q * p.seq_q;
     let params = c::DecodeParams {
@@ -228,6 +235,7 @@ pub(super) fn forward<T: Element>(
         block_table: bt,
         ring_offsets: ro,
         sink_logits,
+        alibi_slopes,
         ..base_params(p)
     };
     let blocks = (params.row_blocks as usize) * p.splits;

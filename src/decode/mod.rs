@@ -104,6 +104,10 @@ pub struct Decode<'a> {
     pub window_left: Option<usize>,
     /// Softmax scale; `None` means `1 / sqrt(head_dim)`.
     pub scale: Option<f32>,
+    /// Logit soft-capping (Gemma 2): with `Some(c)` each logit is `c * tanh(scale * q·k / c)`
+    /// (then the ALiBi term of [`Tables::alibi_slopes`], if any); `None` leaves
+    /// `scale * q·k`. `c` must be finite, normal and > 0 (Gemma 2 uses 50).
+    pub softcap: Option<f32>,
     /// Key splits per sequence, 1 to [`MAX_SPLITS`]; `None` lets [`num_splits`] choose.
     pub num_splits: Option<usize>,
     /// Strides of q `[batch, seq_q, heads_q, head_dim]` (default contiguous).
@@ -150,6 +154,7 @@ impl<'a> Decode<'a> {
             causal: true,
             window_left: None,
             scale: None,
+            softcap: None,
             num_splits: None,
             q_strides: contiguous(seq_q, heads_q, head_dim),
             o_strides: contiguous(seq_q, heads_q, head_dim),
@@ -192,6 +197,20 @@ impl<'a> Decode<'a> {
     /// ```
     pub fn scale(mut self, scale: f32) -> Self {
         self.scale = Some(scale);
+        self
+    }
+
+    /// Caps the logits softly at `cap` (Gemma 2): `cap * tanh(scale * q·k / cap)`; see
+    /// [`Decode::softcap`](Decode#structfield.softcap). `cap` must be finite, normal and > 0,
+    /// else the call is a typed error naming `softcap`.
+    ///
+    /// ```
+    /// # use attnkit::decode::{Decode, Layout};
+    /// let p = Decode::new(&[5], 1, 1, 1, 64, Layout::Contiguous { capacity: 8 }).softcap(50.0);
+    /// assert_eq!(p.softcap, Some(50.0));
+    /// ```
+    pub fn softcap(mut self, cap: f32) -> Self {
+        self.softcap = Some(cap);
         self
     }
 
@@ -474,6 +493,23 @@ pub struct Tables<'a> {
     /// `exp(sink - m)` in its denominator, with no value vector, and the LSE includes it.
     /// Read by [`forward`]; [`append`] ignores it.
     pub sink_logits: Option<Buf<'a, f32>>,
+    /// ALiBi slopes, `[heads_q]` f32 (natural units): query token `i` of sequence `b`, at
+    /// position `pos_i = cache_seqlens[b] - seq_q + i` (as for the causal mask; negative when
+    /// the cache holds fewer keys than new tokens), and key `j` (logical position `j`, 0 =
+    /// oldest kept) get `logit -= alibi_slopes[h] * |pos_i - j|` for query head `h`, after the
+    /// softcap. On the CPU a NaN or infinite slope, or one whose bias could overflow f32
+    /// within the capacity, is a typed error naming `alibi_slopes`; on a GPU the host does not
+    /// read device buffers (no synchronisation), and such a slope makes its rows NaN or
+    /// empty. Read by [`forward`]; [`append`] ignores it.
+    ///
+    /// ```
+    /// use attnkit::decode::{Decode, Layout, Tables};
+    /// let p = Decode::new(&[3], 1, 2, 1, 64, Layout::Contiguous { capacity: 8 });
+    /// let slopes = [0.5f32, 0.25];
+    /// let t = Tables { alibi_slopes: Some(slopes[..].into()), ..Tables::host(&p) };
+    /// assert_eq!(t.alibi_slopes.map(|s| s.len()), Some(2));
+    /// ```
+    pub alibi_slopes: Option<Buf<'a, f32>>,
 }
 
 impl<'a> Tables<'a> {
@@ -495,12 +531,16 @@ impl<'a> Tables<'a> {
             block_table,
             ring_offsets,
             sink_logits: None,
+            alibi_slopes: None,
         }
     }
 }
 
-/// Runs decode attention: `o = softmax(scale * q k^T + mask) v` and `lse` for `seq_q` new
-/// tokens per sequence against the cache described by `p`, on `dev`'s backend.
+/// Runs decode attention: `o = softmax(logits + mask) v` and `lse` (log-sum-exp of the
+/// logits) for `seq_q` new tokens per sequence against the cache described by `p`, on `dev`'s
+/// backend. The logits are `scale * q k^T`, soft-capped with [`Decode::softcap`] and biased
+/// with [`Tables::alibi_slopes`] when those are set; [`Tables::sink_logits`] add one logit per
+/// row without a value.
 ///
 /// `q`, `o`: `[batch, seq_q, heads_q, head_dim]` (strides in `p`); `k_cache`, `v_cache`: per
 /// `p.layout`; `tables`: the index arrays where the call runs ([`Tables::host`] on the CPU);
@@ -515,8 +555,8 @@ impl<'a> Tables<'a> {
 /// (no synchronisation): the kernels re-check every length, ring offset and page they read
 /// against the checked capacity, window and page count, so a stale copy gives wrong numbers
 /// for its sequence (a sequence that fails the re-check reads as empty: `O = 0`, `LSE = -inf`)
-/// but never an access out of bounds. A NaN sink logit is an error on the CPU; on a GPU it
-/// makes its rows NaN.
+/// but never an access out of bounds. A NaN sink logit (or a NaN or infinite ALiBi slope) is
+/// an error on the CPU; on a GPU it makes its rows NaN.
 ///
 /// ```
 /// use attnkit::{decode::{self, Decode, Layout, Tables}, Bf16, Device, Element};
@@ -583,7 +623,7 @@ pub fn forward<T: Element>(
     }
     match &dev.backend {
         Backend::Cpu { threads } => {
-            let sinks = host_tables(&pr, &tables)?;
+            let extras = host_tables(&pr, &tables)?;
             let (q, k, v) = (
                 q.host("q")?,
                 k_cache.host("k_cache")?,
@@ -591,7 +631,7 @@ pub fn forward<T: Element>(
             );
             let ws = workspace.host_mut("workspace")?;
             let lse = lse.host_mut("lse")?;
-            cpu::forward(*threads, &pr, q, k, v, sinks, ws, o.host_mut("o")?, lse);
+            cpu::forward(*threads, &pr, q, k, v, extras, ws, o.host_mut("o")?, lse);
             Ok(())
         }
         #[cfg(attnkit_cuda)]
