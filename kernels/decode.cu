@@ -412,10 +412,16 @@ __device__ __forceinline__ void decode_append(const DecodeParams& p) {
         decode_tc<T, D>(p);                                                                                \
     }
 DECODE_TC(decode_attn_bf16_d64, __nv_bfloat16, 64)
+DECODE_TC(decode_attn_bf16_d80, __nv_bfloat16, 80)
+DECODE_TC(decode_attn_bf16_d112, __nv_bfloat16, 112)
 DECODE_TC(decode_attn_bf16_d128, __nv_bfloat16, 128)
+DECODE_TC(decode_attn_bf16_d192, __nv_bfloat16, 192)
 DECODE_TC(decode_attn_bf16_d256, __nv_bfloat16, 256)
 DECODE_TC(decode_attn_f16_d64, __half, 64)
+DECODE_TC(decode_attn_f16_d80, __half, 80)
+DECODE_TC(decode_attn_f16_d112, __half, 112)
 DECODE_TC(decode_attn_f16_d128, __half, 128)
+DECODE_TC(decode_attn_f16_d192, __half, 192)
 DECODE_TC(decode_attn_f16_d256, __half, 256)
 
 #define DECODE_F32(NAME, D)                                                                                \
@@ -423,7 +429,10 @@ DECODE_TC(decode_attn_f16_d256, __half, 256)
         decode_f32<D>(p);                                                                                  \
     }
 DECODE_F32(decode_attn_f32_d64, 64)
+DECODE_F32(decode_attn_f32_d80, 80)
+DECODE_F32(decode_attn_f32_d112, 112)
 DECODE_F32(decode_attn_f32_d128, 128)
+DECODE_F32(decode_attn_f32_d192, 192)
 DECODE_F32(decode_attn_f32_d256, 256)
 
 #define DECODE_SMALL(NAME, FN, T, THREADS)                                                                 \

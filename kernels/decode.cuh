@@ -43,14 +43,17 @@ __device__ __forceinline__ int64_t key_row(const DecodeParams& p, int b, int rin
 }
 
 // Shared-memory rows of D elements of T in 16-byte chunks. 2-byte types use the swizzled
-// layout ldmatrix wants; f32 rows are padded by 16 bytes (conflict-free row-parallel reads).
+// layout ldmatrix wants, rows padded to 64 bytes (HeadRows: d 80 and 112 take 192- and
+// 256-byte rows; only the D / 8 real chunks are ever touched); f32 rows are padded by 16 bytes
+// (conflict-free row-parallel reads). The host sizes shared memory by the same pitches.
 template <typename T, int D> struct SmemRows {
     static constexpr int ELEMS = 16 / sizeof(T);  // elements per chunk
-    static constexpr int CHUNKS = D / ELEMS;      // chunks per row
-    static constexpr int PITCH = sizeof(T) == 2 ? D * 2 : (D + 4) * 4;  // bytes per row
+    static constexpr int CHUNKS = D / ELEMS;      // real chunks per row
+    static constexpr int PITCH = sizeof(T) == 2 ? head_row_bytes<D>() : (D + 4) * 4;  // bytes per row
+    static_assert(D % 16 == 0, "whole k16 slices and 16-byte chunks");
     __device__ static __forceinline__ uint32_t chunk(int row, int c) {
         if constexpr (sizeof(T) == 2) {
-            return SwizzledTile<D * 2>::offset(row, c);
+            return HeadRows<D>::offset(row, c);
         } else {
             return (uint32_t)(row * PITCH + c * 16);
         }

@@ -60,7 +60,7 @@ typedef struct DecodeParams {
     int32_t seq_q;          /* new tokens per sequence, 1..16 */
     int32_t heads_q;        /* query heads */
     int32_t heads_kv;       /* key/value heads; heads_q % heads_kv == 0 */
-    int32_t head_dim;       /* 64, 128 or 256 */
+    int32_t head_dim;       /* 64, 80, 112, 128, 192 or 256 */
     int32_t causal;         /* 1: query i sees keys j <= i + cache_seqlens[b] - seq_q */
     int32_t window_left;    /* -1: unbounded; else query i sees keys j >= i + cache_seqlens[b] - seq_q - window_left */
     int32_t num_splits;     /* key splits per sequence, 1..64 */

@@ -2,12 +2,14 @@
 //! dtype, head dim and GQA ratio; cache lengths 0, 1, odd and very unequal in one batch; split
 //! counts 1 to 64 agreeing; paged and contiguous caches agreeing; append; a StreamingLLM
 //! rolling cache driven for 10x its capacity; typed errors for bad input. `logits.rs`: the
-//! softcap and ALiBi.
+//! softcap and ALiBi; `layouts.rs`: head dims 80/112/192.
 //!
 //! Tolerance: f32 is tight; f16/bf16 use FlashAttention's rule, relative to a naive
 //! computation in the same precision: `max|out - ref| <= 2 * max|naive_lp - ref| + 1e-3`.
 
 mod common;
+#[path = "decode/layouts.rs"]
+mod layouts;
 #[path = "decode/logits.rs"]
 mod logits;
 

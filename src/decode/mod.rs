@@ -57,8 +57,8 @@ pub const MAX_CAPACITY: usize = 1 << 30;
 /// The most key splits per sequence.
 pub const MAX_SPLITS: usize = 64;
 
-/// Head dimensions the kernels are built for.
-pub const HEAD_DIMS: [usize; 3] = [64, 128, 256];
+/// Head dimensions the kernels are built for (80 is Phi-2's, for one).
+pub const HEAD_DIMS: [usize; 6] = [64, 80, 112, 128, 192, 256];
 
 /// Keys per split are a multiple of this (the GPU's key tile), so that a split never starts
 /// inside a tile.
