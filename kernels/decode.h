@@ -68,7 +68,7 @@ typedef struct DecodeParams {
                                a multiple of BLOCK_N */
     int32_t row_blocks;     /* blocks per (split, KV head): ceil(seq_q * group / ROWS) */
     int32_t capacity;       /* keys a sequence may hold (device re-check of cache_seqlens) */
-    int32_t page_size;      /* paged: tokens per page (a multiple of 16); else 0 */
+    int32_t page_size;      /* paged: tokens per page (a multiple of 8); else 0 */
     int32_t pages_per_seq;  /* paged: columns of block_table */
     int32_t num_pages;      /* paged: pages in k and v (device re-check of block_table) */
     int32_t n_sink;         /* rolling: sink slots */

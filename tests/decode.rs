@@ -2,7 +2,8 @@
 //! dtype, head dim and GQA ratio; cache lengths 0, 1, odd and very unequal in one batch; split
 //! counts 1 to 64 agreeing; paged and contiguous caches agreeing; append; a StreamingLLM
 //! rolling cache driven for 10x its capacity; typed errors for bad input. `logits.rs`: the
-//! softcap and ALiBi; `layouts.rs`: head dims 80/112/192.
+//! softcap and ALiBi; `layouts.rs`: head dims 80/112/192, page sizes 8/32, server cache
+//! layouts through strides.
 //!
 //! Tolerance: f32 is tight; f16/bf16 use FlashAttention's rule, relative to a naive
 //! computation in the same precision: `max|out - ref| <= 2 * max|naive_lp - ref| + 1e-3`.
@@ -760,7 +761,9 @@ fn paginate<T: Element>(
 fn paged_and_contiguous_caches_agree() {
     let mut rng = rng("paged_and_contiguous_caches_agree");
     for dev in devices("paged_and_contiguous_caches_agree") {
-        for page_size in [16, 48, 256] {
+        // 8 and 32: vLLM's other block sizes (a 64-key tile spans 8 or 2 pages); 48: pages
+        // that tiles and splits start inside.
+        for page_size in [8, 16, 32, 48, 256] {
             // Lengths that are not page multiples; cap a multiple of no page size.
             let lens = [1, 517, 0, 100];
             let (cap, hk, d) = (520, 2, 128);
@@ -1064,7 +1067,7 @@ fn bad_input_is_a_typed_error_naming_the_argument() {
         };
         expect_err(
             f(
-                &Decode::new(&lens, 2, 4, 2, 64, paged(24, &[0, 1, 2, 3], 4)),
+                &Decode::new(&lens, 2, 4, 2, 64, paged(12, &[0, 1, 2, 3], 4)),
                 &q,
                 &kv,
             ),

@@ -65,11 +65,26 @@ pub enum Layout<'a> {
         /// Tokens each sequence's slot holds.
         capacity: usize,
     },
-    /// `[num_pages, page_size, heads_kv, head_dim]`; `k_strides.batch` is between pages.
+    /// `[num_pages, page_size, heads_kv, head_dim]` by default (vLLM's and mistral.rs'
+    /// layout); `k_strides.batch` is between pages, `row` between a page's tokens, `head`
+    /// between heads, so a `[num_pages, heads_kv, page_size, head_dim]` cache is the same
+    /// layout with `row = head_dim`, `head = page_size * head_dim`.
     /// Logical key `j` of sequence `b` is row `j % page_size` of page
     /// `block_table[b * pages_per_seq + j / page_size]`.
+    ///
+    /// ```
+    /// use attnkit::decode::{Decode, Layout};
+    /// let table = [0, 1];
+    /// let paged = Layout::Paged { page_size: 8, num_pages: 2, block_table: &table, pages_per_seq: 2 };
+    /// let mut p = Decode::new(&[12], 1, 4, 2, 64, paged);
+    /// // [num_pages, heads_kv, page_size, head_dim]: head-major pages.
+    /// p.k_strides.row = 64;
+    /// p.k_strides.head = 8 * 64;
+    /// p.v_strides = p.k_strides;
+    /// assert_eq!(p.k_strides.batch, 2 * 8 * 64);
+    /// ```
     Paged {
-        /// Tokens per page, a multiple of 16.
+        /// Tokens per page, a positive multiple of 8 (vLLM's block sizes 8, 16, 32, ...).
         page_size: usize,
         /// Pages in the K (and V) buffer.
         num_pages: usize,

@@ -104,7 +104,7 @@ fn draw(rng: &mut StdRng) -> Case {
             let page_size = if one_in(rng, 8) {
                 size(rng, 64)
             } else {
-                pick(rng, &[16, 32, 48])
+                pick(rng, &[8, 16, 32, 48])
             };
             let per = max_len.div_ceil(page_size.max(1)).max(1);
             Kind::Paged {
