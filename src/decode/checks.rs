@@ -25,7 +25,7 @@ pub(crate) struct Problem<'a> {
     pub causal: bool,
     pub window_left: Option<usize>,
     pub scale: f32,
-    /// The softcap `c` (natural units), checked finite and > 0.
+    /// The softcap `c` (natural units), checked finite, normal and > 0.
     pub softcap: Option<f32>,
     pub splits: usize,
     pub keys_per_split: usize,

@@ -262,9 +262,10 @@ fn combine<'a, T: Element>(
 }
 
 /// `tanh(y)` in f32 to within a few ulp, branch-free so that loops over it vectorise (libm's
-/// `tanhf` is a scalar call, as costly as a score's whole dot product). Below |y| = 0.3 the
+/// `tanhf` is a scalar call: a softcapped decode step took 20-30% longer with it, 4-7% with
+/// this, f32 32k and bf16 4k keys, 32/8 heads, d 128, 2 AVX-512 cores). Below |y| = 0.3 the
 /// odd Taylor series to y^11 (truncation under 2e-9 relative); above, `(1 - e) / (1 + e)` with
-/// `e = 2^(-2 |y| log2 e)` in (0, 0.66], so no cancellation and no overflow; the sign is
+/// `e = 2^(-2 |y| log2 e)` in [0, 0.55], so no cancellation and no overflow; the sign is
 /// restored last. NaN stays NaN, ±inf gives ±1.
 #[inline(always)]
 fn tanh(y: f32) -> f32 {

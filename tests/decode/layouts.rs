@@ -105,6 +105,9 @@ fn paginate_head_major<T: Element>(
     (pk, pv, table, per)
 }
 
+/// A block table and its columns (pages per sequence).
+type Table<'a> = (&'a [i32], usize);
+
 /// The problems of one paged cache in the two layouts: token-major (the default strides) and
 /// head-major (`row = d`, `head = page_size * d`), each with its block table and columns.
 fn two_layouts<'a>(
@@ -113,7 +116,7 @@ fn two_layouts<'a>(
     (hq, hk, d): (usize, usize, usize),
     page_size: usize,
     num_pages: usize,
-    ((table, per), (h_table, h_per)): ((&'a [i32], usize), (&'a [i32], usize)),
+    ((table, per), (h_table, h_per)): (Table<'a>, Table<'a>),
 ) -> (Decode<'a>, Decode<'a>) {
     let layout = |block_table, pages_per_seq| Layout::Paged {
         page_size,

@@ -168,9 +168,9 @@ fn alibi_measures_from_each_tokens_position_and_softcap_bounds_logits() {
     }
 }
 
-/// Bad softcaps (0, negative, NaN, ±inf, subnormal, one whose exp2-domain value overflows) and ALiBi
-/// slopes of the wrong length are typed errors naming them everywhere; NaN, infinite and
-/// overflowing slopes on the CPU (where the host reads them).
+/// Bad softcaps (0, negative, NaN, ±inf, subnormal, one whose exp2-domain value overflows)
+/// and ALiBi slopes of the wrong length are typed errors naming them everywhere; NaN,
+/// infinite and overflowing slopes on the CPU (where the host reads them).
 #[test]
 fn bad_softcaps_and_alibi_slopes_are_typed_errors() {
     for dev in devices("bad_softcaps_and_alibi_slopes_are_typed_errors") {

@@ -1,10 +1,11 @@
 //! Fuzz targets of `attnkit::decode` (see main.rs for the harness).
 //!
 //! Each case draws a problem (contiguous, paged or rolling cache; splits; windows; RoPE;
-//! sink logits; softcaps; ALiBi slopes; strides), mostly small and valid, often broken in one place (a length, a
-//! hostile size from `size`, a NaN from `float`, a stride, a table entry), allocates buffers
-//! only when the sizes are small (else passes short ones and requires an `Err`), and on `Ok`
-//! requires every element the call writes to be written (outputs poisoned with NaN first).
+//! sink logits; softcaps; ALiBi slopes; strides), mostly small and valid, often broken in one
+//! place (a length, a hostile size from `size`, a NaN from `float`, a stride, a table entry),
+//! allocates buffers only when the sizes are small (else passes short ones and requires an
+//! `Err`), and on `Ok` requires every element the call writes to be written (outputs poisoned
+//! with NaN first).
 
 use super::{Outcome, float, huge, run, size, written};
 use crate::common::{poisoned, random};
