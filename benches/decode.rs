@@ -145,6 +145,7 @@ fn bench_cuda(c: &mut Criterion) {
                                 block_table: None,
                                 ring_offsets: None,
                                 sink_logits: None,
+                                alibi_slopes: None,
                             };
                             decode::forward(
                                 &dev,

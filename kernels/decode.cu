@@ -101,6 +101,17 @@ __device__ __forceinline__ void decode_tc(const DecodeParams& p) {
         cp_async_commit();
         if (rope) rope_frequencies<D, THREADS>(inv_freq, p.rope_log2_theta);
     }
+    // The thread's two rows (g, g + 8): their tokens' positions and (GQA: rows of one block
+    // belong to different query heads) their ALiBi slopes; the softcap, one for all.
+    int token_pos[2];
+    float slope[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = rb * ROWS + g + r * 8;
+        token_pos[r] = kr.first + row / group;
+        slope[r] = alibi_slope_log2(p, hk * group + row % group);
+    }
+    const Softcap cap = softcap_log2(p);
     // ldmatrix row addresses of this lane (mma_16816's fragment layout).
     const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_chunk = lane >> 4;
     const int kb_row = (lane & 7) + (lane >> 4) * 8, kb_chunk = (lane >> 3) & 1;
@@ -141,15 +152,15 @@ __device__ __forceinline__ void decode_tc(const DecodeParams& p) {
             mma_16816<T>(sc[0], a, bk[0], bk[1]);
             mma_16816<T>(sc[1], a, bk[2], bk[3]);
         }
-        // Into the exp2 domain; mask keys past the split and (causal) right of each row's
-        // diagonal. Rows past the block's real rows see zeros and are never stored.
+        // Into the exp2 domain, through the softcap and ALiBi; mask keys past the split and
+        // (causal) right of each row's diagonal. Rows past the block's real rows see zeros and
+        // are never stored.
         // The visible keys of the thread's two rows, [key_lo, key_hi] (window, causal, split).
         int key_lo[2], key_hi[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            const int token_pos = kr.first + (rb * ROWS + g + r * 8) / group;
-            key_hi[r] = p.causal ? min(kr.hi - 1, token_pos) : kr.hi - 1;
-            key_lo[r] = p.window_left >= 0 ? token_pos - p.window_left : INT_MIN;
+            key_hi[r] = p.causal ? min(kr.hi - 1, token_pos[r]) : kr.hi - 1;
+            key_lo[r] = p.window_left >= 0 ? token_pos[r] - p.window_left : INT_MIN;
         }
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
@@ -157,7 +168,8 @@ __device__ __forceinline__ void decode_tc(const DecodeParams& p) {
             for (int e = 0; e < 4; ++e) {
                 const int key = j0 + warp * KW + n * 8 + 2 * t + (e & 1);
                 const bool masked = key > key_hi[e >> 1] || key < key_lo[e >> 1];
-                sc[n][e] = masked ? -INFINITY : sc[n][e] * p.scale_log2;
+                const float x = shape_score<false>(sc[n][e] * p.scale_log2, cap, slope[e >> 1], token_pos[e >> 1], key);
+                sc[n][e] = masked ? -INFINITY : x;
             }
         }
         online_softmax_mma<2, NT_D>(sc, o, m, l);
@@ -255,6 +267,9 @@ __device__ __forceinline__ void decode_f32(const DecodeParams& p) {
     const bool rope = p.rope_style != ATTNKIT_ROPE_NONE;
     const int row = threadIdx.x / 8, sub = threadIdx.x % 8;
     const int token = (rb * ROWS + row) / group;
+    // This row's query head's ALiBi slope (GQA: the block's rows span the group's heads).
+    const float slope = alibi_slope_log2(p, hk * group + (rb * ROWS + row) % group);
+    const Softcap cap = softcap_log2(p);
 
     load_queries<float, D, ROWS, THREADS>(smem_addr(sQ), p, b, hk, rb);
     cp_async_commit();
@@ -290,7 +305,8 @@ __device__ __forceinline__ void decode_f32(const DecodeParams& p) {
             for (int c = 0; c < D; ++c) dot = fmaf(sQ[row * PITCH + c], sK[(sub + 8 * u) * PITCH + c], dot);
             const bool masked = key >= kr.hi || (p.causal && key > kr.first + token) ||
                                 (p.window_left >= 0 && key < kr.first + token - p.window_left);
-            sc[u] = masked ? -INFINITY : dot * p.scale_log2;
+            const float x = shape_score<true>(dot * p.scale_log2, cap, slope, kr.first + token, key);
+            sc[u] = masked ? -INFINITY : x;
             mx = fmaxf(mx, sc[u]);
         }
 #pragma unroll
@@ -396,10 +412,16 @@ __device__ __forceinline__ void decode_append(const DecodeParams& p) {
         decode_tc<T, D>(p);                                                                                \
     }
 DECODE_TC(decode_attn_bf16_d64, __nv_bfloat16, 64)
+DECODE_TC(decode_attn_bf16_d80, __nv_bfloat16, 80)
+DECODE_TC(decode_attn_bf16_d112, __nv_bfloat16, 112)
 DECODE_TC(decode_attn_bf16_d128, __nv_bfloat16, 128)
+DECODE_TC(decode_attn_bf16_d192, __nv_bfloat16, 192)
 DECODE_TC(decode_attn_bf16_d256, __nv_bfloat16, 256)
 DECODE_TC(decode_attn_f16_d64, __half, 64)
+DECODE_TC(decode_attn_f16_d80, __half, 80)
+DECODE_TC(decode_attn_f16_d112, __half, 112)
 DECODE_TC(decode_attn_f16_d128, __half, 128)
+DECODE_TC(decode_attn_f16_d192, __half, 192)
 DECODE_TC(decode_attn_f16_d256, __half, 256)
 
 #define DECODE_F32(NAME, D)                                                                                \
@@ -407,7 +429,10 @@ DECODE_TC(decode_attn_f16_d256, __half, 256)
         decode_f32<D>(p);                                                                                  \
     }
 DECODE_F32(decode_attn_f32_d64, 64)
+DECODE_F32(decode_attn_f32_d80, 80)
+DECODE_F32(decode_attn_f32_d112, 112)
 DECODE_F32(decode_attn_f32_d128, 128)
+DECODE_F32(decode_attn_f32_d192, 192)
 DECODE_F32(decode_attn_f32_d256, 256)
 
 #define DECODE_SMALL(NAME, FN, T, THREADS)                                                                 \

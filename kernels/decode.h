@@ -49,6 +49,9 @@ typedef struct DecodeParams {
     const int32_t* block_table;   /* [batch, pages_per_seq] (paged), else NULL */
     const int32_t* ring_offsets;  /* [batch] (rolling), else NULL */
     const float* sink_logits;     /* [heads_q] learned per-head sink logits (natural units), or NULL */
+    const float* alibi_slopes;    /* [heads_q] ALiBi slopes (natural units), or NULL: query i of
+                                     sequence b at position cache_seqlens[b] - seq_q + i, key j,
+                                     head h: logit -= alibi_slopes[h] * |position - j| */
     int64_t q_batch_stride, q_row_stride, q_head_stride; /* elements */
     int64_t o_batch_stride, o_row_stride, o_head_stride;
     int64_t k_batch_stride, k_row_stride, k_head_stride; /* batch: per sequence, or per page */
@@ -57,7 +60,7 @@ typedef struct DecodeParams {
     int32_t seq_q;          /* new tokens per sequence, 1..16 */
     int32_t heads_q;        /* query heads */
     int32_t heads_kv;       /* key/value heads; heads_q % heads_kv == 0 */
-    int32_t head_dim;       /* 64, 128 or 256 */
+    int32_t head_dim;       /* 64, 80, 112, 128, 192 or 256 */
     int32_t causal;         /* 1: query i sees keys j <= i + cache_seqlens[b] - seq_q */
     int32_t window_left;    /* -1: unbounded; else query i sees keys j >= i + cache_seqlens[b] - seq_q - window_left */
     int32_t num_splits;     /* key splits per sequence, 1..64 */
@@ -65,7 +68,7 @@ typedef struct DecodeParams {
                                a multiple of BLOCK_N */
     int32_t row_blocks;     /* blocks per (split, KV head): ceil(seq_q * group / ROWS) */
     int32_t capacity;       /* keys a sequence may hold (device re-check of cache_seqlens) */
-    int32_t page_size;      /* paged: tokens per page (a multiple of 16); else 0 */
+    int32_t page_size;      /* paged: tokens per page (a multiple of 8); else 0 */
     int32_t pages_per_seq;  /* paged: columns of block_table */
     int32_t num_pages;      /* paged: pages in k and v (device re-check of block_table) */
     int32_t n_sink;         /* rolling: sink slots */
@@ -73,6 +76,8 @@ typedef struct DecodeParams {
     int32_t rope_style;     /* ATTNKIT_ROPE_*: applied to q and k with logical positions */
     float rope_log2_theta;  /* log2 of the RoPE base */
     float scale_log2;       /* softmax scale * log2(e): scores go through exp2 */
+    float softcap;          /* 0: none; else c > 0 (natural units): logit = c * tanh(scale * q.k / c),
+                               before the ALiBi term (Gemma 2) */
 } DecodeParams;
 
 #endif

@@ -1,12 +1,18 @@
 //! Decode attention against the f64 oracle, on the CPU and (where present) the GPU: every
 //! dtype, head dim and GQA ratio; cache lengths 0, 1, odd and very unequal in one batch; split
 //! counts 1 to 64 agreeing; paged and contiguous caches agreeing; append; a StreamingLLM
-//! rolling cache driven for 10x its capacity; typed errors for bad input.
+//! rolling cache driven for 10x its capacity; typed errors for bad input. `logits.rs`: the
+//! softcap and ALiBi; `layouts.rs`: head dims 80/112/192, page sizes 8/32, server cache
+//! layouts through strides.
 //!
 //! Tolerance: f32 is tight; f16/bf16 use FlashAttention's rule, relative to a naive
 //! computation in the same precision: `max|out - ref| <= 2 * max|naive_lp - ref| + 1e-3`.
 
 mod common;
+#[path = "decode/layouts.rs"]
+mod layouts;
+#[path = "decode/logits.rs"]
+mod logits;
 
 use attnkit::decode::{
     self, Decode, HEAD_DIMS, Layout, RollingCache, Rope, RopeStyle, Tables, oracle,
@@ -24,6 +30,7 @@ struct DeviceTables {
     block_table: Option<attnkit::cudarc::driver::CudaSlice<i32>>,
     ring_offsets: Option<attnkit::cudarc::driver::CudaSlice<i32>>,
     sink_logits: Option<attnkit::cudarc::driver::CudaSlice<f32>>,
+    alibi_slopes: Option<attnkit::cudarc::driver::CudaSlice<f32>>,
 }
 
 #[cfg(feature = "cuda")]
@@ -41,6 +48,7 @@ impl DeviceTables {
             block_table: bt,
             ring_offsets: ro,
             sink_logits: None,
+            alibi_slopes: None,
         }
     }
 
@@ -50,6 +58,7 @@ impl DeviceTables {
             block_table: self.block_table.as_ref().map(|b| b.into()),
             ring_offsets: self.ring_offsets.as_ref().map(|b| b.into()),
             sink_logits: self.sink_logits.as_ref().map(|b| b.into()),
+            alibi_slopes: self.alibi_slopes.as_ref().map(|b| b.into()),
         }
     }
 }
@@ -75,6 +84,30 @@ fn run_with_sinks<T: Element>(
     v: &[T],
     sinks: Option<&[f32]>,
 ) -> attnkit::Result<(Vec<T>, Vec<f32>)> {
+    let heads = Heads {
+        sinks,
+        ..Default::default()
+    };
+    run_with(dev, p, heads, q, k, v)
+}
+
+/// The per-head tables a run passes besides the layout's (`[heads_q]` each).
+#[derive(Clone, Copy, Default)]
+struct Heads<'a> {
+    sinks: Option<&'a [f32]>,
+    alibi: Option<&'a [f32]>,
+}
+
+/// [`run`] with per-head tables.
+fn run_with<T: Element>(
+    dev: &Device,
+    p: &Decode<'_>,
+    heads: Heads<'_>,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+) -> attnkit::Result<(Vec<T>, Vec<f32>)> {
+    let Heads { sinks, alibi } = heads;
     let mut o = poisoned::<T>(p.o_len());
     let mut lse = vec![f32::NAN; p.lse_len()];
     let mut ws = vec![f32::NAN; p.workspace_len(dev)];
@@ -84,6 +117,7 @@ fn run_with_sinks<T: Element>(
         let (qd, kd, vd) = (up(q), up(k), up(v));
         let mut dt = DeviceTables::new(s, p);
         dt.sink_logits = sinks.map(|x| s.clone_htod(x).unwrap());
+        dt.alibi_slopes = alibi.map(|x| s.clone_htod(x).unwrap());
         let tables = dt.tables();
         let mut od = s.clone_htod(&o).unwrap();
         let mut ld = s.clone_htod(&lse).unwrap();
@@ -103,6 +137,7 @@ fn run_with_sinks<T: Element>(
     }
     let mut tables = Tables::host(p);
     tables.sink_logits = sinks.map(|x| x.into());
+    tables.alibi_slopes = alibi.map(|x| x.into());
     decode::forward(
         dev,
         p,
@@ -179,6 +214,11 @@ const ROPE_F32_ERR: f64 = 1.0 / (1u64 << 19) as f64;
 /// the largest such score difference among the keys the row sees. So the bound follows the
 /// rounding actually at hand instead of a worst case, and a wrong rotation (scores off by
 /// O(|q||k|)) stays far outside it.
+///
+/// The logit options of `x` are applied in f32 after the score, as the kernels do: the
+/// softcap (1-Lipschitz, so the bound above holds through it, plus the tensor-core tanh's
+/// absolute error, 2^-21 c, taken twice), the ALiBi bias (the same f32 arithmetic on both
+/// sides), the window (the keys a row sees) and the sink logit.
 #[allow(clippy::too_many_arguments)]
 fn naive_lp<T: Element>(
     seq_q: usize,
@@ -188,6 +228,7 @@ fn naive_lp<T: Element>(
     scale: f32,
     causal: bool,
     rope: Option<Rope>,
+    x: &oracle::Logits<'_>,
     q: &[T],
     k: &[T],
     v: &[T],
@@ -231,11 +272,13 @@ fn naive_lp<T: Element>(
         } else {
             len
         };
+        let start = x.window_left.map_or(0, |w| pos.saturating_sub(w)).min(seen);
+        let alibi_pos = len as i64 - seq_q as i64 + i as i64;
         for h in 0..heads_q {
             let hk = h / group;
             let (qv, dq) = lp(&q[(i * heads_q + h) * d..][..d], pos);
-            let mut row_slack = 0.0f64;
-            let s: Vec<f32> = (0..seen)
+            let mut row_slack = x.softcap.map_or(0.0, |c| c as f64 / (1u64 << 20) as f64);
+            let s: Vec<f32> = (start..seen)
                 .map(|j| {
                     let (kv, dk) = lp(&k[(j * heads_kv + hk) * d..][..d], j);
                     let (mut flip, mut mag) = (0.0f64, 0.0f64);
@@ -246,22 +289,37 @@ fn naive_lp<T: Element>(
                     }
                     let dot_err = 2.0 * d as f64 * f32::EPSILON as f64 / 2.0 * mag;
                     row_slack = row_slack.max(scale.abs() as f64 * (flip + dot_err));
-                    qv.iter().zip(&kv).map(|(a, b)| a * b).sum::<f32>() * scale
+                    let mut s = qv.iter().zip(&kv).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    if let Some(c) = x.softcap {
+                        s = c * (s / c).tanh();
+                    }
+                    if let Some(sl) = x.alibi_slopes {
+                        s -= sl[h] * (alibi_pos - j as i64).abs() as f32;
+                    }
+                    s
                 })
                 .collect();
-            if s.is_empty() {
+            let sink = x.sink_logits.map(|sl| sl[h]);
+            if sink == Some(f32::INFINITY) {
+                lse[h * seq_q + i] = f64::INFINITY;
+                continue;
+            }
+            let mx = s
+                .iter()
+                .copied()
+                .fold(sink.unwrap_or(f32::NEG_INFINITY), f32::max);
+            if mx == f32::NEG_INFINITY {
                 continue;
             }
             slack[h * seq_q + i] = row_slack;
-            let mx = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let pr: Vec<f32> = s.iter().map(|x| (x - mx).exp()).collect();
-            let l: f32 = pr.iter().sum();
+            let l: f32 = pr.iter().sum::<f32>() + sink.map_or(0.0, |sk| (sk - mx).exp());
             lse[h * seq_q + i] = (mx + l.ln()) as f64;
             for c in 0..d {
                 let acc: f32 = pr
                     .iter()
-                    .enumerate()
-                    .map(|(j, pj)| {
+                    .zip(start..)
+                    .map(|(pj, j)| {
                         T::from_f32(*pj).to_f32() * v[(j * heads_kv + hk) * d + c].to_f32()
                     })
                     .sum();
@@ -293,7 +351,20 @@ fn check<T: Element>(
     o: &[T],
     lse: &[f32],
 ) {
-    let (err, bound, first_bad, lse_bad) = check_errors(what, p, q, keys, o, lse);
+    check_with(what, p, Heads::default(), q, keys, o, lse)
+}
+
+/// [`check`] of a run with per-head tables (the oracle applies them from their definitions).
+fn check_with<T: Element>(
+    what: &str,
+    p: &Decode<'_>,
+    heads: Heads<'_>,
+    q: &[T],
+    keys: &dyn Fn(usize) -> (Vec<T>, Vec<T>),
+    o: &[T],
+    lse: &[f32],
+) {
+    let (err, bound, first_bad, lse_bad) = check_errors(what, p, heads, q, keys, o, lse);
     assert!(
         err <= bound,
         "{what}: max |o - ref| = {err:e} > {bound:e} (first at b, index, got, want = {first_bad:?})"
@@ -311,6 +382,7 @@ type FirstBad = Option<(usize, usize, f64, f64)>;
 fn check_errors<T: Element>(
     what: &str,
     p: &Decode<'_>,
+    heads: Heads<'_>,
     q: &[T],
     keys: &dyn Fn(usize) -> (Vec<T>, Vec<T>),
     o: &[T],
@@ -324,34 +396,26 @@ fn check_errors<T: Element>(
     let (mut err, mut lp_err) = (0.0f64, 0.0f64);
     let mut first_bad = None;
     let mut lse_bad = 0;
+    let x = oracle::Logits {
+        window_left: p.window_left,
+        softcap: p.softcap,
+        alibi_slopes: heads.alibi,
+        sink_logits: heads.sinks,
+    };
     for b in 0..p.batch() {
         let (k, v) = keys(b);
         let qb = q_rows(p, q, b);
         let args = (sq, hq, p.heads_kv, d, p.softmax_scale(), p.causal, rope);
-        let (want, want_lse) = oracle::sequence_windowed(
-            args.0,
-            args.1,
-            args.2,
-            args.3,
-            args.4,
-            args.5,
-            p.window_left,
-            args.6,
-            &qb,
-            &k,
-            &v,
+        let (want, want_lse) = oracle::sequence_with(
+            args.0, args.1, args.2, args.3, args.4, args.5, args.6, &x, &qb, &k, &v,
         );
         // Per LSE row, what rounding allows beyond the f32 softmax's 2e-4 (1 + |lse|).
         let mut lse_round = vec![0.0f64; want_lse.len()];
         if T::DTYPE != DType::F32 || rope.is_some() {
-            // naive_lp has no window: a windowed low-precision check would compare with
-            // the wrong reference and loosen its own bound.
-            assert!(
-                p.window_left.is_none(),
-                "{what}: naive_lp does not model windows"
-            );
+            // naive_lp models the same options (window, softcap, ALiBi, sinks): its bound is
+            // that of the problem at hand.
             let (lp, lp_lse, slack) = naive_lp(
-                args.0, args.1, args.2, args.3, args.4, args.5, args.6, &qb, &k, &v,
+                args.0, args.1, args.2, args.3, args.4, args.5, args.6, &x, &qb, &k, &v,
             );
             // The LSE too sees Q and K rounded to T (after RoPE), as the tensor cores do:
             // the naive rounding's own error, and how far the kernel's may differ from it.
@@ -381,8 +445,8 @@ fn check_errors<T: Element>(
         }
         for (idx, &wl) in want_lse.iter().enumerate() {
             let gl = lse[b * hq * sq + idx] as f64;
-            let ok = if wl == f64::NEG_INFINITY {
-                gl == f64::NEG_INFINITY
+            let ok = if wl.is_infinite() {
+                gl == wl
             } else {
                 (gl - wl).abs() <= 2e-4 * (1.0 + wl.abs()) + lse_round[idx]
             };
@@ -697,7 +761,9 @@ fn paginate<T: Element>(
 fn paged_and_contiguous_caches_agree() {
     let mut rng = rng("paged_and_contiguous_caches_agree");
     for dev in devices("paged_and_contiguous_caches_agree") {
-        for page_size in [16, 48, 256] {
+        // 8 and 32: vLLM's other block sizes (a 64-key tile spans 8 or 2 pages); 48: pages
+        // that tiles and splits start inside.
+        for page_size in [8, 16, 32, 48, 256] {
             // Lengths that are not page multiples; cap a multiple of no page size.
             let lens = [1, 517, 0, 100];
             let (cap, hk, d) = (520, 2, 128);
@@ -1001,7 +1067,7 @@ fn bad_input_is_a_typed_error_naming_the_argument() {
         };
         expect_err(
             f(
-                &Decode::new(&lens, 2, 4, 2, 64, paged(24, &[0, 1, 2, 3], 4)),
+                &Decode::new(&lens, 2, 4, 2, 64, paged(12, &[0, 1, 2, 3], 4)),
                 &q,
                 &kv,
             ),
@@ -1449,7 +1515,7 @@ fn rope_lse_tolerance_refuses_a_wrong_rotation() {
     let q = random::<Bf16>(&mut rng, p.o_len());
     let keys = contiguous_keys(&p, &k, &v);
     let (o, lse) = run(&dev, &p, &q, &k, &v).unwrap();
-    let (_, _, _, bad) = check_errors("right rotation", &p, &q, &keys, &o, &lse);
+    let (_, _, _, bad) = check_errors("right rotation", &p, Heads::default(), &q, &keys, &o, &lse);
     assert_eq!(bad, 0, "the CPU's own result fails the tolerance");
     let rows = lens.len() * hq * sq;
     for wrong in [
@@ -1467,7 +1533,8 @@ fn rope_lse_tolerance_refuses_a_wrong_rotation() {
         let (wo, wl) = oracle::decode(&pw, &q, &k, &v);
         let wo: Vec<Bf16> = wo.iter().map(|&x| Bf16::from_f32(x as f32)).collect();
         let wl: Vec<f32> = wl.iter().map(|&x| x as f32).collect();
-        let (err, bound, _, bad) = check_errors("wrong rotation", &p, &q, &keys, &wo, &wl);
+        let (err, bound, _, bad) =
+            check_errors("wrong rotation", &p, Heads::default(), &q, &keys, &wo, &wl);
         eprintln!("{wrong:?}: {bad} of {rows} LSE rows refused; O error {err:e} vs {bound:e}");
         assert!(
             bad * 2 > rows,

@@ -298,6 +298,7 @@ fn decode_reads_a_page_past_2_31_elements() {
         block_table: Some((&bt_d).into()),
         ring_offsets: None,
         sink_logits: None,
+        alibi_slopes: None,
     };
     decode::forward(
         &dev,

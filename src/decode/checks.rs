@@ -25,6 +25,8 @@ pub(crate) struct Problem<'a> {
     pub causal: bool,
     pub window_left: Option<usize>,
     pub scale: f32,
+    /// The softcap `c` (natural units), checked finite, normal and > 0.
+    pub softcap: Option<f32>,
     pub splits: usize,
     pub keys_per_split: usize,
     pub lens: &'a [i32],
@@ -36,7 +38,6 @@ pub(crate) struct Problem<'a> {
     /// Rows of a cache tensor: sequences (or pages) and rows per sequence (or page).
     pub cache_dims: (usize, usize),
     /// Keys a sequence may hold.
-    #[cfg_attr(not(attnkit_cuda), allow(dead_code))]
     pub capacity: usize,
 }
 
@@ -88,11 +89,21 @@ impl Problem<'_> {
     }
 }
 
+/// The per-head logit tables of a CPU call, checked (see [`host_tables`]).
+#[derive(Clone, Copy, Default)]
+pub(super) struct HostExtras<'t> {
+    /// `[heads_q]` learned sink logits.
+    pub sinks: Option<&'t [f32]>,
+    /// `[heads_q]` ALiBi slopes.
+    pub alibi_slopes: Option<&'t [f32]>,
+}
+
 /// On the CPU the tables are host slices, and they must hold exactly what the problem's host
 /// copies say: the CPU reads the problem's copies, a GPU the buffers, so a difference would
 /// make the two backends compute different things without a word. Returns the sink logits,
-/// checked for NaN (a NaN logit has no meaning; ±inf do, see [`Tables::sink_logits`]).
-pub(super) fn host_tables<'t>(p: &Problem<'_>, t: &'t Tables<'_>) -> Result<Option<&'t [f32]>> {
+/// checked for NaN (a NaN logit has no meaning; ±inf do, see [`Tables::sink_logits`]), and
+/// the ALiBi slopes, checked finite and small enough that no bias within the cache overflows.
+pub(super) fn host_tables<'t>(p: &Problem<'_>, t: &'t Tables<'_>) -> Result<HostExtras<'t>> {
     let same = |arg: &'static str, buf: &Buf<'_, i32>, host: &[i32]| -> Result<()> {
         let got = buf.host(arg)?;
         if let Some(i) = got.iter().zip(host).position(|(a, b)| a != b) {
@@ -116,17 +127,48 @@ pub(super) fn host_tables<'t>(p: &Problem<'_>, t: &'t Tables<'_>) -> Result<Opti
         // check_tables already matched the buffers to the layout.
         _ => {}
     }
-    let Some(s) = &t.sink_logits else {
-        return Ok(None);
+    let sinks = match &t.sink_logits {
+        Some(s) => {
+            let s = s.host("sink_logits")?;
+            if let Some(h) = s.iter().position(|x| x.is_nan()) {
+                return Err(Error::Value {
+                    arg: "sink_logits",
+                    detail: format!(
+                        "head {h}: NaN (a logit is finite, or -inf: no sink, +inf: all sink)"
+                    ),
+                });
+            }
+            Some(s)
+        }
+        None => None,
     };
-    let s = s.host("sink_logits")?;
-    if let Some(h) = s.iter().position(|x| x.is_nan()) {
-        return Err(Error::Value {
-            arg: "sink_logits",
-            detail: format!("head {h}: NaN (a logit is finite, or -inf: no sink, +inf: all sink)"),
-        });
-    }
-    Ok(Some(s))
+    let alibi_slopes = match &t.alibi_slopes {
+        Some(s) => {
+            let s = s.host("alibi_slopes")?;
+            // The farthest a query can be from a key: the capacity plus the new tokens
+            // (a query's position is negative when the cache holds fewer keys than it has new
+            // tokens). In exp2 units, the bias at that distance must be finite, else a key's
+            // logit is inf - inf or a row's max is +inf.
+            let reach = (p.capacity + p.seq_q) as f32 * std::f32::consts::LOG2_E;
+            if let Some(h) = s.iter().position(|x| !(x * reach).is_finite()) {
+                return Err(Error::Value {
+                    arg: "alibi_slopes",
+                    detail: format!(
+                        "head {h}: slope {} (must be finite, and slope * log2(e) * {} keys \
+                         finite in f32)",
+                        s[h],
+                        p.capacity + p.seq_q
+                    ),
+                });
+            }
+            Some(s)
+        }
+        None => None,
+    };
+    Ok(HostExtras {
+        sinks,
+        alibi_slopes,
+    })
 }
 
 /// An append must not write a page that another slot in use also maps: two sequences
@@ -204,12 +246,17 @@ pub(super) fn check_tables(p: &Problem<'_>, t: &Tables<'_>) -> Result<()> {
         Layout::Paged { block_table, .. } => (Some(block_table.len()), None),
         Layout::Rolling { ring_offsets, .. } => (None, Some(ring_offsets.len())),
     };
-    if let Some(sl) = &t.sink_logits {
-        if sl.len() != p.heads_q {
-            return Err(Error::Shape {
-                arg: "sink_logits",
-                detail: format!("holds {} logits, heads_q is {}", sl.len(), p.heads_q),
-            });
+    for (arg, buf) in [
+        ("sink_logits", &t.sink_logits),
+        ("alibi_slopes", &t.alibi_slopes),
+    ] {
+        if let Some(b) = buf {
+            if b.len() != p.heads_q {
+                return Err(Error::Shape {
+                    arg,
+                    detail: format!("holds {} values, heads_q is {}", b.len(), p.heads_q),
+                });
+            }
         }
     }
     for (arg, want, got) in [
@@ -278,6 +325,17 @@ pub(super) fn check<'a>(dev: &Device, p: &Decode<'a>) -> Result<Problem<'a>> {
             detail: format!("{scale}: the scale (times log2 e) must be finite"),
         });
     }
+    if let Some(c) = p.softcap {
+        // The kernels cap in exp2 units, C = c log2(e), and divide by C: C must be finite and
+        // its inverse too (a subnormal c would make 0 * inf = NaN of a zero score).
+        let c2 = c * std::f32::consts::LOG2_E;
+        if !(c > 0.0 && c.is_normal() && c2.is_finite() && (1.0 / c2).is_finite()) {
+            return Err(Error::Value {
+                arg: "softcap",
+                detail: format!("{c}: a softcap must be finite, normal and > 0"),
+            });
+        }
+    }
     let cap = p.capacity();
     if cap > MAX_CAPACITY {
         return Err(Error::Unsupported {
@@ -293,11 +351,14 @@ pub(super) fn check<'a>(dev: &Device, p: &Decode<'a>) -> Result<Problem<'a>> {
             block_table,
             pages_per_seq,
         } => {
-            if *page_size == 0 || page_size % 16 != 0 || *page_size > MAX_CAPACITY {
+            // The key map takes any page size (every row is mapped on its own, so a tile or
+            // a split may start anywhere in a page); the check keeps to what servers use and
+            // the tests cover: multiples of 8 (vLLM's block sizes 8, 16, 32, ...).
+            if *page_size == 0 || page_size % 8 != 0 || *page_size > MAX_CAPACITY {
                 return Err(Error::Value {
                     arg: "page_size",
                     detail: format!(
-                        "{page_size} is not a positive multiple of 16 up to {MAX_CAPACITY}"
+                        "{page_size} is not a positive multiple of 8 up to {MAX_CAPACITY}"
                     ),
                 });
             }
@@ -429,6 +490,7 @@ pub(super) fn check<'a>(dev: &Device, p: &Decode<'a>) -> Result<Problem<'a>> {
         causal: p.causal,
         window_left: p.window_left,
         scale,
+        softcap: p.softcap,
         splits,
         keys_per_split,
         lens: p.cache_seqlens,

@@ -23,20 +23,31 @@ fn attn_kernel(dtype: DType, d: usize) -> Result<(&'static str, u32)> {
     );
     let freqs = d / 2 * 4;
     let smem = match dtype {
-        // Q [rows][d], K and V twice (double buffer) [bn][d], 2-byte elements; RoPE frequencies.
-        DType::F16 | DType::Bf16 => (rows + 4 * bn) * d * 2 + freqs,
+        // Q [rows][d], K and V twice (double buffer) [bn][d], 2-byte elements in rows padded
+        // to 64 bytes (common.cuh's head_row_bytes: d 80 and 112 take 192- and 256-byte
+        // rows); RoPE frequencies.
+        DType::F16 | DType::Bf16 => (rows + 4 * bn) * (d * 2).div_ceil(64) * 64 + freqs,
         // f32 rows padded by 4: Q, K, V; P [rows][bn + 1]; frequencies.
         DType::F32 => (rows + 2 * bn32) * (d + 4) * 4 + rows * (bn32 + 1) * 4 + freqs,
     };
-    const NAMES: [(DType, usize, &str); 9] = [
+    const NAMES: [(DType, usize, &str); 18] = [
         (DType::Bf16, 64, "decode_attn_bf16_d64"),
+        (DType::Bf16, 80, "decode_attn_bf16_d80"),
+        (DType::Bf16, 112, "decode_attn_bf16_d112"),
         (DType::Bf16, 128, "decode_attn_bf16_d128"),
+        (DType::Bf16, 192, "decode_attn_bf16_d192"),
         (DType::Bf16, 256, "decode_attn_bf16_d256"),
         (DType::F16, 64, "decode_attn_f16_d64"),
+        (DType::F16, 80, "decode_attn_f16_d80"),
+        (DType::F16, 112, "decode_attn_f16_d112"),
         (DType::F16, 128, "decode_attn_f16_d128"),
+        (DType::F16, 192, "decode_attn_f16_d192"),
         (DType::F16, 256, "decode_attn_f16_d256"),
         (DType::F32, 64, "decode_attn_f32_d64"),
+        (DType::F32, 80, "decode_attn_f32_d80"),
+        (DType::F32, 112, "decode_attn_f32_d112"),
         (DType::F32, 128, "decode_attn_f32_d128"),
+        (DType::F32, 192, "decode_attn_f32_d192"),
         (DType::F32, 256, "decode_attn_f32_d256"),
     ];
     let name = NAMES
@@ -144,6 +155,7 @@ fn base_params(p: &Problem<'_>) -> c::DecodeParams {
         rope_style: rope_style as i32,
         rope_log2_theta: log2_theta,
         scale_log2: p.scale * std::f32::consts::LOG2_E,
+        softcap: p.softcap.unwrap_or(0.0),
         ..Default::default()
     }
 }
@@ -209,6 +221,12 @@ pub(super) fn forward<T: Element>(
         Some(b) => ptrs.read("sink_logits", dev.view("sink_logits", b)?, stream, 4)? as *const f32,
         None => std::ptr::null(),
     };
+    let alibi_slopes = match &tables.alibi_slopes {
+        Some(b) => {
+            ptrs.read("alibi_slopes", dev.view("alibi_slopes", b)?, stream, 4)? as *const f32
+        }
+        None => std::ptr::null(),
+    };
     let ws_ptr = ptrs.write("workspace", wv, stream, 4)? as *mut f32;
     let rows_out = p.batch * p.heads_q * p.seq_q;
     let params = c::DecodeParams {
@@ -228,6 +246,7 @@ pub(super) fn forward<T: Element>(
         block_table: bt,
         ring_offsets: ro,
         sink_logits,
+        alibi_slopes,
         ..base_params(p)
     };
     let blocks = (params.row_blocks as usize) * p.splits;

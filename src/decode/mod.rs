@@ -25,9 +25,11 @@ mod checks;
 mod cpu;
 #[cfg(attnkit_cuda)]
 mod cuda;
+mod layout;
 pub mod oracle;
 mod rolling;
 
+pub use layout::{Layout, Rope, RopeStyle};
 pub use rolling::RollingCache;
 
 use crate::buffer::{Buf, BufMut};
@@ -55,8 +57,8 @@ pub const MAX_CAPACITY: usize = 1 << 30;
 /// The most key splits per sequence.
 pub const MAX_SPLITS: usize = 64;
 
-/// Head dimensions the kernels are built for.
-pub const HEAD_DIMS: [usize; 3] = [64, 128, 256];
+/// Head dimensions the kernels are built for (80 is Phi-2's, for one).
+pub const HEAD_DIMS: [usize; 6] = [64, 80, 112, 128, 192, 256];
 
 /// Keys per split are a multiple of this (the GPU's key tile), so that a split never starts
 /// inside a tile.
@@ -69,101 +71,6 @@ const MIN_KEYS_PER_SPLIT: usize = 256;
 /// Query rows one GPU block computes (one m16 tensor-core tile); more rows (`seq_q * group`)
 /// take more blocks, which read the same K/V tiles at the same time (served by L2).
 pub const ROWS_PER_BLOCK: usize = 16;
-
-/// Rotary embedding style: which element pairs rotate together.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RopeStyle {
-    /// GPT-NeoX / Llama (HF): element `c` pairs with `c + head_dim / 2`.
-    NeoX,
-    /// GPT-J / Meta's original: element `2c` pairs with `2c + 1`.
-    Interleaved,
-}
-
-/// Rotary position embedding: pair `c` of a vector at position `pos` turns by
-/// `pos * theta^(-2c / head_dim)`.
-///
-/// ```
-/// use attnkit::decode::{Rope, RopeStyle};
-/// let r = Rope { style: RopeStyle::NeoX, theta: 10000.0 };
-/// assert_eq!(r.inv_freq(0, 128), 1.0);
-/// ```
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Rope {
-    /// Pairing of elements.
-    pub style: RopeStyle,
-    /// The base (10000 in most models), finite and > 1.
-    pub theta: f32,
-}
-
-impl Rope {
-    /// The angular frequency of pair `c` for head dim `d`, `theta^(-2c/d)`, in f64.
-    ///
-    /// ```
-    /// use attnkit::decode::{Rope, RopeStyle};
-    /// let r = Rope { style: RopeStyle::Interleaved, theta: 100.0 };
-    /// assert!((r.inv_freq(32, 64) - 0.01).abs() < 1e-12);
-    /// ```
-    pub fn inv_freq(&self, c: usize, d: usize) -> f64 {
-        (self.theta as f64).powf(-2.0 * c as f64 / d as f64)
-    }
-
-    /// The two element indices pair `c` rotates (saturating at `usize::MAX` for a `c` past
-    /// any head).
-    ///
-    /// ```
-    /// use attnkit::decode::{Rope, RopeStyle};
-    /// assert_eq!(Rope { style: RopeStyle::NeoX, theta: 1e4 }.pair(3, 64), (3, 35));
-    /// assert_eq!(Rope { style: RopeStyle::Interleaved, theta: 1e4 }.pair(3, 64), (6, 7));
-    /// ```
-    pub fn pair(&self, c: usize, d: usize) -> (usize, usize) {
-        match self.style {
-            RopeStyle::NeoX => (c, c.saturating_add(d / 2)),
-            RopeStyle::Interleaved => {
-                let a = c.saturating_mul(2);
-                (a, a.saturating_add(1))
-            }
-        }
-    }
-}
-
-/// Where the K/V cache rows live.
-#[derive(Clone, Debug)]
-pub enum Layout<'a> {
-    /// `[batch, capacity, heads_kv, head_dim]`; `k_strides.batch` is between sequences.
-    Contiguous {
-        /// Tokens each sequence's slot holds.
-        capacity: usize,
-    },
-    /// `[num_pages, page_size, heads_kv, head_dim]`; `k_strides.batch` is between pages.
-    /// Logical key `j` of sequence `b` is row `j % page_size` of page
-    /// `block_table[b * pages_per_seq + j / page_size]`.
-    Paged {
-        /// Tokens per page, a multiple of 16.
-        page_size: usize,
-        /// Pages in the K (and V) buffer.
-        num_pages: usize,
-        /// Host copy of the block table, `[batch, pages_per_seq]`; entries past a sequence's
-        /// length are not read (and may be anything, e.g. -1).
-        block_table: &'a [i32],
-        /// Columns of the block table: a sequence holds at most `pages_per_seq * page_size`.
-        pages_per_seq: usize,
-    },
-    /// StreamingLLM: `[batch, n_sink + window, heads_kv, head_dim]`, slots `0..n_sink` hold the
-    /// sinks, the rest a ring; keys are stored before RoPE, which is applied to q and k with
-    /// logical positions. Logical key `j >= n_sink` lives at slot
-    /// `n_sink + (j - n_sink + ring_offsets[b]) % window`. Made by [`RollingCache::layout`].
-    Rolling {
-        /// Sink tokens kept at the start.
-        n_sink: usize,
-        /// Most recent tokens kept in the ring.
-        window: usize,
-        /// Host copy: per sequence, the ring index of the oldest ring token (0 until the
-        /// ring is full).
-        ring_offsets: &'a [i32],
-        /// The rotary embedding applied with cache positions.
-        rope: Rope,
-    },
-}
 
 /// A decode problem: shapes, cache layout and per-sequence lengths (host copies, for checks
 /// and launch sizing), options.
@@ -197,6 +104,10 @@ pub struct Decode<'a> {
     pub window_left: Option<usize>,
     /// Softmax scale; `None` means `1 / sqrt(head_dim)`.
     pub scale: Option<f32>,
+    /// Logit soft-capping (Gemma 2): with `Some(c)` each logit is `c * tanh(scale * q·k / c)`
+    /// (then the ALiBi term of [`Tables::alibi_slopes`], if any); `None` leaves
+    /// `scale * q·k`. `c` must be finite, normal and > 0 (Gemma 2 uses 50).
+    pub softcap: Option<f32>,
     /// Key splits per sequence, 1 to [`MAX_SPLITS`]; `None` lets [`num_splits`] choose.
     pub num_splits: Option<usize>,
     /// Strides of q `[batch, seq_q, heads_q, head_dim]` (default contiguous).
@@ -243,6 +154,7 @@ impl<'a> Decode<'a> {
             causal: true,
             window_left: None,
             scale: None,
+            softcap: None,
             num_splits: None,
             q_strides: contiguous(seq_q, heads_q, head_dim),
             o_strides: contiguous(seq_q, heads_q, head_dim),
@@ -285,6 +197,20 @@ impl<'a> Decode<'a> {
     /// ```
     pub fn scale(mut self, scale: f32) -> Self {
         self.scale = Some(scale);
+        self
+    }
+
+    /// Caps the logits softly at `cap` (Gemma 2): `cap * tanh(scale * q·k / cap)`; see
+    /// [`Decode::softcap`](Decode#structfield.softcap). `cap` must be finite, normal and > 0,
+    /// else the call is a typed error naming `softcap`.
+    ///
+    /// ```
+    /// # use attnkit::decode::{Decode, Layout};
+    /// let p = Decode::new(&[5], 1, 1, 1, 64, Layout::Contiguous { capacity: 8 }).softcap(50.0);
+    /// assert_eq!(p.softcap, Some(50.0));
+    /// ```
+    pub fn softcap(mut self, cap: f32) -> Self {
+        self.softcap = Some(cap);
         self
     }
 
@@ -567,6 +493,23 @@ pub struct Tables<'a> {
     /// `exp(sink - m)` in its denominator, with no value vector, and the LSE includes it.
     /// Read by [`forward`]; [`append`] ignores it.
     pub sink_logits: Option<Buf<'a, f32>>,
+    /// ALiBi slopes, `[heads_q]` f32 (natural units): query token `i` of sequence `b`, at
+    /// position `pos_i = cache_seqlens[b] - seq_q + i` (as for the causal mask; negative when
+    /// the cache holds fewer keys than new tokens), and key `j` (logical position `j`, 0 =
+    /// oldest kept) get `logit -= alibi_slopes[h] * |pos_i - j|` for query head `h`, after the
+    /// softcap. On the CPU a NaN or infinite slope, or one whose bias could overflow f32
+    /// within the capacity, is a typed error naming `alibi_slopes`; on a GPU the host does not
+    /// read device buffers (no synchronisation), and such a slope makes its rows NaN or
+    /// empty. Read by [`forward`]; [`append`] ignores it.
+    ///
+    /// ```
+    /// use attnkit::decode::{Decode, Layout, Tables};
+    /// let p = Decode::new(&[3], 1, 2, 1, 64, Layout::Contiguous { capacity: 8 });
+    /// let slopes = [0.5f32, 0.25];
+    /// let t = Tables { alibi_slopes: Some(slopes[..].into()), ..Tables::host(&p) };
+    /// assert_eq!(t.alibi_slopes.map(|s| s.len()), Some(2));
+    /// ```
+    pub alibi_slopes: Option<Buf<'a, f32>>,
 }
 
 impl<'a> Tables<'a> {
@@ -588,12 +531,16 @@ impl<'a> Tables<'a> {
             block_table,
             ring_offsets,
             sink_logits: None,
+            alibi_slopes: None,
         }
     }
 }
 
-/// Runs decode attention: `o = softmax(scale * q k^T + mask) v` and `lse` for `seq_q` new
-/// tokens per sequence against the cache described by `p`, on `dev`'s backend.
+/// Runs decode attention: `o = softmax(logits + mask) v` and `lse` (log-sum-exp of the
+/// logits) for `seq_q` new tokens per sequence against the cache described by `p`, on `dev`'s
+/// backend. The logits are `scale * q k^T`, soft-capped with [`Decode::softcap`] and biased
+/// with [`Tables::alibi_slopes`] when those are set; [`Tables::sink_logits`] add one logit per
+/// row without a value.
 ///
 /// `q`, `o`: `[batch, seq_q, heads_q, head_dim]` (strides in `p`); `k_cache`, `v_cache`: per
 /// `p.layout`; `tables`: the index arrays where the call runs ([`Tables::host`] on the CPU);
@@ -608,8 +555,8 @@ impl<'a> Tables<'a> {
 /// (no synchronisation): the kernels re-check every length, ring offset and page they read
 /// against the checked capacity, window and page count, so a stale copy gives wrong numbers
 /// for its sequence (a sequence that fails the re-check reads as empty: `O = 0`, `LSE = -inf`)
-/// but never an access out of bounds. A NaN sink logit is an error on the CPU; on a GPU it
-/// makes its rows NaN.
+/// but never an access out of bounds. A NaN sink logit (or a NaN or infinite ALiBi slope) is
+/// an error on the CPU; on a GPU it makes its rows NaN.
 ///
 /// ```
 /// use attnkit::{decode::{self, Decode, Layout, Tables}, Bf16, Device, Element};
@@ -676,7 +623,7 @@ pub fn forward<T: Element>(
     }
     match &dev.backend {
         Backend::Cpu { threads } => {
-            let sinks = host_tables(&pr, &tables)?;
+            let extras = host_tables(&pr, &tables)?;
             let (q, k, v) = (
                 q.host("q")?,
                 k_cache.host("k_cache")?,
@@ -684,7 +631,7 @@ pub fn forward<T: Element>(
             );
             let ws = workspace.host_mut("workspace")?;
             let lse = lse.host_mut("lse")?;
-            cpu::forward(*threads, &pr, q, k, v, sinks, ws, o.host_mut("o")?, lse);
+            cpu::forward(*threads, &pr, q, k, v, extras, ws, o.host_mut("o")?, lse);
             Ok(())
         }
         #[cfg(attnkit_cuda)]

@@ -1,6 +1,7 @@
 //! The naive reference for decode: f64 throughout, every score of a row materialised, RoPE
 //! applied in f64, no tiles and no splits. Slow by design; tests, benches and the tour compare
-//! the real implementations against it.
+//! the real implementations against it. The logit options (window, softcap, ALiBi, sink
+//! logits) are applied as [`Logits`] defines them, straight from their definitions.
 
 use super::{Decode, Layout, Rope};
 use crate::dtype::Element;
@@ -22,6 +23,29 @@ pub fn rotate(v: &mut [f64], rope: Rope, pos: usize) {
         v[a] = xa * cos - xb * sin;
         v[b] = xb * cos + xa * sin;
     }
+}
+
+/// How a row's logits are formed beyond `scale * q·k` and the causal mask, for
+/// [`sequence_with`] and [`decode_with`]: the sliding window, Gemma 2's softcap, ALiBi and
+/// learned sink logits, with [`super::Decode`]'s and [`super::Tables`]' meanings.
+///
+/// ```
+/// use attnkit::decode::oracle::Logits;
+/// let slopes = [0.5f32];
+/// let x = Logits { softcap: Some(30.0), alibi_slopes: Some(&slopes), ..Default::default() };
+/// assert!(x.window_left.is_none() && x.sink_logits.is_none());
+/// ```
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Logits<'a> {
+    /// A new token at position `t` sees keys `j >= t - window_left` only.
+    pub window_left: Option<usize>,
+    /// `logit = c * tanh(scale * q·k / c)`.
+    pub softcap: Option<f32>,
+    /// `[heads_q]`: `logit -= slope_h * |pos_i - j|`, `pos_i = len - seq_q + i` (after the
+    /// softcap).
+    pub alibi_slopes: Option<&'a [f32]>,
+    /// `[heads_q]`: one more logit per row with no value vector.
+    pub sink_logits: Option<&'a [f32]>,
 }
 
 /// A head vector in f64, rotated to `pos` when there is a RoPE.
@@ -87,6 +111,44 @@ pub fn sequence_windowed<T: Element>(
     k: &[T],
     v: &[T],
 ) -> (Vec<f64>, Vec<f64>) {
+    let x = Logits {
+        window_left,
+        ..Default::default()
+    };
+    sequence_with(
+        seq_q, heads_q, heads_kv, d, scale, causal, rope, &x, q, k, v,
+    )
+}
+
+/// [`sequence`] with every logit option of [`Logits`]: a row's logits are
+/// `scale * q·k`, soft-capped, minus the ALiBi bias, over the keys the causal mask and the
+/// window leave, plus the sink logit; `lse` is their log-sum-exp (`+inf` for a `+inf` sink,
+/// whose row then has `O = 0`).
+///
+/// ```
+/// use attnkit::decode::oracle::{self, Logits};
+/// let kv: Vec<f32> = (0..2 * 64).map(|i| (i / 64) as f32).collect(); // keys 0, 1
+/// let q = vec![0.0f32; 64];
+/// let slopes = [2f32.ln()]; // key 0 is one step away: half the weight of key 1
+/// let x = Logits { alibi_slopes: Some(&slopes), ..Default::default() };
+/// let (o, _) = oracle::sequence_with(1, 1, 1, 64, 1.0, true, None, &x, &q, &kv, &kv);
+/// assert!((o[0] - 2.0 / 3.0).abs() < 1e-7); // (ln 2 rounded to f32)
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn sequence_with<T: Element>(
+    seq_q: usize,
+    heads_q: usize,
+    heads_kv: usize,
+    d: usize,
+    scale: f32,
+    causal: bool,
+    rope: Option<Rope>,
+    x: &Logits<'_>,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+) -> (Vec<f64>, Vec<f64>) {
+    let window_left = x.window_left;
     let len = k.len() / (heads_kv * d);
     let group = heads_q / heads_kv;
     let mut o = vec![0.0; seq_q * heads_q * d];
@@ -102,18 +164,37 @@ pub fn sequence_windowed<T: Element>(
                 len
             };
             let start = window_left.map_or(0, |w| pos.saturating_sub(w)).min(seen);
+            // ALiBi's position: the literal len - seq_q + i (negative when the cache holds
+            // fewer keys than new tokens).
+            let alibi_pos = len as f64 - seq_q as f64 + i as f64;
             let scores: Vec<f64> = (start..seen)
                 .map(|j| {
                     let kv = vector(&k[(j * heads_kv + hk) * d..][..d], rope, j);
-                    qv.iter().zip(&kv).map(|(a, b)| a * b).sum::<f64>() * scale as f64
+                    let mut s = qv.iter().zip(&kv).map(|(a, b)| a * b).sum::<f64>() * scale as f64;
+                    if let Some(c) = x.softcap {
+                        s = c as f64 * (s / c as f64).tanh();
+                    }
+                    if let Some(sl) = x.alibi_slopes {
+                        s -= sl[h] as f64 * (alibi_pos - j as f64).abs();
+                    }
+                    s
                 })
                 .collect();
-            if scores.is_empty() {
+            let sink = x.sink_logits.map(|s| s[h] as f64);
+            if sink == Some(f64::INFINITY) {
+                // All weight on the sink, which has no value: O = 0.
+                lse[h * seq_q + i] = f64::INFINITY;
                 continue;
             }
-            let mx = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let mx = scores
+                .iter()
+                .copied()
+                .fold(sink.unwrap_or(f64::NEG_INFINITY), f64::max);
+            if mx == f64::NEG_INFINITY {
+                continue;
+            }
             let weights: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
-            let total: f64 = weights.iter().sum();
+            let total: f64 = weights.iter().sum::<f64>() + sink.map_or(0.0, |s| (s - mx).exp());
             let out = &mut o[(i * heads_q + h) * d..][..d];
             for (j, w) in (start..).zip(&weights) {
                 let vr = &v[(j * heads_kv + hk) * d..][..d];
@@ -179,7 +260,8 @@ pub fn gather<T: Element>(
 }
 
 /// The whole reference for a problem: `o` contiguous `[batch, seq_q, heads_q, head_dim]`,
-/// `lse` `[batch, heads_q, seq_q]`; `q` read through `p.q_strides`.
+/// `lse` `[batch, heads_q, seq_q]`; `q` read through `p.q_strides`, the window and softcap
+/// from `p` (no ALiBi, no sinks: see [`decode_with`]).
 ///
 /// ```
 /// use attnkit::decode::{oracle, Decode, Layout};
@@ -195,6 +277,34 @@ pub fn decode<T: Element>(
     k_cache: &[T],
     v_cache: &[T],
 ) -> (Vec<f64>, Vec<f64>) {
+    decode_with(p, None, None, q, k_cache, v_cache)
+}
+
+/// [`decode`] with ALiBi slopes and sink logits (`[heads_q]` host slices, as
+/// [`super::Tables`] takes them).
+///
+/// ```
+/// use attnkit::decode::{oracle, Decode, Layout};
+/// let p = Decode::new(&[3], 1, 1, 1, 64, Layout::Contiguous { capacity: 4 });
+/// let q = vec![0.0f32; 64];
+/// let kv = vec![0.25f32; 4 * 64];
+/// let (_, lse) = oracle::decode_with(&p, None, Some(&[0.0]), &q, &kv, &kv);
+/// assert!((lse[0] - 4f64.ln()).abs() < 1e-12); // three keys and the sink, all logit 0
+/// ```
+pub fn decode_with<T: Element>(
+    p: &Decode<'_>,
+    alibi_slopes: Option<&[f32]>,
+    sink_logits: Option<&[f32]>,
+    q: &[T],
+    k_cache: &[T],
+    v_cache: &[T],
+) -> (Vec<f64>, Vec<f64>) {
+    let x = Logits {
+        window_left: p.window_left,
+        softcap: p.softcap,
+        alibi_slopes,
+        sink_logits,
+    };
     let (sq, hq, d) = (p.seq_q, p.heads_q, p.head_dim);
     let rope = match &p.layout {
         Layout::Rolling { rope, .. } => Some(*rope),
@@ -212,7 +322,7 @@ pub fn decode<T: Element>(
             .collect();
         let k = gather(p, &p.k_strides, k_cache, b);
         let v = gather(p, &p.v_strides, v_cache, b);
-        let (ob, lb) = sequence(
+        let (ob, lb) = sequence_with(
             sq,
             hq,
             p.heads_kv,
@@ -220,6 +330,7 @@ pub fn decode<T: Element>(
             p.softmax_scale(),
             p.causal,
             rope,
+            &x,
             &qb,
             &k,
             &v,

@@ -47,6 +47,7 @@ pub fn run(dev: &Device) -> Result<Row> {
                 block_table: None,
                 ring_offsets: None,
                 sink_logits: None,
+                alibi_slopes: None,
             };
             return decode::forward(dev, &p, q, k, v, tables, (&mut ws).into(), o, lse);
         }

@@ -1,10 +1,11 @@
 //! Fuzz targets of `attnkit::decode` (see main.rs for the harness).
 //!
 //! Each case draws a problem (contiguous, paged or rolling cache; splits; windows; RoPE;
-//! sink logits; strides), mostly small and valid, often broken in one place (a length, a
-//! hostile size from `size`, a NaN from `float`, a stride, a table entry), allocates buffers
-//! only when the sizes are small (else passes short ones and requires an `Err`), and on `Ok`
-//! requires every element the call writes to be written (outputs poisoned with NaN first).
+//! sink logits; softcaps; ALiBi slopes; strides), mostly small and valid, often broken in one
+//! place (a length, a hostile size from `size`, a NaN from `float`, a stride, a table entry),
+//! allocates buffers only when the sizes are small (else passes short ones and requires an
+//! `Err`), and on `Ok` requires every element the call writes to be written (outputs poisoned
+//! with NaN first).
 
 use super::{Outcome, float, huge, run, size, written};
 use crate::common::{poisoned, random};
@@ -31,6 +32,8 @@ struct Case {
     scale: Option<f32>,
     splits: Option<usize>,
     sinks: Option<Vec<f32>>,
+    softcap: Option<f32>,
+    alibi: Option<Vec<f32>>,
     /// Which stride to break, if any: (tensor 0..4, field 0..4, value).
     stride: Option<(usize, usize, usize)>,
 }
@@ -102,7 +105,7 @@ fn draw(rng: &mut StdRng) -> Case {
             let page_size = if one_in(rng, 8) {
                 size(rng, 64)
             } else {
-                pick(rng, &[16, 32, 48])
+                pick(rng, &[8, 16, 32, 48])
             };
             let per = max_len.div_ceil(page_size.max(1)).max(1);
             Kind::Paged {
@@ -234,6 +237,17 @@ fn draw(rng: &mut StdRng) -> Case {
         } else {
             None
         },
+        softcap: one_in(rng, 5).then(|| float(rng, 0.5, 60.0)),
+        alibi: if one_in(rng, 5) {
+            let n = if one_in(rng, 10) {
+                heads_q.saturating_add(1)
+            } else {
+                heads_q
+            };
+            (!huge(n)).then(|| (0..n).map(|_| float(rng, 0.0, 1.0)).collect())
+        } else {
+            None
+        },
         stride: if one_in(rng, 8) {
             Some((
                 rng.random_range(0..4),
@@ -282,6 +296,7 @@ impl Case {
         .causal(self.causal)
         .window(self.window_left);
         p.scale = self.scale;
+        p.softcap = self.softcap;
         p.num_splits = self.splits;
         if let Some((t, f, v)) = self.stride {
             let s = match t {
@@ -362,6 +377,7 @@ fn forward_case<T: Element>(rng: &mut StdRng, c: &Case) -> Outcome {
     let (mut ws, ws_short) = sized(rng, ws_n, |_, n| poisoned::<f32>(n));
     let mut tables = Tables::host(&p);
     tables.sink_logits = c.sinks.as_deref().map(|s| s.into());
+    tables.alibi_slopes = c.alibi.as_deref().map(|s| s.into());
     let r = decode::forward(
         &dev,
         &p,

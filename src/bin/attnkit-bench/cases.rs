@@ -337,6 +337,7 @@ fn decode_case(
             block_table: None,
             ring_offsets: None,
             sink_logits: None,
+            alibi_slopes: None,
         };
         decode::forward(
             dev,
