@@ -153,6 +153,28 @@ template <bool EXACT> __device__ __forceinline__ float soft_cap(float x, float c
     return cap * (1.f - 2.f * __frcp_rn(e + 1.f));           // rcp(+inf) = 0: tanh = 1
 }
 
+// The softmax logits' transforms shared by flash and decode, in the exp2 domain the kernels
+// score in: Gemma 2's softcap (for x = log2(e) scale q.k, (c log2 e) tanh(x / (c log2 e)) is
+// the capped logit c tanh(scale q.k / c) in exp2 units: one multiply fewer per score than
+// capping in natural units), then ALiBi's -slope |dist| (slope in exp2 units; a slope of 0
+// makes the term an exact no-op, so the score loops need no branch for it).
+struct LogitShape {
+    bool capped;
+    float cap, inv_cap;  // c log2(e) and its inverse
+    __device__ __forceinline__ explicit LogitShape(float softcap)
+        : capped(softcap > 0.f), cap(softcap * 1.4426950408889634f),
+          inv_cap(softcap > 0.f ? 1.f / (softcap * 1.4426950408889634f) : 0.f) {}
+    template <bool EXACT>
+    __device__ __forceinline__ float operator()(float x, float slope_log2, int dist) const {
+        if (capped) x = soft_cap<EXACT>(x, cap, inv_cap);
+        return fmaf(-slope_log2, (float)abs(dist), x);
+    }
+};
+// Head h's ALiBi slope in exp2 units (0 without ALiBi).
+__device__ __forceinline__ float alibi_slope_log2(const float* slopes, int h) {
+    return slopes != nullptr ? slopes[h] * 1.4426950408889634f : 0.f;
+}
+
 // Max and sum across the four lanes of a quad (the lanes that share an mma row).
 __device__ __forceinline__ float quad_max(float x) {
     x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));

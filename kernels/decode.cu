@@ -109,9 +109,9 @@ __device__ __forceinline__ void decode_tc(const DecodeParams& p) {
     for (int r = 0; r < 2; ++r) {
         const int row = rb * ROWS + g + r * 8;
         token_pos[r] = kr.first + row / group;
-        slope[r] = alibi_slope_log2(p, hk * group + row % group);
+        slope[r] = alibi_slope_log2(p.alibi_slopes, hk * group + row % group);
     }
-    const Softcap cap = softcap_log2(p);
+    const LogitShape shape(p.softcap);
     // ldmatrix row addresses of this lane (mma_16816's fragment layout).
     const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_chunk = lane >> 4;
     const int kb_row = (lane & 7) + (lane >> 4) * 8, kb_chunk = (lane >> 3) & 1;
@@ -168,7 +168,7 @@ __device__ __forceinline__ void decode_tc(const DecodeParams& p) {
             for (int e = 0; e < 4; ++e) {
                 const int key = j0 + warp * KW + n * 8 + 2 * t + (e & 1);
                 const bool masked = key > key_hi[e >> 1] || key < key_lo[e >> 1];
-                const float x = shape_score<false>(sc[n][e] * p.scale_log2, cap, slope[e >> 1], token_pos[e >> 1], key);
+                const float x = shape.operator()<false>(sc[n][e] * p.scale_log2, slope[e >> 1], token_pos[e >> 1] - key);
                 sc[n][e] = masked ? -INFINITY : x;
             }
         }
@@ -268,8 +268,8 @@ __device__ __forceinline__ void decode_f32(const DecodeParams& p) {
     const int row = threadIdx.x / 8, sub = threadIdx.x % 8;
     const int token = (rb * ROWS + row) / group;
     // This row's query head's ALiBi slope (GQA: the block's rows span the group's heads).
-    const float slope = alibi_slope_log2(p, hk * group + (rb * ROWS + row) % group);
-    const Softcap cap = softcap_log2(p);
+    const float slope = alibi_slope_log2(p.alibi_slopes, hk * group + (rb * ROWS + row) % group);
+    const LogitShape shape(p.softcap);
 
     load_queries<float, D, ROWS, THREADS>(smem_addr(sQ), p, b, hk, rb);
     cp_async_commit();
@@ -305,7 +305,7 @@ __device__ __forceinline__ void decode_f32(const DecodeParams& p) {
             for (int c = 0; c < D; ++c) dot = fmaf(sQ[row * PITCH + c], sK[(sub + 8 * u) * PITCH + c], dot);
             const bool masked = key >= kr.hi || (p.causal && key > kr.first + token) ||
                                 (p.window_left >= 0 && key < kr.first + token - p.window_left);
-            const float x = shape_score<true>(dot * p.scale_log2, cap, slope, kr.first + token, key);
+            const float x = shape.operator()<true>(dot * p.scale_log2, slope, kr.first + token - key);
             sc[u] = masked ? -INFINITY : x;
             mx = fmaxf(mx, sc[u]);
         }

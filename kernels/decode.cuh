@@ -8,7 +8,6 @@
 namespace decode {
 
 constexpr float LN2 = 0.6931471805599453f;
-constexpr float LOG2E = 1.4426950408889634f;
 
 // A sequence as a block sees it: its key count and ring offset, re-checked against the host's
 // limits so that a stale device copy can never send a load out of bounds.
@@ -195,37 +194,6 @@ __device__ __forceinline__ float fold_sink(const DecodeParams& p, int h, float& 
     const float f = expf(lse - folded);
     lse = folded;
     return f;
-}
-
-// Gemma 2's softcap, in the exp2 domain the kernels score in: for x = log2(e) scale q.k,
-// (c log2 e) tanh(x / (c log2 e)) = log2(e) c tanh(scale q.k / c), the capped logit in exp2
-// units, with one multiply fewer per score than capping in natural units and converting.
-struct Softcap {
-    bool on;
-    float cap, inv_cap;  // c log2(e) and its inverse
-};
-__device__ __forceinline__ Softcap softcap_log2(const DecodeParams& p) {
-    Softcap c;
-    c.on = p.softcap > 0.f;
-    c.cap = p.softcap * LOG2E;
-    c.inv_cap = c.on ? 1.f / c.cap : 0.f;
-    return c;
-}
-
-// Query head h's ALiBi slope in exp2 units; 0 without ALiBi, which makes the term an exact
-// no-op (x - 0 * d = x), so the score loop needs no branch for it.
-__device__ __forceinline__ float alibi_slope_log2(const DecodeParams& p, int h) {
-    return p.alibi_slopes != nullptr ? p.alibi_slopes[h] * LOG2E : 0.f;
-}
-
-// One exp2-domain score x of a query at position `pos` and key j through the options: the
-// softcap, then the ALiBi term - slope |pos - j|. EXACT picks soft_cap's tanh (tanhf on the
-// f32 path, one ex2.approx on the tensor-core path). Positions are below 2^31 (the host's
-// capacity limit), so the int distance cannot wrap.
-template <bool EXACT>
-__device__ __forceinline__ float shape_score(float x, const Softcap& c, float slope, int pos, int j) {
-    if (c.on) x = soft_cap<EXACT>(x, c.cap, c.inv_cap);
-    return fmaf(-slope, (float)abs(pos - j), x);
 }
 
 // LSE (natural log) of a row from its exp2-domain max m and sum l; -inf for a row that saw

@@ -126,23 +126,6 @@ struct Visibility {
     __device__ __forceinline__ int last_tile(int m1, int BN) const { return hi(m1 - 1) < 0 ? -1 : hi(m1 - 1) / BN; }
 };
 
-// The softmax's logit transforms, per block (one head): soft-capping (cap = 0: none) and the
-// ALiBi slope in the exp2 domain (0: none).
-struct Logits {
-    float cap, inv_cap, cap_log2, slope_log2;
-    __device__ __forceinline__ Logits(const FlashParams& p, int h)
-        : cap(p.softcap), inv_cap(p.softcap > 0.f ? 1.f / p.softcap : 0.f), cap_log2(p.softcap * LOG2E),
-          slope_log2(p.alibi_slopes != nullptr ? p.alibi_slopes[h] * LOG2E : 0.f) {}
-    // A score q.k (times the row's scale `scale`, or `scale_log2` in the exp2 domain) as an
-    // exp2-domain logit; `dist` = i + diag - j.
-    template <bool EXACT>
-    __device__ __forceinline__ float operator()(float dot, float scale, float scale_log2, int dist) const {
-        float x = cap > 0.f ? soft_cap<EXACT>(dot * scale, cap, inv_cap) * LOG2E : dot * scale_log2;
-        if (slope_log2 != 0.f) x -= slope_log2 * fabsf((float)dist);
-        return x;
-    }
-};
-
 // Per-row constants: the exp2-domain scale (entropy scale: log_512(visible keys) times it)
 // and, for relu^2, 1/n.
 __device__ __forceinline__ void row_constants(const FlashParams& p, const Visibility& vis, const Seq& s, int row,
@@ -288,8 +271,8 @@ __device__ __forceinline__ void flash_fwd_tc(const FlashParams& p) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
     const bool track = p.entropy != nullptr;
-    const Logits logit(p, h);
-    const bool per_element = logit.slope_log2 != 0.f;  // ALiBi: every tile's scores vary by key
+    const LogitShape shape(p.softcap);
+    const float slope = alibi_slope_log2(p.alibi_slopes, h);
 
     // Per-row constants of the two rows this thread holds.
     float rs_log2[2], rs[2], inv_n[2];
@@ -363,7 +346,7 @@ __device__ __forceinline__ void flash_fwd_tc(const FlashParams& p) {
                     const float y = fmaxf(sc[n][e] * rs[r], 0.f);
                     x = y * y * inv_n[r];
                 } else {
-                    x = logit.operator()<false>(sc[n][e], rs[r], rs_log2[r], row + vis.diag - key);
+                    x = shape.operator()<false>(sc[n][e] * rs_log2[r], slope, row + vis.diag - key);
                 }
                 // Rows past the sequence are never written; skipping them also keeps the
                 // block-mask lookup inside the mask.
@@ -473,7 +456,8 @@ __device__ __forceinline__ void flash_fwd_f32(const FlashParams& p) {
     const Visibility vis(p, s);
     const bool relu2 = p.score == ATTNKIT_FLASH_SCORE_RELU2;
     const bool track = p.entropy != nullptr;
-    const Logits logit(p, h);
+    const LogitShape shape(p.softcap);
+    const float slope = alibi_slope_log2(p.alibi_slopes, h);
     const int row = threadIdx.x / 8, sub = threadIdx.x % 8;
     const int grow = m0 + row;
     float rs_log2, rs, inv_n;
@@ -513,7 +497,7 @@ __device__ __forceinline__ void flash_fwd_f32(const FlashParams& p) {
                 const float y = fmaxf(dot * rs, 0.f);
                 x = vis_ok ? y * y * inv_n : 0.f;
             } else {
-                x = vis_ok ? logit.operator()<true>(dot, rs, rs_log2, grow + vis.diag - (n0 + key)) : -INFINITY;
+                x = vis_ok ? shape.operator()<true>(dot * rs_log2, slope, grow + vis.diag - (n0 + key)) : -INFINITY;
             }
             sc[u] = x;
             mx = fmaxf(mx, x);

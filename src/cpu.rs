@@ -186,14 +186,43 @@ pub(crate) fn exp2(x: f32) -> f32 {
     if x < -126.0 { 0.0 } else { p * scale }
 }
 
-/// `tanh(x)` in f32 as `1 - 2 / (2^(2x log2 e) + 1)` through [`exp2`], so loops over it
-/// vectorise (logit soft-capping applies it to every score). Absolute error about 2^-23
-/// (what a capped logit `cap * tanh(x / cap)` needs: its error is absolute, times cap);
-/// saturates to ±1, NaN stays NaN.
+/// `tanh(y)` in f32 to within a few ulp, branch-free so that loops over it vectorise (libm's
+/// `tanhf` is a scalar call: a softcapped decode step took 20-30% longer with it, 4-7% with
+/// this, f32 32k and bf16 4k keys, 32/8 heads, d 128, 2 AVX-512 cores). Below |y| = 0.3 the
+/// odd Taylor series to y^11 (truncation under 2e-9 relative); above, `(1 - e) / (1 + e)` with
+/// `e = 2^(-2 |y| log2 e)` in [0, 0.55], so no cancellation and no overflow; the sign is
+/// restored last. NaN stays NaN, ±inf gives ±1.
 #[inline(always)]
-pub(crate) fn tanh(x: f32) -> f32 {
-    let e = exp2(x * (2.0 * std::f32::consts::LOG2_E));
-    1.0 - 2.0 / (e + 1.0)
+pub(crate) fn tanh(y: f32) -> f32 {
+    let a = y.abs();
+    let e = exp2(-2.0 * std::f32::consts::LOG2_E * a);
+    let far = (1.0 - e) / (1.0 + e);
+    let a2 = a * a;
+    let near = a
+        * (1.0
+            + a2 * (-1.0 / 3.0
+                + a2 * (2.0 / 15.0
+                    + a2 * (-17.0 / 315.0 + a2 * (62.0 / 2835.0 + a2 * (-1382.0 / 155_925.0))))));
+    let t = if a < 0.3 { near } else { far };
+    t.copysign(y)
+}
+
+/// The softmax logits' transforms on one row of scores (exp2 domain), shared by the flash
+/// and decode CPU paths as the kernels share `LogitShape`: Gemma 2's softcap
+/// `cap * tanh(x / cap)` (`cap` in exp2 units, `None`: none), then ALiBi's
+/// `- slope |diag - j|` for the row's `j`-th key (`slope` in exp2 units, 0: none; `diag` the
+/// row's position counted from the row's first key).
+#[inline(always)]
+pub(crate) fn shape_row(row: &mut [f32], cap: Option<f32>, slope: f32, diag: i32) {
+    if let Some(c) = cap {
+        let inv = 1.0 / c;
+        row.iter_mut().for_each(|x| *x = c * tanh(*x * inv));
+    }
+    if slope != 0.0 {
+        for (j, x) in (0i32..).zip(row.iter_mut()) {
+            *x -= slope * (diag - j).abs() as f32;
+        }
+    }
 }
 
 /// One row's online-softmax step, as the flash and decode CPU paths share it.
@@ -376,20 +405,29 @@ mod tests {
         assert!(exp2(f32::NAN).is_nan());
     }
 
+    /// The vectorisable tanh is within 4 ulp of the exact one everywhere (relative, since
+    /// tanh(y) ~ y near 0: the (1 - e) / (1 + e) form alone loses digits there), exact at 0,
+    /// ±1 at ±inf, NaN at NaN.
     #[test]
-    fn tanh_is_within_2e_7_of_std_and_saturates() {
+    fn tanh_is_within_4_ulp() {
+        let mut worst = 0f64;
         for i in -4000..=4000 {
-            let x = i as f32 * 0.01;
-            let err = (tanh(x) as f64 - (x as f64).tanh()).abs();
-            assert!(
-                err < 2e-7,
-                "tanh({x}): {} vs {}",
-                tanh(x),
-                (x as f64).tanh()
-            );
+            // y from ±1e-7 to ±20, log-spaced, and the branch point 0.3 on both sides.
+            let y = (i as f32).signum() * 10f32.powf(-7.0 + 8.3 * (i as f32).abs() / 4000.0);
+            for y in [y, 0.3, 0.3f32.next_down(), -0.3] {
+                let want = (y as f64).tanh();
+                let got = super::tanh(y) as f64;
+                worst = worst.max((got - want).abs() / want.abs().max(f64::MIN_POSITIVE));
+            }
         }
-        assert_eq!((tanh(1e30), tanh(-1e30), tanh(0.0)), (1.0, -1.0, 0.0));
-        assert!(tanh(f32::NAN).is_nan());
+        assert!(
+            worst < 4.0 * f32::EPSILON as f64,
+            "worst relative error {worst:e}"
+        );
+        assert_eq!(super::tanh(0.0), 0.0);
+        assert_eq!(super::tanh(f32::INFINITY), 1.0);
+        assert_eq!(super::tanh(f32::NEG_INFINITY), -1.0);
+        assert!(super::tanh(f32::NAN).is_nan());
     }
 
     #[test]

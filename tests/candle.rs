@@ -682,3 +682,106 @@ fn lightning_states_and_decode_steps_continue_one_long_call() {
     .map(|x| x.0);
     assert!(err_text(e).contains("state"));
 }
+
+#[test]
+fn kvcache_with_options_reads_paged_caches_like_contiguous_ones() {
+    use attnkit::candle::KvCacheOptions;
+    use attnkit::decode::oracle::{Logits, sequence_with};
+    let mut r = rng("candle_kvcache_with");
+    let (b, sq, hq, hkv, d, page) = (2, 2, 4, 2, 64, 8);
+    let lens = [21usize, 9];
+    let pps = 3; // pages per sequence
+    let cap = pps * page;
+    let q: Vec<f32> = random(&mut r, b * sq * hq * d);
+    let k: Vec<f32> = random(&mut r, b * cap * hkv * d);
+    let v: Vec<f32> = random(&mut r, b * cap * hkv * d);
+    let t = |x: &[f32], n: usize, s: usize, h: usize| {
+        Tensor::from_vec(x.to_vec(), (n, s, h, d), &Device::Cpu).expect("tensor")
+    };
+    // The contiguous cache's slots, scattered into 7 pages: sequence s's page c at table[s][c].
+    let table = [[5i32, 0, 3], [6, 2, 1]];
+    let mut kp = vec![0f32; 7 * page * hkv * d];
+    let mut vp = kp.clone();
+    let row = page * hkv * d;
+    for (s, cols) in table.iter().enumerate() {
+        for (c, &pg) in cols.iter().enumerate() {
+            let src = (s * pps + c) * row;
+            kp[pg as usize * row..][..row].copy_from_slice(&k[src..src + row]);
+            vp[pg as usize * row..][..row].copy_from_slice(&v[src..src + row]);
+        }
+    }
+    let slopes = [0.25f32, 0.0, 0.125, 0.5];
+    let sinks = [0.5f32, f32::NEG_INFINITY, 1.0, -1.0];
+    let (st, lt) = (
+        Tensor::new(&slopes, &Device::Cpu).expect("slopes"),
+        Tensor::new(&sinks, &Device::Cpu).expect("sinks"),
+    );
+    let tt = Tensor::new(&table, &Device::Cpu).expect("table");
+    let lens_t = Tensor::new(&lens.map(|x| x as u32), &Device::Cpu).expect("lens");
+    let qt = t(&q, b, sq, hq);
+    let opts = KvCacheOptions {
+        softmax_scale: Some(0.3),
+        causal: true,
+        window_left: Some(12),
+        softcap: Some(1.5),
+        alibi_slopes: Some(&st),
+        sink_logits: Some(&lt),
+        block_table: None,
+    };
+    let contiguous = attnkit::candle::flash_attn_with_kvcache_with(
+        &qt,
+        &t(&k, b, cap, hkv),
+        &t(&v, b, cap, hkv),
+        &lens_t,
+        &opts,
+    )
+    .expect("contiguous");
+    let paged = attnkit::candle::flash_attn_with_kvcache_with(
+        &qt,
+        &t(&kp, 7, page, hkv),
+        &t(&vp, 7, page, hkv),
+        &lens_t,
+        &KvCacheOptions {
+            block_table: Some(&tt),
+            ..opts
+        },
+    )
+    .expect("paged");
+    assert_eq!(host(&paged), host(&contiguous), "paged vs contiguous bits");
+    let got = host(&contiguous);
+    let x = Logits {
+        window_left: Some(12),
+        softcap: Some(1.5),
+        alibi_slopes: Some(&slopes),
+        sink_logits: Some(&sinks),
+    };
+    for (s, &len) in lens.iter().enumerate() {
+        let kv = |x: &[f32]| x[s * cap * hkv * d..][..len * hkv * d].to_vec();
+        let qs = &q[s * sq * hq * d..][..sq * hq * d];
+        let (want, _) = sequence_with(sq, hq, hkv, d, 0.3, true, None, &x, qs, &kv(&k), &kv(&v));
+        let rows = &got[s * sq * hq * d..][..sq * hq * d];
+        assert_close(
+            &format!("kvcache_with sequence {s}"),
+            rows,
+            &want,
+            2e-5,
+            2e-5,
+        );
+    }
+    // A block table of the wrong rank names itself.
+    let flat = tt.flatten_all().expect("flat");
+    let bad = KvCacheOptions {
+        block_table: Some(&flat),
+        ..opts
+    };
+    assert!(
+        err_text(attnkit::candle::flash_attn_with_kvcache_with(
+            &qt,
+            &t(&kp, 7, page, hkv),
+            &t(&vp, 7, page, hkv),
+            &lens_t,
+            &bad
+        ))
+        .contains("block_table")
+    );
+}

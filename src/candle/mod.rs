@@ -14,7 +14,8 @@
 //! head_dim]` for varlen) as candle-flash-attn takes them, in f32, f16 or bf16, with any
 //! strides whose last one is 1 (a transposed or narrowed view needs no copy: the strides go to
 //! the kernel as they are). K and V may have fewer heads than Q (GQA/MQA).
-//! [`flash_attn_with_kvcache`] runs decode steps against a contiguous KV cache,
+//! [`flash_attn_with_kvcache`] runs decode steps against a contiguous KV cache
+//! ([`flash_attn_with_kvcache_with`]: paged caches, windows, soft-capping, ALiBi, sink logits),
 //! [`lightning_attn`] Lightning Attention-2 ([`lightning_attn_with_state`] with states in and
 //! out for chunked prefill, [`lightning_decode_step`] one token at a time), and [`MonarchModule`] wraps a [`MonarchLinear`](crate::monarch::MonarchLinear).
 //!
@@ -41,7 +42,7 @@ mod flash;
 mod lightning;
 mod monarch;
 
-pub use decode::flash_attn_with_kvcache;
+pub use decode::{KvCacheOptions, flash_attn_with_kvcache, flash_attn_with_kvcache_with};
 pub use flash::{
     FlashExtras, FlashOutput, flash_attn, flash_attn_alibi, flash_attn_alibi_windowed,
     flash_attn_varlen, flash_attn_varlen_alibi, flash_attn_varlen_alibi_windowed,

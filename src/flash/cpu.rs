@@ -11,7 +11,7 @@
 use multiversion::multiversion;
 
 use super::{Problem, Relu2Norm, Score, Visibility};
-use crate::cpu::{DisjointSlice, matmul, par_for, softmax_step, tanh};
+use crate::cpu::{DisjointSlice, matmul, par_for, shape_row, softmax_step};
 use crate::dtype::Element;
 
 /// Query rows per work item: each K/V tile (and gemm's packing of it) serves this many rows;
@@ -152,11 +152,8 @@ pub(super) fn forward<T: Element>(
             } else {
                 p.scale
             };
-            // Softmax: the exp2 domain's log2 e, or (soft-capped) 1 / cap, the tanh's argument.
-            match (relu2, cap) {
-                (None, Some(c)) => scale /= c,
-                (None, None) => scale *= std::f32::consts::LOG2_E,
-                (Some(_), _) => {}
+            if relu2.is_none() {
+                scale *= std::f32::consts::LOG2_E;
             }
             inv_n[r] = if n > 0 { 1.0 / n as f32 } else { 0.0 };
             let off = p.offset(&p.q, b, q0, row, h);
@@ -206,8 +203,9 @@ pub(super) fn forward<T: Element>(
                 (ktile, 1, k_rs),
             );
             if relu2.is_none() && transform.any() {
-                // Row r's diagonal key, counted from the tile's first key.
-                transform.apply(&mut s, cols, (m0 as i64 + diag - n0 as i64) as f32);
+                // Row 0's diagonal key, counted from the tile's first key (|.| < 2^31: the
+                // sizes are at most MAX_LEN = 2^30).
+                transform.apply(&mut s, cols, (m0 as i64 + diag - n0 as i64) as i32);
             }
             for (r, sr) in s.chunks_exact_mut(BLOCK_N).enumerate() {
                 if !full {
@@ -255,8 +253,8 @@ pub(super) fn forward<T: Element>(
     });
 }
 
-/// The softmax logits' transforms, in the exp2 domain: soft-capping (`cap * tanh(x)`, the
-/// tile's scores already divided by cap) and the ALiBi slope (0: none).
+/// The softmax logits' transforms, in the exp2 domain: the softcap (in exp2 units) and the
+/// ALiBi slope (0: none), applied by [`shape_row`].
 #[derive(Clone, Copy)]
 struct Transform {
     cap_log2: Option<f32>,
@@ -270,24 +268,15 @@ impl Transform {
 
     /// Applies both to the first `cols` scores of every row of `s`; `diag0` is row 0's
     /// diagonal key counted from the tile's first key (row r's is `diag0 + r`).
-    fn apply(&self, s: &mut [f32], cols: usize, diag0: f32) {
+    fn apply(&self, s: &mut [f32], cols: usize, diag0: i32) {
         transform_rows(s, cols, self.cap_log2, self.slope_log2, diag0)
     }
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn transform_rows(s: &mut [f32], cols: usize, cap_log2: Option<f32>, slope_log2: f32, diag0: f32) {
-    for (r, sr) in s.chunks_exact_mut(BLOCK_N).enumerate() {
-        let row = &mut sr[..cols];
-        if let Some(c) = cap_log2 {
-            row.iter_mut().for_each(|x| *x = c * tanh(*x));
-        }
-        if slope_log2 != 0.0 {
-            let dg = diag0 + r as f32;
-            for (c, x) in row.iter_mut().enumerate() {
-                *x -= slope_log2 * (dg - c as f32).abs();
-            }
-        }
+fn transform_rows(s: &mut [f32], cols: usize, cap_log2: Option<f32>, slope_log2: f32, diag0: i32) {
+    for (r, sr) in (0i32..).zip(s.chunks_exact_mut(BLOCK_N)) {
+        shape_row(&mut sr[..cols], cap_log2, slope_log2, diag0 + r);
     }
 }
 
