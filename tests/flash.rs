@@ -1191,7 +1191,7 @@ fn variants_reject_bad_input_naming_the_argument() {
             "window_right",
         );
         err(&a.clone().sinks(usize::MAX), HostX::default(), "sinks");
-        for cap in [0.0, -1.0, f32::NAN, f32::INFINITY, f32::MAX] {
+        for cap in [0.0, -1.0, f32::NAN, f32::INFINITY, f32::MAX, 1e-40] {
             err(&a.clone().softcap(cap), HostX::default(), "softcap");
         }
         err(&relu.clone().softcap(30.0), HostX::default(), "softcap");

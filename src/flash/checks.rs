@@ -176,10 +176,11 @@ pub(super) fn check_extras(p: &Problem<'_>, x: &Extras<'_>) -> Result<()> {
         });
     }
     if let Some(c) = o.softcap {
-        if !(c > 0.0 && (c * std::f32::consts::LOG2_E).is_finite()) {
+        // Normal: a subnormal cap's 1 / cap overflows, and a zero score would become NaN.
+        if !(c > 0.0 && c.is_normal() && (c * std::f32::consts::LOG2_E).is_finite()) {
             return Err(Error::Value {
                 arg: "softcap",
-                detail: format!("{c} is not a finite cap above 0"),
+                detail: format!("{c} is not a finite, normal cap above 0"),
             });
         }
     }

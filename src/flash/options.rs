@@ -65,7 +65,7 @@ pub struct Options {
     pub entropy_scale: bool,
     /// Logit soft-capping (Gemma 2): softmax logits are `cap * tanh(scale * q k^T / cap)`
     /// (before any ALiBi bias; a learned sink logit is not capped). `None`: no capping;
-    /// `Some(cap)` needs a finite `cap > 0`. Softmax only.
+    /// `Some(cap)` needs a finite, normal `cap > 0`. Softmax only.
     pub softcap: Option<f32>,
 }
 
