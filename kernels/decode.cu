@@ -71,6 +71,8 @@ __device__ __forceinline__ void decode_tc(const DecodeParams& p) {
     const int rb = blockIdx.x % p.row_blocks, split = blockIdx.x / p.row_blocks;
     const int hk = blockIdx.y, b = blockIdx.z;
     SeqView s = locate_seq(p, b);
+    // s.valid is the same for the whole block (one sequence): the vote inside is uniform.
+    if (s.valid) s.valid = pages_valid(p, b, s.len);
     // A device table that fails the re-check (stale against the checked host copy) reads as
     // an empty cache: the rows still get their defined O = 0, LSE = -inf, and every split
     // writes its partial, so the combine never reads unwritten workspace.
@@ -255,6 +257,8 @@ __device__ __forceinline__ void decode_f32(const DecodeParams& p) {
     const int rb = blockIdx.x % p.row_blocks, split = blockIdx.x / p.row_blocks;
     const int hk = blockIdx.y, b = blockIdx.z;
     SeqView s = locate_seq(p, b);
+    // s.valid is the same for the whole block (one sequence): the vote inside is uniform.
+    if (s.valid) s.valid = pages_valid(p, b, s.len);
     // A device table that fails the re-check (stale against the checked host copy) reads as
     // an empty cache: the rows still get their defined O = 0, LSE = -inf, and every split
     // writes its partial, so the combine never reads unwritten workspace.

@@ -21,12 +21,39 @@ __device__ __forceinline__ SeqView locate_seq(const DecodeParams& p, int b) {
     SeqView s;
     s.len = p.cache_seqlens[b];
     s.ring = p.ring_offsets != nullptr ? p.ring_offsets[b] : 0;
-    s.valid = 0 <= s.len && s.len <= p.capacity && (p.window == 0 || (0 <= s.ring && s.ring < p.window));
+    // The splits cover num_splits * keys_per_split keys (sized by the host's max_len): a longer
+    // device length (a stale table) would leave its tail unread, so it reads as empty instead.
+    const int64_t covered = (int64_t)p.num_splits * p.keys_per_split;
+    s.valid = 0 <= s.len && s.len <= p.capacity && s.len <= covered &&
+              (p.window == 0 || (0 <= s.ring && s.ring < p.window));
     return s;
 }
 
+// Whether every page of sequence b's first len keys is a real page, decided by the whole block
+// (a stride of the entries a thread, then a block vote): a stale entry then empties the whole
+// sequence in every split alike, instead of zero-filling some rows of it. Costs one read of
+// the sequence's table row per block (L2-served, 4 bytes per page of keys) and two barriers.
+// Every thread of the block must call it; len must already be within the capacity. (A warp
+// vote and a shared flag rather than __syncthreads_or: the PTX emulator has no bar.red.)
+__device__ __forceinline__ bool pages_valid(const DecodeParams& p, int b, int len) {
+    if (p.block_table == nullptr) return true;
+    __shared__ int any_bad;
+    if (threadIdx.x == 0) any_bad = 0;
+    __syncthreads();
+    bool bad = false;
+    const int pages = (len + p.page_size - 1) / p.page_size;
+    const int32_t* row = p.block_table + (int64_t)b * p.pages_per_seq;
+    for (int i = threadIdx.x; i < pages; i += blockDim.x) {
+        const int page = row[i];
+        bad |= page < 0 || page >= p.num_pages;
+    }
+    if (__any_sync(0xffffffffu, bad) && threadIdx.x % 32 == 0) atomicOr(&any_bad, 1);
+    __syncthreads();
+    return any_bad == 0;
+}
 // Element offset of logical key j's row (head 0) in a cache with these strides, or -1 when
-// the block table names a page that does not exist (the row then reads as zeros).
+// the block table names a page that does not exist: append skips the row; attention has emptied
+// such a sequence already (pages_valid), and the check stays as the last guard of every load.
 __device__ __forceinline__ int64_t key_row(const DecodeParams& p, int b, int ring, int j, int64_t outer_stride,
                                            int64_t row_stride) {
     int64_t outer = b, row = j;

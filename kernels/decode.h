@@ -65,7 +65,8 @@ typedef struct DecodeParams {
     int32_t window_left;    /* -1: unbounded; else query i sees keys j >= i + cache_seqlens[b] - seq_q - window_left */
     int32_t num_splits;     /* key splits per sequence, 1..64 */
     int32_t keys_per_split; /* split s covers keys [s * keys_per_split, (s+1) * keys_per_split),
-                               a multiple of BLOCK_N */
+                               a multiple of BLOCK_N; a cache_seqlens[b] past num_splits *
+                               keys_per_split (device-only tables gone stale) reads as empty */
     int32_t row_blocks;     /* blocks per (split, KV head): ceil(seq_q * group / ROWS) */
     int32_t capacity;       /* keys a sequence may hold (device re-check of cache_seqlens) */
     int32_t page_size;      /* paged: tokens per page (a multiple of 8); else 0 */
