@@ -23,7 +23,13 @@ fn data<T: Element>(n: usize, seed: u32) -> Vec<T> {
 
 /// K + V bytes a call reads.
 fn kv_bytes(p: &Decode<'_>, elem: usize) -> u64 {
-    let keys: u64 = p.cache_seqlens.iter().map(|&l| l as u64).sum();
+    let keys: u64 = p
+        .cache_seqlens
+        .host()
+        .unwrap_or_default()
+        .iter()
+        .map(|&l| l as u64)
+        .sum();
     2 * keys * (p.heads_kv * p.head_dim * elem) as u64
 }
 

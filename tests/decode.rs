@@ -3,25 +3,65 @@
 //! counts 1 to 64 agreeing; paged and contiguous caches agreeing; append; a StreamingLLM
 //! rolling cache driven for 10x its capacity; typed errors for bad input. `logits.rs`: the
 //! softcap and ALiBi; `layouts.rs`: head dims 80/112/192, page sizes 8/32, server cache
-//! layouts through strides.
+//! layouts through strides; `device_tables.rs`: device-only lengths and tables, and stale ones.
 //!
 //! Tolerance: f32 is tight; f16/bf16 use FlashAttention's rule, relative to a naive
 //! computation in the same precision: `max|out - ref| <= 2 * max|naive_lp - ref| + 1e-3`.
 
 mod common;
+#[path = "decode/device_tables.rs"]
+mod device_tables;
 #[path = "decode/layouts.rs"]
 mod layouts;
 #[path = "decode/logits.rs"]
 mod logits;
 
 use attnkit::decode::{
-    self, Decode, HEAD_DIMS, Layout, RollingCache, Rope, RopeStyle, Tables, oracle,
+    self, Decode, HEAD_DIMS, Layout, RollingCache, Rope, RopeStyle, SeqLens, Tables, oracle,
 };
 use attnkit::{Bf16, DType, Device, Element, F16};
 use common::*;
 use rand::Rng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
+
+/// The index arrays a call's `Tables` hold, as host slices (uploaded for a GPU): a problem's
+/// own host copies ([`Idx::of`]), or those of a device-only problem.
+#[derive(Clone, Copy, Debug)]
+struct Idx<'a> {
+    lens: &'a [i32],
+    block_table: Option<&'a [i32]>,
+    ring_offsets: Option<&'a [i32]>,
+}
+
+impl<'a> Idx<'a> {
+    fn of(p: &Decode<'a>) -> Self {
+        let lens = match p.cache_seqlens {
+            SeqLens::Host(l) => l,
+            SeqLens::Device { .. } => &[],
+        };
+        let (block_table, ring_offsets) = match &p.layout {
+            Layout::Paged { block_table, .. } => (Some(block_table.unwrap_or(&[])), None),
+            Layout::Rolling { ring_offsets, .. } => (None, Some(ring_offsets.unwrap_or(&[]))),
+            Layout::Contiguous { .. } => (None, None),
+        };
+        Idx {
+            lens,
+            block_table,
+            ring_offsets,
+        }
+    }
+
+    fn host(&self) -> Tables<'a> {
+        Tables {
+            cache_seqlens: self.lens.into(),
+            block_table: self.block_table.map(|b| b.into()),
+            ring_offsets: self.ring_offsets.map(|b| b.into()),
+            sink_logits: None,
+            alibi_slopes: None,
+        }
+    }
+}
 
 /// Device copies of a problem's index arrays.
 #[cfg(feature = "cuda")]
@@ -35,18 +75,11 @@ struct DeviceTables {
 
 #[cfg(feature = "cuda")]
 impl DeviceTables {
-    fn new(s: &std::sync::Arc<attnkit::cudarc::driver::CudaStream>, p: &Decode<'_>) -> Self {
-        let (bt, ro) = match &p.layout {
-            Layout::Paged { block_table, .. } => (Some(s.clone_htod(*block_table).unwrap()), None),
-            Layout::Rolling { ring_offsets, .. } => {
-                (None, Some(s.clone_htod(*ring_offsets).unwrap()))
-            }
-            Layout::Contiguous { .. } => (None, None),
-        };
+    fn new(s: &std::sync::Arc<attnkit::cudarc::driver::CudaStream>, idx: Idx<'_>) -> Self {
         DeviceTables {
-            lens: s.clone_htod(p.cache_seqlens).unwrap(),
-            block_table: bt,
-            ring_offsets: ro,
+            lens: s.clone_htod(idx.lens).unwrap(),
+            block_table: idx.block_table.map(|b| s.clone_htod(b).unwrap()),
+            ring_offsets: idx.ring_offsets.map(|r| s.clone_htod(r).unwrap()),
             sink_logits: None,
             alibi_slopes: None,
         }
@@ -107,6 +140,19 @@ fn run_with<T: Element>(
     k: &[T],
     v: &[T],
 ) -> attnkit::Result<(Vec<T>, Vec<f32>)> {
+    run_idx(dev, p, Idx::of(p), heads, q, k, v)
+}
+
+/// [`run_with`] with the given index arrays in the call's `Tables`.
+fn run_idx<T: Element>(
+    dev: &Device,
+    p: &Decode<'_>,
+    idx: Idx<'_>,
+    heads: Heads<'_>,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+) -> attnkit::Result<(Vec<T>, Vec<f32>)> {
     let Heads { sinks, alibi } = heads;
     let mut o = poisoned::<T>(p.o_len());
     let mut lse = vec![f32::NAN; p.lse_len()];
@@ -115,7 +161,7 @@ fn run_with<T: Element>(
     if let Some(s) = dev.stream() {
         let up = |x: &[T]| s.clone_htod(x).unwrap();
         let (qd, kd, vd) = (up(q), up(k), up(v));
-        let mut dt = DeviceTables::new(s, p);
+        let mut dt = DeviceTables::new(s, idx);
         dt.sink_logits = sinks.map(|x| s.clone_htod(x).unwrap());
         dt.alibi_slopes = alibi.map(|x| s.clone_htod(x).unwrap());
         let tables = dt.tables();
@@ -135,7 +181,7 @@ fn run_with<T: Element>(
         )?;
         return Ok((s.clone_dtoh(&od).unwrap(), s.clone_dtoh(&ld).unwrap()));
     }
-    let mut tables = Tables::host(p);
+    let mut tables = idx.host();
     tables.sink_logits = sinks.map(|x| x.into());
     tables.alibi_slopes = alibi.map(|x| x.into());
     decode::forward(
@@ -161,10 +207,23 @@ fn run_append<T: Element>(
     k: &mut Vec<T>,
     v: &mut Vec<T>,
 ) -> attnkit::Result<()> {
+    run_append_idx(dev, p, Idx::of(p), kn, vn, k, v)
+}
+
+/// [`run_append`] with the given index arrays in the call's `Tables`.
+fn run_append_idx<T: Element>(
+    dev: &Device,
+    p: &Decode<'_>,
+    idx: Idx<'_>,
+    kn: &[T],
+    vn: &[T],
+    k: &mut Vec<T>,
+    v: &mut Vec<T>,
+) -> attnkit::Result<()> {
     #[cfg(feature = "cuda")]
     if let Some(s) = dev.stream() {
         let (knd, vnd) = (s.clone_htod(kn).unwrap(), s.clone_htod(vn).unwrap());
-        let dt = DeviceTables::new(s, p);
+        let dt = DeviceTables::new(s, idx);
         let tables = dt.tables();
         let (mut kd, mut vd) = (s.clone_htod(k).unwrap(), s.clone_htod(v).unwrap());
         decode::append(
@@ -180,15 +239,7 @@ fn run_append<T: Element>(
         *v = s.clone_dtoh(&vd).unwrap();
         return Ok(());
     }
-    decode::append(
-        dev,
-        p,
-        kn.into(),
-        vn.into(),
-        Tables::host(p),
-        k.into(),
-        v.into(),
-    )
+    decode::append(dev, p, kn.into(), vn.into(), idx.host(), k.into(), v.into())
 }
 
 /// The kernels' RoPE angle and rotation in f32 (f32 frequency and product, the SFU's sin and
@@ -780,7 +831,7 @@ fn paged_and_contiguous_caches_agree() {
             let layout = Layout::Paged {
                 page_size,
                 num_pages: pk.len() / (page_size * hk * d),
-                block_table: &table,
+                block_table: Some(&table),
                 pages_per_seq: per,
             };
             let paged = Decode::new(&lens, 2, 8, hk, d, layout).splits(2);
@@ -845,7 +896,7 @@ fn append_fills_contiguous_and_paged_caches_in_place() {
             let paged_layout = Layout::Paged {
                 page_size: page,
                 num_pages: batch * per,
-                block_table: &table,
+                block_table: Some(&table),
                 pages_per_seq: per,
             };
             let paged = Decode::new(&lens, seq_q, hq, hk, d, paged_layout);
@@ -1062,7 +1113,7 @@ fn bad_input_is_a_typed_error_naming_the_argument() {
         let paged = |ps: usize, table: &'static [i32], pages: usize| Layout::Paged {
             page_size: ps,
             num_pages: pages,
-            block_table: table,
+            block_table: Some(table),
             pages_per_seq: 2,
         };
         expect_err(
@@ -1112,7 +1163,7 @@ fn bad_input_is_a_typed_error_naming_the_argument() {
         let rolling = |offs: &'static [i32], theta: f32| Layout::Rolling {
             n_sink: 2,
             window: 30,
-            ring_offsets: offs,
+            ring_offsets: Some(offs),
             rope: Rope { theta, ..rope },
         };
         expect_err(
@@ -1184,7 +1235,7 @@ fn appending_past_capacity_is_an_error_and_writes_nothing() {
             Layout::Paged {
                 page_size: 16,
                 num_pages: 4,
-                block_table: &table[..],
+                block_table: Some(&table[..]),
                 pages_per_seq: 1,
             },
         );
@@ -1201,7 +1252,7 @@ fn appending_past_capacity_is_an_error_and_writes_nothing() {
             Layout::Paged {
                 page_size: 16,
                 num_pages: 4,
-                block_table: &table[..],
+                block_table: Some(&table[..]),
                 pages_per_seq: 1,
             },
         );
@@ -1265,7 +1316,7 @@ fn size_helpers_saturate_and_calls_reject_the_problem() {
     let rolling = Layout::Rolling {
         n_sink: usize::MAX,
         window: usize::MAX,
-        ring_offsets: &[0],
+        ring_offsets: Some(&[0]),
         rope: r,
     };
     assert_eq!(
@@ -1368,7 +1419,7 @@ fn cpu_tables_that_differ_from_the_problem_are_errors() {
         Layout::Paged {
             page_size: 16,
             num_pages: 4,
-            block_table: &table,
+            block_table: Some(&table),
             pages_per_seq: 2,
         },
     );
@@ -1391,7 +1442,7 @@ fn cpu_tables_that_differ_from_the_problem_are_errors() {
         Layout::Rolling {
             n_sink: 2,
             window: 30,
-            ring_offsets: &offs,
+            ring_offsets: Some(&offs),
             rope,
         },
     );
@@ -1412,7 +1463,7 @@ fn appending_into_a_shared_page_is_refused_reading_one_is_fine() {
         let layout = |table: &'static [i32]| Layout::Paged {
             page_size: 16,
             num_pages: 3,
-            block_table: table,
+            block_table: Some(table),
             pages_per_seq: 2,
         };
         let new = vec![1.0f32; 2 * 2 * 64];
@@ -1479,7 +1530,7 @@ fn nan_sinks_bad_scales_and_rope_bases_are_typed_errors() {
         let l = Layout::Rolling {
             n_sink: 2,
             window: 30,
-            ring_offsets: &[0, 0],
+            ring_offsets: Some(&[0, 0]),
             rope,
         };
         expect_err(
@@ -1505,7 +1556,7 @@ fn rope_lse_tolerance_refuses_a_wrong_rotation() {
     let layout = |rope| Layout::Rolling {
         n_sink,
         window,
-        ring_offsets: &offs,
+        ring_offsets: Some(&offs),
         rope,
     };
     let p = Decode::new(&lens, sq, hq, hk, d, layout(rope));

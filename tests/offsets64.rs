@@ -279,7 +279,7 @@ fn decode_reads_a_page_past_2_31_elements() {
     let layout = Layout::Paged {
         page_size: page,
         num_pages,
-        block_table: &block_table,
+        block_table: Some(&block_table),
         pages_per_seq: pps,
     };
     let p = Decode::new(&lens, 1, hq, hkv, d, layout).splits(2);
@@ -335,7 +335,7 @@ fn decode_reads_a_page_past_2_31_elements() {
         Layout::Paged {
             page_size: page,
             num_pages: used.len(),
-            block_table: &compact_table,
+            block_table: Some(&compact_table),
             pages_per_seq: pps,
         },
     )

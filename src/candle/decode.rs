@@ -166,7 +166,7 @@ impl CpuOp for DecodeAttn {
             Some((table, cols)) => decode::Layout::Paged {
                 page_size: kd[1],
                 num_pages: kd[0],
-                block_table: table,
+                block_table: Some(table),
                 pages_per_seq: *cols,
             },
             None => decode::Layout::Contiguous { capacity: kd[1] },

@@ -29,7 +29,10 @@ pub(crate) struct Problem<'a> {
     pub softcap: Option<f32>,
     pub splits: usize,
     pub keys_per_split: usize,
-    pub lens: &'a [i32],
+    /// The lengths where the host has them: its copy, or on the CPU the checked buffer.
+    pub lens: Option<&'a [i32]>,
+    /// The declared bound of device-only lengths ([`SeqLens::Device`]).
+    pub max_len: Option<usize>,
     pub layout: Layout<'a>,
     pub q: Strides,
     pub o: Strides,
@@ -57,7 +60,7 @@ impl Problem<'_> {
                 pages_per_seq,
                 ..
             } => (
-                block_table[b * pages_per_seq + j / page_size] as usize,
+                block_table.unwrap_or_default()[b * pages_per_seq + j / page_size] as usize,
                 j % page_size,
             ),
             Layout::Rolling {
@@ -69,7 +72,7 @@ impl Problem<'_> {
                 let slot = if j < *n_sink {
                     j
                 } else {
-                    n_sink + (j - n_sink + ring_offsets[b] as usize) % window
+                    n_sink + (j - n_sink + ring_offsets.unwrap_or_default()[b] as usize) % window
                 };
                 (b, slot)
             }
@@ -84,8 +87,10 @@ impl Problem<'_> {
         }
     }
 
+    /// Sequence `b`'s length; only called on a resolved problem ([`host_tables`]), whose
+    /// lengths are known.
     pub fn len(&self, b: usize) -> usize {
-        self.lens[b] as usize
+        self.lens.unwrap_or_default()[b] as usize
     }
 }
 
@@ -100,10 +105,15 @@ pub(super) struct HostExtras<'t> {
 
 /// On the CPU the tables are host slices, and they must hold exactly what the problem's host
 /// copies say: the CPU reads the problem's copies, a GPU the buffers, so a difference would
-/// make the two backends compute different things without a word. Returns the sink logits,
-/// checked for NaN (a NaN logit has no meaning; ±inf do, see [`Tables::sink_logits`]), and
-/// the ALiBi slopes, checked finite and small enough that no bias within the cache overflows.
-pub(super) fn host_tables<'t>(p: &Problem<'_>, t: &'t Tables<'_>) -> Result<HostExtras<'t>> {
+/// make the two backends compute different things without a word. A table the problem has no
+/// host copy of (device-only) is taken from its buffer and checked as a host copy is. Returns
+/// the problem with every table known, the sink logits, checked for NaN (a NaN logit has no
+/// meaning; ±inf do, see [`Tables::sink_logits`]), and the ALiBi slopes, checked finite and
+/// small enough that no bias within the cache overflows.
+pub(super) fn host_tables<'t>(
+    p: &Problem<'t>,
+    t: &'t Tables<'_>,
+) -> Result<(Problem<'t>, HostExtras<'t>)> {
     let same = |arg: &'static str, buf: &Buf<'_, i32>, host: &[i32]| -> Result<()> {
         let got = buf.host(arg)?;
         if let Some(i) = got.iter().zip(host).position(|(a, b)| a != b) {
@@ -118,14 +128,29 @@ pub(super) fn host_tables<'t>(p: &Problem<'_>, t: &'t Tables<'_>) -> Result<Host
         }
         Ok(())
     };
-    same("cache_seqlens", &t.cache_seqlens, p.lens)?;
-    match (&p.layout, &t.block_table, &t.ring_offsets) {
-        (Layout::Paged { block_table, .. }, Some(b), _) => same("block_table", b, block_table)?,
-        (Layout::Rolling { ring_offsets, .. }, _, Some(r)) => {
-            same("ring_offsets", r, ring_offsets)?
+    // Each table: its host copy, checked equal to the buffer, or the buffer itself.
+    let mut filled = false;
+    let mut pick = |arg: &'static str, buf: &'t Buf<'_, i32>, host: Option<&[i32]>| {
+        match host {
+            Some(h) => same(arg, buf, h)?,
+            None => filled = true,
+        }
+        buf.host(arg)
+    };
+    let mut r = p.clone();
+    r.lens = Some(pick("cache_seqlens", &t.cache_seqlens, p.lens)?);
+    match (&mut r.layout, &t.block_table, &t.ring_offsets) {
+        (Layout::Paged { block_table, .. }, Some(b), _) => {
+            *block_table = Some(pick("block_table", b, *block_table)?)
+        }
+        (Layout::Rolling { ring_offsets, .. }, _, Some(o)) => {
+            *ring_offsets = Some(pick("ring_offsets", o, *ring_offsets)?)
         }
         // check_tables already matched the buffers to the layout.
         _ => {}
+    }
+    if filled {
+        check_values(&r)?;
     }
     let sinks = match &t.sink_logits {
         Some(s) => {
@@ -165,30 +190,36 @@ pub(super) fn host_tables<'t>(p: &Problem<'_>, t: &'t Tables<'_>) -> Result<Host
         }
         None => None,
     };
-    Ok(HostExtras {
-        sinks,
-        alibi_slopes,
-    })
+    Ok((
+        r,
+        HostExtras {
+            sinks,
+            alibi_slopes,
+        },
+    ))
 }
 
 /// An append must not write a page that another slot in use also maps: two sequences
 /// appending into one page race on a GPU (and a prefix another sequence reads would change
 /// under it). Shared pages that nobody writes (prefix sharing) stay legal. Checked on the
-/// host tables, before any write.
+/// host tables, before any write; without them (device-only on a GPU) it is the caller's
+/// promise (see [`Decode::with_device_tables`]).
 pub(super) fn check_append_pages(p: &Problem<'_>) -> Result<()> {
-    let Layout::Paged {
-        page_size,
-        block_table,
-        pages_per_seq,
-        ..
-    } = &p.layout
+    let (
+        Layout::Paged {
+            page_size,
+            block_table: Some(block_table),
+            pages_per_seq,
+            ..
+        },
+        Some(lens),
+    ) = (&p.layout, p.lens)
     else {
         return Ok(());
     };
     // Every (sequence, column) in use, by page; `check` proved these entries are real pages.
     let mut used: Vec<(i32, usize, usize)> = Vec::new();
-    let total: usize = p
-        .lens
+    let total: usize = lens
         .iter()
         .map(|&l| (l as usize).div_ceil(*page_size))
         .sum();
@@ -196,7 +227,7 @@ pub(super) fn check_append_pages(p: &Problem<'_>) -> Result<()> {
         arg: "block_table",
         detail: format!("{total} pages in use: no memory to check them"),
     })?;
-    for (b, &l) in p.lens.iter().enumerate() {
+    for (b, &l) in lens.iter().enumerate() {
         let row = &block_table[b * pages_per_seq..(b + 1) * pages_per_seq];
         for (col, &pg) in row
             .iter()
@@ -207,7 +238,7 @@ pub(super) fn check_append_pages(p: &Problem<'_>) -> Result<()> {
         }
     }
     used.sort_unstable();
-    for (b, &l) in p.lens.iter().enumerate() {
+    for (b, &l) in lens.iter().enumerate() {
         let l = l as usize;
         // The columns this append writes: those of keys l - seq_q .. l.
         let cols = (l - p.seq_q) / page_size..l.div_ceil(*page_size);
@@ -243,8 +274,9 @@ pub(super) fn check_tables(p: &Problem<'_>, t: &Tables<'_>) -> Result<()> {
     }
     let (bt, ro) = match &p.layout {
         Layout::Contiguous { .. } => (None, None),
-        Layout::Paged { block_table, .. } => (Some(block_table.len()), None),
-        Layout::Rolling { ring_offsets, .. } => (None, Some(ring_offsets.len())),
+        // Without a host copy the buffer must still hold the full table.
+        Layout::Paged { pages_per_seq, .. } => (Some(p.batch.saturating_mul(*pages_per_seq)), None),
+        Layout::Rolling { .. } => (None, Some(p.batch)),
     };
     for (arg, buf) in [
         ("sink_logits", &t.sink_logits),
@@ -370,12 +402,12 @@ pub(super) fn check<'a>(dev: &Device, p: &Decode<'a>) -> Result<Problem<'a>> {
             }
             // Saturated: no real table holds usize::MAX entries, so it cannot match.
             let need = batch.saturating_mul(*pages_per_seq);
-            if block_table.len() != need {
+            if let Some(t) = block_table.filter(|t| t.len() != need) {
                 return shape(
                     "block_table",
                     format!(
                         "holds {} entries, [batch {batch}, pages_per_seq {pages_per_seq}] is {need}",
-                        block_table.len()
+                        t.len()
                     ),
                 );
             }
@@ -394,69 +426,30 @@ pub(super) fn check<'a>(dev: &Device, p: &Decode<'a>) -> Result<Problem<'a>> {
                     detail: "must be at least 1".into(),
                 });
             }
-            if ring_offsets.len() != batch {
+            if let Some(r) = ring_offsets.filter(|r| r.len() != batch) {
                 return shape(
                     "ring_offsets",
-                    format!("holds {}, the batch is {batch}", ring_offsets.len()),
+                    format!("holds {}, the batch is {batch}", r.len()),
                 );
             }
             (batch, cap)
         }
     };
-    for (b, &l) in p.cache_seqlens.iter().enumerate() {
-        if l < 0 || l as usize > cap {
-            return Err(Error::Value {
-                arg: "cache_seqlens",
-                detail: format!("sequence {b}: {l} keys, the capacity is {cap}"),
-            });
-        }
-    }
-    match &p.layout {
-        Layout::Paged {
-            page_size,
-            num_pages,
-            block_table,
-            pages_per_seq,
-        } => {
-            // Only the pages a sequence uses are read; each must name a real page.
-            for (b, &l) in p.cache_seqlens.iter().enumerate() {
-                let row = &block_table[b * pages_per_seq..(b + 1) * pages_per_seq];
-                for (i, &pg) in row
-                    .iter()
-                    .take((l as usize).div_ceil(*page_size))
-                    .enumerate()
-                {
-                    if pg < 0 || pg as usize >= *num_pages {
-                        return Err(Error::Value {
-                            arg: "block_table",
-                            detail: format!(
-                                "sequence {b}, page {i}: entry {pg} is outside 0..{num_pages}"
-                            ),
-                        });
-                    }
-                }
+    let (lens, max_len) = match p.cache_seqlens {
+        SeqLens::Host(l) => (Some(l), None),
+        SeqLens::Device { max_len, .. } => {
+            // The splits cover max_len keys: past the capacity it would only overflow the
+            // kernels' int32 split bounds.
+            if max_len > cap {
+                return Err(Error::Value {
+                    arg: "max_len",
+                    detail: format!("{max_len} keys, the capacity is {cap}"),
+                });
             }
+            (None, Some(max_len))
         }
-        Layout::Rolling {
-            window,
-            ring_offsets,
-            ..
-        } => {
-            for (b, (&r, &l)) in ring_offsets.iter().zip(p.cache_seqlens).enumerate() {
-                // The ring turns only once full.
-                let ok = r >= 0 && (r as usize) < *window && (r == 0 || l as usize == cap);
-                if !ok {
-                    return Err(Error::Value {
-                        arg: "ring_offsets",
-                        detail: format!(
-                            "sequence {b}: offset {r} with {l} of {cap} slots used (window {window})"
-                        ),
-                    });
-                }
-            }
-        }
-        Layout::Contiguous { .. } => {}
-    }
+    };
+    check_host_values(lens, max_len, &p.layout, cap)?;
     let splits = p.splits_for(dev);
     if splits == 0 || splits > MAX_SPLITS {
         return Err(Error::Value {
@@ -493,7 +486,8 @@ pub(super) fn check<'a>(dev: &Device, p: &Decode<'a>) -> Result<Problem<'a>> {
         softcap: p.softcap,
         splits,
         keys_per_split,
-        lens: p.cache_seqlens,
+        lens,
+        max_len,
         layout: p.layout.clone(),
         q: p.q_strides,
         o: p.o_strides,
@@ -502,6 +496,87 @@ pub(super) fn check<'a>(dev: &Device, p: &Decode<'a>) -> Result<Problem<'a>> {
         cache_dims,
         capacity: cap,
     })
+}
+
+/// [`check_host_values`] on a problem's tables (after [`host_tables`] filled them in).
+fn check_values(p: &Problem<'_>) -> Result<()> {
+    check_host_values(p.lens, p.max_len, &p.layout, p.capacity)
+}
+
+/// The checks of the tables' values, on what the host has: lengths within the capacity (and
+/// the declared `max_len`), the pages a sequence uses real pages, ring offsets inside the
+/// window (and 0 until the ring is full). Shapes were checked before.
+fn check_host_values(
+    lens: Option<&[i32]>,
+    max_len: Option<usize>,
+    layout: &Layout<'_>,
+    cap: usize,
+) -> Result<()> {
+    if let Some(lens) = lens {
+        for (b, &l) in lens.iter().enumerate() {
+            if l < 0 || l as usize > cap {
+                return Err(Error::Value {
+                    arg: "cache_seqlens",
+                    detail: format!("sequence {b}: {l} keys, the capacity is {cap}"),
+                });
+            }
+            if let Some(m) = max_len.filter(|&m| l as usize > m) {
+                return Err(Error::Value {
+                    arg: "cache_seqlens",
+                    detail: format!("sequence {b}: {l} keys, over the declared max_len {m}"),
+                });
+            }
+        }
+    }
+    match layout {
+        Layout::Paged {
+            page_size,
+            num_pages,
+            block_table: Some(block_table),
+            pages_per_seq,
+        } => {
+            // Only the pages a sequence uses are read; each must name a real page (without
+            // the lengths the host cannot tell which those are).
+            for (b, &l) in lens.unwrap_or_default().iter().enumerate() {
+                let row = &block_table[b * pages_per_seq..(b + 1) * pages_per_seq];
+                for (i, &pg) in row
+                    .iter()
+                    .take((l as usize).div_ceil(*page_size))
+                    .enumerate()
+                {
+                    if pg < 0 || pg as usize >= *num_pages {
+                        return Err(Error::Value {
+                            arg: "block_table",
+                            detail: format!(
+                                "sequence {b}, page {i}: entry {pg} is outside 0..{num_pages}"
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        Layout::Rolling {
+            window,
+            ring_offsets: Some(ring_offsets),
+            ..
+        } => {
+            for (b, &r) in ring_offsets.iter().enumerate() {
+                // The ring turns only once full (checkable only with the length).
+                let full = lens.is_none_or(|l| r == 0 || l[b] as usize == cap);
+                if !(r >= 0 && (r as usize) < *window && full) {
+                    let l = lens.map_or("unknown".to_string(), |l| l[b].to_string());
+                    return Err(Error::Value {
+                        arg: "ring_offsets",
+                        detail: format!(
+                            "sequence {b}: offset {r} with {l} of {cap} slots used (window {window})"
+                        ),
+                    });
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// Checks both cache tensors `[pages or batch, rows, heads_kv, head_dim]` against their buffers

@@ -1,5 +1,5 @@
-//! The cache layouts a decode call reads ([`Layout`]) and the rotary embedding a rolling cache
-//! applies on the fly ([`Rope`]).
+//! The cache layouts a decode call reads ([`Layout`]), the lengths as the host knows them
+//! ([`SeqLens`]) and the rotary embedding a rolling cache applies on the fly ([`Rope`]).
 
 /// Rotary embedding style: which element pairs rotate together.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,7 +75,7 @@ pub enum Layout<'a> {
     /// ```
     /// use attnkit::decode::{Decode, Layout};
     /// let table = [0, 1];
-    /// let paged = Layout::Paged { page_size: 8, num_pages: 2, block_table: &table, pages_per_seq: 2 };
+    /// let paged = Layout::Paged { page_size: 8, num_pages: 2, block_table: Some(&table), pages_per_seq: 2 };
     /// let mut p = Decode::new(&[12], 1, 4, 2, 64, paged);
     /// // [num_pages, heads_kv, page_size, head_dim]: head-major pages.
     /// p.k_strides.row = 64;
@@ -89,8 +89,11 @@ pub enum Layout<'a> {
         /// Pages in the K (and V) buffer.
         num_pages: usize,
         /// Host copy of the block table, `[batch, pages_per_seq]`; entries past a sequence's
-        /// length are not read (and may be anything, e.g. -1).
-        block_table: &'a [i32],
+        /// length are not read (and may be anything, e.g. -1). `None`: the table lives only
+        /// in [`Tables::block_table`](super::Tables::block_table) (no host copy per step; see
+        /// [`Decode::with_device_tables`](super::Decode::with_device_tables) for what is
+        /// checked then).
+        block_table: Option<&'a [i32]>,
         /// Columns of the block table: a sequence holds at most `pages_per_seq * page_size`.
         pages_per_seq: usize,
     },
@@ -105,9 +108,54 @@ pub enum Layout<'a> {
         /// Most recent tokens kept in the ring.
         window: usize,
         /// Host copy: per sequence, the ring index of the oldest ring token (0 until the
-        /// ring is full).
-        ring_offsets: &'a [i32],
+        /// ring is full). `None`: the offsets live only in
+        /// [`Tables::ring_offsets`](super::Tables::ring_offsets), as `block_table`'s `None`.
+        ring_offsets: Option<&'a [i32]>,
         /// The rotary embedding applied with cache positions.
         rope: Rope,
     },
+}
+
+/// Each sequence's key count, as the host knows it.
+///
+/// ```
+/// use attnkit::decode::{Decode, Layout, SeqLens};
+/// let lens = [9, 30];
+/// let host = Decode::new(&lens, 1, 1, 1, 64, Layout::Contiguous { capacity: 64 });
+/// let dev = Decode::with_device_tables(2, 30, 1, 1, 1, 64, Layout::Contiguous { capacity: 64 });
+/// assert!(matches!(host.cache_seqlens, SeqLens::Host(l) if l == lens));
+/// assert_eq!((host.batch(), host.keys_per_split(1)), (dev.batch(), dev.keys_per_split(1)));
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub enum SeqLens<'a> {
+    /// A host copy of the `[batch]` lengths, checked before the call; the call's
+    /// [`Tables::cache_seqlens`](super::Tables::cache_seqlens) holds the same (on a GPU, a
+    /// device copy).
+    Host(&'a [i32]),
+    /// The lengths live only in [`Tables::cache_seqlens`](super::Tables::cache_seqlens) (see
+    /// [`Decode::with_device_tables`](super::Decode::with_device_tables)); the host gives
+    /// their count and bound.
+    Device {
+        /// Sequences.
+        batch: usize,
+        /// At least the longest cache: the splits cover this many keys, and a longer
+        /// sequence is an error on the CPU and reads as empty on a GPU.
+        max_len: usize,
+    },
+}
+
+impl<'a> SeqLens<'a> {
+    /// The host copy of the lengths, if the host has one.
+    ///
+    /// ```
+    /// use attnkit::decode::SeqLens;
+    /// assert_eq!(SeqLens::Host(&[3, 4]).host(), Some(&[3, 4][..]));
+    /// assert_eq!(SeqLens::Device { batch: 2, max_len: 9 }.host(), None);
+    /// ```
+    pub fn host(&self) -> Option<&'a [i32]> {
+        match self {
+            SeqLens::Host(l) => Some(l),
+            SeqLens::Device { .. } => None,
+        }
+    }
 }

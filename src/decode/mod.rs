@@ -20,6 +20,11 @@
 //! each sequence's keys into `splits` chunks of [`Decode::keys_per_split`] keys, compute a
 //! partial output and LSE per chunk into the caller's workspace, and combine the partials
 //! exactly through their LSEs. Nothing is allocated on the device, nothing synchronises.
+//!
+//! Tables: the host holds copies of the lengths, block table and ring offsets ([`Decode::new`])
+//! for its checks and the split sizing, or only their sizes and a bound on the lengths
+//! ([`Decode::with_device_tables`]: a server's step then copies nothing to the host, and the
+//! kernels' re-checks turn a stale table into empty sequences, never an access out of bounds).
 
 mod checks;
 mod cpu;
@@ -29,7 +34,7 @@ mod layout;
 pub mod oracle;
 mod rolling;
 
-pub use layout::{Layout, Rope, RopeStyle};
+pub use layout::{Layout, Rope, RopeStyle, SeqLens};
 pub use rolling::RollingCache;
 
 use crate::buffer::{Buf, BufMut};
@@ -73,7 +78,7 @@ const MIN_KEYS_PER_SPLIT: usize = 256;
 pub const ROWS_PER_BLOCK: usize = 16;
 
 /// A decode problem: shapes, cache layout and per-sequence lengths (host copies, for checks
-/// and launch sizing), options.
+/// and launch sizing, or only their bound: [`Decode::with_device_tables`]), options.
 ///
 /// ```
 /// use attnkit::decode::{Decode, Layout};
@@ -84,8 +89,9 @@ pub const ROWS_PER_BLOCK: usize = 16;
 /// ```
 #[derive(Clone, Debug)]
 pub struct Decode<'a> {
-    /// Keys in each sequence's cache, the new tokens' included: `[batch]`.
-    pub cache_seqlens: &'a [i32],
+    /// Keys in each sequence's cache, the new tokens' included: a host copy of the `[batch]`
+    /// lengths, or only the batch and a bound ([`SeqLens::Device`]).
+    pub cache_seqlens: SeqLens<'a>,
     /// New tokens (query rows) per sequence, 1 to [`MAX_SEQ_Q`].
     pub seq_q: usize,
     /// Query heads.
@@ -145,7 +151,7 @@ impl<'a> Decode<'a> {
         };
         let kv = contiguous(rows, heads_kv, head_dim);
         Decode {
-            cache_seqlens,
+            cache_seqlens: SeqLens::Host(cache_seqlens),
             seq_q,
             heads_q,
             heads_kv,
@@ -161,6 +167,46 @@ impl<'a> Decode<'a> {
             k_strides: kv,
             v_strides: kv,
         }
+    }
+
+    /// A problem whose per-sequence tables stay on the device: the host gives the `batch` and
+    /// `max_len`, at least the longest cache (it sizes the splits: [`Decode::keys_per_split`]),
+    /// instead of the lengths, and usually a layout without its host table
+    /// (`Layout::Paged { block_table: None, .. }`, [`RollingCache::device_layout`]). A
+    /// server's step then copies nothing to the host. Otherwise as [`Decode::new`].
+    ///
+    /// What is checked: on the CPU the [`Tables`] buffers are host buffers, so the call reads
+    /// them and checks them exactly as host copies are checked (a typed error naming
+    /// `cache_seqlens`, `block_table` or `ring_offsets`; a length over `max_len` is one too).
+    /// On a GPU the host reads nothing (no device-to-host copy, no synchronisation): the
+    /// kernels re-check every length against the capacity and what the splits cover
+    /// (`max_len` rounded up to the split granule), every page against `num_pages` and every
+    /// ring offset against the window, and a sequence that fails reads as empty (`O = 0`,
+    /// `LSE = -inf`; [`append`] writes none of its rows), never out of bounds. What the host
+    /// cannot check without the tables is the caller's promise on a GPU: that an
+    /// [`append`] writes no page that another slot also maps (else the two writes race,
+    /// each still in bounds).
+    ///
+    /// ```
+    /// use attnkit::decode::{Decode, Layout, SeqLens};
+    /// let paged = Layout::Paged { page_size: 16, num_pages: 64, block_table: None, pages_per_seq: 8 };
+    /// let p = Decode::with_device_tables(4, 100, 1, 8, 2, 128, paged);
+    /// assert_eq!(p.batch(), 4);
+    /// assert!(matches!(p.cache_seqlens, SeqLens::Device { max_len: 100, .. }));
+    /// assert_eq!(p.keys_per_split(1), 128);
+    /// ```
+    pub fn with_device_tables(
+        batch: usize,
+        max_len: usize,
+        seq_q: usize,
+        heads_q: usize,
+        heads_kv: usize,
+        head_dim: usize,
+        layout: Layout<'a>,
+    ) -> Self {
+        let mut p = Decode::new(&[], seq_q, heads_q, heads_kv, head_dim, layout);
+        p.cache_seqlens = SeqLens::Device { batch, max_len };
+        p
     }
 
     /// Sets the causal mask among the new tokens.
@@ -233,7 +279,10 @@ impl<'a> Decode<'a> {
     /// assert_eq!(Decode::new(&[1, 2, 3], 1, 1, 1, 64, Layout::Contiguous { capacity: 8 }).batch(), 3);
     /// ```
     pub fn batch(&self) -> usize {
-        self.cache_seqlens.len()
+        match self.cache_seqlens {
+            SeqLens::Host(l) => l.len(),
+            SeqLens::Device { batch, .. } => batch,
+        }
     }
 
     /// The scale applied to `Q K^T`.
@@ -283,7 +332,7 @@ impl<'a> Decode<'a> {
     ///
     /// ```
     /// # use attnkit::decode::{Decode, Layout};
-    /// let l = Layout::Paged { page_size: 16, num_pages: 9, block_table: &[0, 1, 2], pages_per_seq: 3 };
+    /// let l = Layout::Paged { page_size: 16, num_pages: 9, block_table: Some(&[0, 1, 2]), pages_per_seq: 3 };
     /// assert_eq!(Decode::new(&[4], 1, 1, 1, 64, l).capacity(), 48);
     /// ```
     pub fn capacity(&self) -> usize {
@@ -298,13 +347,12 @@ impl<'a> Decode<'a> {
         }
     }
 
-    /// The longest cache in the batch.
+    /// The longest cache in the batch (host lengths), or the declared bound.
     fn max_len(&self) -> usize {
-        self.cache_seqlens
-            .iter()
-            .map(|&l| l.max(0) as usize)
-            .max()
-            .unwrap_or(0)
+        match self.cache_seqlens {
+            SeqLens::Host(l) => l.iter().map(|&l| l.max(0) as usize).max().unwrap_or(0),
+            SeqLens::Device { max_len, .. } => max_len,
+        }
     }
 
     /// Query rows per KV head: `seq_q * heads_q / heads_kv`.
@@ -340,7 +388,8 @@ impl<'a> Decode<'a> {
         )
     }
 
-    /// Keys per split for `splits` splits: the longest cache cut in `splits`, rounded up to
+    /// Keys per split for `splits` splits: the longest cache (or [`SeqLens::Device`]'s
+    /// `max_len`) cut in `splits`, rounded up to
     /// [`SPLIT_GRANULE`]. Split `s` of every sequence covers keys
     /// `s * keys_per_split .. (s + 1) * keys_per_split`.
     ///
@@ -471,8 +520,8 @@ pub fn num_splits(
 }
 
 /// The per-sequence index arrays where the call runs: host slices on the CPU (the same as the
-/// problem's), device copies on a GPU. The kernels re-check the device copies' bounds, so a
-/// stale copy cannot read or write out of bounds.
+/// problem's host copies, where it has them), device copies on a GPU. The kernels re-check
+/// the device copies' bounds, so a stale copy cannot read or write out of bounds.
 ///
 /// ```
 /// use attnkit::decode::{Decode, Layout, Tables};
@@ -513,7 +562,9 @@ pub struct Tables<'a> {
 }
 
 impl<'a> Tables<'a> {
-    /// The problem's own host slices, for a CPU call.
+    /// The problem's own host slices, for a CPU call. A table the problem has no host copy of
+    /// ([`Decode::with_device_tables`]) comes out empty, which the call rejects: pass the
+    /// buffers themselves then.
     ///
     /// ```
     /// # use attnkit::decode::{Decode, Layout, Tables};
@@ -523,11 +574,19 @@ impl<'a> Tables<'a> {
     pub fn host(p: &Decode<'a>) -> Tables<'a> {
         let (block_table, ring_offsets) = match &p.layout {
             Layout::Contiguous { .. } => (None, None),
-            Layout::Paged { block_table, .. } => (Some(Buf::Host(block_table)), None),
-            Layout::Rolling { ring_offsets, .. } => (None, Some(Buf::Host(ring_offsets))),
+            Layout::Paged { block_table, .. } => {
+                (Some(Buf::Host(block_table.unwrap_or(&[]))), None)
+            }
+            Layout::Rolling { ring_offsets, .. } => {
+                (None, Some(Buf::Host(ring_offsets.unwrap_or(&[]))))
+            }
+        };
+        let lens = match p.cache_seqlens {
+            SeqLens::Host(l) => l,
+            SeqLens::Device { .. } => &[],
         };
         Tables {
-            cache_seqlens: Buf::Host(p.cache_seqlens),
+            cache_seqlens: Buf::Host(lens),
             block_table,
             ring_offsets,
             sink_logits: None,
@@ -551,11 +610,13 @@ impl<'a> Tables<'a> {
 ///
 /// The tables: on the CPU, [`Tables`]' host buffers must hold what the problem's host copies
 /// say (`cache_seqlens`, `block_table`, `ring_offsets`; a difference is a typed error naming
-/// the buffer), so both backends read one truth. On a GPU the device copies are not read back
-/// (no synchronisation): the kernels re-check every length, ring offset and page they read
-/// against the checked capacity, window and page count, so a stale copy gives wrong numbers
-/// for its sequence (a sequence that fails the re-check reads as empty: `O = 0`, `LSE = -inf`)
-/// but never an access out of bounds. A NaN sink logit (or a NaN or infinite ALiBi slope) is
+/// the buffer), so both backends read one truth; a table without a host copy
+/// ([`Decode::with_device_tables`]) is read from its buffer and checked as a host copy is. On
+/// a GPU the device copies are not read back (no synchronisation): the kernels re-check every
+/// length (against the capacity and what the splits cover), ring offset and page against the
+/// checked capacity, window and page count, so a stale copy gives wrong numbers for its
+/// sequence (a sequence that fails the re-check reads as empty: `O = 0`, `LSE = -inf`) but
+/// never an access out of bounds. A NaN sink logit (or a NaN or infinite ALiBi slope) is
 /// an error on the CPU; on a GPU it makes its rows NaN.
 ///
 /// ```
@@ -623,7 +684,7 @@ pub fn forward<T: Element>(
     }
     match &dev.backend {
         Backend::Cpu { threads } => {
-            let extras = host_tables(&pr, &tables)?;
+            let (pr, extras) = host_tables(&pr, &tables)?;
             let (q, k, v) = (
                 q.host("q")?,
                 k_cache.host("k_cache")?,
@@ -658,7 +719,10 @@ pub fn forward<T: Element>(
 /// page written here that another sequence (or another column) also uses (two writers of one
 /// page would race on a GPU; reading shared pages, prefix sharing, is fine): typed errors
 /// before anything is written. The tables follow [`forward`]'s rule (checked against the
-/// problem on the CPU, re-checked by the kernel on a GPU).
+/// problem on the CPU, re-checked by the kernel on a GPU). With device-only tables on a GPU
+/// ([`Decode::with_device_tables`]) the host checks none of these: the kernel writes no row
+/// of a sequence that fails its re-check, nor a token whose position is negative, and
+/// unshared written pages are the caller's promise.
 ///
 /// ```
 /// use attnkit::{decode::{self, Decode, Layout, Tables}, Device};
@@ -683,7 +747,13 @@ pub fn append<T: Element>(
 ) -> Result<()> {
     let pr = check(dev, p)?;
     check_tables(&pr, &tables)?;
-    for (b, &l) in pr.lens.iter().enumerate() {
+    // On the CPU the buffers are host slices: check every table the host copies lack too.
+    let pr = match &dev.backend {
+        Backend::Cpu { .. } => host_tables(&pr, &tables)?.0,
+        #[cfg(attnkit_cuda)]
+        Backend::Cuda(_) => pr,
+    };
+    for (b, &l) in pr.lens.unwrap_or_default().iter().enumerate() {
         if (l as usize) < pr.seq_q {
             return Err(Error::Value {
                 arg: "cache_seqlens",
@@ -709,7 +779,6 @@ pub fn append<T: Element>(
     check_cache(&pr, k_cache.len(), v_cache.len(), true)?;
     match &dev.backend {
         Backend::Cpu { threads } => {
-            host_tables(&pr, &tables)?;
             let (kn, vn) = (k_new.host("k_new")?, v_new.host("v_new")?);
             let (kc, vc) = (k_cache.host_mut("k_cache")?, v_cache.host_mut("v_cache")?);
             cpu::append(*threads, &pr, kn, vn, kc, vc);

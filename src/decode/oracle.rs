@@ -3,7 +3,7 @@
 //! the real implementations against it. The logit options (window, softcap, ALiBi, sink
 //! logits) are applied as [`Logits`] defines them, straight from their definitions.
 
-use super::{Decode, Layout, Rope};
+use super::{Decode, Layout, Rope, SeqLens};
 use crate::dtype::Element;
 
 /// Rotates `v` (one head vector, f64) to position `pos` with `rope`, in f64.
@@ -215,7 +215,7 @@ pub fn sequence_with<T: Element>(
 /// ```
 /// use attnkit::decode::{oracle, Decode, Layout};
 /// let table = [1, 0];
-/// let p = Decode::new(&[20], 1, 1, 1, 64, Layout::Paged { page_size: 16, num_pages: 2, block_table: &table, pages_per_seq: 2 });
+/// let p = Decode::new(&[20], 1, 1, 1, 64, Layout::Paged { page_size: 16, num_pages: 2, block_table: Some(&table), pages_per_seq: 2 });
 /// let cache: Vec<f32> = (0..32 * 64).map(|i| (i / 64) as f32).collect(); // row r holds r
 /// let k = oracle::gather(&p, &p.k_strides, &cache, 0);
 /// assert_eq!((k[0], k[16 * 64]), (16.0, 0.0)); // logical key 0 is page 1's row 0
@@ -226,7 +226,17 @@ pub fn gather<T: Element>(
     cache: &[T],
     b: usize,
 ) -> Vec<T> {
-    let (len, hk_n, d) = (p.cache_seqlens[b].max(0) as usize, p.heads_kv, p.head_dim);
+    // Without host tables (device-only) the oracle has nothing to read: an empty sequence.
+    let host = match &p.layout {
+        Layout::Paged { block_table, .. } => block_table.is_some(),
+        Layout::Rolling { ring_offsets, .. } => ring_offsets.is_some(),
+        Layout::Contiguous { .. } => true,
+    };
+    let len = match p.cache_seqlens {
+        SeqLens::Host(l) if host => l[b].max(0) as usize,
+        _ => 0,
+    };
+    let (hk_n, d) = (p.heads_kv, p.head_dim);
     let mut out = Vec::with_capacity(len * hk_n * d);
     for j in 0..len {
         let (outer, row) = match &p.layout {
@@ -237,7 +247,7 @@ pub fn gather<T: Element>(
                 pages_per_seq,
                 ..
             } => {
-                let pages = &block_table[b * pages_per_seq..][..*pages_per_seq];
+                let pages = &block_table.unwrap_or_default()[b * pages_per_seq..][..*pages_per_seq];
                 (pages[j / page_size] as usize, j % page_size)
             }
             Layout::Rolling {
@@ -247,7 +257,9 @@ pub fn gather<T: Element>(
                 ..
             } => {
                 // Walk the ring from its oldest slot.
-                let ring = (ring_offsets[b] as usize + j.saturating_sub(*n_sink)) % window;
+                let ring = (ring_offsets.unwrap_or_default()[b] as usize
+                    + j.saturating_sub(*n_sink))
+                    % window;
                 (b, if j < *n_sink { j } else { n_sink + ring })
             }
         };

@@ -191,7 +191,26 @@ impl RollingCache {
         Layout::Rolling {
             n_sink: self.n_sink,
             window: self.window,
-            ring_offsets,
+            ring_offsets: Some(ring_offsets),
+            rope: self.rope,
+        }
+    }
+
+    /// The layout without a host copy of the ring offsets: they live only in
+    /// [`Tables::ring_offsets`](super::Tables::ring_offsets) (see
+    /// [`Decode::with_device_tables`](super::Decode::with_device_tables)).
+    ///
+    /// ```
+    /// # use attnkit::decode::{RollingCache, Rope, RopeStyle, Layout};
+    /// # let r = Rope { style: RopeStyle::NeoX, theta: 1e4 };
+    /// let c = RollingCache::new(1, 4, 12, r).unwrap();
+    /// assert!(matches!(c.device_layout(), Layout::Rolling { ring_offsets: None, .. }));
+    /// ```
+    pub fn device_layout(&self) -> Layout<'static> {
+        Layout::Rolling {
+            n_sink: self.n_sink,
+            window: self.window,
+            ring_offsets: None,
             rope: self.rope,
         }
     }

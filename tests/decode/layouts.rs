@@ -30,7 +30,7 @@ fn new_head_dims<T: Element>(test: &str) {
             let layout = Layout::Rolling {
                 n_sink: 4,
                 window: 60,
-                ring_offsets: &offs,
+                ring_offsets: Some(&offs),
                 rope,
             };
             let p = Decode::new(&lens, 2, 6, 2, d, layout).splits(2);
@@ -121,7 +121,7 @@ fn two_layouts<'a>(
     let layout = |block_table, pages_per_seq| Layout::Paged {
         page_size,
         num_pages,
-        block_table,
+        block_table: Some(block_table),
         pages_per_seq,
     };
     let tok = Decode::new(lens, seq_q, hq, hk, d, layout(table, per));
@@ -262,7 +262,7 @@ fn page_sizes_are_positive_multiples_of_8() {
             let layout = Layout::Paged {
                 page_size,
                 num_pages: 2 * per,
-                block_table: &table,
+                block_table: Some(&table),
                 pages_per_seq: per,
             };
             let p = Decode::new(&lens, 2, 4, 2, 64, layout).splits(2);

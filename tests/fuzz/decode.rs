@@ -271,7 +271,7 @@ impl Case {
             } => Layout::Paged {
                 page_size,
                 num_pages,
-                block_table: &self.table,
+                block_table: Some(&self.table),
                 pages_per_seq,
             },
             Kind::Rolling {
@@ -281,7 +281,7 @@ impl Case {
             } => Layout::Rolling {
                 n_sink,
                 window,
-                ring_offsets: &self.offs,
+                ring_offsets: Some(&self.offs),
                 rope,
             },
         };
@@ -438,7 +438,7 @@ fn key_at(p: &Decode<'_>, b: usize, j: usize) -> (usize, usize) {
         Layout::Contiguous { .. } => (b, j),
         Layout::Paged {
             page_size,
-            block_table,
+            block_table: Some(block_table),
             pages_per_seq,
             ..
         } => (
@@ -448,7 +448,7 @@ fn key_at(p: &Decode<'_>, b: usize, j: usize) -> (usize, usize) {
         Layout::Rolling {
             n_sink,
             window,
-            ring_offsets,
+            ring_offsets: Some(ring_offsets),
             ..
         } => {
             let slot = if j < *n_sink {
@@ -458,6 +458,7 @@ fn key_at(p: &Decode<'_>, b: usize, j: usize) -> (usize, usize) {
             };
             (b, slot)
         }
+        _ => panic!("the fuzzer's problems carry host tables"),
     }
 }
 
@@ -485,7 +486,7 @@ fn append_case<T: Element>(rng: &mut StdRng, c: &Case) -> Outcome {
             "Ok with a short buffer"
         );
         // Every new row landed where the layout puts logical key len - seq_q + i.
-        for (b, &l) in p.cache_seqlens.iter().enumerate() {
+        for (b, &l) in p.cache_seqlens.host().unwrap().iter().enumerate() {
             for i in 0..p.seq_q {
                 let (outer, row) = key_at(&p, b, l as usize - p.seq_q + i);
                 for hk in 0..p.heads_kv {
