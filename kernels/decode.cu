@@ -401,10 +401,15 @@ __device__ __forceinline__ void decode_append(const DecodeParams& p) {
         const int64_t vo = key_row(p, b, s.ring, j, p.v_batch_stride, p.v_row_stride);
         if (ko < 0 || vo < 0) continue;
         const int64_t src = row * p.head_dim + c * ELEMS;
-        T* k = static_cast<T*>(p.k) + ko + (int64_t)hk * p.k_head_stride + c * ELEMS;
-        T* v = static_cast<T*>(p.v) + vo + (int64_t)hk * p.v_head_stride + c * ELEMS;
-        *reinterpret_cast<uint4*>(k) = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.k_new) + src);
-        *reinterpret_cast<uint4*>(v) = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.v_new) + src);
+        // A null cache is not written by this call (a one-cache append).
+        if (p.k != nullptr) {
+            T* k = static_cast<T*>(p.k) + ko + (int64_t)hk * p.k_head_stride + c * ELEMS;
+            *reinterpret_cast<uint4*>(k) = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.k_new) + src);
+        }
+        if (p.v != nullptr) {
+            T* v = static_cast<T*>(p.v) + vo + (int64_t)hk * p.v_head_stride + c * ELEMS;
+            *reinterpret_cast<uint4*>(v) = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.v_new) + src);
+        }
     }
 }
 

@@ -727,6 +727,7 @@ fn kvcache_with_options_reads_paged_caches_like_contiguous_ones() {
         alibi_slopes: Some(&st),
         sink_logits: Some(&lt),
         block_table: None,
+        rolling: None,
     };
     let contiguous = attnkit::candle::flash_attn_with_kvcache_with(
         &qt,
@@ -784,4 +785,357 @@ fn kvcache_with_options_reads_paged_caches_like_contiguous_ones() {
         ))
         .contains("block_table")
     );
+}
+
+/// `[n, s, h, d]` f32 CPU tensor.
+fn t4(x: &[f32], dims: (usize, usize, usize, usize)) -> Tensor {
+    Tensor::from_vec(x.to_vec(), dims, &Device::Cpu).expect("tensor")
+}
+
+#[test]
+fn kv_cache_append_writes_what_the_library_append_writes() {
+    use attnkit::candle::{KvCacheOptions, kv_cache_append};
+    use attnkit::decode::{self, Decode, Layout, Tables};
+    let mut r = rng("candle_append");
+    let (b, sq, hkv, d, page, pages) = (2, 3, 2, 64, 8, 6);
+    let lens = [11i32, 5];
+    let table = [[4i32, 1], [0, 5]];
+    let k0: Vec<f32> = random(&mut r, pages * page * hkv * d);
+    let v0: Vec<f32> = random(&mut r, pages * page * hkv * d);
+    let kn: Vec<f32> = random(&mut r, b * sq * hkv * d);
+    let vn: Vec<f32> = random(&mut r, b * sq * hkv * d);
+    // The library on host slices.
+    let flat: Vec<i32> = table.concat();
+    let layout = Layout::Paged {
+        page_size: page,
+        num_pages: pages,
+        block_table: Some(&flat),
+        pages_per_seq: 2,
+    };
+    let p = Decode::new(&lens, sq, hkv, hkv, d, layout);
+    let (mut kw, mut vw) = (k0.clone(), v0.clone());
+    decode::append(
+        &attnkit::Device::cpu(),
+        &p,
+        (&kn).into(),
+        (&vn).into(),
+        Tables::host(&p),
+        (&mut kw).into(),
+        (&mut vw).into(),
+    )
+    .expect("library append");
+    // candle, in place.
+    let (kc, vc) = (
+        t4(&k0, (pages, page, hkv, d)),
+        t4(&v0, (pages, page, hkv, d)),
+    );
+    let (kn_t, vn_t) = (t4(&kn, (b, sq, hkv, d)), t4(&vn, (b, sq, hkv, d)));
+    let tt = Tensor::new(&table, &Device::Cpu).expect("table");
+    let lt = Tensor::new(&lens, &Device::Cpu).expect("lens");
+    let opts = KvCacheOptions {
+        block_table: Some(&tt),
+        ..Default::default()
+    };
+    kv_cache_append(&kc, &vc, &kn_t, &vn_t, &lt, &opts).expect("candle append");
+    assert_eq!(host(&kc), kw, "k cache bits");
+    assert_eq!(host(&vc), vw, "v cache bits");
+    // Bad input names the argument, never a panic.
+    let short = Tensor::new(&[11i32], &Device::Cpu).expect("lens");
+    let e = kv_cache_append(&kc, &vc, &kn_t, &vn_t, &short, &opts).expect_err("batch");
+    assert!(e.to_string().contains("cache_seqlens"), "{e}");
+    let half = kn_t.to_dtype(DType::BF16).expect("bf16");
+    let e = kv_cache_append(&kc, &vc, &half, &vn_t, &lt, &opts).expect_err("dtype");
+    assert!(e.to_string().contains("k_new"), "{e}");
+    let tiny = Tensor::new(&[1i32, 5], &Device::Cpu).expect("lens");
+    let e = kv_cache_append(&kc, &vc, &kn_t, &vn_t, &tiny, &opts).expect_err("len < seq_q");
+    assert!(e.to_string().contains("cache_seqlens"), "{e}");
+}
+
+#[test]
+fn rolling_cache_steps_equal_the_library_rolling_path() {
+    use attnkit::candle::{KvCacheOptions, flash_attn_with_kvcache_with, kv_cache_append};
+    use attnkit::decode::{self, Decode, RollingCache, Rope, RopeStyle, Tables};
+    let mut r = rng("candle_rolling");
+    let (b, hq, hkv, d, n_sink, window) = (2, 4, 2, 64, 2, 9);
+    let rope = Rope {
+        style: RopeStyle::NeoX,
+        theta: 1e4,
+    };
+    let mut c = RollingCache::new(b, n_sink, window, rope).expect("cache");
+    let cap = c.capacity();
+    let (mut kw, mut vw) = (vec![0f32; b * cap * hkv * d], vec![0f32; b * cap * hkv * d]);
+    let (kc, vc) = (t4(&kw, (b, cap, hkv, d)), t4(&vw, (b, cap, hkv, d)));
+    let dev = attnkit::Device::cpu();
+    // Steps of 3, 1, 4, 2, 5 tokens: the ring fills, wraps and evicts.
+    for (step, sq) in [3usize, 1, 4, 2, 5].into_iter().enumerate() {
+        c.advance(sq).expect("advance");
+        let (lens, ring) = (c.cache_seqlens(), c.ring_offsets());
+        let q: Vec<f32> = random(&mut r, b * sq * hq * d);
+        let kn: Vec<f32> = random(&mut r, b * sq * hkv * d);
+        let vn: Vec<f32> = random(&mut r, b * sq * hkv * d);
+        // The library.
+        let mut p = Decode::new(&lens, sq, hq, hkv, d, c.layout(&ring));
+        p.causal = true;
+        let pa = Decode::new(&lens, sq, hkv, hkv, d, c.layout(&ring));
+        decode::append(
+            &dev,
+            &pa,
+            (&kn).into(),
+            (&vn).into(),
+            Tables::host(&pa),
+            (&mut kw).into(),
+            (&mut vw).into(),
+        )
+        .expect("library append");
+        let mut ws = vec![0f32; p.checked_workspace_len(&dev).expect("ws")];
+        let (mut o, mut lse) = (vec![f32::NAN; p.o_len()], vec![f32::NAN; p.lse_len()]);
+        decode::forward(
+            &dev,
+            &p,
+            (&q).into(),
+            (&kw).into(),
+            (&vw).into(),
+            Tables::host(&p),
+            (&mut ws).into(),
+            (&mut o).into(),
+            (&mut lse).into(),
+        )
+        .expect("library decode");
+        // candle.
+        let lt = Tensor::new(lens.as_slice(), &Device::Cpu).expect("lens");
+        let rt = Tensor::new(ring.as_slice(), &Device::Cpu).expect("ring");
+        let opts = KvCacheOptions {
+            causal: true,
+            rolling: Some((&c, &rt)),
+            ..Default::default()
+        };
+        let (kn_t, vn_t) = (t4(&kn, (b, sq, hkv, d)), t4(&vn, (b, sq, hkv, d)));
+        kv_cache_append(&kc, &vc, &kn_t, &vn_t, &lt, &opts).expect("candle append");
+        let got = flash_attn_with_kvcache_with(&t4(&q, (b, sq, hq, d)), &kc, &vc, &lt, &opts)
+            .expect("candle decode");
+        assert_eq!(host(&kc), kw, "step {step}: k cache bits");
+        assert_eq!(host(&got), o, "step {step}: output bits");
+    }
+    // A rolling cache with a block table is refused, naming the option.
+    let lt = Tensor::new(c.cache_seqlens().as_slice(), &Device::Cpu).expect("lens");
+    let rt = Tensor::new(c.ring_offsets().as_slice(), &Device::Cpu).expect("ring");
+    let both = KvCacheOptions {
+        rolling: Some((&c, &rt)),
+        block_table: Some(&rt),
+        ..Default::default()
+    };
+    let e = kv_cache_append(&kc, &vc, &kc, &vc, &lt, &both).expect_err("both");
+    assert!(e.to_string().contains("rolling"), "{e}");
+}
+
+/// The CUDA path (feature `candle-cuda`): the same calls on candle CUDA tensors give the CPU
+/// path's results (which the tests above hold to the oracle), with tables on the device too.
+/// They run wherever candle finds a CUDA device, and skip (or fail, under
+/// `ATTNKIT_REQUIRE_GPU=1`) elsewhere.
+#[cfg(feature = "candle-cuda")]
+mod on_cuda {
+    use super::*;
+    use attnkit::candle::{FlashExtras, KvCacheOptions};
+
+    fn gpu() -> Option<Device> {
+        match Device::new_cuda(0) {
+            Ok(d) => Some(d),
+            Err(e) if std::env::var_os("ATTNKIT_REQUIRE_GPU").is_some() => {
+                panic!("ATTNKIT_REQUIRE_GPU is set, but candle has no CUDA device: {e}")
+            }
+            Err(e) => {
+                eprintln!("skipped: candle has no CUDA device ({e})");
+                None
+            }
+        }
+    }
+
+    fn on(t: &Tensor, g: &Device) -> Tensor {
+        t.to_device(g).expect("to device")
+    }
+
+    /// Max |a - b| <= atol + rtol |b| elementwise, with NaN anywhere a failure.
+    fn near(what: &str, a: &Tensor, b: &Tensor, atol: f32, rtol: f32) {
+        let (a, b) = (host(a), host(b));
+        assert_eq!(a.len(), b.len(), "{what}: lengths");
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!(
+                (x - y).abs() <= atol + rtol * y.abs(),
+                "{what}[{i}]: cuda {x}, cpu {y}"
+            );
+        }
+    }
+
+    #[test]
+    fn flash_with_extras_on_cuda_equals_the_cpu_path() {
+        let Some(g) = gpu() else { return };
+        let mut r = rng("candle_cuda_flash");
+        let (b, sq, sk, hq, hkv, d) = (2, 37, 53, 4, 2, 64);
+        for dt in [DType::F32, DType::BF16, DType::F16] {
+            let x = |n: usize, dims| {
+                let v: Vec<f32> = random(&mut r, n);
+                t4(&v, dims).to_dtype(dt).expect("dtype")
+            };
+            let q = x(b * sq * hq * d, (b, sq, hq, d));
+            // K as a transposed view: the strides go to the kernel as they are.
+            let k = x(b * sk * hkv * d, (b, hkv, sk, d))
+                .transpose(1, 2)
+                .expect("view");
+            let v = x(b * sk * hkv * d, (b, sk, hkv, d));
+            let slopes = Tensor::new(&[0.25f32, 0.0, 0.125, 0.5], &Device::Cpu).expect("s");
+            let opts = Options {
+                causal: true,
+                window_left: Some(20),
+                sinks: 2,
+                ..Options::default()
+            };
+            let run = |q: &Tensor, k: &Tensor, v: &Tensor, s: &Tensor| {
+                let x = FlashExtras {
+                    alibi_slopes: Some(s),
+                    entropy: true,
+                    ..Default::default()
+                };
+                attnkit::candle::flash_attn_with_extras(q, k, v, &opts, &x).expect("flash")
+            };
+            let cpu = run(&q, &k, &v, &slopes);
+            let cuda = run(&on(&q, &g), &on(&k, &g), &on(&v, &g), &on(&slopes, &g));
+            assert!(cuda.o.device().is_cuda() && cuda.lse.device().is_cuda());
+            let tol = if dt == DType::F32 { 2e-4 } else { 2e-2 };
+            near(&format!("{dt:?} o"), &cuda.o, &cpu.o, tol, tol);
+            near(&format!("{dt:?} lse"), &cuda.lse, &cpu.lse, 1e-3, 1e-3);
+            let (ec, eg) = (cpu.entropy.expect("cpu"), cuda.entropy.expect("cuda"));
+            near(&format!("{dt:?} entropy"), &eg, &ec, 2e-2, 2e-2);
+        }
+    }
+
+    #[test]
+    fn varlen_with_device_offsets_equals_host_offsets() {
+        let Some(g) = gpu() else { return };
+        let mut r = rng("candle_cuda_varlen");
+        let (hq, hkv, d) = (4, 1, 128);
+        let (cq, ck) = ([0u32, 7, 7, 40], [0u32, 19, 30, 81]);
+        let x = |n: usize, h: usize, r: &mut _| {
+            let v: Vec<f32> = random(r, n * h * d);
+            Tensor::from_vec(v, (n, h, d), &Device::Cpu)
+                .and_then(|t| t.to_dtype(DType::BF16))
+                .expect("t")
+        };
+        let (q, k, v) = (x(40, hq, &mut r), x(81, hkv, &mut r), x(81, hkv, &mut r));
+        let (tq, tk) = (
+            Tensor::new(&cq, &Device::Cpu).expect("cq"),
+            Tensor::new(&ck, &Device::Cpu).expect("ck"),
+        );
+        let run = |q: &Tensor, k: &Tensor, v: &Tensor, tq: &Tensor, tk: &Tensor| {
+            attnkit::candle::flash_attn_varlen(q, k, v, tq, tk, 33, 51, 0.1, true).expect("varlen")
+        };
+        let cpu = run(&q, &k, &v, &tq, &tk);
+        let (qg, kg, vg) = (on(&q, &g), on(&k, &g), on(&v, &g));
+        let host_tables = run(&qg, &kg, &vg, &tq, &tk);
+        let device_tables = run(&qg, &kg, &vg, &on(&tq, &g), &on(&tk, &g));
+        near("host offsets", &host_tables, &cpu, 2e-2, 2e-2);
+        assert_eq!(
+            host(&device_tables),
+            host(&host_tables),
+            "device vs host offsets bits"
+        );
+    }
+
+    #[test]
+    fn paged_append_and_decode_with_device_tables_equal_the_cpu_path() {
+        let Some(g) = gpu() else { return };
+        let mut r = rng("candle_cuda_decode");
+        let (b, sq, hq, hkv, d, page, pages) = (2, 2, 8, 2, 128, 16, 5);
+        let lens = [29i32, 7];
+        let table = [[3i32, 0], [4, 1]];
+        let x = |n: usize, dims, r: &mut _| {
+            let v: Vec<f32> = random(r, n);
+            t4(&v, dims).to_dtype(DType::BF16).expect("bf16")
+        };
+        let q = x(b * sq * hq * d, (b, sq, hq, d), &mut r);
+        let kc = x(pages * page * hkv * d, (pages, page, hkv, d), &mut r);
+        let vc = x(pages * page * hkv * d, (pages, page, hkv, d), &mut r);
+        let kn = x(b * sq * hkv * d, (b, sq, hkv, d), &mut r);
+        let vn = x(b * sq * hkv * d, (b, sq, hkv, d), &mut r);
+        let (tt, lt) = (
+            Tensor::new(&table, &Device::Cpu).expect("table"),
+            Tensor::new(&lens, &Device::Cpu).expect("lens"),
+        );
+        let step = |q: &Tensor, kc: &Tensor, vc: &Tensor, kn, vn, tt: &Tensor, lt: &Tensor| {
+            let kc = kc.copy().expect("own cache");
+            let vc = vc.copy().expect("own cache");
+            let opts = KvCacheOptions {
+                causal: true,
+                softcap: Some(20.0),
+                block_table: Some(tt),
+                ..Default::default()
+            };
+            attnkit::candle::kv_cache_append(&kc, &vc, kn, vn, lt, &opts).expect("append");
+            let o = attnkit::candle::flash_attn_with_kvcache_with(q, &kc, &vc, lt, &opts)
+                .expect("decode");
+            (kc, o)
+        };
+        let (kcpu, ocpu) = step(&q, &kc, &vc, &kn, &vn, &tt, &lt);
+        let (qg, kg, vg) = (on(&q, &g), on(&kc, &g), on(&vc, &g));
+        let (kng, vng) = (on(&kn, &g), on(&vn, &g));
+        let (kh, oh) = step(&qg, &kg, &vg, &kng, &vng, &tt, &lt);
+        let (kd, od) = step(&qg, &kg, &vg, &kng, &vng, &on(&tt, &g), &on(&lt, &g));
+        assert_eq!(host(&kh), host(&kcpu), "appended cache bits");
+        assert_eq!(host(&kd), host(&kcpu), "appended cache bits, device tables");
+        near("decode", &oh, &ocpu, 2e-2, 2e-2);
+        assert_eq!(host(&od), host(&oh), "device vs host tables bits");
+    }
+
+    #[test]
+    fn lightning_states_and_monarch_on_cuda_equal_the_cpu_path() {
+        let Some(g) = gpu() else { return };
+        let mut r = rng("candle_cuda_lightning");
+        let (b, n, h, d) = (1, 70, 2, 64);
+        let v: Vec<f32> = random(&mut r, b * n * h * d);
+        let x = t4(&v, (b, n, h, d)).affine(0.1, 0.0).expect("scale");
+        let decay = [0.1f32, 0.3];
+        let run = |x: &Tensor| {
+            let (o, s) =
+                attnkit::candle::lightning_attn_with_state(x, x, x, Some(&decay), 0.1, None)
+                    .expect("forward");
+            let one = x.narrow(1, 0, 1).expect("token");
+            let (o1, s1) =
+                attnkit::candle::lightning_decode_step(&one, &one, &one, Some(&decay), 0.1, &s)
+                    .expect("step");
+            (o, s, o1, s1)
+        };
+        let cpu = run(&x);
+        let cuda = run(&on(&x, &g));
+        near("lightning o", &cuda.0, &cpu.0, 1e-3, 1e-3);
+        near("lightning state", &cuda.1, &cpu.1, 1e-3, 1e-3);
+        near("lightning step o", &cuda.2, &cpu.2, 1e-3, 1e-3);
+        near("lightning step state", &cuda.3, &cpu.3, 1e-3, 1e-3);
+        use candle_core::Module;
+        let layer = attnkit::monarch::MonarchLinear::<f32>::new(96, 80, 4, true, 7).expect("l");
+        let m = attnkit::candle::MonarchModule::new(layer);
+        let xs = Tensor::randn(0f32, 1.0, (3, 5, 96), &Device::Cpu).expect("x");
+        let cpu = m.forward(&xs).expect("cpu");
+        let cuda = m.forward(&on(&xs, &g)).expect("cuda");
+        let again = m.forward(&on(&xs, &g)).expect("cached weights");
+        near("monarch", &cuda, &cpu, 1e-4, 1e-4);
+        assert_eq!(host(&again), host(&cuda), "second call, cached weights");
+    }
+
+    #[test]
+    fn cpu_and_cuda_tensors_mixed_are_errors_naming_the_argument() {
+        let Some(g) = gpu() else { return };
+        let q = Tensor::zeros((1, 4, 2, 64), DType::F32, &Device::Cpu).expect("q");
+        let qg = on(&q, &g);
+        let e = attnkit::candle::flash_attn(&qg, &q, &qg, 0.1, false).expect_err("mixed");
+        assert!(e.to_string().contains("`k`"), "{e}");
+        let lens = Tensor::new(&[4u32], &Device::Cpu).expect("lens");
+        let i64s = Tensor::new(&[4i64], &Device::Cpu)
+            .and_then(|t| t.to_device(&g))
+            .expect("lens");
+        let e = attnkit::candle::flash_attn_with_kvcache(&q, &q, &q, &on(&lens, &g), 0.1, true)
+            .expect_err("cpu q, cuda lens");
+        assert!(e.to_string().contains("cache_seqlens"), "{e}");
+        let e = attnkit::candle::flash_attn_with_kvcache(&qg, &qg, &qg, &i64s, 0.1, true)
+            .expect_err("i64 on the device");
+        assert!(e.to_string().contains("cache_seqlens"), "{e}");
+    }
 }

@@ -1,13 +1,16 @@
 //! Flash attention on candle tensors: fixed-length and varlen, under candle-flash-attn's names.
 
-use std::sync::Mutex;
-
 use candle_core::{Layout, Shape, Tensor};
 
-use super::{CpuOp, host_f32, host_i32, host_u8, same_place, tail, wrap};
-use crate::dtype::Element;
-use crate::flash::{self, Attention, BlockMask, Extras, Options, Strides, VarlenAttention};
-use crate::{Device, Error};
+use super::place::{
+    Op, Operand, Place, Side, Table, custom_op3, f32_table, index_table, opt_tab, opt_table,
+    same_place,
+};
+use super::{CandleElement, wrap};
+use crate::Error;
+use crate::flash::{
+    self, Attention, BlockMask, DeviceOffsets, Extras, Options, Strides, VarlenAttention,
+};
 
 /// The optional inputs and outputs of [`flash_attn_with_extras`] and
 /// [`flash_attn_varlen_with_extras`] (attnkit's [`flash::Extras`] as candle tensors, read on
@@ -45,72 +48,108 @@ pub struct FlashOutput {
     pub entropy: Option<Tensor>,
 }
 
-/// Host copies of [`FlashExtras`].
+/// [`FlashExtras`] as the op keeps them (host copies of CPU tensors, CUDA tensors as they are).
 #[derive(Clone, Debug, Default)]
-struct HostExtras {
-    alibi: Option<Vec<f32>>,
-    sinks: Option<Vec<f32>>,
-    mask: Option<(Vec<u8>, usize, usize)>,
+struct ExtraTables {
+    alibi: Option<Table<f32>>,
+    sinks: Option<Table<f32>>,
+    mask: Option<(Table<u8>, usize, usize)>,
     entropy: bool,
 }
 
-impl HostExtras {
-    fn read(x: &FlashExtras<'_>) -> candle_core::Result<HostExtras> {
-        Ok(HostExtras {
+impl ExtraTables {
+    fn read(x: &FlashExtras<'_>) -> candle_core::Result<ExtraTables> {
+        Ok(ExtraTables {
             alibi: x
                 .alibi_slopes
-                .map(|t| host_f32("alibi_slopes", t))
+                .map(|t| f32_table("alibi_slopes", t))
                 .transpose()?,
             sinks: x
                 .sink_logits
-                .map(|t| host_f32("sink_logits", t))
+                .map(|t| f32_table("sink_logits", t))
                 .transpose()?,
             mask: match x.block_mask {
-                Some((t, bq, bk)) => Some((host_u8("block_mask", t)?, bq, bk)),
+                Some((t, bq, bk)) => Some((super::place::u8_table("block_mask", t)?, bq, bk)),
                 None => None,
             },
             entropy: x.entropy,
         })
     }
 
-    fn extras<'a>(&'a self, entropy: &'a mut [f32]) -> Extras<'a> {
-        Extras {
-            sink_logits: self.sinks.as_ref().map(|s| s.into()),
-            alibi_slopes: self.alibi.as_ref().map(|s| s.into()),
-            entropy: self.entropy.then(|| entropy.into()),
-            block_mask: self.mask.as_ref().map(|(m, bq, bk)| BlockMask {
-                mask: m.into(),
-                block_q: *bq,
-                block_k: *bk,
+    /// Runs `call` with these extras where `place` reads them; an entropy output of
+    /// `rows` is made when asked for and returned.
+    fn with<P: Place>(
+        &self,
+        place: &P,
+        rows: usize,
+        call: impl FnOnce(Extras<'_>) -> Result<(), Error>,
+    ) -> Result<Option<P::Out<f32>>, Error> {
+        let alibi = opt_table(place, "alibi_slopes", self.alibi.as_ref())?;
+        let sinks = opt_table(place, "sink_logits", self.sinks.as_ref())?;
+        let mask = opt_table(place, "block_mask", self.mask.as_ref().map(|m| &m.0))?;
+        let mut ent = self
+            .entropy
+            .then(|| place.output::<f32>(rows))
+            .transpose()?;
+        let block_mask = match (&mask, &self.mask) {
+            (Some(m), Some((_, block_q, block_k))) => Some(BlockMask {
+                mask: P::tab(m)?,
+                block_q: *block_q,
+                block_k: *block_k,
             }),
-        }
+            _ => None,
+        };
+        call(Extras {
+            sink_logits: opt_tab::<P, f32>(&sinks)?,
+            alibi_slopes: opt_tab::<P, f32>(&alibi)?,
+            entropy: ent.as_mut().map(|e| P::out_mut(e)).transpose()?,
+            block_mask,
+        })?;
+        Ok(ent)
     }
 }
 
-/// Where an op's `cpu_fwd` leaves its side outputs (a candle op has one output): the LSE, the
-/// entropy if asked for, and their shape.
-type SideOutputs = Mutex<Option<(Vec<f32>, Option<Vec<f32>>, Shape)>>;
-
-/// Takes an op's side outputs as tensors on `dev`.
-fn side_outputs(
-    o: Tensor,
-    slot: &SideOutputs,
-    dev: &candle_core::Device,
-) -> candle_core::Result<FlashOutput> {
-    let taken = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
-    let Some((lse, entropy, shape)) = taken else {
-        return Err(candle_core::Error::Msg(
+/// The output with the side outputs an op left (LSE, then entropy if asked for).
+fn with_side(o: Tensor, side: &Side, entropy: bool) -> candle_core::Result<FlashOutput> {
+    let mut v = side.take(1 + usize::from(entropy))?.into_iter();
+    let lse = v.next();
+    match lse {
+        Some(lse) => Ok(FlashOutput {
+            o,
+            lse,
+            entropy: v.next(),
+        }),
+        None => Err(candle_core::Error::Msg(
             "attnkit: the op left no LSE".into(),
-        ));
-    };
-    let entropy = entropy
-        .map(|e| Tensor::from_vec(e, shape.clone(), dev))
-        .transpose()?;
-    Ok(FlashOutput {
-        o,
-        lse: Tensor::from_vec(lse, shape, dev)?,
-        entropy,
-    })
+        )),
+    }
+}
+
+/// Options of candle-flash-attn's plain forms: a scale, and causal or not.
+fn plain(softmax_scale: f32, causal: bool) -> Options {
+    Options {
+        causal,
+        scale: Some(softmax_scale),
+        ..Options::default()
+    }
+}
+
+/// Options of candle-flash-attn's windowed forms.
+fn windowed(softmax_scale: f32, left: Option<usize>, right: Option<usize>) -> Options {
+    Options {
+        scale: Some(softmax_scale),
+        window_left: left,
+        window_right: right,
+        ..Options::default()
+    }
+}
+
+/// Extras of candle-flash-attn's ALiBi forms.
+fn alibi(slopes: &Tensor) -> FlashExtras<'_> {
+    FlashExtras {
+        alibi_slopes: Some(slopes),
+        ..Default::default()
+    }
 }
 
 /// Scaled dot-product attention, candle-flash-attn's `flash_attn`: `softmax(scale q k^T) v`,
@@ -132,11 +171,7 @@ pub fn flash_attn(
     softmax_scale: f32,
     causal: bool,
 ) -> candle_core::Result<Tensor> {
-    let opts = Options {
-        causal,
-        scale: Some(softmax_scale),
-        ..Options::default()
-    };
+    let opts = plain(softmax_scale, causal);
     flash_attn_with(q, k, v, &opts)
 }
 
@@ -159,12 +194,7 @@ pub fn flash_attn_windowed(
     window_size_left: Option<usize>,
     window_size_right: Option<usize>,
 ) -> candle_core::Result<Tensor> {
-    let opts = Options {
-        scale: Some(softmax_scale),
-        window_left: window_size_left,
-        window_right: window_size_right,
-        ..Options::default()
-    };
+    let opts = windowed(softmax_scale, window_size_left, window_size_right);
     flash_attn_with(q, k, v, &opts)
 }
 
@@ -187,7 +217,7 @@ pub fn flash_attn_with(
     opts: &Options,
 ) -> candle_core::Result<Tensor> {
     same_place(q, k, v)?;
-    q.apply_op3_no_bwd(k, v, &FlashAttn::new(opts, HostExtras::default()))
+    q.apply_op3_no_bwd(k, v, &FlashAttn::new(opts, ExtraTables::default()))
 }
 
 /// [`flash_attn_with`] with [`FlashExtras`]: ALiBi slopes, learned sink logits, a block mask,
@@ -214,9 +244,9 @@ pub fn flash_attn_with_extras(
     extras: &FlashExtras<'_>,
 ) -> candle_core::Result<FlashOutput> {
     same_place(q, k, v)?;
-    let op = FlashAttn::new(opts, HostExtras::read(extras)?);
+    let op = FlashAttn::new(opts, ExtraTables::read(extras)?);
     let o = q.apply_op3_no_bwd(k, v, &op)?;
-    side_outputs(o, &op.side, q.device())
+    with_side(o, &op.side, extras.entropy)
 }
 
 /// candle-flash-attn's `flash_attn_alibi`: [`flash_attn`] with ALiBi slopes (f32
@@ -240,15 +270,8 @@ pub fn flash_attn_alibi(
     softmax_scale: f32,
     causal: bool,
 ) -> candle_core::Result<Tensor> {
-    let opts = Options {
-        causal,
-        scale: Some(softmax_scale),
-        ..Options::default()
-    };
-    let x = FlashExtras {
-        alibi_slopes: Some(alibi_slopes),
-        ..Default::default()
-    };
+    let opts = plain(softmax_scale, causal);
+    let x = alibi(alibi_slopes);
     Ok(flash_attn_with_extras(q, k, v, &opts, &x)?.o)
 }
 
@@ -272,16 +295,8 @@ pub fn flash_attn_alibi_windowed(
     window_size_left: Option<usize>,
     window_size_right: Option<usize>,
 ) -> candle_core::Result<Tensor> {
-    let opts = Options {
-        scale: Some(softmax_scale),
-        window_left: window_size_left,
-        window_right: window_size_right,
-        ..Options::default()
-    };
-    let x = FlashExtras {
-        alibi_slopes: Some(alibi_slopes),
-        ..Default::default()
-    };
+    let opts = windowed(softmax_scale, window_size_left, window_size_right);
+    let x = alibi(alibi_slopes);
     Ok(flash_attn_with_extras(q, k, v, &opts, &x)?.o)
 }
 
@@ -336,11 +351,7 @@ pub fn flash_attn_varlen(
     softmax_scale: f32,
     causal: bool,
 ) -> candle_core::Result<Tensor> {
-    let opts = Options {
-        causal,
-        scale: Some(softmax_scale),
-        ..Options::default()
-    };
+    let opts = plain(softmax_scale, causal);
     flash_attn_varlen_with(
         q,
         k,
@@ -375,12 +386,7 @@ pub fn flash_attn_varlen_windowed(
     window_size_left: Option<usize>,
     window_size_right: Option<usize>,
 ) -> candle_core::Result<Tensor> {
-    let opts = Options {
-        scale: Some(softmax_scale),
-        window_left: window_size_left,
-        window_right: window_size_right,
-        ..Options::default()
-    };
+    let opts = windowed(softmax_scale, window_size_left, window_size_right);
     flash_attn_varlen_with(
         q,
         k,
@@ -449,17 +455,16 @@ pub fn flash_attn_varlen_with_extras(
     extras: &FlashExtras<'_>,
 ) -> candle_core::Result<FlashOutput> {
     same_place(q, k, v)?;
-    let cu_q = offsets("seqlens_q", seqlens_q, "max_seqlen_q", max_seqlen_q)?;
-    let cu_k = offsets("seqlens_k", seqlens_k, "max_seqlen_k", max_seqlen_k)?;
     let op = VarlenAttn {
         opts: *opts,
-        cu_q,
-        cu_k,
-        extras: HostExtras::read(extras)?,
-        side: Mutex::new(None),
+        cu_q: offsets("seqlens_q", seqlens_q, "max_seqlen_q", max_seqlen_q)?,
+        cu_k: offsets("seqlens_k", seqlens_k, "max_seqlen_k", max_seqlen_k)?,
+        max: (max_seqlen_q, max_seqlen_k),
+        extras: ExtraTables::read(extras)?,
+        side: Side::default(),
     };
     let o = q.apply_op3_no_bwd(k, v, &op)?;
-    side_outputs(o, &op.side, q.device())
+    with_side(o, &op.side, extras.entropy)
 }
 
 /// candle-flash-attn's `flash_attn_varlen_alibi`: [`flash_attn_varlen`] with ALiBi slopes
@@ -487,15 +492,8 @@ pub fn flash_attn_varlen_alibi(
     softmax_scale: f32,
     causal: bool,
 ) -> candle_core::Result<Tensor> {
-    let opts = Options {
-        causal,
-        scale: Some(softmax_scale),
-        ..Options::default()
-    };
-    let x = FlashExtras {
-        alibi_slopes: Some(alibi_slopes),
-        ..Default::default()
-    };
+    let opts = plain(softmax_scale, causal);
+    let x = alibi(alibi_slopes);
     let out = flash_attn_varlen_with_extras(
         q,
         k,
@@ -534,16 +532,8 @@ pub fn flash_attn_varlen_alibi_windowed(
     window_size_left: Option<usize>,
     window_size_right: Option<usize>,
 ) -> candle_core::Result<Tensor> {
-    let opts = Options {
-        scale: Some(softmax_scale),
-        window_left: window_size_left,
-        window_right: window_size_right,
-        ..Options::default()
-    };
-    let x = FlashExtras {
-        alibi_slopes: Some(alibi_slopes),
-        ..Default::default()
-    };
+    let opts = windowed(softmax_scale, window_size_left, window_size_right);
+    let x = alibi(alibi_slopes);
     let out = flash_attn_varlen_with_extras(
         q,
         k,
@@ -556,57 +546,73 @@ pub fn flash_attn_varlen_alibi_windowed(
     Ok(out.o)
 }
 
-/// A `[batch + 1]` offsets tensor (u32, i32 or i64) read to the host as i32, with its maximum
-/// checked: `max` must be at least the longest sequence.
+/// A `[batch + 1]` offsets tensor: on the CPU (u32, i32 or i64) read to the host as i32 with
+/// its maximum checked (`max` must be at least the longest sequence); on a CUDA device (u32 or
+/// i32) left there, the kernels skipping a sequence longer than `max`.
 fn offsets(
     arg: &'static str,
     t: &Tensor,
     max_arg: &'static str,
     max: usize,
-) -> candle_core::Result<Vec<i32>> {
-    let cu = host_i32(arg, t)?;
-    // Lengths are checked (sorted, from 0) by flash itself; the maximum only needs them here.
-    let longest = cu
-        .windows(2)
-        .map(|w| w[1].saturating_sub(w[0]).max(0))
-        .max()
-        .unwrap_or(0);
-    if (longest as usize) > max {
-        return Err(wrap(Error::Value {
-            arg: max_arg,
-            detail: format!("{max}, but a sequence of {arg} holds {longest}"),
+) -> candle_core::Result<Table<i32>> {
+    if t.rank() != 1 {
+        return Err(wrap(Error::Shape {
+            arg,
+            detail: format!("dims {:?}; expected [batch + 1]", t.dims()),
         }));
     }
-    Ok(cu)
+    let table = index_table(arg, t)?;
+    // Lengths are checked (sorted, from 0) by flash itself; the maximum only needs them here.
+    if let Some(cu) = table.host() {
+        let longest = cu
+            .windows(2)
+            .map(|w| w[1].saturating_sub(w[0]).max(0))
+            .max()
+            .unwrap_or(0);
+        if (longest as usize) > max {
+            return Err(wrap(Error::Value {
+                arg: max_arg,
+                detail: format!("{max}, but a sequence of {arg} holds {longest}"),
+            }));
+        }
+    }
+    Ok(table)
 }
 
-/// The varlen candle op: options, host offsets and extras; shapes from the layouts.
+/// The varlen candle op: options, offsets (with the declared maxima) and extras; shapes
+/// from the layouts.
 struct VarlenAttn {
     opts: Options,
-    cu_q: Vec<i32>,
-    cu_k: Vec<i32>,
-    extras: HostExtras,
-    side: SideOutputs,
+    cu_q: Table<i32>,
+    cu_k: Table<i32>,
+    max: (usize, usize),
+    extras: ExtraTables,
+    side: Side,
 }
 
-impl CpuOp for VarlenAttn {
-    fn run<T: Element>(
+impl Op for VarlenAttn {
+    fn run<T: CandleElement, P: Place>(
         &self,
-        (q, lq): (&[T], &Layout),
-        (k, lk): (&[T], &Layout),
-        (v, lv): (&[T], &Layout),
-    ) -> Result<(Vec<T>, Shape), Error> {
-        let (qd, qs, qo) = operand::<3>("q", lq)?;
-        let (kd, ks, ko) = operand::<3>("k", lk)?;
-        let (vd, vs, vo) = operand::<3>("v", lv)?;
+        place: &P,
+        (q, lq): Operand<'_, T>,
+        (k, lk): Operand<'_, T>,
+        (v, lv): Operand<'_, T>,
+    ) -> Result<(P::Out<T>, Shape), Error> {
+        let (qd, qs) = operand::<3>("q", lq)?;
+        let (kd, ks) = operand::<3>("k", lk)?;
+        let (vd, vs) = operand::<3>("v", lv)?;
         let [total_q, heads_q, d] = qd;
         let [total_k, heads_kv, _] = kd;
         let shapes = format!("q {qd:?}, k {kd:?}, v {vd:?}");
-        let last = |cu: &[i32]| cu.last().map_or(0, |&x| x.max(0) as usize);
+        let last = |cu: &Table<i32>, total: usize| {
+            cu.host()
+                .map_or(total, |cu| cu.last().map_or(0, |&x| x.max(0) as usize))
+        };
         agree(
             &[
-                ("q", total_q, last(&self.cu_q)),
-                ("k", total_k, last(&self.cu_k)),
+                ("q", total_q, last(&self.cu_q, total_q)),
+                ("k", total_k, last(&self.cu_k, total_k)),
+                ("seqlens_k", self.cu_k.len(), self.cu_q.len()),
                 ("k", kd[2], d),
                 ("v", vd[0], total_k),
                 ("v", vd[1], heads_kv),
@@ -614,41 +620,62 @@ impl CpuOp for VarlenAttn {
             ],
             &shapes,
         )?;
-        let mut a = VarlenAttention::new(&self.cu_q, &self.cu_k, heads_q, heads_kv, d);
+        let mut a = match (self.cu_q.host(), self.cu_k.host()) {
+            (Some(cq), Some(ck)) => VarlenAttention::new(cq, ck, heads_q, heads_kv, d),
+            _ => VarlenAttention::with_device_offsets(
+                DeviceOffsets {
+                    batch: self.cu_q.len().saturating_sub(1),
+                    total_q,
+                    total_k,
+                    max_seqlen_q: self.max.0,
+                    max_seqlen_k: self.max.1,
+                },
+                heads_q,
+                heads_kv,
+                d,
+            ),
+        };
         a.opts = self.opts;
         a.q_strides = qs;
         a.k_strides = ks;
         a.v_strides = vs;
-        let mut o = vec![T::default(); a.o_len()];
-        let mut lse = vec![0f32; a.lse_len()];
-        let mut ent = vec![0f32; if self.extras.entropy { a.lse_len() } else { 0 }];
-        flash::forward_varlen_with(
-            &Device::cpu(),
-            &a,
-            tail("q", q, qo)?.into(),
-            tail("k", k, ko)?.into(),
-            tail("v", v, vo)?.into(),
-            self.cu_q[..].into(),
-            self.cu_k[..].into(),
-            (&mut o).into(),
-            (&mut lse).into(),
-            self.extras.extras(&mut ent),
-        )?;
-        let entropy = self.extras.entropy.then_some(ent);
-        let mut slot = self.side.lock().unwrap_or_else(|e| e.into_inner());
-        *slot = Some((lse, entropy, Shape::from((heads_q, a.total_q()))));
+        let rows = a.lse_len();
+        let (cu_q, cu_k) = (
+            place.table("seqlens_q", &self.cu_q)?,
+            place.table("seqlens_k", &self.cu_k)?,
+        );
+        let mut o = place.output::<T>(a.o_len())?;
+        let mut lse = place.output::<f32>(rows)?;
+        let ent = self.extras.with(place, rows, |extras| {
+            flash::forward_varlen_with(
+                place.device(),
+                &a,
+                q,
+                k,
+                v,
+                P::tab(&cu_q)?,
+                P::tab(&cu_k)?,
+                P::out_mut(&mut o)?,
+                P::out_mut(&mut lse)?,
+                extras,
+            )
+        })?;
+        let shape = Shape::from((heads_q, total_q));
+        let mut side = vec![place.tensor::<f32>(lse, shape.clone())];
+        side.extend(ent.map(|e| place.tensor::<f32>(e, shape)));
+        self.side.put(side);
         Ok((o, Shape::from(qd.to_vec())))
     }
 }
 
-super::cpu_custom_op3!(VarlenAttn, "attnkit-flash-attn-varlen");
+custom_op3!(VarlenAttn, "attnkit-flash-attn-varlen");
 
 /// The candle op: the options and extras; the shapes come from the tensors' layouts.
 struct FlashAttn {
     opts: Options,
-    extras: HostExtras,
+    extras: ExtraTables,
     /// The LSE (`[batch, heads_q, seq_q]`) and entropy, for [`flash_attn_with_extras`].
-    side: SideOutputs,
+    side: Side,
 }
 
 /// An operand's sizes and strides from its candle layout: `[batch, seq, heads, d]` (`R` = 4)
@@ -656,7 +683,7 @@ struct FlashAttn {
 pub(super) fn operand<const R: usize>(
     arg: &'static str,
     l: &Layout,
-) -> Result<([usize; R], Strides, usize), Error> {
+) -> Result<([usize; R], Strides), Error> {
     let dims: [usize; R] = l.dims().try_into().map_err(|_| Error::Shape {
         arg,
         detail: format!(
@@ -687,7 +714,7 @@ pub(super) fn operand<const R: usize>(
         head: s[R - 2],
         dim: 1,
     };
-    Ok((dims, strides, l.start_offset()))
+    Ok((dims, strides))
 }
 
 /// Sizes that must agree between q, k and v: `(arg, found, expected)` triples.
@@ -702,25 +729,26 @@ fn agree(pairs: &[(&'static str, usize, usize)], shapes: &str) -> Result<(), Err
 }
 
 impl FlashAttn {
-    fn new(opts: &Options, extras: HostExtras) -> FlashAttn {
+    fn new(opts: &Options, extras: ExtraTables) -> FlashAttn {
         FlashAttn {
             opts: *opts,
             extras,
-            side: Mutex::new(None),
+            side: Side::default(),
         }
     }
 }
 
-impl CpuOp for FlashAttn {
-    fn run<T: Element>(
+impl Op for FlashAttn {
+    fn run<T: CandleElement, P: Place>(
         &self,
-        (q, lq): (&[T], &Layout),
-        (k, lk): (&[T], &Layout),
-        (v, lv): (&[T], &Layout),
-    ) -> Result<(Vec<T>, Shape), Error> {
-        let (qd, qs, qo) = operand::<4>("q", lq)?;
-        let (kd, ks, ko) = operand::<4>("k", lk)?;
-        let (vd, vs, vo) = operand::<4>("v", lv)?;
+        place: &P,
+        (q, lq): Operand<'_, T>,
+        (k, lk): Operand<'_, T>,
+        (v, lv): Operand<'_, T>,
+    ) -> Result<(P::Out<T>, Shape), Error> {
+        let (qd, qs) = operand::<4>("q", lq)?;
+        let (kd, ks) = operand::<4>("k", lk)?;
+        let (vd, vs) = operand::<4>("v", lv)?;
         let [batch, seq_q, heads_q, d] = qd;
         let [_, seq_k, heads_kv, _] = kd;
         let shapes = format!("q {qd:?}, k {kd:?}, v {vd:?}");
@@ -740,24 +768,27 @@ impl CpuOp for FlashAttn {
         a.q_strides = qs;
         a.k_strides = ks;
         a.v_strides = vs;
-        let mut o = vec![T::default(); a.o_len()];
-        let mut lse = vec![0f32; a.lse_len()];
-        let mut ent = vec![0f32; if self.extras.entropy { a.lse_len() } else { 0 }];
-        flash::forward_with(
-            &Device::cpu(),
-            &a,
-            tail("q", q, qo)?.into(),
-            tail("k", k, ko)?.into(),
-            tail("v", v, vo)?.into(),
-            (&mut o).into(),
-            (&mut lse).into(),
-            self.extras.extras(&mut ent),
-        )?;
-        let entropy = self.extras.entropy.then_some(ent);
-        let mut slot = self.side.lock().unwrap_or_else(|e| e.into_inner());
-        *slot = Some((lse, entropy, Shape::from((batch, heads_q, seq_q))));
+        let rows = a.lse_len();
+        let mut o = place.output::<T>(a.o_len())?;
+        let mut lse = place.output::<f32>(rows)?;
+        let ent = self.extras.with(place, rows, |extras| {
+            flash::forward_with(
+                place.device(),
+                &a,
+                q,
+                k,
+                v,
+                P::out_mut(&mut o)?,
+                P::out_mut(&mut lse)?,
+                extras,
+            )
+        })?;
+        let shape = Shape::from((batch, heads_q, seq_q));
+        let mut side = vec![place.tensor::<f32>(lse, shape.clone())];
+        side.extend(ent.map(|e| place.tensor::<f32>(e, shape)));
+        self.side.put(side);
         Ok((o, Shape::from(qd.to_vec())))
     }
 }
 
-super::cpu_custom_op3!(FlashAttn, "attnkit-flash-attn");
+custom_op3!(FlashAttn, "attnkit-flash-attn");

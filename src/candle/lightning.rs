@@ -1,13 +1,11 @@
 //! Lightning Attention-2 on candle tensors.
 
-use std::sync::Mutex;
+use candle_core::{Layout, Shape, Tensor};
 
-use candle_core::{DType, Layout, Shape, Tensor};
-
-use super::{CpuOp, same_place, tail, wrap};
-use crate::dtype::Element;
+use super::place::{Op, Operand, Place, Side, Table, custom_op3, f32_table, same_place};
+use super::{CandleElement, wrap};
+use crate::Error;
 use crate::lightning::{self, Config, Decode, Forward, Seqs};
-use crate::{Device, Error};
 
 /// Lightning Attention-2 (causal linear attention with per-head decay, by the block split):
 /// `o_t = scale * sum_{s <= t} lambda_h^(t - s) (q_t . k_s) v_s` with
@@ -79,13 +77,13 @@ pub fn lightning_attn_with_state(
         scale,
         causal: true,
         initial: initial_state
-            .map(|s| host_state("initial_state", s))
+            .map(|s| state_table("initial_state", s))
             .transpose()?,
-        final_state: Some(Mutex::new(None)),
+        final_state: Some(Side::default()),
     };
     let o = q.apply_op3_no_bwd(&k, &v, &op)?;
-    let state = take_state(op.final_state.as_ref(), q.device())?;
-    Ok((o, state))
+    let state = op.final_state.as_ref().map(|s| s.take(1));
+    Ok((o, one(state)?))
 }
 
 /// One decode step of causal Lightning attention: the new token's `q`, `k` (`[batch, 1,
@@ -116,42 +114,32 @@ pub fn lightning_decode_step(
     let op = LightningStep {
         decay: decay.map(<[f32]>::to_vec),
         scale,
-        state: host_state("state", state)?,
-        updated: Mutex::new(None),
+        state: state_table("state", state)?,
+        updated: Side::default(),
     };
     let o = q.apply_op3_no_bwd(&k, &v, &op)?;
-    let state = take_state(Some(&op.updated), q.device())?;
-    Ok((o, state))
+    Ok((o, one(Some(op.updated.take(1)))?))
 }
 
-/// A state tensor (f32, `[batch, heads, d, e]`) read to the host, with its dims.
-fn host_state(arg: &'static str, t: &Tensor) -> candle_core::Result<(Vec<f32>, [usize; 4])> {
+/// A state tensor (f32, `[batch, heads, d, e]`) as a table, with its dims.
+fn state_table(arg: &'static str, t: &Tensor) -> candle_core::Result<(Table<f32>, [usize; 4])> {
     let dims: [usize; 4] = t.dims().try_into().map_err(|_| {
         wrap(Error::Shape {
             arg,
             detail: format!("dims {:?}; expected [batch, heads, d, e]", t.dims()),
         })
     })?;
-    if t.dtype() != DType::F32 {
-        return Err(wrap(Error::Unsupported {
-            arg,
-            detail: format!("dtype {:?}; states are f32", t.dtype()),
-        }));
-    }
-    Ok((t.flatten_all()?.to_vec1::<f32>()?, dims))
+    Ok((f32_table(arg, t)?, dims))
 }
 
-/// A state an op left in its slot, as a tensor on `dev`.
-type StateSlot = Mutex<Option<(Vec<f32>, Shape)>>;
-
-fn take_state(slot: Option<&StateSlot>, dev: &candle_core::Device) -> candle_core::Result<Tensor> {
-    let taken = slot.and_then(|s| s.lock().unwrap_or_else(|e| e.into_inner()).take());
-    let Some((s, shape)) = taken else {
-        return Err(candle_core::Error::Msg(
+/// The one state an op left.
+fn one(taken: Option<candle_core::Result<Vec<Tensor>>>) -> candle_core::Result<Tensor> {
+    match taken.transpose()?.and_then(|v| v.into_iter().next()) {
+        Some(t) => Ok(t),
+        None => Err(candle_core::Error::Msg(
             "attnkit: the op left no state".into(),
-        ));
-    };
-    Tensor::from_vec(s, shape, dev)
+        )),
+    }
 }
 
 /// A state's dims must be `[batch, heads, d, e]` of the problem.
@@ -171,38 +159,34 @@ struct LightningAttn {
     decay: Option<Vec<f32>>,
     scale: f32,
     causal: bool,
-    initial: Option<(Vec<f32>, [usize; 4])>,
-    final_state: Option<StateSlot>,
+    initial: Option<(Table<f32>, [usize; 4])>,
+    final_state: Option<Side>,
 }
 
 /// The decode-step op: the options, the state before the step and a slot for the one after.
 struct LightningStep {
     decay: Option<Vec<f32>>,
     scale: f32,
-    state: (Vec<f32>, [usize; 4]),
-    updated: StateSlot,
+    state: (Table<f32>, [usize; 4]),
+    updated: Side,
 }
 
-impl CpuOp for LightningStep {
-    fn run<T: Element>(
+impl Op for LightningStep {
+    fn run<T: CandleElement, P: Place>(
         &self,
-        (q, lq): (&[T], &Layout),
-        (k, lk): (&[T], &Layout),
-        (v, lv): (&[T], &Layout),
-    ) -> Result<(Vec<T>, Shape), Error> {
-        let (qd, kd, vd) = (dims("q", lq)?, dims("k", lk)?, dims("v", lv)?);
-        let [batch, seq, heads, d] = qd;
-        let e = vd[3];
+        place: &P,
+        (q, lq): Operand<'_, T>,
+        (k, lk): Operand<'_, T>,
+        (v, lv): Operand<'_, T>,
+    ) -> Result<(P::Out<T>, Shape), Error> {
+        let [batch, seq, heads, d, e] = operands(lq, lk, lv)?;
         if seq != 1 {
             return Err(Error::Shape {
                 arg: "q",
-                detail: format!("dims {qd:?}; a decode step takes one token per sequence"),
-            });
-        }
-        if kd != qd || vd[..3] != qd[..3] {
-            return Err(Error::Shape {
-                arg: if kd != qd { "k" } else { "v" },
-                detail: format!("q {qd:?}, k {kd:?}, v {vd:?}: k as q, v as q but its last"),
+                detail: format!(
+                    "dims {:?}; a decode step takes one token per sequence",
+                    lq.dims()
+                ),
             });
         }
         check_state("state", self.state.1, [batch, heads, d, e])?;
@@ -214,27 +198,27 @@ impl CpuOp for LightningStep {
             scale: self.scale,
             causal: true,
         };
-        let mut state = self.state.0.clone();
-        let mut o = vec![T::default(); batch.saturating_mul(heads).saturating_mul(e)];
+        let mut state = place.state("state", &self.state.0)?;
+        let mut o = place.output::<T>(batch.saturating_mul(heads).saturating_mul(e))?;
         lightning::decode(
-            &Device::cpu(),
+            place.device(),
             &cfg,
             batch,
             Decode {
-                q: tail("q", q, lq.start_offset())?.into(),
-                k: tail("k", k, lk.start_offset())?.into(),
-                v: tail("v", v, lv.start_offset())?.into(),
-                o: (&mut o).into(),
-                state: (&mut state).into(),
+                q,
+                k,
+                v,
+                o: P::out_mut(&mut o)?,
+                state: P::out_mut(&mut state)?,
             },
         )?;
-        let mut slot = self.updated.lock().unwrap_or_else(|e| e.into_inner());
-        *slot = Some((state, Shape::from(self.state.1.to_vec())));
+        let shape = Shape::from(self.state.1.to_vec());
+        self.updated.put(vec![place.tensor::<f32>(state, shape)]);
         Ok((o, Shape::from(vec![batch, 1, heads, e])))
     }
 }
 
-super::cpu_custom_op3!(LightningStep, "attnkit-lightning-decode");
+custom_op3!(LightningStep, "attnkit-lightning-decode");
 
 /// `[batch, seq, heads, dim]` of a contiguous operand.
 fn dims(arg: &'static str, l: &Layout) -> Result<[usize; 4], Error> {
@@ -254,22 +238,28 @@ fn dims(arg: &'static str, l: &Layout) -> Result<[usize; 4], Error> {
     Ok(d)
 }
 
-impl CpuOp for LightningAttn {
-    fn run<T: Element>(
+/// `[batch, seq, heads, d, e]` of contiguous q, k (as q) and v (as q but its last).
+fn operands(lq: &Layout, lk: &Layout, lv: &Layout) -> Result<[usize; 5], Error> {
+    let (qd, kd, vd) = (dims("q", lq)?, dims("k", lk)?, dims("v", lv)?);
+    if kd != qd || vd[..3] != qd[..3] {
+        return Err(Error::Shape {
+            arg: if kd != qd { "k" } else { "v" },
+            detail: format!("q {qd:?}, k {kd:?}, v {vd:?}: k as q, v as q but its last"),
+        });
+    }
+    let [batch, seq, heads, d] = qd;
+    Ok([batch, seq, heads, d, vd[3]])
+}
+
+impl Op for LightningAttn {
+    fn run<T: CandleElement, P: Place>(
         &self,
-        (q, lq): (&[T], &Layout),
-        (k, lk): (&[T], &Layout),
-        (v, lv): (&[T], &Layout),
-    ) -> Result<(Vec<T>, Shape), Error> {
-        let (qd, kd, vd) = (dims("q", lq)?, dims("k", lk)?, dims("v", lv)?);
-        let [batch, seq, heads, d] = qd;
-        let e = vd[3];
-        if kd != qd || vd[..3] != qd[..3] {
-            return Err(Error::Shape {
-                arg: if kd != qd { "k" } else { "v" },
-                detail: format!("q {qd:?}, k {kd:?}, v {vd:?}: k as q, v as q but its last"),
-            });
-        }
+        place: &P,
+        (q, lq): Operand<'_, T>,
+        (k, lk): Operand<'_, T>,
+        (v, lv): Operand<'_, T>,
+    ) -> Result<(P::Out<T>, Shape), Error> {
+        let [batch, seq, heads, d, e] = operands(lq, lk, lv)?;
         let cfg = Config {
             heads,
             d,
@@ -279,38 +269,42 @@ impl CpuOp for LightningAttn {
             causal: self.causal,
         };
         let seqs = Seqs::Dense { batch, seq };
-        let dev = Device::cpu();
-        let mut ws = vec![0f32; lightning::workspace_len(&dev, &cfg, &seqs)?];
+        let dev = place.device();
+        let mut ws = place.output::<f32>(lightning::workspace_len(dev, &cfg, &seqs)?)?;
         let rows = batch.saturating_mul(seq).saturating_mul(heads);
-        let mut o = vec![T::default(); rows.saturating_mul(e)];
+        let mut o = place.output::<T>(rows.saturating_mul(e))?;
         let state_dims = [batch, heads, d, e];
-        if let Some((_, got)) = &self.initial {
-            check_state("initial_state", *got, state_dims)?;
-        }
+        let initial = match &self.initial {
+            Some((t, got)) => {
+                check_state("initial_state", *got, state_dims)?;
+                Some(place.table("initial_state", t)?)
+            }
+            None => None,
+        };
         let mut fin = match self.final_state {
-            Some(_) => vec![0f32; state_dims.iter().product()],
-            None => Vec::new(),
+            Some(_) => Some(place.output::<f32>(state_dims.iter().product())?),
+            None => None,
         };
         lightning::forward(
-            &dev,
+            dev,
             &cfg,
             &seqs,
             Forward {
-                q: tail("q", q, lq.start_offset())?.into(),
-                k: tail("k", k, lk.start_offset())?.into(),
-                v: tail("v", v, lv.start_offset())?.into(),
-                o: (&mut o).into(),
-                initial_state: self.initial.as_ref().map(|(s, _)| s.into()),
-                final_state: self.final_state.as_ref().map(|_| (&mut fin).into()),
-                workspace: (&mut ws).into(),
+                q,
+                k,
+                v,
+                o: P::out_mut(&mut o)?,
+                initial_state: initial.as_ref().map(|s| P::tab(s)).transpose()?,
+                final_state: fin.as_mut().map(|s| P::out_mut(s)).transpose()?,
+                workspace: P::out_mut(&mut ws)?,
             },
         )?;
-        if let Some(slot) = &self.final_state {
-            let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
-            *slot = Some((fin, Shape::from(state_dims.to_vec())));
+        if let (Some(side), Some(fin)) = (&self.final_state, fin) {
+            let shape = Shape::from(state_dims.to_vec());
+            side.put(vec![place.tensor::<f32>(fin, shape)]);
         }
         Ok((o, Shape::from(vec![batch, seq, heads, e])))
     }
 }
 
-super::cpu_custom_op3!(LightningAttn, "attnkit-lightning");
+custom_op3!(LightningAttn, "attnkit-lightning");

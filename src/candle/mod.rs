@@ -37,12 +37,17 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+#[cfg(feature = "candle-cuda")]
+mod cuda;
 mod decode;
 mod flash;
 mod lightning;
 mod monarch;
+mod place;
 
-pub use decode::{KvCacheOptions, flash_attn_with_kvcache, flash_attn_with_kvcache_with};
+pub use decode::{
+    KvCacheOptions, flash_attn_with_kvcache, flash_attn_with_kvcache_with, kv_cache_append,
+};
 pub use flash::{
     FlashExtras, FlashOutput, flash_attn, flash_attn_alibi, flash_attn_alibi_windowed,
     flash_attn_varlen, flash_attn_varlen_alibi, flash_attn_varlen_alibi_windowed,
@@ -52,20 +57,28 @@ pub use flash::{
 pub use lightning::{lightning_attn, lightning_attn_with_state, lightning_decode_step};
 pub use monarch::MonarchModule;
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, DType, Tensor};
 
 use crate::Error;
-use crate::dtype::{Bf16, Element, F16, cast_slice};
+use crate::dtype::{Bf16, Element, F16, cast_slice, cast_slice_mut};
 
 /// The element types the adapter computes in: `f32`, [`Bf16`] and [`F16`] (candle's f32,
 /// bf16 and f16 storage, viewed without a copy). Sealed.
 pub trait CandleElement: Element + sealed::Sealed {
     /// candle's name for this type.
     const CANDLE_DTYPE: DType;
+    /// candle's own type for it in CUDA storage (`half`'s, which ours wrap).
+    #[cfg(feature = "candle-cuda")]
+    #[doc(hidden)]
+    type Native: cudarc::driver::DeviceRepr
+        + cudarc::driver::ValidAsZeroBits
+        + candle_core::cuda_backend::CudaDType;
     /// The storage's elements if it holds this type.
     #[doc(hidden)]
     fn slice(s: &CpuStorage) -> Option<&[Self]>;
+    /// The storage's elements, to write in place, if it holds this type.
+    #[doc(hidden)]
+    fn slice_mut(s: &mut CpuStorage) -> Option<&mut [Self]>;
     /// A candle storage owning `v`.
     #[doc(hidden)]
     fn storage(v: Vec<Self>) -> CpuStorage;
@@ -79,8 +92,16 @@ mod sealed {
 }
 
 impl CandleElement for f32 {
+    #[cfg(feature = "candle-cuda")]
+    type Native = f32;
     const CANDLE_DTYPE: DType = DType::F32;
     fn slice(s: &CpuStorage) -> Option<&[f32]> {
+        match s {
+            CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn slice_mut(s: &mut CpuStorage) -> Option<&mut [f32]> {
         match s {
             CpuStorage::F32(v) => Some(v),
             _ => None,
@@ -92,10 +113,18 @@ impl CandleElement for f32 {
 }
 
 impl CandleElement for Bf16 {
+    #[cfg(feature = "candle-cuda")]
+    type Native = half::bf16;
     const CANDLE_DTYPE: DType = DType::BF16;
     fn slice(s: &CpuStorage) -> Option<&[Bf16]> {
         match s {
             CpuStorage::BF16(v) => Some(cast_slice(v)),
+            _ => None,
+        }
+    }
+    fn slice_mut(s: &mut CpuStorage) -> Option<&mut [Bf16]> {
+        match s {
+            CpuStorage::BF16(v) => Some(cast_slice_mut(v)),
             _ => None,
         }
     }
@@ -105,6 +134,8 @@ impl CandleElement for Bf16 {
 }
 
 impl CandleElement for F16 {
+    #[cfg(feature = "candle-cuda")]
+    type Native = half::f16;
     const CANDLE_DTYPE: DType = DType::F16;
     fn slice(s: &CpuStorage) -> Option<&[F16]> {
         match s {
@@ -112,96 +143,15 @@ impl CandleElement for F16 {
             _ => None,
         }
     }
+    fn slice_mut(s: &mut CpuStorage) -> Option<&mut [F16]> {
+        match s {
+            CpuStorage::F16(v) => Some(cast_slice_mut(v)),
+            _ => None,
+        }
+    }
     fn storage(v: Vec<F16>) -> CpuStorage {
         CpuStorage::F16(v.into_iter().map(|x| x.0).collect())
     }
-}
-
-/// An op's CPU computation for any element type: the three operands' storage and layouts in,
-/// the output and its shape out.
-trait CpuOp {
-    fn run<T: Element>(
-        &self,
-        q: (&[T], &Layout),
-        k: (&[T], &Layout),
-        v: (&[T], &Layout),
-    ) -> Result<(Vec<T>, Shape), Error>;
-}
-
-/// `cpu_fwd` for every dtype attnkit computes in (the others are an error naming `q`).
-fn cpu_fwd_any<A: CpuOp>(
-    op: &A,
-    q: (&CpuStorage, &Layout),
-    k: (&CpuStorage, &Layout),
-    v: (&CpuStorage, &Layout),
-) -> candle_core::Result<(CpuStorage, Shape)> {
-    match q.0.dtype() {
-        DType::F32 => cpu_fwd_as::<f32, A>(op, q, k, v),
-        DType::BF16 => cpu_fwd_as::<Bf16, A>(op, q, k, v),
-        DType::F16 => cpu_fwd_as::<F16, A>(op, q, k, v),
-        other => Err(wrap(Error::Unsupported {
-            arg: "q",
-            detail: format!("{other:?}; f32, f16 or bf16"),
-        })),
-    }
-}
-
-fn cpu_fwd_as<T: CandleElement, A: CpuOp>(
-    op: &A,
-    (s1, l1): (&CpuStorage, &Layout),
-    (s2, l2): (&CpuStorage, &Layout),
-    (s3, l3): (&CpuStorage, &Layout),
-) -> candle_core::Result<(CpuStorage, Shape)> {
-    let (Some(q), Some(k), Some(v)) = (T::slice(s1), T::slice(s2), T::slice(s3)) else {
-        return Err(wrap(Error::Unsupported {
-            arg: "k",
-            detail: format!(
-                "k {:?} and v {:?} next to q's {:?}: all three the same",
-                s2.dtype(),
-                s3.dtype(),
-                s1.dtype()
-            ),
-        }));
-    };
-    let (o, shape) = op.run((q, l1), (k, l2), (v, l3)).map_err(wrap)?;
-    Ok((T::storage(o), shape))
-}
-
-/// q, k, v on the CPU, all three in one dtype (errors naming the argument otherwise).
-fn same_place(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<()> {
-    if !q.device().is_cpu() {
-        return Err(wrap(Error::Unsupported {
-            arg: "q",
-            detail: format!(
-                "a tensor on {:?}: attnkit::candle runs candle CPU tensors so far",
-                q.device()
-            ),
-        }));
-    }
-    for (arg, t) in [("k", k), ("v", v)] {
-        if !t.device().same_device(q.device()) {
-            return Err(wrap(Error::Placement {
-                arg,
-                expected: "the CPU (where q is)",
-                found: if t.device().is_cuda() {
-                    "a CUDA device"
-                } else {
-                    "another device"
-                },
-            }));
-        }
-        if t.dtype() != q.dtype() {
-            return Err(wrap(Error::Unsupported {
-                arg,
-                detail: format!(
-                    "dtype {:?} next to q's {:?}: all three the same",
-                    t.dtype(),
-                    q.dtype()
-                ),
-            }));
-        }
-    }
-    Ok(())
 }
 
 /// A rank-1 index tensor (offsets or lengths; u32, i32 or i64) read to the host as i32, each
@@ -233,66 +183,6 @@ fn host_i32(arg: &'static str, t: &Tensor) -> candle_core::Result<Vec<i32>> {
                 detail: "a value outside i32 (the kernels' index type)".into(),
             })
         })
-}
-
-/// A rank-1 f32 tensor (per-head ALiBi slopes, sink logits) read to the host.
-fn host_f32(arg: &'static str, t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    if t.rank() != 1 || t.dtype() != DType::F32 {
-        return Err(wrap(Error::Shape {
-            arg,
-            detail: format!(
-                "{:?} {:?}; expected one f32 value per query head",
-                t.dtype(),
-                t.dims()
-            ),
-        }));
-    }
-    t.to_vec1::<f32>()
-}
-
-/// A u8 tensor of any shape (a block mask, row-major) read to the host, flattened.
-fn host_u8(arg: &'static str, t: &Tensor) -> candle_core::Result<Vec<u8>> {
-    if t.dtype() != DType::U8 {
-        return Err(wrap(Error::Unsupported {
-            arg,
-            detail: format!("dtype {:?}; u8 (nonzero = attend)", t.dtype()),
-        }));
-    }
-    t.flatten_all()?.to_vec1::<u8>()
-}
-
-/// `CustomOp3` for an op whose CPU computation is its [`CpuOp`] (CUDA: candle's default
-/// "no cuda implementation" error; [`same_place`] reports it first, naming the argument).
-macro_rules! cpu_custom_op3 {
-    ($op:ty, $name:literal) => {
-        impl candle_core::CustomOp3 for $op {
-            fn name(&self) -> &'static str {
-                $name
-            }
-
-            fn cpu_fwd(
-                &self,
-                s1: &candle_core::CpuStorage,
-                l1: &candle_core::Layout,
-                s2: &candle_core::CpuStorage,
-                l2: &candle_core::Layout,
-                s3: &candle_core::CpuStorage,
-                l3: &candle_core::Layout,
-            ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-                super::cpu_fwd_any(self, (s1, l1), (s2, l2), (s3, l3))
-            }
-        }
-    };
-}
-use cpu_custom_op3;
-
-/// The storage from a layout's start offset (one past the end is the checks' to report as a
-/// short buffer; further is an error here, never a panic).
-fn tail<'a, T>(arg: &'static str, s: &'a [T], off: usize) -> Result<&'a [T], Error> {
-    s.get(off..).ok_or(Error::Shape {
-        arg,
-        detail: format!("layout starts at {off}, storage holds {}", s.len()),
-    })
 }
 
 /// attnkit's typed error, carried inside candle's.

@@ -3,15 +3,17 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Shape, Tensor};
 
-use super::{CandleElement, tail, wrap};
-use crate::Device;
-use crate::Error;
-use crate::monarch::{MonarchLinear, Rows};
+use super::place::{Cpu, Place, runs_on, tail};
+use super::{CandleElement, wrap};
+use crate::monarch::{MonarchLinear, Rows, Weights};
+use crate::{Buf, Device, Error};
 
 /// A Monarch linear layer (`y = M x + bias`, weights on the host) as a candle [`Module`]:
 /// `forward` takes `[..., in_features]` in the layer's element type and returns
 /// `[..., out_features]`. A 2-D input is read in place with any row stride (the last stride
 /// must be 1), a contiguous one of any rank too; other layouts go through candle's copy.
+/// On a CUDA tensor (feature `candle-cuda`) the weights are copied to that device on the
+/// first call and kept there for the next ones.
 ///
 /// ```
 /// use attnkit::candle::MonarchModule;
@@ -26,6 +28,9 @@ use crate::monarch::{MonarchLinear, Rows};
 #[derive(Clone, Debug)]
 pub struct MonarchModule<T> {
     layer: MonarchLinear<T>,
+    /// The weights on the last CUDA device used.
+    #[cfg(feature = "candle-cuda")]
+    on_device: super::cuda::DeviceWeights<T>,
 }
 
 impl<T: CandleElement> MonarchModule<T> {
@@ -37,7 +42,11 @@ impl<T: CandleElement> MonarchModule<T> {
     /// # Ok::<(), attnkit::Error>(())
     /// ```
     pub fn new(layer: MonarchLinear<T>) -> Self {
-        MonarchModule { layer }
+        MonarchModule {
+            layer,
+            #[cfg(feature = "candle-cuda")]
+            on_device: Default::default(),
+        }
     }
 
     /// The wrapped layer (its weights, shape and features).
@@ -55,15 +64,7 @@ impl<T: CandleElement> MonarchModule<T> {
 
 impl<T: CandleElement> Module for MonarchModule<T> {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        if !xs.device().is_cpu() {
-            return Err(wrap(Error::Unsupported {
-                arg: "x",
-                detail: format!(
-                    "a tensor on {:?}: attnkit::candle runs candle CPU tensors so far",
-                    xs.device()
-                ),
-            }));
-        }
+        runs_on("x", xs.device())?;
         if xs.dtype() != T::CANDLE_DTYPE {
             return Err(wrap(Error::Unsupported {
                 arg: "x",
@@ -85,7 +86,7 @@ impl<T: CandleElement> Module for MonarchModule<T> {
         } else {
             xs.reshape((tokens, width))?
         };
-        let y = rows.apply_op1_no_bwd(&MonarchOp { layer: &self.layer })?;
+        let y = rows.apply_op1_no_bwd(&MonarchOp { module: self })?;
         let mut out = lead.to_vec();
         out.push(self.layer.features().1);
         y.reshape(out)
@@ -93,8 +94,50 @@ impl<T: CandleElement> Module for MonarchModule<T> {
 }
 
 /// The candle op: the layer on `[tokens, in_features]` rows.
-struct MonarchOp<'a, T> {
-    layer: &'a MonarchLinear<T>,
+pub(super) struct MonarchOp<'a, T> {
+    pub(super) module: &'a MonarchModule<T>,
+}
+
+impl<T: CandleElement> MonarchOp<'_, T> {
+    /// The layer on `x` (from its layout's start offset) with weights `w` where `place` runs.
+    pub(super) fn run<P: Place>(
+        &self,
+        place: &P,
+        w: &Weights<'_, T>,
+        x: Buf<'_, T>,
+        l: &Layout,
+    ) -> Result<(P::Out<T>, Shape), Error> {
+        let layer = &self.module.layer;
+        let &[tokens, width] = l.dims() else {
+            return Err(Error::Shape {
+                arg: "x",
+                detail: format!("dims {:?}; expected [tokens, in_features]", l.dims()),
+            });
+        };
+        let stride = l.stride();
+        if stride[1] != 1 && width > 1 {
+            return Err(Error::Stride {
+                arg: "x",
+                detail: format!("strides {stride:?}; the feature dimension must be contiguous"),
+            });
+        }
+        let out_features = layer.features().1;
+        let x_rows = Rows {
+            tokens,
+            width,
+            row_stride: if tokens > 1 { stride[0] } else { width },
+        };
+        let mut y = place.output::<T>(tokens.saturating_mul(out_features))?;
+        layer.forward_with(
+            place.device(),
+            w,
+            x,
+            x_rows,
+            P::out_mut(&mut y)?,
+            out_features,
+        )?;
+        Ok((y, Shape::from((tokens, out_features))))
+    }
 }
 
 impl<T: CandleElement> CustomOp1 for MonarchOp<'_, T> {
@@ -109,31 +152,26 @@ impl<T: CandleElement> CustomOp1 for MonarchOp<'_, T> {
                 detail: format!("dtype {:?}; the layer is {:?}", s.dtype(), T::CANDLE_DTYPE),
             })
         })?;
-        let (tokens, width) = l.shape().dims2()?;
-        let stride = l.stride();
-        if stride[1] != 1 && width > 1 {
-            return Err(wrap(Error::Stride {
-                arg: "x",
-                detail: format!("strides {stride:?}; the feature dimension must be contiguous"),
-            }));
-        }
-        let out_features = self.layer.features().1;
-        let x_rows = Rows {
-            tokens,
-            width,
-            row_stride: if tokens > 1 { stride[0] } else { width },
+        let layer = &self.module.layer;
+        let w = Weights {
+            shape: layer.shape(),
+            w1: layer.w1().into(),
+            w2: layer.w2().into(),
+            bias: layer.bias().map(Buf::Host),
         };
-        let mut y = vec![T::default(); tokens * out_features];
-        let x = tail("x", x, l.start_offset()).map_err(wrap)?;
-        self.layer
-            .forward(
-                &Device::cpu(),
-                x.into(),
-                x_rows,
-                (&mut y).into(),
-                out_features,
-            )
+        let x = tail("x", x, l.start_offset())?;
+        let (y, shape) = self
+            .run(&Cpu(Device::cpu()), &w, x.into(), l)
             .map_err(wrap)?;
-        Ok((T::storage(y), Shape::from((tokens, out_features))))
+        Ok((T::storage(y), shape))
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::monarch_fwd(self, &self.module.on_device, s, l)
     }
 }

@@ -405,26 +405,23 @@ fn softmax_pv(s: &mut [f32], vt: &[f32], d: usize, m: &mut [f32], l: &mut [f32],
 
 /// Writes the new tokens' K/V rows into the cache. One thread: it is `batch * seq_q` rows, and
 /// a block table that maps two sequences to one page must not become a data race.
-pub(super) fn append<T: Element>(
+pub(super) fn append<'a, T: Element>(
     _threads: usize,
     p: &Problem<'_>,
-    k_new: &[T],
-    v_new: &[T],
-    k: &mut [T],
-    v: &mut [T],
+    k: Option<(&'a [T], &'a mut [T])>,
+    v: Option<(&'a [T], &'a mut [T])>,
 ) {
     let d = p.d;
-    for b in 0..p.batch {
-        let first = p.len(b) - p.seq_q;
-        for i in 0..p.seq_q {
-            for hk in 0..p.heads_kv {
-                let src = ((b * p.seq_q + i) * p.heads_kv + hk) * d;
-                let (ko, vo) = (
-                    p.key_offset(&p.k, b, first + i, hk),
-                    p.key_offset(&p.v, b, first + i, hk),
-                );
-                k[ko..ko + d].copy_from_slice(&k_new[src..src + d]);
-                v[vo..vo + d].copy_from_slice(&v_new[src..src + d]);
+    for (rows, strides) in [(k, &p.k), (v, &p.v)] {
+        let Some((new, cache)) = rows else { continue };
+        for b in 0..p.batch {
+            let first = p.len(b) - p.seq_q;
+            for i in 0..p.seq_q {
+                for hk in 0..p.heads_kv {
+                    let src = ((b * p.seq_q + i) * p.heads_kv + hk) * d;
+                    let o = p.key_offset(strides, b, first + i, hk);
+                    cache[o..o + d].copy_from_slice(&new[src..src + d]);
+                }
             }
         }
     }

@@ -296,25 +296,32 @@ pub(super) fn forward<T: Element>(
 pub(super) fn append<T: Element>(
     dev: &CudaDevice,
     p: &Problem<'_>,
-    k_new: &Buf<'_, T>,
-    v_new: &Buf<'_, T>,
+    k: &mut Option<(Buf<'_, T>, BufMut<'_, T>)>,
+    v: &mut Option<(Buf<'_, T>, BufMut<'_, T>)>,
     tables: &Tables<'_>,
-    k: &mut BufMut<'_, T>,
-    v: &mut BufMut<'_, T>,
 ) -> Result<()> {
-    let (knv, vnv) = (dev.view("k_new", k_new)?, dev.view("v_new", v_new)?);
-    let (kv, vv) = (dev.view_mut("k_cache", k)?, dev.view_mut("v_cache", v)?);
     let cache = [p.cache_dims.0, p.cache_dims.1, p.heads_kv];
-    check_stride_align::<T>("k_cache", &p.k, cache)?;
-    check_stride_align::<T>("v_cache", &p.v, cache)?;
     let mut ptrs = DevPtrs::default();
     let stream = &dev.stream;
+    // A cache not written this call has null pointers: the kernel skips it.
+    let (mut k_new, mut k_out) = (std::ptr::null(), std::ptr::null_mut());
+    if let Some((new, out)) = k {
+        check_stride_align::<T>("k_cache", &p.k, cache)?;
+        k_new = ptrs.read("k_new", dev.view("k_new", new)?, stream, ALIGN)? as *const _;
+        k_out = ptrs.write("k_cache", dev.view_mut("k_cache", out)?, stream, ALIGN)? as *mut _;
+    }
+    let (mut v_new, mut v_out) = (std::ptr::null(), std::ptr::null_mut());
+    if let Some((new, out)) = v {
+        check_stride_align::<T>("v_cache", &p.v, cache)?;
+        v_new = ptrs.read("v_new", dev.view("v_new", new)?, stream, ALIGN)? as *const _;
+        v_out = ptrs.write("v_cache", dev.view_mut("v_cache", out)?, stream, ALIGN)? as *mut _;
+    }
     let (lens, bt, ro) = table_ptrs(dev, tables, &mut ptrs)?;
     let params = c::DecodeParams {
-        k_new: ptrs.read("k_new", knv, stream, ALIGN)? as *const _,
-        v_new: ptrs.read("v_new", vnv, stream, ALIGN)? as *const _,
-        k: ptrs.write("k_cache", kv, stream, ALIGN)? as *mut _,
-        v: ptrs.write("v_cache", vv, stream, ALIGN)? as *mut _,
+        k_new,
+        v_new,
+        k: k_out,
+        v: v_out,
         cache_seqlens: lens,
         block_table: bt,
         ring_offsets: ro,

@@ -742,8 +742,78 @@ pub fn append<T: Element>(
     k_new: Buf<'_, T>,
     v_new: Buf<'_, T>,
     tables: Tables<'_>,
-    mut k_cache: BufMut<'_, T>,
-    mut v_cache: BufMut<'_, T>,
+    k_cache: BufMut<'_, T>,
+    v_cache: BufMut<'_, T>,
+) -> Result<()> {
+    append_rows(
+        dev,
+        p,
+        Some((k_new, k_cache)),
+        Some((v_new, v_cache)),
+        tables,
+    )
+}
+
+/// The cache [`append_one`] writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cache {
+    /// The key cache (`p.k_strides`; errors name `k_new`, `k_cache`).
+    Keys,
+    /// The value cache (`p.v_strides`; errors name `v_new`, `v_cache`).
+    Values,
+}
+
+/// [`append`] for one of the two caches: `new`'s rows into `cache`, with the same checks
+/// (for that cache) and the same kernel. For stacks that lend one mutable buffer per call
+/// (candle's in-place ops): a call for [`Cache::Keys`] and one for [`Cache::Values`] write
+/// what one [`append`] writes.
+///
+/// ```
+/// use attnkit::decode::{self, Cache, Decode, Layout, Tables};
+/// let lens = [3];
+/// let p = Decode::new(&lens, 1, 1, 1, 64, Layout::Contiguous { capacity: 4 });
+/// let new = vec![2.0f32; 64];
+/// let mut v = vec![0f32; 4 * 64];
+/// decode::append_one(&attnkit::Device::cpu(), &p, Cache::Values, (&new).into(),
+///     Tables::host(&p), (&mut v).into())?;
+/// assert_eq!((v[2 * 64], v[3 * 64]), (2.0, 0.0));
+/// # Ok::<(), attnkit::Error>(())
+/// ```
+pub fn append_one<T: Element>(
+    dev: &Device,
+    p: &Decode<'_>,
+    which: Cache,
+    new: Buf<'_, T>,
+    tables: Tables<'_>,
+    cache: BufMut<'_, T>,
+) -> Result<()> {
+    match which {
+        Cache::Keys => append_rows(dev, p, Some((new, cache)), None, tables),
+        Cache::Values => append_rows(dev, p, None, Some((new, cache)), tables),
+    }
+}
+
+/// A cache's new rows and the cache they go to.
+type Rows<'a, 'b, T> = Option<(Buf<'a, T>, BufMut<'b, T>)>;
+
+/// [`Rows`] as host slices (errors naming the buffer that is not one).
+fn host_rows<'s, T>(
+    r: &'s mut Rows<'_, '_, T>,
+    new_arg: &'static str,
+    cache_arg: &'static str,
+) -> Result<Option<(&'s [T], &'s mut [T])>> {
+    match r {
+        Some((new, cache)) => Ok(Some((new.host(new_arg)?, cache.host_mut(cache_arg)?))),
+        None => Ok(None),
+    }
+}
+
+fn append_rows<T: Element>(
+    dev: &Device,
+    p: &Decode<'_>,
+    mut k: Rows<'_, '_, T>,
+    mut v: Rows<'_, '_, T>,
+    tables: Tables<'_>,
 ) -> Result<()> {
     let pr = check(dev, p)?;
     check_tables(&pr, &tables)?;
@@ -766,27 +836,31 @@ pub fn append<T: Element>(
     }
     check_append_pages(&pr)?;
     let need = p.new_kv_len();
-    for (arg, len) in [("k_new", k_new.len()), ("v_new", v_new.len())] {
-        if len < need {
+    let dims = [pr.cache_dims.0, pr.cache_dims.1, pr.heads_kv, pr.d];
+    for (new_arg, cache_arg, strides, rows) in [
+        ("k_new", "k_cache", &pr.k, &k),
+        ("v_new", "v_cache", &pr.v, &v),
+    ] {
+        let Some((new, cache)) = rows else { continue };
+        if new.len() < need {
             return Err(Error::Shape {
-                arg,
+                arg: new_arg,
                 detail: format!(
-                    "holds {len} elements, [batch, seq_q, heads_kv, head_dim] needs {need}"
+                    "holds {} elements, [batch, seq_q, heads_kv, head_dim] needs {need}",
+                    new.len()
                 ),
             });
         }
+        crate::flash::check_strides(cache_arg, strides, dims, cache.len(), true)?;
     }
-    check_cache(&pr, k_cache.len(), v_cache.len(), true)?;
     match &dev.backend {
         Backend::Cpu { threads } => {
-            let (kn, vn) = (k_new.host("k_new")?, v_new.host("v_new")?);
-            let (kc, vc) = (k_cache.host_mut("k_cache")?, v_cache.host_mut("v_cache")?);
-            cpu::append(*threads, &pr, kn, vn, kc, vc);
+            let kh = host_rows(&mut k, "k_new", "k_cache")?;
+            let vh = host_rows(&mut v, "v_new", "v_cache")?;
+            cpu::append(*threads, &pr, kh, vh);
             Ok(())
         }
         #[cfg(attnkit_cuda)]
-        Backend::Cuda(c) => {
-            cuda::append(c, &pr, &k_new, &v_new, &tables, &mut k_cache, &mut v_cache)
-        }
+        Backend::Cuda(c) => cuda::append(c, &pr, &mut k, &mut v, &tables),
     }
 }
