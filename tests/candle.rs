@@ -972,7 +972,7 @@ mod on_cuda {
         let mut r = rng("candle_cuda_flash");
         let (b, sq, sk, hq, hkv, d) = (2, 37, 53, 4, 2, 64);
         for dt in [DType::F32, DType::BF16, DType::F16] {
-            let x = |n: usize, dims| {
+            let mut x = |n: usize, dims| {
                 let v: Vec<f32> = random(&mut r, n);
                 t4(&v, dims).to_dtype(dt).expect("dtype")
             };

@@ -242,6 +242,27 @@ fn run_append_idx<T: Element>(
     decode::append(dev, p, kn.into(), vn.into(), idx.host(), k.into(), v.into())
 }
 
+/// [`decode::append_one`] of one cache (the host copy in and out), on `dev`.
+fn run_append_one<T: Element>(
+    dev: &Device,
+    p: &Decode<'_>,
+    which: decode::Cache,
+    new: &[T],
+    cache: &mut Vec<T>,
+) -> attnkit::Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Some(s) = dev.stream() {
+        let nd = s.clone_htod(new).unwrap();
+        let dt = DeviceTables::new(s, Idx::of(p));
+        let mut cd = s.clone_htod(cache).unwrap();
+        decode::append_one(dev, p, which, (&nd).into(), dt.tables(), (&mut cd).into())?;
+        *cache = s.clone_dtoh(&cd).unwrap();
+        return Ok(());
+    }
+    let idx = Idx::of(p);
+    decode::append_one(dev, p, which, new.into(), idx.host(), cache.into())
+}
+
 /// The kernels' RoPE angle and rotation in f32 (f32 frequency and product, the SFU's sin and
 /// cos, two f32 products): at most `ROPE_F32_ERR * (pos + 1) * (|x_a| + |x_b|)` off the exact
 /// rotation of a pair. The angle's relative error is about 12 * 2^-24 (log2 theta, exp2, the

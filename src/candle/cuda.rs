@@ -58,7 +58,7 @@ fn view_as<'a, E>(
             detail: format!("dtype {:?}; expected one of {dtypes:?}", s.dtype()),
         });
     }
-    fn cast<'a, N: CudaDType + DeviceRepr, E>(
+    fn cast<'a, N: CudaDType + DeviceRepr + 'a, E>(
         arg: &'static str,
         s: &'a CudaStorage,
     ) -> Result<CudaView<'a, E>, Error> {
@@ -322,7 +322,7 @@ pub(super) fn append_fwd(
                 found: "another CUDA device",
             }));
         }
-        let run = || -> Result<(), Error> {
+        let mut run = || -> Result<(), Error> {
             let new = operand::<T>(new_arg, s2, l2)?;
             let all = s1
                 .as_cuda_slice_mut::<T::Native>()

@@ -195,8 +195,16 @@ fn server_layouts<T: Element>(test: &str, page_size: usize, d: usize) {
         let kn = random::<T>(&mut rng, tok.new_kv_len());
         let vn = random::<T>(&mut rng, tok.new_kv_len());
         let (mut tk, mut tv, mut hk_k, mut hk_v) = (tk, tv, hk_k, hk_v);
+        let (mut k_one, mut v_one) = (hk_k.clone(), hk_v.clone());
         run_append(&dev, &tok, &kn, &vn, &mut tk, &mut tv).unwrap();
         run_append(&dev, &head, &kn, &vn, &mut hk_k, &mut hk_v).unwrap();
+        // One cache at a time (as candle's in-place ops lend them; the kernel skips the
+        // other, null, cache) writes the same bits.
+        run_append_one(&dev, &head, decode::Cache::Keys, &kn, &mut k_one).unwrap();
+        let bits = |x: &[T]| x.iter().map(|v| v.to_f32().to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&k_one), bits(&hk_k), "{what}: append_one keys");
+        run_append_one(&dev, &head, decode::Cache::Values, &vn, &mut v_one).unwrap();
+        assert_eq!(bits(&v_one), bits(&hk_v), "{what}: append_one values");
         for b in 0..batch {
             for i in 0..3 {
                 let j = grown[b] as usize - 3 + i;
