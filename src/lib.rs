@@ -11,8 +11,9 @@
 //! - [`lightning`]: Lightning Attention-2 linear attention, forward and backward;
 //! - [`monarch`]: Monarch matrices (fused multiply, transpose, backward, projection, layer);
 //! - [`selftest`]: the runtime's own check;
-//! - `candle` (feature `candle`): flash attention as candle ops under candle-flash-attn's
-//!   names, and the Monarch layer as a candle `Module` (candle CPU tensors so far).
+//! - `candle` (feature `candle`): flash attention, decode with KV caches, Lightning and the
+//!   Monarch layer as candle ops and a candle `Module`, under candle-flash-attn's names (candle
+//!   CPU tensors; CUDA tensors with the `candle-cuda` feature).
 //!
 //! ```
 //! use attnkit::{flash::{self, Attention}, Device};

@@ -125,7 +125,8 @@ pub fn flash_attn_with_kvcache_with(
 /// [`decode::append`]: token `i` of sequence `b` becomes logical key
 /// `cache_seqlens[b] - seq_q + i` (the lengths *after* the append, as
 /// [`flash_attn_with_kvcache_with`] takes them). `k_new`, `v_new`: `[batch, seq_q, heads_kv,
-/// d]`; the caches, lengths, block table and rolling layout as for
+/// d]`, 1 to [`decode::MAX_SEQ_Q`] tokens (a prefill writes a contiguous cache with candle's
+/// `slice_set`); the caches, lengths, block table and rolling layout as for
 /// [`flash_attn_with_kvcache_with`] (its other options are not read). On CUDA tensors nothing
 /// goes through the host when the tables are CUDA tensors too.
 ///

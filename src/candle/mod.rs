@@ -15,13 +15,23 @@
 //! strides whose last one is 1 (a transposed or narrowed view needs no copy: the strides go to
 //! the kernel as they are). K and V may have fewer heads than Q (GQA/MQA).
 //! [`flash_attn_with_kvcache`] runs decode steps against a contiguous KV cache
-//! ([`flash_attn_with_kvcache_with`]: paged caches, windows, soft-capping, ALiBi, sink logits),
-//! [`lightning_attn`] Lightning Attention-2 ([`lightning_attn_with_state`] with states in and
-//! out for chunked prefill, [`lightning_decode_step`] one token at a time), and [`MonarchModule`] wraps a [`MonarchLinear`](crate::monarch::MonarchLinear).
+//! ([`flash_attn_with_kvcache_with`]: paged and StreamingLLM rolling caches, windows,
+//! soft-capping, ALiBi, sink logits) and [`kv_cache_append`] writes the new tokens' keys and
+//! values into it in place, [`lightning_attn`] runs Lightning Attention-2
+//! ([`lightning_attn_with_state`] with states in and out for chunked prefill,
+//! [`lightning_decode_step`] one token at a time), and [`MonarchModule`] wraps a
+//! [`MonarchLinear`](crate::monarch::MonarchLinear).
 //!
 //! What runs: candle CPU tensors run attnkit's CPU path (candle's own flash-attn has none).
-//! CUDA tensors are not supported yet by this adapter (a candle error says so); the CUDA path
-//! is tracked by issue 14 and needs candle's own CUDA build.
+//! With the `candle-cuda` feature (which turns on candle-core's `cuda`), candle CUDA tensors
+//! run attnkit's kernels on candle's buffers, enqueued on candle's own stream, with the
+//! operands' strides taken from candle's layouts (no copy of a transposed view). The small
+//! tables (offsets, lengths, block tables, ring offsets, slopes, states) may be CPU tensors
+//! (read and checked on the host) or CUDA tensors (u32/i32/f32, left on the device and copied
+//! device to device: a server's step then makes no host round trip, the kernels re-checking
+//! every index). One body per op serves both places, so the CPU tests below prove the
+//! checks and set-up the CUDA path runs; the CUDA tests (`tests/candle.rs`, `on_cuda`) run
+//! wherever candle finds a GPU. **The CUDA path has not run on a GPU yet.**
 //!
 //! Bad input (a wrong dtype, rank or device, mixed devices, a non-unit last stride, shapes
 //! that do not agree) is a candle error naming the argument, never a panic: attnkit's own
