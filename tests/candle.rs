@@ -849,6 +849,13 @@ fn kv_cache_append_writes_what_the_library_append_writes() {
     let tiny = Tensor::new(&[1i32, 5], &Device::Cpu).expect("lens");
     let e = kv_cache_append(&kc, &vc, &kn_t, &vn_t, &tiny, &opts).expect_err("len < seq_q");
     assert!(e.to_string().contains("cache_seqlens"), "{e}");
+    // A contiguous cache narrowed to fewer sequences than the step has is refused (its
+    // storage runs on, so the buffer checks alone would let the append write past the view).
+    let big = Tensor::zeros((4, 16, hkv, d), DType::F32, &Device::Cpu).expect("cache");
+    let view = big.narrow(0, 0, 1).expect("view");
+    let e = kv_cache_append(&view, &view, &kn_t, &vn_t, &lt, &KvCacheOptions::default())
+        .expect_err("narrowed");
+    assert!(e.to_string().contains("k_cache"), "{e}");
 }
 
 #[test]

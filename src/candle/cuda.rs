@@ -27,11 +27,30 @@ pub(super) struct Cuda {
 }
 
 impl Cuda {
-    /// The place of `s`'s device: attnkit enqueues on candle's stream.
+    /// The place of `s`'s device: attnkit enqueues on candle's stream. attnkit's device for a
+    /// stream is made once (driver queries, module lookup) and kept for the next ops.
     pub(super) fn of(s: &CudaStorage) -> candle_core::Result<Cuda> {
+        /// The devices of the last streams seen (a model uses one or a few).
+        static DEVICES: Mutex<Vec<Device>> = Mutex::new(Vec::new());
+        const KEEP: usize = 8;
         let candle = s.device().clone();
         let stream = candle.cuda_stream();
-        let dev = Device::from_stream(stream.clone()).map_err(wrap)?;
+        let mut devices = DEVICES.lock().unwrap_or_else(|e| e.into_inner());
+        let known = devices
+            .iter()
+            .find(|d| d.stream().is_some_and(|x| Arc::ptr_eq(x, &stream)))
+            .cloned();
+        let dev = match known {
+            Some(d) => d,
+            None => {
+                let d = Device::from_stream(stream.clone()).map_err(wrap)?;
+                if devices.len() == KEEP {
+                    devices.remove(0);
+                }
+                devices.push(d.clone());
+                d
+            }
+        };
         Ok(Cuda {
             candle,
             stream,
@@ -45,9 +64,11 @@ fn driver(context: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> 
     move |source| Error::Driver { context, source }
 }
 
-/// `s`'s buffer viewed as `E` (`E` has the layout of each of `dtypes`; another dtype is an
-/// error naming `arg`).
-fn view_as<'a, E>(
+/// `s`'s buffer viewed as `E` (another dtype than `dtypes` is an error naming `arg`).
+///
+/// # Safety
+/// Every bit pattern of each of `dtypes` is a valid `E` of the same size.
+unsafe fn view_as<'a, E>(
     arg: &'static str,
     s: &'a CudaStorage,
     dtypes: &[DType],
@@ -66,10 +87,15 @@ fn view_as<'a, E>(
             arg,
             detail: e.to_string(),
         })?;
-        debug_assert_eq!(size_of::<N>(), size_of::<E>());
+        if size_of::<N>() != size_of::<E>() {
+            return Err(Error::Unsupported {
+                arg,
+                detail: "an element of another size".into(),
+            });
+        }
         // SAFETY: `E` is `N` itself, or a `#[repr(transparent)]` wrapper of it, or an integer
         // of the same size (u32 read as i32, which the kernels range-check): every bit pattern
-        // of `N` is a valid `E`, and the length in elements is the same.
+        // of `N` is a valid `E` (view_as' contract), and the length in elements is the same.
         unsafe { slice.transmute::<E>(slice.len()) }.ok_or(Error::Shape {
             arg,
             detail: "buffer smaller than its elements".into(),
@@ -95,7 +121,8 @@ fn operand<'a, T: CandleElement>(
     s: &'a CudaStorage,
     l: &Layout,
 ) -> Result<CudaView<'a, T>, Error> {
-    let v = view_as::<T>(arg, s, &[T::CANDLE_DTYPE])?;
+    // SAFETY: `T` is candle's `T::CANDLE_DTYPE` type or its transparent wrapper.
+    let v = unsafe { view_as::<T>(arg, s, &[T::CANDLE_DTYPE]) }?;
     let len = v.len();
     v.try_slice(l.start_offset()..)
         .ok_or_else(|| short(arg, l.start_offset(), len))
@@ -127,10 +154,11 @@ impl Place for Cuda {
 
     fn table<E: TableValue>(&self, arg: &'static str, t: &Table<E>) -> Result<CudaSlice<E>, Error> {
         match t {
-            Table::Host(v) => self
-                .stream
-                .clone_htod(v)
-                .map_err(driver("copying a table to the device")),
+            // candle's own upload: it keeps the host copy alive while a graph is captured.
+            Table::Host(v) => self.candle.clone_htod(v).map_err(|e| Error::Value {
+                arg,
+                detail: format!("copying it to the device: {e}"),
+            }),
             Table::Device(t) => {
                 let (st, l) = t.storage_and_layout();
                 let Storage::Cuda(cs) = &*st else {
@@ -147,7 +175,9 @@ impl Place for Cuda {
                         found: "another CUDA device",
                     });
                 }
-                let all = view_as::<E>(arg, cs, E::DEVICE_DTYPES)?;
+                // SAFETY: each of `E::DEVICE_DTYPES` has `E`'s size and every bit pattern of
+                // it is an `E` (u8 as u8, f32 as f32, u32 or i32 as i32).
+                let all = unsafe { view_as::<E>(arg, cs, E::DEVICE_DTYPES) }?;
                 let (off, n) = (l.start_offset(), t.elem_count());
                 let len = all.len();
                 let v = all
@@ -239,8 +269,8 @@ impl<T> std::fmt::Debug for DeviceWeights<T> {
 }
 
 struct Uploaded<T> {
-    /// The context's handle, as an address (compared only).
-    ctx: usize,
+    /// The stream they were copied on (and are read on: no other ordering is needed).
+    stream: Arc<CudaStream>,
     w1: CudaSlice<T>,
     w2: CudaSlice<T>,
     bias: Option<CudaSlice<T>>,
@@ -255,15 +285,18 @@ pub(super) fn monarch_fwd<T: CandleElement>(
 ) -> candle_core::Result<(CudaStorage, Shape)> {
     let place = Cuda::of(s)?;
     let run = || -> Result<(CudaSlice<T::Native>, Shape), Error> {
-        let x = view_as::<T>("x", s, &[T::CANDLE_DTYPE])?;
+        // SAFETY: as in `operand`.
+        let x = unsafe { view_as::<T>("x", s, &[T::CANDLE_DTYPE]) }?;
         let len = x.len();
         let x = x
             .try_slice(l.start_offset()..)
             .ok_or_else(|| short("x", l.start_offset(), len))?;
         let layer = op.module.layer();
-        let ctx = place.stream.context().cu_ctx() as usize;
         let mut held = cache.0.lock().unwrap_or_else(|e| e.into_inner());
-        if held.as_ref().is_none_or(|w| w.ctx != ctx) {
+        if held
+            .as_ref()
+            .is_none_or(|w| !Arc::ptr_eq(&w.stream, &place.stream))
+        {
             let up = |v: &[T]| {
                 place
                     .stream
@@ -271,7 +304,7 @@ pub(super) fn monarch_fwd<T: CandleElement>(
                     .map_err(driver("copying Monarch weights to the device"))
             };
             *held = Some(Uploaded {
-                ctx,
+                stream: place.stream.clone(),
                 w1: up(layer.w1())?,
                 w2: up(layer.w2())?,
                 bias: layer.bias().map(up).transpose()?,
@@ -327,8 +360,8 @@ pub(super) fn append_fwd(
             let all = s1
                 .as_cuda_slice_mut::<T::Native>()
                 .map_err(|e| Error::Unsupported {
-                    arg: new_arg,
-                    detail: format!("dtype next to {cache_arg}'s: {e}"),
+                    arg: cache_arg,
+                    detail: e.to_string(),
                 })?;
             let n = all.len();
             // SAFETY: `T` is `T::Native` or its `#[repr(transparent)]` wrapper.

@@ -153,15 +153,25 @@ pub fn kv_cache_append(
 ) -> candle_core::Result<()> {
     runs_on("k_cache", k_cache.device())?;
     for (arg, t) in [("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)] {
-        if !t.device().same_device(k_cache.device()) || t.dtype() != k_cache.dtype() {
+        if !t.device().same_device(k_cache.device()) {
             return Err(wrap(Error::Placement {
                 arg,
-                expected: "k_cache's device and dtype",
+                expected: "k_cache's device",
                 found: if t.device().is_cpu() {
-                    "the CPU or another dtype"
+                    "the CPU"
                 } else {
-                    "a CUDA device or another dtype"
+                    "another device"
                 },
+            }));
+        }
+        if t.dtype() != k_cache.dtype() {
+            return Err(wrap(Error::Unsupported {
+                arg,
+                detail: format!(
+                    "dtype {:?} next to k_cache's {:?}",
+                    t.dtype(),
+                    k_cache.dtype()
+                ),
             }));
         }
     }
@@ -284,9 +294,27 @@ impl CacheTables {
         })
     }
 
-    /// Paged caches hold pages, not sequences, in their first dimension.
-    fn paged(&self) -> bool {
-        matches!(self.kind, Kind::Paged(..))
+    /// A cache of dims `kd` holds `batch` sequences (a paged one: pages) and, rolling, its
+    /// `n_sink + window` slots: a narrowed view that holds fewer is refused here, since the
+    /// storage past the view would pass the buffer checks.
+    fn check_dims(&self, arg: &'static str, kd: [usize; 4], batch: usize) -> Result<(), Error> {
+        let slots = match &self.kind {
+            Kind::Rolling(decode::Layout::Rolling { n_sink, window, .. }, _) => {
+                Some(n_sink.saturating_add(*window))
+            }
+            _ => None,
+        };
+        let paged = matches!(self.kind, Kind::Paged(..));
+        if (!paged && kd[0] != batch) || slots.is_some_and(|n| n != kd[1]) {
+            return Err(Error::Shape {
+                arg,
+                detail: format!(
+                    "dims {kd:?}: {batch} sequences{}",
+                    slots.map_or(String::new(), |n| format!(" of {n} rolling slots"))
+                ),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -338,7 +366,7 @@ impl Op for DecodeAttn {
         let (vd, vs) = operand::<4>("v_cache", lv)?;
         let [batch, seq_q, heads_q, d] = qd;
         let n = self.cache.lens.len();
-        if kd != vd || (!self.cache.paged() && kd[0] != batch) || kd[3] != d || n != batch {
+        if kd != vd || kd[3] != d || n != batch {
             return Err(Error::Shape {
                 arg: if n != batch {
                     "cache_seqlens"
@@ -347,10 +375,11 @@ impl Op for DecodeAttn {
                 },
                 detail: format!(
                     "q {qd:?}, k_cache {kd:?}, v_cache {vd:?}, {n} lengths: the caches must \
-                     agree with each other and with q's batch (unless paged) and head_dim"
+                     agree with each other and with q's batch and head_dim"
                 ),
             });
         }
+        self.cache.check_dims("k_cache", kd, batch)?;
         let mut p = self.cache.problem(seq_q, heads_q, kd);
         p.causal = self.causal;
         p.scale = self.scale;
@@ -421,6 +450,7 @@ impl AppendOp<'_> {
                 ),
             });
         }
+        self.cache.check_dims(cache_arg, kd, batch)?;
         let mut p = self.cache.problem(seq_q, heads_kv, kd);
         p.k_strides = ks;
         p.v_strides = ks;

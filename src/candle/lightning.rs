@@ -282,7 +282,14 @@ impl Op for LightningAttn {
             None => None,
         };
         let mut fin = match self.final_state {
-            Some(_) => Some(place.output::<f32>(state_dims.iter().product())?),
+            Some(_) => {
+                let n = state_dims.iter().try_fold(1usize, |a, &x| a.checked_mul(x));
+                let n = n.ok_or_else(|| Error::Shape {
+                    arg: "q",
+                    detail: format!("the state {state_dims:?} overflows usize"),
+                })?;
+                Some(place.output::<f32>(n)?)
+            }
             None => None,
         };
         lightning::forward(

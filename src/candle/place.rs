@@ -67,6 +67,7 @@ impl<E: TableValue> Table<E> {
         if t.device().is_cpu() {
             return Ok(None);
         }
+        runs_on(arg, t.device())?;
         if !E::DEVICE_DTYPES.contains(&t.dtype()) {
             return Err(wrap(Error::Unsupported {
                 arg,
@@ -77,7 +78,9 @@ impl<E: TableValue> Table<E> {
                 ),
             }));
         }
-        Ok(Some(Table::Device(t.flatten_all()?)))
+        // A private contiguous copy (on the device): the CUDA path reads it as packed
+        // elements, and it shares no storage (or lock) with the op's operands.
+        Ok(Some(Table::Device(t.flatten_all()?.force_contiguous()?)))
     }
 }
 
