@@ -3,6 +3,8 @@
 //! Tolerance: f32 is tight; f16/bf16 use FlashAttention's rule, relative to a naive
 //! computation in the same precision: `max|out - ref| <= 2 * max|naive_lp - ref| + 1e-3`.
 
+#[path = "flash/backward.rs"]
+mod backward;
 mod common;
 
 use attnkit::flash::oracle::HostExtras;

@@ -44,13 +44,21 @@ pub(super) struct HostInputs<'a> {
 
 /// Which keys rows see: the window and sinks, and the block mask if any.
 #[derive(Clone, Copy)]
-struct Seen<'a> {
-    vis: &'a Visibility,
+pub(super) struct Seen<'a> {
+    pub vis: &'a Visibility,
     mask: Option<HostMask<'a>>,
     mask_cols: usize,
 }
 
-impl Seen<'_> {
+impl<'a> Seen<'a> {
+    pub(super) fn new(vis: &'a Visibility, mask: Option<HostMask<'a>>, mask_cols: usize) -> Self {
+        Seen {
+            vis,
+            mask,
+            mask_cols,
+        }
+    }
+
     fn blocked(&self, i: usize, j: usize) -> bool {
         match self.mask {
             Some((m, bq, bk)) => m[(i / bq) * self.mask_cols + j / bk] != 0,
@@ -58,14 +66,14 @@ impl Seen<'_> {
         }
     }
 
-    fn seen(&self, i: usize, j: usize) -> bool {
+    pub(super) fn seen(&self, i: usize, j: usize) -> bool {
         self.vis.visible(i, j) && self.blocked(i, j)
     }
 
     /// Whether key tile [n0, n0 + cols) holds a key some row of [m0, m1) sees, and whether
     /// every row sees every key of it (no per-element mask needed). The kernel's
     /// `Visibility::tile_needed`.
-    fn tile(&self, m0: usize, m1: usize, n0: usize, cols: usize) -> (bool, bool) {
+    pub(super) fn tile(&self, m0: usize, m1: usize, n0: usize, cols: usize) -> (bool, bool) {
         let (n0i, n1i) = (n0 as i64, (n0 + cols) as i64);
         let hi = self.vis.hi(m1 - 1);
         let in_window = n0i <= hi && n1i > self.vis.lo(m0);
@@ -291,7 +299,7 @@ struct RowState {
 /// `cols` rows of `d` elements of `src`, the first at `off`, the rest every `stride`, as f32
 /// rows: `src` itself when it is f32 (returned with its row stride), else widened into
 /// `buf` (row stride d).
-fn tile_rows<'a, T: Element>(
+pub(super) fn tile_rows<'a, T: Element>(
     src: &'a [T],
     off: usize,
     stride: usize,

@@ -29,8 +29,10 @@
 //! kernel (`kernels/flash.cu`: tensor cores for f16/bf16, CUDA cores for the exact f32 path)
 //! on the caller's stream, with no allocation or synchronisation.
 
+mod backward;
 mod checks;
 mod cpu;
+mod cpu_backward;
 #[cfg(attnkit_cuda)]
 mod cuda;
 mod options;
@@ -41,6 +43,9 @@ use crate::buffer::{Buf, BufMut};
 use crate::device::{Backend, Device};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
+pub use backward::{
+    BackwardIo, backward, backward_varlen, backward_workspace_len, varlen_backward_workspace_len,
+};
 pub(crate) use checks::check_strides;
 use checks::{check, check_extras, check_offsets, check_sizes, checked_total};
 pub use options::{BlockMask, Extras, MAX_MASK_BLOCKS, Options, Relu2Norm, Score};
@@ -440,36 +445,7 @@ pub fn forward_with<T: Element>(
     lse: BufMut<'_, f32>,
     extras: Extras<'_>,
 ) -> Result<()> {
-    // Every size is bounded before any product of them is formed.
-    check_sizes(&[
-        ("batch", attn.batch),
-        ("seq_q", attn.seq_q),
-        ("seq_k", attn.seq_k),
-        ("heads_q", attn.heads_q),
-        ("heads_kv", attn.heads_kv),
-    ])?;
-    let total_q = checked_total("total_q", attn.batch, attn.seq_q)?;
-    let total_k = checked_total("total_k", attn.batch, attn.seq_k)?;
-    let p = Problem {
-        batch: attn.batch,
-        seq_q: attn.seq_q,
-        seq_k: attn.seq_k,
-        heads_q: attn.heads_q,
-        heads_kv: attn.heads_kv,
-        d: attn.head_dim,
-        opts: attn.opts,
-        scale: attn.softmax_scale(),
-        q: attn.q_strides,
-        k: attn.k_strides,
-        v: attn.v_strides,
-        o: attn.o_strides,
-        lse_batch: attn.heads_q * attn.seq_q,
-        lse_head: attn.seq_q,
-        varlen: false,
-        cu: None,
-        total_q,
-        total_k,
-    };
+    let p = fixed_problem(attn)?;
     run(dev, &p, q, k, v, None, o, lse, extras)
 }
 
@@ -556,6 +532,61 @@ pub fn forward_varlen_with<T: Element>(
     lse: BufMut<'_, f32>,
     extras: Extras<'_>,
 ) -> Result<()> {
+    let p = varlen_problem(attn, cu_seqlens_q.len(), cu_seqlens_k.len())?;
+    run(
+        dev,
+        &p,
+        q,
+        k,
+        v,
+        Some((cu_seqlens_q, cu_seqlens_k)),
+        o,
+        lse,
+        extras,
+    )
+}
+
+/// The problem of a fixed-length call, every size bounded before any product is formed.
+fn fixed_problem(attn: &Attention) -> Result<Problem<'static>> {
+    // Every size is bounded before any product of them is formed.
+    check_sizes(&[
+        ("batch", attn.batch),
+        ("seq_q", attn.seq_q),
+        ("seq_k", attn.seq_k),
+        ("heads_q", attn.heads_q),
+        ("heads_kv", attn.heads_kv),
+    ])?;
+    let total_q = checked_total("total_q", attn.batch, attn.seq_q)?;
+    let total_k = checked_total("total_k", attn.batch, attn.seq_k)?;
+    Ok(Problem {
+        batch: attn.batch,
+        seq_q: attn.seq_q,
+        seq_k: attn.seq_k,
+        heads_q: attn.heads_q,
+        heads_kv: attn.heads_kv,
+        d: attn.head_dim,
+        opts: attn.opts,
+        scale: attn.softmax_scale(),
+        q: attn.q_strides,
+        k: attn.k_strides,
+        v: attn.v_strides,
+        o: attn.o_strides,
+        lse_batch: attn.heads_q * attn.seq_q,
+        lse_head: attn.seq_q,
+        varlen: false,
+        cu: None,
+        total_q,
+        total_k,
+    })
+}
+
+/// The problem of a varlen call (its offsets' buffers hold `cu_q_len` and `cu_k_len`
+/// entries), every size bounded before any product is formed.
+fn varlen_problem<'a>(
+    attn: &VarlenAttention<'a>,
+    cu_q_len: usize,
+    cu_k_len: usize,
+) -> Result<Problem<'a>> {
     let (batch, seq_q, seq_k, total_q, total_k, host) = match attn.offsets {
         Offsets::Host { q: cq, k: ck } => {
             if cq.len() < 2 {
@@ -599,14 +630,11 @@ pub fn forward_varlen_with<T: Element>(
             )
         }
     };
-    for (arg, buf) in [
-        ("cu_seqlens_q", &cu_seqlens_q),
-        ("cu_seqlens_k", &cu_seqlens_k),
-    ] {
-        if buf.len() != batch + 1 {
+    for (arg, len) in [("cu_seqlens_q", cu_q_len), ("cu_seqlens_k", cu_k_len)] {
+        if len != batch + 1 {
             return Err(Error::Shape {
                 arg,
-                detail: format!("holds {} offsets, the problem has {}", buf.len(), batch + 1),
+                detail: format!("holds {len} offsets, the problem has {}", batch + 1),
             });
         }
     }
@@ -622,7 +650,7 @@ pub fn forward_varlen_with<T: Element>(
         ("heads_q", attn.heads_q),
         ("heads_kv", attn.heads_kv),
     ])?;
-    let p = Problem {
+    Ok(Problem {
         batch,
         seq_q,
         seq_k,
@@ -641,18 +669,31 @@ pub fn forward_varlen_with<T: Element>(
         cu: host,
         total_q,
         total_k,
-    };
-    run(
-        dev,
-        &p,
-        q,
-        k,
-        v,
-        Some((cu_seqlens_q, cu_seqlens_k)),
-        o,
-        lse,
-        extras,
-    )
+    })
+}
+
+/// On the CPU: `p` with the offsets' host buffers checked against its host copies, or (device-only
+/// offsets, here host buffers) against the sizes the caller gave and then used as them.
+fn host_offsets<'a>(
+    p: &Problem<'a>,
+    cu: Option<&'a (Buf<'a, i32>, Buf<'a, i32>)>,
+) -> Result<Problem<'a>> {
+    let mut p = p.clone();
+    if let Some((cq, ck)) = cu {
+        let (cq, ck) = (cq.host("cu_seqlens_q")?, ck.host("cu_seqlens_k")?);
+        match p.cu {
+            Some((pq, pk)) => {
+                checks::check_offset_buffers(pq, cq, "cu_seqlens_q")?;
+                checks::check_offset_buffers(pk, ck, "cu_seqlens_k")?;
+            }
+            None => {
+                checks::check_device_offsets(cq, "cu_seqlens_q", p.seq_q, p.total_q)?;
+                checks::check_device_offsets(ck, "cu_seqlens_k", p.seq_k, p.total_k)?;
+                p.cu = Some((cq, ck));
+            }
+        }
+    }
+    Ok(p)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -671,24 +712,7 @@ fn run<T: Element>(
     check_extras(p, &extras)?;
     match &dev.backend {
         Backend::Cpu { threads } => {
-            let mut p = p.clone();
-            if let Some((cq, ck)) = &cu {
-                let (cq, ck) = (cq.host("cu_seqlens_q")?, ck.host("cu_seqlens_k")?);
-                match p.cu {
-                    Some((pq, pk)) => {
-                        checks::check_offset_buffers(pq, cq, "cu_seqlens_q")?;
-                        checks::check_offset_buffers(pk, ck, "cu_seqlens_k")?;
-                    }
-                    // Device-only offsets: here they are host buffers, checked against the
-                    // sizes the caller gave, then used as the host copies.
-                    None => {
-                        checks::check_device_offsets(cq, "cu_seqlens_q", p.seq_q, p.total_q)?;
-                        checks::check_device_offsets(ck, "cu_seqlens_k", p.seq_k, p.total_k)?;
-                        p.cu = Some((cq, ck));
-                    }
-                }
-            }
-            let p = &p;
+            let p = &host_offsets(p, cu.as_ref())?;
             let (q, k, v) = (q.host("q")?, k.host("k")?, v.host("v")?);
             let sinks = extras
                 .sink_logits

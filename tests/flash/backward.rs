@@ -1,0 +1,507 @@
+//! The backward pass (`flash::backward`, `flash::backward_varlen`): against the f64 oracle's
+//! analytic gradients (themselves checked against finite differences of the oracle's
+//! forward) on fresh random inputs with poisoned outputs, at sizes that are not tile
+//! multiples, for every option and GQA ratio; bits identical across runs and thread counts;
+//! bad input as typed errors.
+
+use super::*;
+use attnkit::flash::oracle::{self, HostExtras};
+use attnkit::flash::{BackwardIo, BlockMask, Extras, Relu2Norm, Score, VarlenAttention};
+use rand::Rng;
+
+/// The inputs and options of one case.
+struct Case {
+    a: Attention,
+    sinks: Option<Vec<f32>>,
+    alibi: Option<Vec<f32>>,
+    mask: Option<(Vec<u8>, usize, usize)>,
+}
+
+impl Case {
+    fn new(a: Attention) -> Self {
+        Case {
+            a,
+            sinks: None,
+            alibi: None,
+            mask: None,
+        }
+    }
+
+    fn host(&self) -> HostExtras<'_> {
+        HostExtras {
+            sink_logits: self.sinks.as_deref(),
+            alibi_slopes: self.alibi.as_deref(),
+            block_mask: self.mask.as_ref().map(|(m, bq, bk)| (&m[..], *bq, *bk)),
+        }
+    }
+
+    fn extras(&self) -> Extras<'_> {
+        Extras {
+            sink_logits: self.sinks.as_ref().map(|s| s.into()),
+            alibi_slopes: self.alibi.as_ref().map(|s| s.into()),
+            entropy: None,
+            block_mask: self.mask.as_ref().map(|(m, bq, bk)| BlockMask {
+                mask: m.into(),
+                block_q: *bq,
+                block_k: *bk,
+            }),
+        }
+    }
+}
+
+/// The gradients the CPU backward writes (poisoned beforehand) for `c` on inputs q, k, v and
+/// upstream gradient d_o, after the CPU forward made o and the LSE.
+struct Got<T> {
+    dq: Vec<T>,
+    dk: Vec<T>,
+    dv: Vec<T>,
+    d_sink: Vec<f32>,
+}
+
+fn run_backward<T: Element>(
+    dev: &Device,
+    c: &Case,
+    (q, k, v): (&[T], &[T], &[T]),
+    d_o: &[T],
+) -> attnkit::Result<Got<T>> {
+    let a = &c.a;
+    let (mut o, mut lse) = (poisoned::<T>(a.o_len()), vec![f32::NAN; a.lse_len()]);
+    flash::forward_with(
+        &Device::cpu(),
+        a,
+        q.into(),
+        k.into(),
+        v.into(),
+        (&mut o).into(),
+        (&mut lse).into(),
+        c.extras(),
+    )?;
+    let mut g = Got {
+        dq: poisoned::<T>(q.len()),
+        dk: poisoned::<T>(k.len()),
+        dv: poisoned::<T>(v.len()),
+        d_sink: vec![f32::NAN; a.heads_q],
+    };
+    let mut ws = vec![f32::NAN; flash::backward_workspace_len(dev, a)];
+    flash::backward(
+        dev,
+        a,
+        BackwardIo {
+            q: q.into(),
+            k: k.into(),
+            v: v.into(),
+            o: (&o).into(),
+            d_o: d_o.into(),
+            lse: (&lse).into(),
+            dq: (&mut g.dq).into(),
+            dk: (&mut g.dk).into(),
+            dv: (&mut g.dv).into(),
+            d_sink_logits: c.sinks.as_ref().map(|_| (&mut g.d_sink).into()),
+            workspace: (&mut ws).into(),
+        },
+        c.extras(),
+    )?;
+    Ok(g)
+}
+
+fn f32s<T: Element>(x: &[T]) -> Vec<f32> {
+    x.iter().map(|v| v.to_f32()).collect()
+}
+
+/// The CPU backward against the oracle's gradients, each within `atol + rtol |want|` where
+/// `atol` is `tol` times the gradient's largest magnitude.
+fn matches_oracle<T: Element>(what: &str, rng: &mut StdRng, c: &Case, tol: f64) {
+    let a = &c.a;
+    let (q, k, v) = inputs::<T>(rng, a, 1.0);
+    let d_o = random::<T>(rng, a.o_len());
+    let g = run_backward(&Device::cpu(), c, (&q, &k, &v), &d_o).unwrap();
+    let want = oracle::backward(a, &q, &k, &v, &d_o, &c.host());
+    for (name, got, w) in [
+        ("dq", f32s(&g.dq), &want.dq),
+        ("dk", f32s(&g.dk), &want.dk),
+        ("dv", f32s(&g.dv), &want.dv),
+    ] {
+        let scale = w.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-3);
+        assert_close(
+            &format!("{what} {} {name}", T::DTYPE),
+            &got,
+            w,
+            tol * scale,
+            tol,
+        );
+    }
+    if c.sinks.is_some() {
+        let scale = want
+            .d_sink_logits
+            .iter()
+            .fold(0f64, |m, x| m.max(x.abs()))
+            .max(1e-3);
+        assert_close(
+            &format!("{what} d_sink_logits"),
+            &g.d_sink,
+            &want.d_sink_logits,
+            tol * scale,
+            tol,
+        );
+    }
+}
+
+/// Every option of the forward, at sizes that are not tile multiples, GQA ratios 1, 4, 8.
+fn cases(rng: &mut StdRng) -> Vec<(&'static str, Case)> {
+    let mut v = vec![
+        ("plain", Case::new(Attention::new(2, 37, 53, 4, 4, 64))),
+        (
+            "causal gqa4",
+            Case::new(Attention::new(1, 70, 70, 8, 2, 64).causal(true)),
+        ),
+        (
+            "causal mqa8 seq_q < seq_k",
+            Case::new(Attention::new(1, 19, 83, 8, 1, 32).causal(true)),
+        ),
+        (
+            "causal seq_q > seq_k (empty rows)",
+            Case::new(Attention::new(1, 90, 30, 2, 1, 64).causal(true)),
+        ),
+        (
+            "window and sinks",
+            Case::new(
+                Attention::new(1, 100, 130, 2, 2, 64)
+                    .causal(true)
+                    .window(Some(20), Some(0))
+                    .sinks(3),
+            ),
+        ),
+        (
+            "two-sided window",
+            Case::new(Attention::new(1, 77, 77, 2, 1, 128).window(Some(9), Some(5))),
+        ),
+        (
+            "entropy-invariant scale",
+            Case::new(
+                Attention::new(1, 65, 65, 2, 2, 64)
+                    .causal(true)
+                    .entropy_invariant_scale(true),
+            ),
+        ),
+        (
+            "relu2 seqlen",
+            Case::new(Attention::new(1, 40, 50, 2, 2, 64).score(Score::Relu2(Relu2Norm::SeqLen))),
+        ),
+        (
+            "relu2 visible causal",
+            Case::new(
+                Attention::new(1, 66, 66, 4, 2, 64)
+                    .causal(true)
+                    .score(Score::Relu2(Relu2Norm::Visible)),
+            ),
+        ),
+    ];
+    let mut sc = Case::new(
+        Attention::new(1, 45, 71, 4, 2, 64)
+            .causal(true)
+            .softcap(1.5),
+    );
+    sc.alibi = Some(vec![0.25, 0.0, 0.125, 0.5]);
+    v.push(("softcap and alibi", sc));
+    let mut sk = Case::new(Attention::new(2, 33, 41, 4, 1, 64).causal(true));
+    sk.sinks = Some((0..4).map(|_| rng.random_range(-1.0f32..2.0)).collect());
+    v.push(("learned sink logits", sk));
+    let mut bm = Case::new(Attention::new(1, 96, 96, 2, 2, 64).causal(true));
+    let layout = BlockMask::local_layout(96usize.div_ceil(16), 96usize.div_ceil(16), 2).unwrap();
+    bm.mask = Some((layout, 16, 16));
+    v.push(("block mask", bm));
+    v
+}
+
+#[test]
+fn backward_f32_matches_the_oracle_for_every_option() {
+    let mut rng = rng("backward_f32_oracle");
+    for (what, c) in cases(&mut rng) {
+        matches_oracle::<f32>(what, &mut rng, &c, 2e-4);
+    }
+}
+
+#[test]
+fn backward_bf16_and_f16_match_the_oracle() {
+    let mut rng = rng("backward_low_precision_oracle");
+    for (what, c) in cases(&mut rng).into_iter().take(6) {
+        // Inputs and gradients are rounded to the type (2^-8 and 2^-11 relative); the tiles
+        // compute in f32.
+        matches_oracle::<Bf16>(what, &mut rng, &c, 1.6e-2);
+        matches_oracle::<F16>(what, &mut rng, &c, 2e-3);
+    }
+}
+
+#[test]
+fn oracle_gradients_equal_finite_differences_of_the_oracle_forward() {
+    // Inputs on a 2^-10 grid and a step of 2^-7: q +- h is exact in f32.
+    let mut rng = rng("backward_finite_differences");
+    let grid = |rng: &mut StdRng, n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| (rng.random_range(-1024i32..1024) as f32) / 1024.0)
+            .collect()
+    };
+    let h = 1.0 / 128.0;
+    let mut cases = vec![
+        Case::new(Attention::new(1, 3, 5, 2, 1, 32).causal(true).softcap(0.8)),
+        Case::new(
+            Attention::new(1, 4, 4, 1, 1, 32)
+                .score(Score::Relu2(Relu2Norm::Visible))
+                .causal(true),
+        ),
+        Case::new(
+            Attention::new(1, 3, 6, 1, 1, 32)
+                .window(Some(2), Some(1))
+                .sinks(1)
+                .entropy_invariant_scale(true),
+        ),
+    ];
+    cases[0].alibi = Some(vec![0.3, 0.1]);
+    cases[0].sinks = Some(vec![0.25, -0.5]);
+    for c in &cases {
+        let a = &c.a;
+        let nk = a.seq_k * a.heads_kv * a.head_dim;
+        let (mut q, mut k, mut v) = (
+            grid(&mut rng, a.o_len()),
+            grid(&mut rng, nk),
+            grid(&mut rng, nk),
+        );
+        let d_o = grid(&mut rng, a.o_len());
+        let loss = |q: &[f32], k: &[f32], v: &[f32], sinks: Option<&[f32]>| {
+            let x = HostExtras {
+                sink_logits: sinks,
+                ..c.host()
+            };
+            let mut l = 0.0;
+            for hq in 0..a.heads_q {
+                for i in 0..a.seq_q {
+                    let r = oracle::attention_row_with(a, q, k, v, &x, 0, hq, i);
+                    let off = (i * a.heads_q + hq) * a.head_dim;
+                    l +=
+                        r.o.iter()
+                            .zip(&d_o[off..])
+                            .map(|(o, g)| o * *g as f64)
+                            .sum::<f64>();
+                }
+            }
+            l
+        };
+        let g = oracle::backward(a, &q, &k, &v, &d_o, &c.host());
+        let fd = |x: &mut Vec<f32>, i: usize, f: &dyn Fn(&[f32]) -> f64| {
+            let x0 = x[i];
+            x[i] = x0 + h;
+            let up = f(x);
+            x[i] = x0 - h;
+            let down = f(x);
+            x[i] = x0;
+            (up - down) / (2.0 * h as f64)
+        };
+        let close = |what: &str, i: usize, got: f64, want: f64| {
+            assert!(
+                (got - want).abs() <= 2e-3 * (1.0 + want.abs()),
+                "{:?} {what}[{i}]: analytic {got}, finite differences {want}",
+                a.opts
+            );
+        };
+        for i in (0..q.len()).step_by(7) {
+            let (k2, v2) = (k.clone(), v.clone());
+            let want = fd(&mut q, i, &|q| loss(q, &k2, &v2, c.sinks.as_deref()));
+            close("dq", i, g.dq[i], want);
+        }
+        for i in (0..k.len()).step_by(5) {
+            let (q2, v2) = (q.clone(), v.clone());
+            let want = fd(&mut k, i, &|k| loss(&q2, k, &v2, c.sinks.as_deref()));
+            close("dk", i, g.dk[i], want);
+            let (q2, k2) = (q.clone(), k.clone());
+            let want = fd(&mut v, i, &|v| loss(&q2, &k2, v, c.sinks.as_deref()));
+            close("dv", i, g.dv[i], want);
+        }
+        if let Some(s) = &c.sinks {
+            for hh in 0..s.len() {
+                let mut s = s.clone();
+                let (q2, k2, v2) = (q.clone(), k.clone(), v.clone());
+                let want = fd(&mut s, hh, &|s| loss(&q2, &k2, &v2, Some(s)));
+                close("d_sink_logits", hh, g.d_sink_logits[hh], want);
+            }
+        }
+    }
+}
+
+#[test]
+fn backward_bits_are_identical_across_runs_and_thread_counts() {
+    let mut rng = rng("backward_determinism");
+    let mut c = Case::new(
+        Attention::new(2, 150, 170, 8, 2, 64)
+            .causal(true)
+            .sinks(2)
+            .window(Some(60), None),
+    );
+    c.sinks = Some(vec![0.1; 8]);
+    let (q, k, v) = inputs::<Bf16>(&mut rng, &c.a, 1.0);
+    let d_o = random::<Bf16>(&mut rng, c.a.o_len());
+    let bits = |g: &Got<Bf16>| {
+        let mut b: Vec<u32> = [&g.dq, &g.dk, &g.dv]
+            .iter()
+            .flat_map(|x| x.iter().map(|v| v.to_f32().to_bits()))
+            .collect();
+        b.extend(g.d_sink.iter().map(|x| x.to_bits()));
+        b
+    };
+    let one = Device::cpu_with_threads(1).unwrap();
+    let first = bits(&run_backward(&Device::cpu(), &c, (&q, &k, &v), &d_o).unwrap());
+    let again = bits(&run_backward(&Device::cpu(), &c, (&q, &k, &v), &d_o).unwrap());
+    let single = bits(&run_backward(&one, &c, (&q, &k, &v), &d_o).unwrap());
+    assert!(
+        first == again && first == single,
+        "backward bits differ between runs"
+    );
+}
+
+#[test]
+fn varlen_backward_equals_each_sequence_alone_with_empty_ones() {
+    let mut rng = rng("backward_varlen");
+    let (hq, hkv, d) = (4, 2, 64);
+    let (cu_q, cu_k) = ([0i32, 17, 17, 60, 61], [0i32, 30, 31, 31, 100]);
+    let a = VarlenAttention::new(&cu_q, &cu_k, hq, hkv, d)
+        .causal(true)
+        .window(Some(25), None);
+    let (tq, tk) = (61usize, 100usize);
+    let q = random::<f32>(&mut rng, tq * hq * d);
+    let k = random::<f32>(&mut rng, tk * hkv * d);
+    let v = random::<f32>(&mut rng, tk * hkv * d);
+    let d_o = random::<f32>(&mut rng, tq * hq * d);
+    let dev = Device::cpu();
+    let (mut o, mut lse) = (poisoned::<f32>(a.o_len()), vec![f32::NAN; a.lse_len()]);
+    flash::forward_varlen(
+        &dev,
+        &a,
+        (&q).into(),
+        (&k).into(),
+        (&v).into(),
+        cu_q[..].into(),
+        cu_k[..].into(),
+        (&mut o).into(),
+        (&mut lse).into(),
+    )
+    .unwrap();
+    let (mut dq, mut dk, mut dv) = (
+        poisoned::<f32>(q.len()),
+        poisoned::<f32>(k.len()),
+        poisoned::<f32>(v.len()),
+    );
+    let mut ws = vec![f32::NAN; flash::varlen_backward_workspace_len(&dev, &a)];
+    flash::backward_varlen(
+        &dev,
+        &a,
+        cu_q[..].into(),
+        cu_k[..].into(),
+        BackwardIo {
+            q: (&q).into(),
+            k: (&k).into(),
+            v: (&v).into(),
+            o: (&o).into(),
+            d_o: (&d_o).into(),
+            lse: (&lse).into(),
+            dq: (&mut dq).into(),
+            dk: (&mut dk).into(),
+            dv: (&mut dv).into(),
+            d_sink_logits: None,
+            workspace: (&mut ws).into(),
+        },
+        Extras::default(),
+    )
+    .unwrap();
+    for s in 0..4 {
+        let (q0, q1) = (cu_q[s] as usize, cu_q[s + 1] as usize);
+        let (k0, k1) = (cu_k[s] as usize, cu_k[s + 1] as usize);
+        let one = Attention::new(1, q1 - q0, k1 - k0, hq, hkv, d)
+            .causal(true)
+            .window(Some(25), None);
+        let rows = |x: &[f32], r0: usize, r1: usize, h: usize| x[r0 * h * d..r1 * h * d].to_vec();
+        if q1 == q0 {
+            continue;
+        }
+        let want = oracle::backward(
+            &one,
+            &rows(&q, q0, q1, hq),
+            &rows(&k, k0, k1, hkv),
+            &rows(&v, k0, k1, hkv),
+            &rows(&d_o, q0, q1, hq),
+            &HostExtras::default(),
+        );
+        assert_close(
+            &format!("seq {s} dq"),
+            &rows(&dq, q0, q1, hq),
+            &want.dq,
+            2e-4,
+            2e-4,
+        );
+        assert_close(
+            &format!("seq {s} dk"),
+            &rows(&dk, k0, k1, hkv),
+            &want.dk,
+            2e-4,
+            2e-4,
+        );
+        assert_close(
+            &format!("seq {s} dv"),
+            &rows(&dv, k0, k1, hkv),
+            &want.dv,
+            2e-4,
+            2e-4,
+        );
+    }
+    // Keys of a sequence with no query rows get zero gradients, not the poison.
+    assert!(dk[30 * hkv * d..31 * hkv * d].iter().all(|&x| x == 0.0));
+}
+
+#[test]
+fn backward_bad_input_is_a_typed_error_naming_the_argument() {
+    let a = Attention::new(1, 8, 8, 2, 1, 64).causal(true);
+    let dev = Device::cpu();
+    let x = vec![0.5f32; a.o_len()];
+    let kv = vec![0.5f32; 8 * 64];
+    let lse = vec![0f32; a.lse_len()];
+    let sinks = [0.0f32, 0.0];
+    let call = |ws: usize, dq: usize, d_sink: bool, sinks_in: bool, entropy: bool| {
+        let (mut dq, mut dk, mut dv) = (vec![0f32; dq], vec![0f32; kv.len()], vec![0f32; kv.len()]);
+        let (mut w, mut g, mut e) = (vec![0f32; ws], vec![0f32; 2], vec![0f32; a.lse_len()]);
+        flash::backward(
+            &dev,
+            &a,
+            BackwardIo {
+                q: (&x).into(),
+                k: (&kv).into(),
+                v: (&kv).into(),
+                o: (&x).into(),
+                d_o: (&x).into(),
+                lse: (&lse).into(),
+                dq: (&mut dq).into(),
+                dk: (&mut dk).into(),
+                dv: (&mut dv).into(),
+                d_sink_logits: d_sink.then(|| (&mut g).into()),
+                workspace: (&mut w).into(),
+            },
+            Extras {
+                sink_logits: sinks_in.then(|| sinks[..].into()),
+                entropy: entropy.then(|| (&mut e).into()),
+                ..Extras::default()
+            },
+        )
+        .err()
+        .and_then(|e| e.arg())
+    };
+    let full = flash::backward_workspace_len(&dev, &a);
+    assert_eq!(call(full, x.len(), false, false, false), None);
+    assert_eq!(
+        call(full - 1, x.len(), false, false, false),
+        Some("workspace")
+    );
+    assert_eq!(call(full, x.len() - 1, false, false, false), Some("dq"));
+    assert_eq!(
+        call(full, x.len(), true, false, false),
+        Some("d_sink_logits")
+    );
+    assert_eq!(call(full, x.len(), false, false, true), Some("entropy"));
+    assert_eq!(call(full, x.len(), true, true, false), None);
+}
