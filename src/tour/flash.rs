@@ -1,7 +1,7 @@
-//! Tour of FlashAttention forward: causal bf16 attention, checked on sampled rows against the
-//! f64 oracle.
+//! Tour of FlashAttention: the causal bf16 forward, checked on sampled rows against the f64
+//! oracle, and the backward, checked against the oracle's gradients.
 
-use attnkit::flash::{self, Attention, oracle};
+use attnkit::flash::{self, Attention, BackwardIo, Extras, oracle};
 use attnkit::{Bf16, Device, Element, Result};
 
 use super::Row;
@@ -15,17 +15,6 @@ pub fn run(dev: &Device) -> Result<Row> {
         Attention::new(1, 1024, 1024, 4, 1, 64).causal(true)
     };
     let n_kv = a.batch * a.seq_k * a.heads_kv * a.head_dim;
-    let fill = |n: usize, seed: u64| -> Vec<Bf16> {
-        let mut x = seed;
-        (0..n)
-            .map(|_| {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                Bf16::from_f32(((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
-            })
-            .collect()
-    };
     let (q, k, v) = (fill(a.o_len(), 1), fill(n_kv, 2), fill(n_kv, 3));
     let mut o = vec![Bf16::nan(); a.o_len()];
     let mut lse = vec![f32::NAN; a.lse_len()];
@@ -56,5 +45,90 @@ pub fn run(dev: &Device) -> Result<Row> {
         ms: t,
         rate: super::rate(a.flops() / (t * 1e-3), super::Per::Flop),
         rel_err,
+    })
+}
+
+/// `n` deterministic values in [-1, 1) (an LCG), as bf16.
+fn fill(n: usize, seed: u64) -> Vec<Bf16> {
+    let mut x = seed;
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            Bf16::from_f32(((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
+        })
+        .collect()
+}
+
+/// The backward of a causal GQA bf16 problem (on the CPU: its GPU kernels are not written
+/// yet), every gradient against the oracle's.
+pub fn run_backward(dev: &Device) -> Result<Row> {
+    let cpu = Device::cpu();
+    let dev = if dev.is_cuda() { &cpu } else { dev };
+    let a = Attention::new(1, 512, 512, 4, 1, 64).causal(true);
+    let n_kv = a.seq_k * a.heads_kv * a.head_dim;
+    let (q, k, v, d_o) = (
+        fill(a.o_len(), 4),
+        fill(n_kv, 5),
+        fill(n_kv, 6),
+        fill(a.o_len(), 7),
+    );
+    let (mut o, mut lse) = (vec![Bf16::nan(); a.o_len()], vec![f32::NAN; a.lse_len()]);
+    flash::forward(
+        dev,
+        &a,
+        (&q).into(),
+        (&k).into(),
+        (&v).into(),
+        (&mut o).into(),
+        (&mut lse).into(),
+    )?;
+    let mut dq = vec![Bf16::nan(); q.len()];
+    let (mut dk, mut dv) = (vec![Bf16::nan(); n_kv], vec![Bf16::nan(); n_kv]);
+    let mut ws = vec![f32::NAN; flash::backward_workspace_len(dev, &a)];
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let t0 = std::time::Instant::now();
+        flash::backward(
+            dev,
+            &a,
+            BackwardIo {
+                q: (&q).into(),
+                k: (&k).into(),
+                v: (&v).into(),
+                o: (&o).into(),
+                d_o: (&d_o).into(),
+                lse: (&lse).into(),
+                dq: (&mut dq).into(),
+                dk: (&mut dk).into(),
+                dv: (&mut dv).into(),
+                d_sink_logits: None,
+                workspace: (&mut ws).into(),
+            },
+            Extras::default(),
+        )?;
+        best = best.min(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    let want = oracle::backward(&a, &q, &k, &v, &d_o, &Default::default());
+    let wide = |x: &[Bf16]| x.iter().map(|v| v.to_f32() as f64).collect::<Vec<_>>();
+    let (got, wanted): (Vec<f64>, Vec<f64>) = [
+        (wide(&dq), &want.dq),
+        (wide(&dk), &want.dk),
+        (wide(&dv), &want.dv),
+    ]
+    .into_iter()
+    .flat_map(|(g, w)| g.into_iter().zip(w.iter().copied()).collect::<Vec<_>>())
+    .unzip();
+    Ok(Row {
+        family: "flash bwd",
+        shape: format!(
+            "b{} s{} h{}/{} d{} causal bf16",
+            a.batch, a.seq_q, a.heads_q, a.heads_kv, a.head_dim
+        ),
+        backend: dev.name(),
+        ms: best,
+        rate: super::rate(2.5 * a.flops() / (best * 1e-3), super::Per::Flop),
+        rel_err: super::rel_err(got.into_iter(), &wanted),
     })
 }

@@ -84,6 +84,7 @@ pub type Tour = fn(&Device) -> Result<Row>;
 pub const FAMILIES: &[(&str, Tour)] = &[
     ("selftest", selftest::run),
     ("flash", flash::run),
+    ("flash bwd", flash::run_backward),
     ("lightning", lightning::run),
     ("monarch", monarch::run),
     ("decode", decode::run),
