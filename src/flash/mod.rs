@@ -28,6 +28,10 @@
 //! the CPU implementation (`cpu.rs`: the same online-softmax tiling, on all cores) or the CUDA
 //! kernel (`kernels/flash.cu`: tensor cores for f16/bf16, CUDA cores for the exact f32 path)
 //! on the caller's stream, with no allocation or synchronisation.
+//!
+//! The backward ([`backward`], [`backward_varlen`]: dQ, dK, dV and d sink_logits for every
+//! option above) runs on the CPU so far (`cpu_backward.rs`, FlashAttention-2's algorithm,
+//! deterministic); its CUDA kernels are not written yet.
 
 mod backward;
 mod checks;
