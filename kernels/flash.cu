@@ -550,6 +550,235 @@ __device__ __forceinline__ void flash_fwd_f32(const FlashParams& p) {
     }
 }
 
+
+// ---- Backward (CUDA cores, f32 arithmetic; see flash.h) ----
+
+// A score's weight and its gradient through the logit, for (row i with constants rs_log2, rs,
+// inv_n, lse, D) and key j with dot = q.k and dp = dO.v: (w, g) with w = P (softmax) or
+// relu(x)^2 / n, and g = dL/d(q.k) (the row's scale, the softcap's derivative folded in).
+struct BwdRow {
+    float rs_log2, rs, inv_n, lse_log2, delta;
+    bool dead;  // softmax row with a non-finite LSE (saw nothing, or an infinite sink)
+};
+
+__device__ __forceinline__ BwdRow bwd_row(const FlashBwdParams& bp, const Visibility& vis, const Seq& s, int row) {
+    const FlashParams& p = bp.fwd;
+    BwdRow r;
+    row_constants(p, vis, s, row, r.rs_log2, r.rs, r.inv_n);
+    const float lse = p.lse[s.lse_off + row];
+    r.lse_log2 = lse * LOG2E;
+    r.delta = bp.delta[s.lse_off + row];
+    r.dead = p.score != ATTNKIT_FLASH_SCORE_RELU2 && !isfinite(lse);
+    return r;
+}
+
+__device__ __forceinline__ void bwd_score(const FlashParams& p, const LogitShape& shape, float slope, const BwdRow& r,
+                                          bool visible, int dist, float dot, float dp, float& w, float& g) {
+    if (!visible || r.dead) {
+        w = 0.f;
+        g = 0.f;
+        return;
+    }
+    if (p.score == ATTNKIT_FLASH_SCORE_RELU2) {
+        const float y = fmaxf(dot * r.rs, 0.f);
+        w = y * y * r.inv_n;
+        g = 2.f * y * r.inv_n * dp * r.rs;
+        return;
+    }
+    float x = dot * r.rs_log2, dcap = 1.f;
+    if (shape.capped) {
+        x = soft_cap<true>(x, shape.cap, shape.inv_cap);
+        const float t = x * shape.inv_cap;  // tanh(scale q.k / cap)
+        dcap = 1.f - t * t;
+    }
+    const float pr = exp2f(fmaf(-slope, (float)abs(dist), x) - r.lse_log2);
+    w = pr;
+    g = pr * (dp - r.delta) * dcap * r.rs;
+}
+
+// D = rowsum(dO * O): thread per (row, head, sequence) of a 128-row tile.
+template <typename T>
+__device__ __forceinline__ void flash_bwd_delta(const FlashBwdParams& bp) {
+    const FlashParams& p = bp.fwd;
+    const int h = blockIdx.y, b = blockIdx.z;
+    const Seq s = locate(p, b, h);
+    const int row = blockIdx.x * blockDim.x + threadIdx.x;
+    if (!s.valid || row >= s.seq_q) return;
+    const T* o = static_cast<const T*>(p.o) + s.o_off + (int64_t)row * p.o_row_stride;
+    const T* g = static_cast<const T*>(bp.d_o) + s.o_off + (int64_t)row * p.o_row_stride;
+    float acc = 0.f;
+    for (int c = 0; c < p.head_dim; ++c) acc = fmaf(to_f32(o[c]), to_f32(g[c]), acc);
+    bp.delta[s.lse_off + row] = acc;
+}
+
+// dK, dV of one key tile: thread (key = tid / 8, sub = tid % 8) owns channels sub + 8 i of
+// its key's dK and dV rows; query rows come ROWS at a time through shared memory.
+template <typename T, int D>
+__device__ __forceinline__ void flash_bwd_dkdv(const FlashBwdParams& bp) {
+    constexpr int BN = ATTNKIT_FLASH_BWD_BLOCK_N, ROWS = ATTNKIT_FLASH_BWD_ROWS, THREADS = ATTNKIT_FLASH_BWD_THREADS;
+    static_assert(BN * 8 == THREADS, "8 threads per key");
+    const FlashParams& p = bp.fwd;
+    float* sQ = reinterpret_cast<float*>(dynamic_smem());  // [ROWS][D]
+    float* sG = sQ + ROWS * D;                               // [ROWS][D]: dO
+    const int hk = blockIdx.y, b = blockIdx.z;
+    const int group = p.heads_q / p.heads_kv;
+    const Seq s0 = locate(p, b, hk * group);
+    const int n0 = blockIdx.x * BN;
+    if (!s0.valid || n0 >= s0.seq_k) return;
+    const int key = threadIdx.x / 8, sub = threadIdx.x % 8;
+    const int j = n0 + key;
+    const bool key_in = j < s0.seq_k;
+    float kr[D / 8], vr[D / 8], dk[D / 8], dv[D / 8];
+    const T* k = static_cast<const T*>(p.k) + s0.k_off + (int64_t)j * p.k_row_stride;
+    const T* v = static_cast<const T*>(p.v) + s0.v_off + (int64_t)j * p.v_row_stride;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+        kr[i] = key_in ? to_f32(k[sub + 8 * i]) : 0.f;
+        vr[i] = key_in ? to_f32(v[sub + 8 * i]) : 0.f;
+        dk[i] = 0.f;
+        dv[i] = 0.f;
+    }
+    const Visibility vis(p, s0);
+    const LogitShape shape(p.softcap);
+    for (int h = hk * group; h < (hk + 1) * group; ++h) {
+        const Seq s = locate(p, b, h);
+        const float slope = alibi_slope_log2(p.alibi_slopes, h);
+        const T* q = static_cast<const T*>(p.q) + s.q_off;
+        const T* g = static_cast<const T*>(bp.d_o) + s.o_off;
+        for (int m0 = 0; m0 < s.seq_q; m0 += ROWS) {
+            const int m1 = min(m0 + ROWS, s.seq_q);
+            if (!vis.tile_needed(m0, m1, n0, BN)) continue;
+            __syncthreads();  // the previous rows consumed
+            for (int e = threadIdx.x; e < ROWS * D; e += THREADS) {
+                const int r = e / D, c = e % D;
+                const bool in = m0 + r < m1;
+                sQ[e] = in ? to_f32(q[(int64_t)(m0 + r) * p.q_row_stride + c]) : 0.f;
+                sG[e] = in ? to_f32(g[(int64_t)(m0 + r) * p.o_row_stride + c]) : 0.f;
+            }
+            __syncthreads();
+            for (int r = 0; r < m1 - m0; ++r) {
+                const int i = m0 + r;
+                float dot = 0.f, dp = 0.f;
+#pragma unroll
+                for (int c = 0; c < D / 8; ++c) {
+                    dot = fmaf(sQ[r * D + sub + 8 * c], kr[c], dot);
+                    dp = fmaf(sG[r * D + sub + 8 * c], vr[c], dp);
+                }
+#pragma unroll
+                for (int off = 1; off < 8; off <<= 1) {
+                    dot += __shfl_xor_sync(0xffffffffu, dot, off);
+                    dp += __shfl_xor_sync(0xffffffffu, dp, off);
+                }
+                const BwdRow row = bwd_row(bp, vis, s, i);
+                float w, gr;
+                bwd_score(p, shape, slope, row, key_in && vis.visible(i, j), i + vis.diag - j, dot, dp, w, gr);
+#pragma unroll
+                for (int c = 0; c < D / 8; ++c) {
+                    dv[c] = fmaf(w, sG[r * D + sub + 8 * c], dv[c]);
+                    dk[c] = fmaf(gr, sQ[r * D + sub + 8 * c], dk[c]);
+                }
+            }
+        }
+    }
+    if (!key_in) return;
+    T* dkp = static_cast<T*>(bp.dk) + s0.k_off + (int64_t)j * p.k_row_stride;
+    T* dvp = static_cast<T*>(bp.dv) + s0.v_off + (int64_t)j * p.v_row_stride;
+#pragma unroll
+    for (int c = 0; c < D / 8; ++c) {
+        dkp[sub + 8 * c] = from_f32<T>(dk[c]);
+        dvp[sub + 8 * c] = from_f32<T>(dv[c]);
+    }
+}
+
+// dQ of one tile of BLOCK_M rows: thread (row = tid / 8, sub = tid % 8) owns channels
+// sub + 8 i of its row; keys come BLOCK_N at a time through shared memory. Also each row's
+// sink term -p_sink D.
+template <typename T, int D>
+__device__ __forceinline__ void flash_bwd_dq(const FlashBwdParams& bp) {
+    constexpr int BM = ATTNKIT_FLASH_BWD_BLOCK_M, BN = ATTNKIT_FLASH_BWD_BLOCK_N, THREADS = ATTNKIT_FLASH_BWD_THREADS;
+    static_assert(BM * 8 == THREADS, "8 threads per row");
+    const FlashParams& p = bp.fwd;
+    float* sK = reinterpret_cast<float*>(dynamic_smem());  // [BN][D]
+    float* sV = sK + BN * D;                                 // [BN][D]
+    const int h = blockIdx.y, b = blockIdx.z;
+    const Seq s = locate(p, b, h);
+    const int m0 = blockIdx.x * BM;
+    if (!s.valid || m0 >= s.seq_q) return;
+    const int m1 = min(m0 + BM, s.seq_q);
+    const int rloc = threadIdx.x / 8, sub = threadIdx.x % 8;
+    const int i = m0 + rloc;
+    const bool row_in = i < s.seq_q;
+    const T* q = static_cast<const T*>(p.q) + s.q_off + (int64_t)i * p.q_row_stride;
+    const T* g = static_cast<const T*>(bp.d_o) + s.o_off + (int64_t)i * p.o_row_stride;
+    float qr[D / 8], gr[D / 8], dq[D / 8];
+#pragma unroll
+    for (int c = 0; c < D / 8; ++c) {
+        qr[c] = row_in ? to_f32(q[sub + 8 * c]) : 0.f;
+        gr[c] = row_in ? to_f32(g[sub + 8 * c]) : 0.f;
+        dq[c] = 0.f;
+    }
+    const Visibility vis(p, s);
+    const LogitShape shape(p.softcap);
+    const float slope = alibi_slope_log2(p.alibi_slopes, h);
+    const BwdRow row = bwd_row(bp, vis, s, row_in ? i : m0);
+    const T* k = static_cast<const T*>(p.k) + s.k_off;
+    const T* v = static_cast<const T*>(p.v) + s.v_off;
+    const int last = vis.last_tile(m1, BN);
+    for (int t = vis.next_tile(0, m0, m1, BN); t <= last; t = vis.next_tile(t + 1, m0, m1, BN)) {
+        const int n0 = t * BN;
+        __syncthreads();  // the previous keys consumed
+        for (int e = threadIdx.x; e < BN * D; e += THREADS) {
+            const int r = e / D, c = e % D;
+            const bool in = n0 + r < s.seq_k;
+            sK[e] = in ? to_f32(k[(int64_t)(n0 + r) * p.k_row_stride + c]) : 0.f;
+            sV[e] = in ? to_f32(v[(int64_t)(n0 + r) * p.v_row_stride + c]) : 0.f;
+        }
+        __syncthreads();
+        for (int kk = 0; kk < BN; ++kk) {
+            const int j = n0 + kk;
+            float dot = 0.f, dp = 0.f;
+#pragma unroll
+            for (int c = 0; c < D / 8; ++c) {
+                dot = fmaf(qr[c], sK[kk * D + sub + 8 * c], dot);
+                dp = fmaf(gr[c], sV[kk * D + sub + 8 * c], dp);
+            }
+#pragma unroll
+            for (int off = 1; off < 8; off <<= 1) {
+                dot += __shfl_xor_sync(0xffffffffu, dot, off);
+                dp += __shfl_xor_sync(0xffffffffu, dp, off);
+            }
+            float w, gs;
+            bwd_score(p, shape, slope, row, row_in && j < s.seq_k && vis.visible(i, j), i + vis.diag - j, dot, dp, w, gs);
+#pragma unroll
+            for (int c = 0; c < D / 8; ++c) dq[c] = fmaf(gs, sK[kk * D + sub + 8 * c], dq[c]);
+        }
+    }
+    if (!row_in) return;
+    T* dqp = static_cast<T*>(bp.dq) + s.q_off + (int64_t)i * p.q_row_stride;
+#pragma unroll
+    for (int c = 0; c < D / 8; ++c) dqp[sub + 8 * c] = from_f32<T>(dq[c]);
+    if (sub == 0 && bp.sink_terms != nullptr) {
+        const float lse = p.lse[s.lse_off + i];
+        const float term = p.sink_logits != nullptr && isfinite(lse)
+                               ? -expf(p.sink_logits[h] - lse) * row.delta : 0.f;
+        bp.sink_terms[s.lse_off + i] = term;
+    }
+}
+
+// d sink_logits[h]: thread 0 of block h sums the head's rows in one order (deterministic).
+__device__ __forceinline__ void bwd_dsink(const FlashBwdParams& bp) {
+    const FlashParams& p = bp.fwd;
+    if (threadIdx.x != 0) return;
+    const int h = blockIdx.x;
+    double acc = 0.0;
+    for (int b = 0; b < p.batch; ++b) {
+        const Seq s = locate(p, b, h);
+        if (!s.valid) continue;
+        for (int r = 0; r < s.seq_q; ++r) acc += bp.sink_terms[s.lse_off + r];
+    }
+    bp.d_sink_logits[h] = (float)acc;
+}
+
 }  // namespace
 
 // One entry point per (dtype, head dim); the host picks the name and the launch shape from the
@@ -591,4 +820,30 @@ FLASH_F32(flash_fwd_f32_d128, 128)
 FLASH_F32(flash_fwd_f32_d192, 192)
 FLASH_F32(flash_fwd_f32_d256, 256)
 
+// The backward: one entry point per (dtype, head dim) for dK/dV and dQ, one per dtype for D.
+#define FLASH_BWD(T, NAME, D)                                                                      \
+    extern "C" __global__ void __launch_bounds__(ATTNKIT_FLASH_BWD_THREADS, 1)                      \
+        flash_bwd_dkdv_##NAME##_d##D(const __grid_constant__ FlashBwdParams p) {                   \
+        flash_bwd_dkdv<T, D>(p);                                                                  \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(ATTNKIT_FLASH_BWD_THREADS, 1)                      \
+        flash_bwd_dq_##NAME##_d##D(const __grid_constant__ FlashBwdParams p) {                     \
+        flash_bwd_dq<T, D>(p);                                                                    \
+    }
+#define FLASH_BWD_DIMS(T, NAME)                                                                    \
+    FLASH_BWD(T, NAME, 32) FLASH_BWD(T, NAME, 64) FLASH_BWD(T, NAME, 80) FLASH_BWD(T, NAME, 96)    \
+    FLASH_BWD(T, NAME, 112) FLASH_BWD(T, NAME, 128) FLASH_BWD(T, NAME, 192) FLASH_BWD(T, NAME, 256)
+FLASH_BWD_DIMS(float, f32)
+FLASH_BWD_DIMS(__half, f16)
+FLASH_BWD_DIMS(__nv_bfloat16, bf16)
+#define FLASH_BWD_DELTA(T, NAME)                                                                   \
+    extern "C" __global__ void flash_bwd_delta_##NAME(const __grid_constant__ FlashBwdParams p) {  \
+        flash_bwd_delta<T>(p);                                                                    \
+    }
+FLASH_BWD_DELTA(float, f32)
+FLASH_BWD_DELTA(__half, f16)
+FLASH_BWD_DELTA(__nv_bfloat16, bf16)
+extern "C" __global__ void flash_bwd_dsink(const __grid_constant__ FlashBwdParams p) { bwd_dsink(p); }
+
 ATTNKIT_DEFINE_PARAMS_ECHO(FlashParams)
+ATTNKIT_DEFINE_PARAMS_ECHO(FlashBwdParams)

@@ -78,6 +78,28 @@ typedef struct FlashParams {
                               ALiBi; the sink logit is not capped) */
 } FlashParams;
 
+/* The backward (CUDA cores, f32 arithmetic for every dtype; deterministic: no atomics).
+ * flash_bwd_delta: D = rowsum(dO * O), one thread per row. flash_bwd_dkdv: a block per
+ * (key tile of BWD_BLOCK_N keys, KV head, sequence) sweeps every query row of the group's
+ * heads that can see the tile, 8 threads per key. flash_bwd_dq: a block per (tile of
+ * BWD_BLOCK_M rows, query head, sequence) sweeps its visible keys, 8 threads per row.
+ * flash_bwd_dsink: a block per query head sums its rows' sink terms in one order. */
+#define ATTNKIT_FLASH_BWD_BLOCK_M 16
+#define ATTNKIT_FLASH_BWD_BLOCK_N 16
+#define ATTNKIT_FLASH_BWD_ROWS 8       /* query rows staged in shared memory per step (dk/dv) */
+#define ATTNKIT_FLASH_BWD_THREADS 128  /* 8 threads per row (dq) or key (dk/dv) */
+
+typedef struct FlashBwdParams {
+    FlashParams fwd;        /* the forward's problem; its o and lse are read here */
+    const void* d_o;        /* dL/do, in o's strides */
+    void* dq;               /* written in q's strides */
+    void* dk;               /* written in k's strides */
+    void* dv;               /* written in v's strides */
+    float* delta;           /* the lse's layout: D = rowsum(dO * O) (written, then read) */
+    float* sink_terms;      /* the lse's layout: each row's -p_sink D, or NULL */
+    float* d_sink_logits;   /* [heads_q]: the sum of each head's sink terms, or NULL */
+} FlashBwdParams;
+
 #define ATTNKIT_FLASH_SCORE_SOFTMAX 0
 #define ATTNKIT_FLASH_SCORE_RELU2 1
 

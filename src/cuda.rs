@@ -500,6 +500,7 @@ macro_rules! families {
 families!(
     ("selftest", SelftestParams),
     ("flash", FlashParams),
+    ("flash", FlashBwdParams),
     ("lightning", LightningParams),
     ("monarch", MonarchParams),
     ("decode", DecodeParams)

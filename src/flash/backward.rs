@@ -261,11 +261,22 @@ fn run_backward<T: Element>(
             Ok(())
         }
         #[cfg(attnkit_cuda)]
-        Backend::Cuda(_) => Err(Error::Unsupported {
-            arg: "dev",
-            detail: "the flash backward runs on the CPU so far; its CUDA kernels are not \
-                     written yet"
-                .into(),
-        }),
+        Backend::Cuda(c) => {
+            let mut io = io;
+            let bufs = super::cuda::BackwardBufs {
+                q: &io.q,
+                k: &io.k,
+                v: &io.v,
+                o: &io.o,
+                d_o: &io.d_o,
+                lse: &io.lse,
+                dq: &mut io.dq,
+                dk: &mut io.dk,
+                dv: &mut io.dv,
+                d_sink: io.d_sink_logits.as_mut(),
+                ws: &mut io.workspace,
+            };
+            super::cuda::backward(c, p, cu.as_ref(), bufs, &extras)
+        }
     }
 }

@@ -79,7 +79,73 @@ pub(super) fn forward<T: Element>(
         .as_mut()
         .map(|b| dev.view_mut("entropy", b))
         .transpose()?;
-    // The tensor-core kernels move rows in 16-byte pieces: pointers and strides must allow it.
+    let align = check_align::<T>(p)?;
+    let mut ptrs = DevPtrs::default();
+    let stream = &dev.stream;
+    let (cq, ck) = match cu_views {
+        Some((a, b)) => (
+            ptrs.read("cu_seqlens_q", a, stream, 4)? as *const i32,
+            ptrs.read("cu_seqlens_k", b, stream, 4)? as *const i32,
+        ),
+        None => (std::ptr::null(), std::ptr::null()),
+    };
+    let sink_logits = match sink_view {
+        Some(v) => ptrs.read("sink_logits", v, stream, 4)? as *const f32,
+        None => std::ptr::null(),
+    };
+    let alibi_slopes = match alibi_view {
+        Some(v) => ptrs.read("alibi_slopes", v, stream, 4)? as *const f32,
+        None => std::ptr::null(),
+    };
+    let entropy = match ent_view {
+        Some(v) => ptrs.write("entropy", v, stream, 4)? as *mut f32,
+        None => std::ptr::null_mut(),
+    };
+    let (block_mask, block_q, block_k) = match mask_view {
+        Some((v, bq, bk)) => (ptrs.read("block_mask", v, stream, 1)? as *const u8, bq, bk),
+        None => (std::ptr::null(), 1, 1),
+    };
+    let params = problem_params(
+        p,
+        Pointers {
+            q: ptrs.read("q", qv, stream, align)? as *const _,
+            k: ptrs.read("k", kv, stream, align)? as *const _,
+            v: ptrs.read("v", vv, stream, align)? as *const _,
+            o: ptrs.write("o", ov, stream, align)? as *mut _,
+            lse: ptrs.write("lse", lv, stream, 4)? as *mut f32,
+            cu: (cq, ck),
+            sink_logits,
+            alibi_slopes,
+            entropy,
+            mask: (block_mask, block_q, block_k),
+        },
+    );
+    let (name, bm, threads, smem) = tile(T::DTYPE, p.d);
+    let tiles = p.seq_q.div_ceil(bm);
+    if tiles == 0 {
+        return Ok(()); // varlen with only empty query sequences is rejected earlier; nothing to do
+    }
+    let tiles = u32::try_from(tiles).map_err(|_| Error::Unsupported {
+        arg: "seq_q",
+        detail: "too many query tiles".into(),
+    })?;
+    let cfg = LaunchConfig {
+        grid_dim: (tiles, p.heads_q as u32, p.batch as u32),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem,
+    };
+    let name: &'static str = kernel_name(&name)?;
+    // SAFETY: every buffer was checked by `check` to hold the elements its strides reach for the
+    // given shape; o's strides do not overlap; the pointers come from live guards; the kernel
+    // reads cu_seqlens[0..=batch] from buffers checked to hold batch + 1 offsets.
+    unsafe { dev.launch("flash", name, cfg, &params) }?;
+    drop(ptrs);
+    Ok(())
+}
+
+/// The tensor-core kernels move rows in 16-byte pieces: pointers and strides must allow it.
+/// Returns the pointers' alignment (4 for f32, 16 otherwise).
+fn check_align<T: Element>(p: &Problem<'_>) -> Result<usize> {
     let align = if T::DTYPE == DType::F32 { 4 } else { 16 };
     if align == 16 {
         let per = 16 / std::mem::size_of::<T>();
@@ -107,31 +173,26 @@ pub(super) fn forward<T: Element>(
             }
         }
     }
-    let mut ptrs = DevPtrs::default();
-    let stream = &dev.stream;
-    let (cq, ck) = match cu_views {
-        Some((a, b)) => (
-            ptrs.read("cu_seqlens_q", a, stream, 4)? as *const i32,
-            ptrs.read("cu_seqlens_k", b, stream, 4)? as *const i32,
-        ),
-        None => (std::ptr::null(), std::ptr::null()),
-    };
-    let sink_logits = match sink_view {
-        Some(v) => ptrs.read("sink_logits", v, stream, 4)? as *const f32,
-        None => std::ptr::null(),
-    };
-    let alibi_slopes = match alibi_view {
-        Some(v) => ptrs.read("alibi_slopes", v, stream, 4)? as *const f32,
-        None => std::ptr::null(),
-    };
-    let entropy = match ent_view {
-        Some(v) => ptrs.write("entropy", v, stream, 4)? as *mut f32,
-        None => std::ptr::null_mut(),
-    };
-    let (block_mask, block_q, block_k) = match mask_view {
-        Some((v, bq, bk)) => (ptrs.read("block_mask", v, stream, 1)? as *const u8, bq, bk),
-        None => (std::ptr::null(), 1, 1),
-    };
+    Ok(align)
+}
+
+/// The device pointers of a call (null for what it lacks).
+struct Pointers {
+    q: *const std::ffi::c_void,
+    k: *const std::ffi::c_void,
+    v: *const std::ffi::c_void,
+    o: *mut std::ffi::c_void,
+    lse: *mut f32,
+    cu: (*const i32, *const i32),
+    sink_logits: *const f32,
+    alibi_slopes: *const f32,
+    entropy: *mut f32,
+    /// The block mask and its (block_q, block_k).
+    mask: (*const u8, usize, usize),
+}
+
+/// The kernels' parameters of problem `p` with the buffers `x`.
+fn problem_params(p: &Problem<'_>, x: Pointers) -> c::FlashParams {
     let opts = &p.opts;
     // -1 is the kernel's "unbounded"; sizes were checked to be at most MAX_LEN (< i32::MAX).
     let bound = |w: Option<usize>| w.map_or(-1, |w| w as i32);
@@ -145,12 +206,24 @@ pub(super) fn forward<T: Element>(
     let (kb, kr, kh) = st(&p.k);
     let (vb, vr, vh) = st(&p.v);
     let (ob, or, oh) = st(&p.o);
-    let params = c::FlashParams {
-        q: ptrs.read("q", qv, stream, align)? as *const _,
-        k: ptrs.read("k", kv, stream, align)? as *const _,
-        v: ptrs.read("v", vv, stream, align)? as *const _,
-        o: ptrs.write("o", ov, stream, align)? as *mut _,
-        lse: ptrs.write("lse", lv, stream, 4)? as *mut f32,
+    let Pointers {
+        q,
+        k,
+        v,
+        o,
+        lse,
+        cu: (cq, ck),
+        sink_logits,
+        alibi_slopes,
+        entropy,
+        mask: (block_mask, block_q, block_k),
+    } = x;
+    c::FlashParams {
+        q,
+        k,
+        v,
+        o,
+        lse,
         cu_seqlens_q: cq,
         cu_seqlens_k: ck,
         q_batch_stride: qb,
@@ -195,28 +268,7 @@ pub(super) fn forward<T: Element>(
         scale: p.scale,
         scale_log2: p.scale * std::f32::consts::LOG2_E,
         softcap: opts.softcap.unwrap_or(0.0),
-    };
-    let (name, bm, threads, smem) = tile(T::DTYPE, p.d);
-    let tiles = p.seq_q.div_ceil(bm);
-    if tiles == 0 {
-        return Ok(()); // varlen with only empty query sequences is rejected earlier; nothing to do
     }
-    let tiles = u32::try_from(tiles).map_err(|_| Error::Unsupported {
-        arg: "seq_q",
-        detail: "too many query tiles".into(),
-    })?;
-    let cfg = LaunchConfig {
-        grid_dim: (tiles, p.heads_q as u32, p.batch as u32),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: smem,
-    };
-    let name: &'static str = kernel_name(&name)?;
-    // SAFETY: every buffer was checked by `check` to hold the elements its strides reach for the
-    // given shape; o's strides do not overlap; the pointers come from live guards; the kernel
-    // reads cu_seqlens[0..=batch] from buffers checked to hold batch + 1 offsets.
-    unsafe { dev.launch("flash", name, cfg, &params) }?;
-    drop(ptrs);
-    Ok(())
 }
 
 /// The kernel names as `'static` strings (the function cache is keyed by them).
@@ -249,6 +301,215 @@ fn kernel_name(name: &str) -> Result<&'static str> {
     ];
     NAMES
         .iter()
+        .find(|n| **n == name)
+        .copied()
+        .ok_or_else(|| Error::Unsupported {
+            arg: "head_dim",
+            detail: format!("no kernel {name}"),
+        })
+}
+
+/// The backward's buffers on the device (the forward's tensors read; gradients written).
+pub(super) struct BackwardBufs<'b, 'a, T> {
+    pub q: &'b Buf<'a, T>,
+    pub k: &'b Buf<'a, T>,
+    pub v: &'b Buf<'a, T>,
+    pub o: &'b Buf<'a, T>,
+    pub d_o: &'b Buf<'a, T>,
+    pub lse: &'b Buf<'a, f32>,
+    pub dq: &'b mut BufMut<'a, T>,
+    pub dk: &'b mut BufMut<'a, T>,
+    pub dv: &'b mut BufMut<'a, T>,
+    pub d_sink: Option<&'b mut BufMut<'a, f32>>,
+    pub ws: &'b mut BufMut<'a, f32>,
+}
+
+/// The backward kernels (CUDA cores; `kernels/flash.cu`): D, then dK/dV per key tile, dQ per
+/// query tile (with each row's sink term), then the sink logits' sums. Deterministic.
+pub(super) fn backward<T: Element>(
+    dev: &CudaDevice,
+    p: &Problem<'_>,
+    cu: Option<&(Buf<'_, i32>, Buf<'_, i32>)>,
+    x: BackwardBufs<'_, '_, T>,
+    extras: &Extras<'_>,
+) -> Result<()> {
+    let (qv, kv, vv) = (
+        dev.view("q", x.q)?,
+        dev.view("k", x.k)?,
+        dev.view("v", x.v)?,
+    );
+    let (ov, gv) = (dev.view("o", x.o)?, dev.view("d_o", x.d_o)?);
+    let lv = dev.view("lse", x.lse)?;
+    let cu_views = match cu {
+        Some((cq, ck)) => Some((dev.view("cu_seqlens_q", cq)?, dev.view("cu_seqlens_k", ck)?)),
+        None => None,
+    };
+    let sink_view = extras
+        .sink_logits
+        .as_ref()
+        .map(|b| dev.view("sink_logits", b))
+        .transpose()?;
+    let alibi_view = extras
+        .alibi_slopes
+        .as_ref()
+        .map(|b| dev.view("alibi_slopes", b))
+        .transpose()?;
+    let mask_view = match &extras.block_mask {
+        Some(m) => Some((dev.view("block_mask", &m.mask)?, m.block_q, m.block_k)),
+        None => None,
+    };
+    let (dqv, dkv) = (dev.view_mut("dq", x.dq)?, dev.view_mut("dk", x.dk)?);
+    let dvv = dev.view_mut("dv", x.dv)?;
+    let dsv = x
+        .d_sink
+        .map(|b| dev.view_mut("d_sink_logits", b))
+        .transpose()?;
+    let wsv = dev.view_mut("workspace", x.ws)?;
+    let lse_len = p.heads_q * p.total_q;
+    // The backward kernels read and write single elements.
+    let align = std::mem::size_of::<T>();
+    let mut ptrs = DevPtrs::default();
+    let stream = &dev.stream;
+    let (cq, ck) = match cu_views {
+        Some((a, b)) => (
+            ptrs.read("cu_seqlens_q", a, stream, 4)? as *const i32,
+            ptrs.read("cu_seqlens_k", b, stream, 4)? as *const i32,
+        ),
+        None => (std::ptr::null(), std::ptr::null()),
+    };
+    let sink_logits = match sink_view {
+        Some(v) => ptrs.read("sink_logits", v, stream, 4)? as *const f32,
+        None => std::ptr::null(),
+    };
+    let alibi_slopes = match alibi_view {
+        Some(v) => ptrs.read("alibi_slopes", v, stream, 4)? as *const f32,
+        None => std::ptr::null(),
+    };
+    let (block_mask, block_q, block_k) = match mask_view {
+        Some((v, bq, bk)) => (ptrs.read("block_mask", v, stream, 1)? as *const u8, bq, bk),
+        None => (std::ptr::null(), 1, 1),
+    };
+    let fwd = problem_params(
+        p,
+        Pointers {
+            q: ptrs.read("q", qv, stream, align)? as *const _,
+            k: ptrs.read("k", kv, stream, align)? as *const _,
+            v: ptrs.read("v", vv, stream, align)? as *const _,
+            // Read only: the backward kernels never write o or the LSE.
+            o: ptrs.read("o", ov, stream, align)? as *mut _,
+            lse: ptrs.read("lse", lv, stream, 4)? as *mut f32,
+            cu: (cq, ck),
+            sink_logits,
+            alibi_slopes,
+            entropy: std::ptr::null_mut(),
+            mask: (block_mask, block_q, block_k),
+        },
+    );
+    let ws = ptrs.write("workspace", wsv, stream, 4)? as *mut f32;
+    let params = c::FlashBwdParams {
+        fwd,
+        d_o: ptrs.read("d_o", gv, stream, align)? as *const _,
+        dq: ptrs.write("dq", dqv, stream, align)? as *mut _,
+        dk: ptrs.write("dk", dkv, stream, align)? as *mut _,
+        dv: ptrs.write("dv", dvv, stream, align)? as *mut _,
+        delta: ws,
+        // SAFETY (of the offset): the workspace was checked to hold 2 * lse_len f32.
+        sink_terms: ws.wrapping_add(lse_len),
+        d_sink_logits: match dsv {
+            Some(v) => ptrs.write("d_sink_logits", v, stream, 4)? as *mut f32,
+            None => std::ptr::null_mut(),
+        },
+    };
+    let dt = T::DTYPE;
+    let grid = |n: usize, y: usize| -> Result<(u32, u32, u32)> {
+        let n = u32::try_from(n.max(1)).map_err(|_| Error::Unsupported {
+            arg: "seq_q",
+            detail: "too many tiles".into(),
+        })?;
+        Ok((n, y as u32, p.batch as u32))
+    };
+    let threads = c::ATTNKIT_FLASH_BWD_THREADS;
+    let (bm, bn) = (
+        c::ATTNKIT_FLASH_BWD_BLOCK_M as usize,
+        c::ATTNKIT_FLASH_BWD_BLOCK_N as usize,
+    );
+    let rows = c::ATTNKIT_FLASH_BWD_ROWS as usize;
+    let launches = [
+        (
+            bwd_name(&format!("flash_bwd_delta_{dt}"))?,
+            grid(p.seq_q.div_ceil(128), p.heads_q)?,
+            128,
+            0,
+        ),
+        (
+            bwd_name(&format!("flash_bwd_dkdv_{dt}_d{}", p.d))?,
+            grid(p.seq_k.div_ceil(bn), p.heads_kv)?,
+            threads,
+            (2 * rows * p.d * 4) as u32,
+        ),
+        (
+            bwd_name(&format!("flash_bwd_dq_{dt}_d{}", p.d))?,
+            grid(p.seq_q.div_ceil(bm), p.heads_q)?,
+            threads,
+            (2 * bn * p.d * 4) as u32,
+        ),
+    ];
+    for (name, grid_dim, block, smem) in launches {
+        let cfg = LaunchConfig {
+            grid_dim,
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        // SAFETY: every buffer was checked (run_backward) to hold what its strides reach for
+        // the problem; the gradients do not overlap themselves; the workspace holds
+        // 2 * lse_len f32; the kernels re-check varlen offsets as the forward does.
+        unsafe { dev.launch("flash", name, cfg, &params) }?;
+    }
+    if !params.d_sink_logits.is_null() {
+        let cfg = LaunchConfig {
+            grid_dim: (p.heads_q as u32, 1, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: as above; d_sink_logits holds heads_q f32.
+        unsafe { dev.launch("flash", "flash_bwd_dsink", cfg, &params) }?;
+    }
+    drop(ptrs);
+    Ok(())
+}
+
+/// The backward kernels' names as `'static` strings.
+fn bwd_name(name: &str) -> Result<&'static str> {
+    macro_rules! dims {
+        ($kind:literal, $dt:literal) => {
+            [
+                concat!("flash_bwd_", $kind, "_", $dt, "_d32"),
+                concat!("flash_bwd_", $kind, "_", $dt, "_d64"),
+                concat!("flash_bwd_", $kind, "_", $dt, "_d80"),
+                concat!("flash_bwd_", $kind, "_", $dt, "_d96"),
+                concat!("flash_bwd_", $kind, "_", $dt, "_d112"),
+                concat!("flash_bwd_", $kind, "_", $dt, "_d128"),
+                concat!("flash_bwd_", $kind, "_", $dt, "_d192"),
+                concat!("flash_bwd_", $kind, "_", $dt, "_d256"),
+            ]
+        };
+    }
+    const DELTA: [&str; 3] = [
+        "flash_bwd_delta_f32",
+        "flash_bwd_delta_f16",
+        "flash_bwd_delta_bf16",
+    ];
+    const KINDS: [[&str; 8]; 6] = [
+        dims!("dkdv", "f32"),
+        dims!("dkdv", "f16"),
+        dims!("dkdv", "bf16"),
+        dims!("dq", "f32"),
+        dims!("dq", "f16"),
+        dims!("dq", "bf16"),
+    ];
+    DELTA
+        .iter()
+        .chain(KINDS.iter().flatten())
         .find(|n| **n == name)
         .copied()
         .ok_or_else(|| Error::Unsupported {

@@ -83,6 +83,54 @@ fn run_backward<T: Element>(
         d_sink: vec![f32::NAN; a.heads_q],
     };
     let mut ws = vec![f32::NAN; flash::backward_workspace_len(dev, a)];
+    #[cfg(feature = "cuda")]
+    if let Some(st) = dev.stream() {
+        let up = |x: &[T]| st.clone_htod(x).unwrap();
+        let upf = |x: &[f32]| st.clone_htod(x).unwrap();
+        let (qd, kd, vd, od, gd) = (up(q), up(k), up(v), up(&o), up(d_o));
+        let ld = upf(&lse);
+        let (mut dqd, mut dkd, mut dvd) = (up(&g.dq), up(&g.dk), up(&g.dv));
+        let (mut dsd, mut wsd) = (upf(&g.d_sink), upf(&ws));
+        let sinks = c.sinks.as_ref().map(|x| upf(x));
+        let alibi = c.alibi.as_ref().map(|x| upf(x));
+        let mask = c
+            .mask
+            .as_ref()
+            .map(|(m, bq, bk)| (st.clone_htod(m).unwrap(), *bq, *bk));
+        let extras = Extras {
+            sink_logits: sinks.as_ref().map(|x| x.into()),
+            alibi_slopes: alibi.as_ref().map(|x| x.into()),
+            entropy: None,
+            block_mask: mask.as_ref().map(|(m, bq, bk)| BlockMask {
+                mask: m.into(),
+                block_q: *bq,
+                block_k: *bk,
+            }),
+        };
+        flash::backward(
+            dev,
+            a,
+            BackwardIo {
+                q: (&qd).into(),
+                k: (&kd).into(),
+                v: (&vd).into(),
+                o: (&od).into(),
+                d_o: (&gd).into(),
+                lse: (&ld).into(),
+                dq: (&mut dqd).into(),
+                dk: (&mut dkd).into(),
+                dv: (&mut dvd).into(),
+                d_sink_logits: c.sinks.as_ref().map(|_| (&mut dsd).into()),
+                workspace: (&mut wsd).into(),
+            },
+            extras,
+        )?;
+        g.dq = st.clone_dtoh(&dqd).unwrap();
+        g.dk = st.clone_dtoh(&dkd).unwrap();
+        g.dv = st.clone_dtoh(&dvd).unwrap();
+        g.d_sink = st.clone_dtoh(&dsd).unwrap();
+        return Ok(g);
+    }
     flash::backward(
         dev,
         a,
@@ -110,11 +158,12 @@ fn f32s<T: Element>(x: &[T]) -> Vec<f32> {
 
 /// The CPU backward against the oracle's gradients, each within `atol + rtol |want|` where
 /// `atol` is `tol` times the gradient's largest magnitude.
-fn matches_oracle<T: Element>(what: &str, rng: &mut StdRng, c: &Case, tol: f64) {
+fn matches_oracle<T: Element>(dev: &Device, what: &str, rng: &mut StdRng, c: &Case, tol: f64) {
     let a = &c.a;
     let (q, k, v) = inputs::<T>(rng, a, 1.0);
     let d_o = random::<T>(rng, a.o_len());
-    let g = run_backward(&Device::cpu(), c, (&q, &k, &v), &d_o).unwrap();
+    let g = run_backward(dev, c, (&q, &k, &v), &d_o).unwrap();
+    let what = format!("{} {what}", dev.name());
     let want = oracle::backward(a, &q, &k, &v, &d_o, &c.host());
     for (name, got, w) in [
         ("dq", f32s(&g.dq), &want.dq),
@@ -215,20 +264,26 @@ fn cases(rng: &mut StdRng) -> Vec<(&'static str, Case)> {
 
 #[test]
 fn backward_f32_matches_the_oracle_for_every_option() {
-    let mut rng = rng("backward_f32_oracle");
-    for (what, c) in cases(&mut rng) {
-        matches_oracle::<f32>(what, &mut rng, &c, 2e-4);
+    let test = "backward_f32_oracle";
+    let mut rng = rng(test);
+    for dev in devices(test) {
+        for (what, c) in cases(&mut rng) {
+            matches_oracle::<f32>(&dev, what, &mut rng, &c, 2e-4);
+        }
     }
 }
 
 #[test]
 fn backward_bf16_and_f16_match_the_oracle() {
-    let mut rng = rng("backward_low_precision_oracle");
-    for (what, c) in cases(&mut rng).into_iter().take(6) {
-        // Inputs and gradients are rounded to the type (2^-8 and 2^-11 relative); the tiles
-        // compute in f32.
-        matches_oracle::<Bf16>(what, &mut rng, &c, 1.6e-2);
-        matches_oracle::<F16>(what, &mut rng, &c, 2e-3);
+    let test = "backward_low_precision_oracle";
+    let mut rng = rng(test);
+    for dev in devices(test) {
+        for (what, c) in cases(&mut rng).into_iter().take(6) {
+            // Inputs and gradients are rounded to the type (2^-8 and 2^-11 relative); the
+            // tiles compute in f32.
+            matches_oracle::<Bf16>(&dev, what, &mut rng, &c, 1.6e-2);
+            matches_oracle::<F16>(&dev, what, &mut rng, &c, 2e-3);
+        }
     }
 }
 
