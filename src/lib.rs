@@ -7,7 +7,7 @@
 //! The families:
 //! - [`flash`]: FlashAttention forward (fixed and varlen batches, GQA, causal) and its variants
 //!   (windows, sinks, block-sparse masks, entropy-invariant scale, sink logits, relu², entropy),
-//!   and its backward (on the CPU so far);
+//!   and its backward;
 //! - [`decode`]: KV-cache decode (split-KV, paged and StreamingLLM rolling caches);
 //! - [`lightning`]: Lightning Attention-2 linear attention, forward and backward;
 //! - [`monarch`]: Monarch matrices (fused multiply, transpose, backward, projection, layer);

@@ -76,10 +76,11 @@ pub fn varlen_backward_workspace_len(_dev: &Device, attn: &VarlenAttention<'_>) 
 /// entropy-invariant scale (a constant of the row), soft-capping, ALiBi, learned sink logits,
 /// relu² scores, GQA/MQA. Rows that see no key contribute nothing.
 ///
-/// The CPU computes it with FlashAttention-2's algorithm (`P` recomputed from the LSE tile by
-/// tile, `dS = P (dP - D)`), deterministically: the same bits on every run and thread count.
-/// The GPU kernels are not written yet: a CUDA device returns [`Error::Unsupported`] naming
-/// `dev`.
+/// Both backends compute it with FlashAttention-2's algorithm (`D = rowsum(dO * O)`, `P`
+/// recomputed from the LSE tile by tile, `dS = P (dP - D)`), deterministically: no atomics,
+/// the same bits on every run (and, on the CPU, every thread count). The CUDA kernels are a
+/// first, CUDA-core version (f32 arithmetic for every dtype): correct and deterministic, not
+/// yet the tensor-core FA2 kernel, so not fast.
 ///
 /// Errors (before anything is written): the forward's checks for the problem, q, k, v, o and
 /// lse; `d_o`, `dq`, `dk`, `dv` too short for their strides (or the gradients overlapping

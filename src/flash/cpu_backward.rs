@@ -121,8 +121,7 @@ impl Ctx<'_, '_> {
             (d_o, d, 1),
             (v, 1, v_rs),
         );
-        for r in 0..rows {
-            let c = rc[r];
+        for (r, &c) in rc.iter().enumerate().take(rows) {
             let i = m0 + r;
             let pw = &mut t.pw[r * BN..r * BN + cols];
             let ds = &mut t.ds[r * BN..r * BN + cols];

@@ -30,8 +30,9 @@
 //! on the caller's stream, with no allocation or synchronisation.
 //!
 //! The backward ([`backward`], [`backward_varlen`]: dQ, dK, dV and d sink_logits for every
-//! option above) runs on the CPU so far (`cpu_backward.rs`, FlashAttention-2's algorithm,
-//! deterministic); its CUDA kernels are not written yet.
+//! option above) follows FlashAttention-2's algorithm, deterministically, on the CPU
+//! (`cpu_backward.rs`) and in CUDA-core kernels (`kernels/flash.cu`, `flash_bwd_*`; the
+//! tensor-core version is still to come).
 
 mod backward;
 mod checks;

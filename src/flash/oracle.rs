@@ -347,8 +347,8 @@ pub fn backward<T: Element>(
                 };
                 for ((&j, wj), dxj) in t.keys.iter().zip(&w).zip(&dx) {
                     let gk = idx(b, attn.seq_k, j, hk, attn.heads_kv);
-                    for cc in 0..d {
-                        g.dv[gk + cc] += wj * dov[cc];
+                    for (cc, &doc) in dov.iter().enumerate() {
+                        g.dv[gk + cc] += wj * doc;
                         g.dq[go + cc] += dxj * t.scale * at(&attn.k_strides, k, b, j, hk, cc);
                         g.dk[gk + cc] += dxj * t.scale * at(&attn.q_strides, q, b, i, h, cc);
                     }

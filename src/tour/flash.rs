@@ -61,8 +61,9 @@ fn fill(n: usize, seed: u64) -> Vec<Bf16> {
         .collect()
 }
 
-/// The backward of a causal GQA bf16 problem (on the CPU: its GPU kernels are not written
-/// yet), every gradient against the oracle's.
+/// The backward of a causal GQA bf16 problem, every gradient against the oracle's. On the CPU
+/// (also where the tour's device is a GPU: the CUDA backward is a first CUDA-core version,
+/// tested, but no speed to show yet).
 pub fn run_backward(dev: &Device) -> Result<Row> {
     let cpu = Device::cpu();
     let dev = if dev.is_cuda() { &cpu } else { dev };

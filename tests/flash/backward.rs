@@ -445,27 +445,65 @@ fn varlen_backward_equals_each_sequence_alone_with_empty_ones() {
         poisoned::<f32>(v.len()),
     );
     let mut ws = vec![f32::NAN; flash::varlen_backward_workspace_len(&dev, &a)];
-    flash::backward_varlen(
-        &dev,
-        &a,
-        cu_q[..].into(),
-        cu_k[..].into(),
-        BackwardIo {
-            q: (&q).into(),
-            k: (&k).into(),
-            v: (&v).into(),
-            o: (&o).into(),
-            d_o: (&d_o).into(),
-            lse: (&lse).into(),
-            dq: (&mut dq).into(),
-            dk: (&mut dk).into(),
-            dv: (&mut dv).into(),
-            d_sink_logits: None,
-            workspace: (&mut ws).into(),
-        },
-        Extras::default(),
-    )
-    .unwrap();
+    let gpu = gpu("backward_varlen");
+    #[cfg(feature = "cuda")]
+    if let Some(st) = gpu.as_ref().and_then(|g| g.stream()) {
+        // On the GPU when there is one (the CPU path is the library's too; the same checks
+        // below hold it to the oracle).
+        let up = |x: &[f32]| st.clone_htod(x).unwrap();
+        let (cqd, ckd) = (st.clone_htod(&cu_q).unwrap(), st.clone_htod(&cu_k).unwrap());
+        let (qd, kd, vd, od, gd, ld) = (up(&q), up(&k), up(&v), up(&o), up(&d_o), up(&lse));
+        let (mut dqd, mut dkd, mut dvd, mut wsd) = (up(&dq), up(&dk), up(&dv), up(&ws));
+        flash::backward_varlen(
+            gpu.as_ref().unwrap(),
+            &a,
+            (&cqd).into(),
+            (&ckd).into(),
+            BackwardIo {
+                q: (&qd).into(),
+                k: (&kd).into(),
+                v: (&vd).into(),
+                o: (&od).into(),
+                d_o: (&gd).into(),
+                lse: (&ld).into(),
+                dq: (&mut dqd).into(),
+                dk: (&mut dkd).into(),
+                dv: (&mut dvd).into(),
+                d_sink_logits: None,
+                workspace: (&mut wsd).into(),
+            },
+            Extras::default(),
+        )
+        .unwrap();
+        (dq, dk, dv) = (
+            st.clone_dtoh(&dqd).unwrap(),
+            st.clone_dtoh(&dkd).unwrap(),
+            st.clone_dtoh(&dvd).unwrap(),
+        );
+    }
+    if gpu.is_none() || !cfg!(feature = "cuda") {
+        flash::backward_varlen(
+            &dev,
+            &a,
+            cu_q[..].into(),
+            cu_k[..].into(),
+            BackwardIo {
+                q: (&q).into(),
+                k: (&k).into(),
+                v: (&v).into(),
+                o: (&o).into(),
+                d_o: (&d_o).into(),
+                lse: (&lse).into(),
+                dq: (&mut dq).into(),
+                dk: (&mut dk).into(),
+                dv: (&mut dv).into(),
+                d_sink_logits: None,
+                workspace: (&mut ws).into(),
+            },
+            Extras::default(),
+        )
+        .unwrap();
+    }
     for s in 0..4 {
         let (q0, q1) = (cu_q[s] as usize, cu_q[s + 1] as usize);
         let (k0, k1) = (cu_k[s] as usize, cu_k[s + 1] as usize);
