@@ -598,3 +598,135 @@ fn backward_bad_input_is_a_typed_error_naming_the_argument() {
     assert_eq!(call(full, x.len(), false, false, true), Some("entropy"));
     assert_eq!(call(full, x.len(), true, true, false), None);
 }
+
+/// The naive backward in T's precision, as a framework computes it without a fused kernel
+/// (PyTorch's rule for FlashAttention's tests): every matrix product accumulated in f32 and
+/// rounded to T (S, P, dP, dS, dQ, dK, dV and D), softmax in f32. Contiguous, softmax, causal
+/// or not (the options these tests give it). Returns (dq, dk, dv) as f64.
+fn naive_lp_backward<T: Element>(
+    a: &Attention,
+    (q, k, v): (&[T], &[T], &[T]),
+    d_o: &[T],
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (d, sq, sk) = (a.head_dim, a.seq_q, a.seq_k);
+    let r = |x: f32| T::from_f32(x).to_f32();
+    let row = |x: &[T], s: usize, heads: usize, b: usize, i: usize, h: usize| -> Vec<f32> {
+        let o = ((b * s + i) * heads + h) * d;
+        x[o..o + d].iter().map(|v| v.to_f32()).collect()
+    };
+    let dotf = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(a, b)| a * b).sum::<f32>();
+    let (mut dq, mut dk, mut dv) = (
+        vec![0f64; q.len()],
+        vec![0f64; k.len()],
+        vec![0f64; k.len()],
+    );
+    // dK, dV accumulate over the group's heads and the rows in f32, then round once.
+    let (mut dk32, mut dv32) = (vec![0f32; k.len()], vec![0f32; k.len()]);
+    let scale = a.softmax_scale();
+    let diag = sk as i64 - sq as i64;
+    for b in 0..a.batch {
+        for h in 0..a.heads_q {
+            let hk = h / (a.heads_q / a.heads_kv);
+            for i in 0..sq {
+                let qi = row(q, sq, a.heads_q, b, i, h);
+                let gi = row(d_o, sq, a.heads_q, b, i, h);
+                let seen = |j: usize| !a.opts.causal || j as i64 <= i as i64 + diag;
+                let s: Vec<f32> = (0..sk)
+                    .map(|j| {
+                        if seen(j) {
+                            r(dotf(&qi, &row(k, sk, a.heads_kv, b, j, hk))) * scale
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
+                    .collect();
+                let mx = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                if mx == f32::NEG_INFINITY {
+                    continue;
+                }
+                let e: Vec<f32> = s.iter().map(|x| (x - mx).exp()).collect();
+                let l: f32 = e.iter().sum();
+                let p: Vec<f32> = e.iter().map(|x| r(x / l)).collect();
+                let dp: Vec<f32> = (0..sk)
+                    .map(|j| r(dotf(&gi, &row(v, sk, a.heads_kv, b, j, hk))))
+                    .collect();
+                let big_d = r(p.iter().zip(&dp).map(|(p, g)| p * g).sum::<f32>());
+                let ds: Vec<f32> = p.iter().zip(&dp).map(|(p, g)| r(p * (g - big_d))).collect();
+                let off_q = ((b * sq + i) * a.heads_q + h) * d;
+                for c in 0..d {
+                    let acc: f32 = (0..sk)
+                        .map(|j| ds[j] * row(k, sk, a.heads_kv, b, j, hk)[c])
+                        .sum();
+                    dq[off_q + c] = r(acc * scale) as f64;
+                }
+                for j in 0..sk {
+                    let off_k = ((b * sk + j) * a.heads_kv + hk) * d;
+                    for c in 0..d {
+                        dv32[off_k + c] += p[j] * gi[c];
+                        dk32[off_k + c] += ds[j] * qi[c];
+                    }
+                }
+            }
+        }
+    }
+    for (i, (x, y)) in dk32.iter().zip(&dv32).enumerate() {
+        dk[i] = r(x * scale) as f64;
+        dv[i] = r(*y) as f64;
+    }
+    (dq, dk, dv)
+}
+
+/// FlashAttention's rule for f16/bf16: each gradient's max error against the f64 oracle is at
+/// most twice the naive same-precision backward's, plus a small slack.
+fn fa_rule<T: Element>(dev: &Device, what: &str, rng: &mut StdRng, a: Attention) {
+    let c = Case::new(a);
+    let (q, k, v) = inputs::<T>(rng, &c.a, 1.0);
+    let d_o = random::<T>(rng, c.a.o_len());
+    let g = run_backward(dev, &c, (&q, &k, &v), &d_o).unwrap();
+    let want = oracle::backward(&c.a, &q, &k, &v, &d_o, &c.host());
+    let (nq, nk, nv) = naive_lp_backward(&c.a, (&q, &k, &v), &d_o);
+    let max_err = |got: &[f64], w: &[f64]| {
+        got.iter()
+            .zip(w)
+            .map(|(g, w)| (g - w).abs())
+            .fold(0f64, f64::max)
+    };
+    for (name, got, naive, w) in [
+        ("dq", f32s(&g.dq), &nq, &want.dq),
+        ("dk", f32s(&g.dk), &nk, &want.dk),
+        ("dv", f32s(&g.dv), &nv, &want.dv),
+    ] {
+        let got: Vec<f64> = got.iter().map(|&x| x as f64).collect();
+        let (ours, lp) = (max_err(&got, w), max_err(naive, w));
+        let scale = w.iter().fold(0f64, |m, x| m.max(x.abs()));
+        assert!(
+            ours <= 2.0 * lp + 1e-3 * scale,
+            "{} {what} {} {name}: max error {ours:e} > 2 x naive {} ({lp:e}) + slack",
+            dev.name(),
+            T::DTYPE,
+            T::DTYPE
+        );
+    }
+}
+
+#[test]
+fn backward_bf16_and_f16_meet_flashattention_s_rule() {
+    let test = "backward_fa_rule";
+    let mut rng = rng(test);
+    for dev in devices(test) {
+        for (what, a) in [
+            ("plain", Attention::new(1, 47, 61, 2, 2, 64)),
+            (
+                "causal gqa4",
+                Attention::new(1, 70, 70, 8, 2, 64).causal(true),
+            ),
+            (
+                "causal d128",
+                Attention::new(2, 33, 45, 2, 1, 128).causal(true),
+            ),
+        ] {
+            fa_rule::<Bf16>(&dev, what, &mut rng, a.clone());
+            fa_rule::<F16>(&dev, what, &mut rng, a);
+        }
+    }
+}
