@@ -558,7 +558,7 @@ __device__ __forceinline__ void flash_fwd_f32(const FlashParams& p) {
 // relu(x)^2 / n, and g = dL/d(q.k) (the row's scale, the softcap's derivative folded in).
 struct BwdRow {
     float rs_log2, rs, inv_n, lse_log2, delta;
-    bool dead;  // softmax row with a non-finite LSE (saw nothing, or an infinite sink)
+    bool dead;  // softmax row with an infinite LSE (saw nothing, or an infinite sink)
 };
 
 __device__ __forceinline__ BwdRow bwd_row(const FlashBwdParams& bp, const Visibility& vis, const Seq& s, int row) {
@@ -568,7 +568,8 @@ __device__ __forceinline__ BwdRow bwd_row(const FlashBwdParams& bp, const Visibi
     const float lse = p.lse[s.lse_off + row];
     r.lse_log2 = lse * LOG2E;
     r.delta = bp.delta[s.lse_off + row];
-    r.dead = p.score != ATTNKIT_FLASH_SCORE_RELU2 && !isfinite(lse);
+    // A row that saw nothing (-inf) or an infinite sink (+inf) has P = 0; a NaN stays NaN.
+    r.dead = p.score != ATTNKIT_FLASH_SCORE_RELU2 && isinf(lse);
     return r;
 }
 
@@ -587,13 +588,44 @@ __device__ __forceinline__ void bwd_score(const FlashParams& p, const LogitShape
     }
     float x = dot * r.rs_log2, dcap = 1.f;
     if (shape.capped) {
-        x = soft_cap<true>(x, shape.cap, shape.inv_cap);
-        const float t = x * shape.inv_cap;  // tanh(scale q.k / cap)
-        dcap = 1.f - t * t;
+        // The forward's exact cap (soft_cap<true>), with tanh kept for its derivative.
+        const float th = tanhf(x * shape.inv_cap);
+        x = shape.cap * th;
+        dcap = (1.f - th) * (1.f + th);
     }
     const float pr = exp2f(fmaf(-slope, (float)abs(dist), x) - r.lse_log2);
     w = pr;
     g = pr * (dp - r.delta) * dcap * r.rs;
+}
+
+// Zeroes every element of dq, dk and dv (their strides; gaps untouched) before the other
+// kernels write the rows they own: rows of no sequence (past cu_seqlens[batch]) or of one a
+// stale table makes the kernels skip read as zero, never as what the buffer held.
+template <typename T>
+__device__ __forceinline__ void flash_bwd_zero(const FlashBwdParams& bp) {
+    const FlashParams& p = bp.fwd;
+    const bool varlen = p.cu_seqlens_q != nullptr;
+    const int64_t rows_q = varlen ? p.total_q : (int64_t)p.batch * p.seq_q;
+    const int64_t rows_k = varlen ? p.total_k : (int64_t)p.batch * p.seq_k;
+    const int64_t nq = rows_q * p.heads_q * p.head_dim, nk = rows_k * p.heads_kv * p.head_dim;
+    const T zero = from_f32<T>(0.f);
+    for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < nq + nk; e += (int64_t)gridDim.x * blockDim.x) {
+        const bool is_q = e < nq;
+        const int64_t x = is_q ? e : e - nq;
+        const int heads = is_q ? p.heads_q : p.heads_kv, seq = is_q ? p.seq_q : p.seq_k;
+        const int c = (int)(x % p.head_dim);
+        const int h = (int)((x / p.head_dim) % heads);
+        const int64_t row = x / ((int64_t)p.head_dim * heads);
+        const int64_t b = varlen ? 0 : row / seq, r = varlen ? row : row % seq;
+        if (is_q) {
+            static_cast<T*>(bp.dq)[b * p.q_batch_stride + r * p.q_row_stride + h * p.q_head_stride + c] = zero;
+        } else {
+            const int64_t ko = b * p.k_batch_stride + r * p.k_row_stride + h * p.k_head_stride + c;
+            const int64_t vo = b * p.v_batch_stride + r * p.v_row_stride + h * p.v_head_stride + c;
+            static_cast<T*>(bp.dk)[ko] = zero;
+            static_cast<T*>(bp.dv)[vo] = zero;
+        }
+    }
 }
 
 // D = rowsum(dO * O): thread per (row, head, sequence) of a 128-row tile.
@@ -843,6 +875,13 @@ FLASH_BWD_DIMS(__nv_bfloat16, bf16)
 FLASH_BWD_DELTA(float, f32)
 FLASH_BWD_DELTA(__half, f16)
 FLASH_BWD_DELTA(__nv_bfloat16, bf16)
+#define FLASH_BWD_ZERO(T, NAME)                                                                    \
+    extern "C" __global__ void flash_bwd_zero_##NAME(const __grid_constant__ FlashBwdParams p) {   \
+        flash_bwd_zero<T>(p);                                                                     \
+    }
+FLASH_BWD_ZERO(float, f32)
+FLASH_BWD_ZERO(__half, f16)
+FLASH_BWD_ZERO(__nv_bfloat16, bf16)
 extern "C" __global__ void flash_bwd_dsink(const __grid_constant__ FlashBwdParams p) { bwd_dsink(p); }
 
 ATTNKIT_DEFINE_PARAMS_ECHO(FlashParams)

@@ -82,6 +82,10 @@ pub fn varlen_backward_workspace_len(_dev: &Device, attn: &VarlenAttention<'_>) 
 /// first, CUDA-core version (f32 arithmetic for every dtype): correct and deterministic, not
 /// yet the tensor-core FA2 kernel, so not fast.
 ///
+/// On a GPU with device-only varlen offsets, a stale table can make two sequences overlap
+/// (each still in bounds): their rows then race, and those gradients are neither right nor
+/// deterministic; rows of a sequence the kernels' re-check skips are zero.
+///
 /// Errors (before anything is written): the forward's checks for the problem, q, k, v, o and
 /// lse; `d_o`, `dq`, `dk`, `dv` too short for their strides (or the gradients overlapping
 /// themselves); `d_sink_logits` without sink logits or not `[heads_q]`; a short

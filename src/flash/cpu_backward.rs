@@ -126,7 +126,8 @@ impl Ctx<'_, '_> {
             let pw = &mut t.pw[r * BN..r * BN + cols];
             let ds = &mut t.ds[r * BN..r * BN + cols];
             let dp = &t.dp[r * BN..r * BN + cols];
-            let dead = !self.relu2 && !c.lse.is_finite();
+            // No key seen (-inf) or an infinite sink (+inf): P = 0; a NaN stays NaN.
+            let dead = !self.relu2 && c.lse.is_infinite();
             for (col, ((w, g), &dpv)) in pw.iter_mut().zip(ds.iter_mut()).zip(dp).enumerate() {
                 let j = n0 + col;
                 if dead || (!full && !self.seen.seen(i, j)) {
@@ -143,7 +144,7 @@ impl Ctx<'_, '_> {
                 let (s, dcap) = match self.cap {
                     Some(cap) => {
                         let th = tanh(x / cap);
-                        (cap * th, 1.0 - th * th)
+                        (cap * th, (1.0 - th) * (1.0 + th))
                     }
                     None => (x, 1.0),
                 };
@@ -245,9 +246,9 @@ pub(super) fn backward<T: Element>(
             let (sq, _, q0, _) = p.seq(b);
             let (mut a, mut c) = (vec![0f32; d], vec![0f32; d]);
             for r in 0..sq {
-                let (oo, go) = (p.offset(&p.o, b, q0, r, h), p.offset(&p.o, b, q0, r, h));
-                T::widen(&x.o[oo..oo + d], &mut a);
-                T::widen(&x.d_o[go..go + d], &mut c);
+                let off = p.offset(&p.o, b, q0, r, h);
+                T::widen(&x.o[off..off + d], &mut a);
+                T::widen(&x.d_o[off..off + d], &mut c);
                 // SAFETY: one entry per (b, h, row), owned by this item.
                 unsafe { dd.set(p.lse_index(b, q0, r, h), dot(&a, &c)) };
             }
@@ -255,6 +256,22 @@ pub(super) fn backward<T: Element>(
     }
     let big_d: &[f32] = big_d;
     let mask_cols = inputs.mask.map_or(0, |(_, _, bk)| p.seq_k.div_ceil(bk));
+    // Rows past the last sequence (a varlen call whose totals exceed its offsets) belong to
+    // no work item: they read as zero.
+    if let Some((cq, ck)) = p.cu {
+        let tail = |cu: &[i32], total: usize, s: &super::Strides, heads: usize, g: &mut [T]| {
+            let last = cu.last().map_or(0, |&x| x.max(0) as usize);
+            for r in last..total {
+                for h in 0..heads {
+                    let off = r * s.row + h * s.head;
+                    g[off..off + d].fill(T::from_f32(0.0));
+                }
+            }
+        };
+        tail(cq, p.total_q, &p.q, p.heads_q, out.dq);
+        tail(ck, p.total_k, &p.k, p.heads_kv, out.dk);
+        tail(ck, p.total_k, &p.v, p.heads_kv, out.dv);
+    }
     // Pass 1: dK, dV per (sequence, KV head, key tile).
     let mut items = Vec::new();
     for b in 0..p.batch {

@@ -421,9 +421,9 @@ pub(super) fn backward<T: Element>(
         },
     };
     let dt = T::DTYPE;
-    let grid = |n: usize, y: usize| -> Result<(u32, u32, u32)> {
+    let grid = |arg, n: usize, y: usize| -> Result<(u32, u32, u32)> {
         let n = u32::try_from(n.max(1)).map_err(|_| Error::Unsupported {
-            arg: "seq_q",
+            arg,
             detail: "too many tiles".into(),
         })?;
         Ok((n, y as u32, p.batch as u32))
@@ -434,26 +434,42 @@ pub(super) fn backward<T: Element>(
         c::ATTNKIT_FLASH_BWD_BLOCK_N as usize,
     );
     let rows = c::ATTNKIT_FLASH_BWD_ROWS as usize;
+    // A grid-stride loop: a few blocks per SM cover every gradient element.
+    let zero_blocks = dev.sm_count.saturating_mul(4).max(1);
     let launches = [
         (
+            bwd_name(&format!("flash_bwd_zero_{dt}"))?,
+            (zero_blocks, 1, 1),
+            256,
+            0,
+        ),
+        (
             bwd_name(&format!("flash_bwd_delta_{dt}"))?,
-            grid(p.seq_q.div_ceil(128), p.heads_q)?,
+            grid("seq_q", p.seq_q.div_ceil(128), p.heads_q)?,
             128,
             0,
         ),
         (
             bwd_name(&format!("flash_bwd_dkdv_{dt}_d{}", p.d))?,
-            grid(p.seq_k.div_ceil(bn), p.heads_kv)?,
+            grid("seq_k", p.seq_k.div_ceil(bn), p.heads_kv)?,
             threads,
             (2 * rows * p.d * 4) as u32,
         ),
         (
             bwd_name(&format!("flash_bwd_dq_{dt}_d{}", p.d))?,
-            grid(p.seq_q.div_ceil(bm), p.heads_q)?,
+            grid("seq_q", p.seq_q.div_ceil(bm), p.heads_q)?,
             threads,
             (2 * bn * p.d * 4) as u32,
         ),
     ];
+    // Every kernel is looked up before the first launch: a missing one fails the call before
+    // anything is written.
+    for (name, ..) in &launches {
+        dev.function("flash", name)?;
+    }
+    if !params.d_sink_logits.is_null() {
+        dev.function("flash", "flash_bwd_dsink")?;
+    }
     for (name, grid_dim, block, smem) in launches {
         let cfg = LaunchConfig {
             grid_dim,
@@ -494,10 +510,13 @@ fn bwd_name(name: &str) -> Result<&'static str> {
             ]
         };
     }
-    const DELTA: [&str; 3] = [
+    const DELTA: [&str; 6] = [
         "flash_bwd_delta_f32",
         "flash_bwd_delta_f16",
         "flash_bwd_delta_bf16",
+        "flash_bwd_zero_f32",
+        "flash_bwd_zero_f16",
+        "flash_bwd_zero_bf16",
     ];
     const KINDS: [[&str; 8]; 6] = [
         dims!("dkdv", "f32"),

@@ -546,6 +546,76 @@ fn varlen_backward_equals_each_sequence_alone_with_empty_ones() {
     }
     // Keys of a sequence with no query rows get zero gradients, not the poison.
     assert!(dk[30 * hkv * d..31 * hkv * d].iter().all(|&x| x == 0.0));
+
+    // Device-only offsets (here host buffers) with totals past the last sequence: the rows of
+    // no sequence read as zero, the others as above.
+    let (xq, xk) = (3usize, 2usize);
+    let big = VarlenAttention::with_device_offsets(
+        flash::DeviceOffsets {
+            batch: 4,
+            total_q: tq + xq,
+            total_k: tk + xk,
+            max_seqlen_q: 43,
+            max_seqlen_k: 69,
+        },
+        hq,
+        hkv,
+        d,
+    )
+    .causal(true)
+    .window(Some(25), None);
+    let pad = |x: &[f32], extra: usize| {
+        let mut y = x.to_vec();
+        y.extend(std::iter::repeat_n(0.25, extra));
+        y
+    };
+    let (q2, k2, v2) = (
+        pad(&q, xq * hq * d),
+        pad(&k, xk * hkv * d),
+        pad(&v, xk * hkv * d),
+    );
+    let (o2, g2) = (pad(&o, xq * hq * d), pad(&d_o, xq * hq * d));
+    // The LSE is [heads_q, total_q]: each head's rows move to the longer stride.
+    let mut lse2 = vec![0f32; big.lse_len()];
+    for h in 0..hq {
+        lse2[h * (tq + xq)..][..tq].copy_from_slice(&lse[h * tq..][..tq]);
+    }
+    let (mut dq2, mut dk2, mut dv2) = (
+        poisoned::<f32>(q2.len()),
+        poisoned::<f32>(k2.len()),
+        poisoned::<f32>(v2.len()),
+    );
+    let mut ws2 = vec![f32::NAN; flash::varlen_backward_workspace_len(&dev, &big)];
+    flash::backward_varlen(
+        &dev,
+        &big,
+        cu_q[..].into(),
+        cu_k[..].into(),
+        BackwardIo {
+            q: (&q2).into(),
+            k: (&k2).into(),
+            v: (&v2).into(),
+            o: (&o2).into(),
+            d_o: (&g2).into(),
+            lse: (&lse2).into(),
+            dq: (&mut dq2).into(),
+            dk: (&mut dk2).into(),
+            dv: (&mut dv2).into(),
+            d_sink_logits: None,
+            workspace: (&mut ws2).into(),
+        },
+        Extras::default(),
+    )
+    .unwrap();
+    assert!(dq2[tq * hq * d..].iter().all(|&x| x == 0.0), "dq tail");
+    assert!(
+        dk2[tk * hkv * d..]
+            .iter()
+            .chain(&dv2[tk * hkv * d..])
+            .all(|&x| x == 0.0),
+        "dk/dv tail"
+    );
+    assert!(dq2[..tq * hq * d].iter().all(|x| x.is_finite()), "dq rows");
 }
 
 #[test]
