@@ -1,6 +1,6 @@
 //! CUDA launcher of the FlashAttention forward kernels (`kernels/flash.cu`).
 
-use cudarc::driver::LaunchConfig;
+use cudarc::driver::{CudaView, LaunchConfig};
 
 use super::{Extras, Problem, Score, Strides};
 use crate::buffer::{Buf, BufMut};
@@ -82,28 +82,12 @@ pub(super) fn forward<T: Element>(
     let align = check_align::<T>(p)?;
     let mut ptrs = DevPtrs::default();
     let stream = &dev.stream;
-    let (cq, ck) = match cu_views {
-        Some((a, b)) => (
-            ptrs.read("cu_seqlens_q", a, stream, 4)? as *const i32,
-            ptrs.read("cu_seqlens_k", b, stream, 4)? as *const i32,
-        ),
-        None => (std::ptr::null(), std::ptr::null()),
-    };
-    let sink_logits = match sink_view {
-        Some(v) => ptrs.read("sink_logits", v, stream, 4)? as *const f32,
-        None => std::ptr::null(),
-    };
-    let alibi_slopes = match alibi_view {
-        Some(v) => ptrs.read("alibi_slopes", v, stream, 4)? as *const f32,
-        None => std::ptr::null(),
-    };
+    let (cu, sink_logits, alibi_slopes, mask) = input_ptrs(
+        &mut ptrs, stream, cu_views, sink_view, alibi_view, mask_view,
+    )?;
     let entropy = match ent_view {
         Some(v) => ptrs.write("entropy", v, stream, 4)? as *mut f32,
         None => std::ptr::null_mut(),
-    };
-    let (block_mask, block_q, block_k) = match mask_view {
-        Some((v, bq, bk)) => (ptrs.read("block_mask", v, stream, 1)? as *const u8, bq, bk),
-        None => (std::ptr::null(), 1, 1),
     };
     let params = problem_params(
         p,
@@ -113,11 +97,11 @@ pub(super) fn forward<T: Element>(
             v: ptrs.read("v", vv, stream, align)? as *const _,
             o: ptrs.write("o", ov, stream, align)? as *mut _,
             lse: ptrs.write("lse", lv, stream, 4)? as *mut f32,
-            cu: (cq, ck),
+            cu,
             sink_logits,
             alibi_slopes,
             entropy,
-            mask: (block_mask, block_q, block_k),
+            mask,
         },
     );
     let (name, bm, threads, smem) = tile(T::DTYPE, p.d);
@@ -174,6 +158,44 @@ fn check_align<T: Element>(p: &Problem<'_>) -> Result<usize> {
         }
     }
     Ok(align)
+}
+
+/// The pointers of the optional inputs (offsets, sink logits, ALiBi slopes, block mask and
+/// its blocks), null where absent, their guards held by `ptrs`.
+#[allow(clippy::type_complexity)]
+fn input_ptrs<'b>(
+    ptrs: &mut DevPtrs<'b>,
+    stream: &'b cudarc::driver::CudaStream,
+    cu: Option<(&'b CudaView<'_, i32>, &'b CudaView<'_, i32>)>,
+    sinks: Option<&'b CudaView<'_, f32>>,
+    alibi: Option<&'b CudaView<'_, f32>>,
+    mask: Option<(&'b CudaView<'_, u8>, usize, usize)>,
+) -> Result<(
+    (*const i32, *const i32),
+    *const f32,
+    *const f32,
+    (*const u8, usize, usize),
+)> {
+    let cu = match cu {
+        Some((a, b)) => (
+            ptrs.read("cu_seqlens_q", a, stream, 4)? as *const i32,
+            ptrs.read("cu_seqlens_k", b, stream, 4)? as *const i32,
+        ),
+        None => (std::ptr::null(), std::ptr::null()),
+    };
+    let sink_logits = match sinks {
+        Some(v) => ptrs.read("sink_logits", v, stream, 4)? as *const f32,
+        None => std::ptr::null(),
+    };
+    let alibi_slopes = match alibi {
+        Some(v) => ptrs.read("alibi_slopes", v, stream, 4)? as *const f32,
+        None => std::ptr::null(),
+    };
+    let mask = match mask {
+        Some((v, bq, bk)) => (ptrs.read("block_mask", v, stream, 1)? as *const u8, bq, bk),
+        None => (std::ptr::null(), 1, 1),
+    };
+    Ok((cu, sink_logits, alibi_slopes, mask))
 }
 
 /// The device pointers of a call (null for what it lacks).
@@ -370,25 +392,9 @@ pub(super) fn backward<T: Element>(
     let align = std::mem::size_of::<T>();
     let mut ptrs = DevPtrs::default();
     let stream = &dev.stream;
-    let (cq, ck) = match cu_views {
-        Some((a, b)) => (
-            ptrs.read("cu_seqlens_q", a, stream, 4)? as *const i32,
-            ptrs.read("cu_seqlens_k", b, stream, 4)? as *const i32,
-        ),
-        None => (std::ptr::null(), std::ptr::null()),
-    };
-    let sink_logits = match sink_view {
-        Some(v) => ptrs.read("sink_logits", v, stream, 4)? as *const f32,
-        None => std::ptr::null(),
-    };
-    let alibi_slopes = match alibi_view {
-        Some(v) => ptrs.read("alibi_slopes", v, stream, 4)? as *const f32,
-        None => std::ptr::null(),
-    };
-    let (block_mask, block_q, block_k) = match mask_view {
-        Some((v, bq, bk)) => (ptrs.read("block_mask", v, stream, 1)? as *const u8, bq, bk),
-        None => (std::ptr::null(), 1, 1),
-    };
+    let (cu, sink_logits, alibi_slopes, mask) = input_ptrs(
+        &mut ptrs, stream, cu_views, sink_view, alibi_view, mask_view,
+    )?;
     let fwd = problem_params(
         p,
         Pointers {
@@ -398,11 +404,11 @@ pub(super) fn backward<T: Element>(
             // Read only: the backward kernels never write o or the LSE.
             o: ptrs.read("o", ov, stream, align)? as *mut _,
             lse: ptrs.read("lse", lv, stream, 4)? as *mut f32,
-            cu: (cq, ck),
+            cu,
             sink_logits,
             alibi_slopes,
             entropy: std::ptr::null_mut(),
-            mask: (block_mask, block_q, block_k),
+            mask,
         },
     );
     let ws = ptrs.write("workspace", wsv, stream, 4)? as *mut f32;
