@@ -132,6 +132,60 @@ template <int D> using HeadRows = SwizzledTile<(D * 2 + 63) / 64 * 64>;
 // Bytes of one such row in shared memory (the host sizes shared memory by the same rule).
 template <int D> __host__ __device__ constexpr int head_row_bytes() { return (D * 2 + 63) / 64 * 64; }
 
+// Warp-level tile products on swizzled [rows][D] tiles (HeadRows<D>), in mma_16816's
+// fragment layouts, shared by the attention kernels so that each reads as its algorithm.
+//
+// acc[n] (n < NT) += A B^T: A = rows [a0, a0 + 16) of sA, B = rows [b0, b0 + 8 NT) of sB, the
+// contraction over D. S = Q K^T and dP = dO V^T (query rows as A); S^T = K Q^T and
+// dP^T = V dO^T (key rows as A).
+template <typename T, int D, int NT>
+__device__ __forceinline__ void mma_rows_by_rows(float (&acc)[NT][4], uint32_t sA, int a0, uint32_t sB, int b0,
+                                                 int lane) {
+    static_assert(D % 16 == 0 && NT % 2 == 0, "whole k16 steps, n16 pairs of B");
+    using Tile = HeadRows<D>;
+    const int a_row = a0 + (lane & 7) + ((lane >> 3) & 1) * 8, a_chunk = lane >> 4;
+    const int b_row = b0 + (lane & 7) + (lane >> 4) * 8, b_chunk = (lane >> 3) & 1;
+#pragma unroll
+    for (int kc = 0; kc < D / 16; ++kc) {
+        uint32_t a[4];
+        ldmatrix_x4(a, sA + Tile::offset(a_row, kc * 2 + a_chunk));
+#pragma unroll
+        for (int n2 = 0; n2 < NT / 2; ++n2) {
+            uint32_t b[4];
+            ldmatrix_x4(b, sB + Tile::offset(b_row + n2 * 16, kc * 2 + b_chunk));
+            mma_16816<T>(acc[2 * n2], a, b[0], b[1]);
+            mma_16816<T>(acc[2 * n2 + 1], a, b[2], b[3]);
+        }
+    }
+}
+
+// acc[d] (d < D / 8) += W B: W the 16 x 8 NK weights a previous product left in accumulator
+// layout (its C fragments are this mma's A fragments once rounded to T: no shared-memory
+// trip), B = rows [b0, b0 + 8 NK) of sB, the contraction over those rows (ldmatrix .trans).
+// O += P V; dV += P^T dO and dK += dS^T Q; dQ += dS K.
+template <typename T, int D, int NK>
+__device__ __forceinline__ void mma_acc_by_rows(float (&acc)[D / 8][4], const float (&w)[NK][4], uint32_t sB, int b0,
+                                                int lane) {
+    static_assert(NK % 2 == 0 && D % 16 == 0, "whole k16 steps, n16 pairs of B");
+    using Tile = HeadRows<D>;
+    const int b_row = b0 + (lane & 7) + ((lane >> 3) & 1) * 8, b_chunk = lane >> 4;
+#pragma unroll
+    for (int kc = 0; kc < NK / 2; ++kc) {
+        uint32_t a[4];
+        a[0] = pack2<T>(w[2 * kc][0], w[2 * kc][1]);
+        a[1] = pack2<T>(w[2 * kc][2], w[2 * kc][3]);
+        a[2] = pack2<T>(w[2 * kc + 1][0], w[2 * kc + 1][1]);
+        a[3] = pack2<T>(w[2 * kc + 1][2], w[2 * kc + 1][3]);
+#pragma unroll
+        for (int d2 = 0; d2 < D / 16; ++d2) {
+            uint32_t b[4];
+            ldmatrix_x4_trans(b, sB + Tile::offset(b_row + kc * 16, d2 * 2 + b_chunk));
+            mma_16816<T>(acc[2 * d2], a, b[0], b[1]);
+            mma_16816<T>(acc[2 * d2 + 1], a, b[2], b[3]);
+        }
+    }
+}
+
 // 2^x on the special function unit, flushing denormals (the fast form the softmax wants;
 // 2^-inf = +0). Relative error about 2^-22: for the tensor-core paths, whose P is rounded to
 // 16 bits anyway; the exact f32 path keeps exp2f.

@@ -22,6 +22,8 @@
 #include "common.cuh"
 #include "flash.h"
 
+#include <type_traits>
+
 namespace {
 
 constexpr float LN2 = 0.6931471805599453f;
@@ -294,14 +296,6 @@ __device__ __forceinline__ void flash_fwd_tc(const FlashParams& p) {
         load_tile<T, D, BN, THREADS>(sV, v, p.v_row_stride, j * BN, s.seq_k);
         cp_async_commit();
     }
-    // This warp's ldmatrix row addresses, fixed for the whole loop (see mma_16816's layout).
-    const int a_row = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;  // Q rows for A
-    const int a_chunk = lane >> 4;
-    const int kb_row = (lane & 7) + (lane >> 4) * 8;                   // K rows for B
-    const int kb_chunk = (lane >> 3) & 1;
-    const int vb_row = (lane & 7) + ((lane >> 3) & 1) * 8;             // V rows for B (trans)
-    const int vb_chunk = lane >> 4;
-
     while (j <= last) {
         cp_async_wait<1>();  // Q and K_j have landed (V_j may still be in flight)
         __syncthreads();
@@ -310,18 +304,7 @@ __device__ __forceinline__ void flash_fwd_tc(const FlashParams& p) {
         float sc[NT_N][4];
 #pragma unroll
         for (int n = 0; n < NT_N; ++n) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
-#pragma unroll
-        for (int kc = 0; kc < D / 16; ++kc) {
-            uint32_t a[4];
-            ldmatrix_x4(a, sQ + Tile::offset(a_row, kc * 2 + a_chunk));
-#pragma unroll
-            for (int n2 = 0; n2 < NT_N / 2; ++n2) {
-                uint32_t bk[4];
-                ldmatrix_x4(bk, sK + Tile::offset(n2 * 16 + kb_row, kc * 2 + kb_chunk));
-                mma_16816<T>(sc[2 * n2], a, bk[0], bk[1]);
-                mma_16816<T>(sc[2 * n2 + 1], a, bk[2], bk[3]);
-            }
-        }
+        mma_rows_by_rows<T, D, NT_N>(sc, sQ, warp * 16, sK, 0, lane);
         __syncthreads();  // every warp is done with K_j: its buffer may be refilled
         const int jn = vis.next_tile(j + 1, m0, m1, BN);
         const bool more = jn <= last;
@@ -362,21 +345,7 @@ __device__ __forceinline__ void flash_fwd_tc(const FlashParams& p) {
         __syncthreads();
 
         // O += P V_j: P's accumulator layout is the A-operand layout of the next mma.
-#pragma unroll
-        for (int kc = 0; kc < BN / 16; ++kc) {
-            uint32_t a[4];
-            a[0] = pack2<T>(sc[2 * kc][0], sc[2 * kc][1]);
-            a[1] = pack2<T>(sc[2 * kc][2], sc[2 * kc][3]);
-            a[2] = pack2<T>(sc[2 * kc + 1][0], sc[2 * kc + 1][1]);
-            a[3] = pack2<T>(sc[2 * kc + 1][2], sc[2 * kc + 1][3]);
-#pragma unroll
-            for (int d2 = 0; d2 < NT_D / 2; ++d2) {
-                uint32_t bv[4];
-                ldmatrix_x4_trans(bv, sV + Tile::offset(kc * 16 + vb_row, d2 * 2 + vb_chunk));
-                mma_16816<T>(o[2 * d2], a, bv[0], bv[1]);
-                mma_16816<T>(o[2 * d2 + 1], a, bv[2], bv[3]);
-            }
-        }
+        mma_acc_by_rows<T, D, NT_N>(o, sc, sV, 0, lane);
         if (more) {
             __syncthreads();  // every warp is done with V_j
             load_tile<T, D, BN, THREADS>(sV, v, p.v_row_stride, jn * BN, s.seq_k);
@@ -573,14 +542,16 @@ __device__ __forceinline__ BwdRow bwd_row(const FlashBwdParams& bp, const Visibi
     return r;
 }
 
-__device__ __forceinline__ void bwd_score(const FlashParams& p, const LogitShape& shape, float slope, const BwdRow& r,
-                                          bool visible, int dist, float dot, float dp, float& w, float& g) {
+// RELU2 is the score (a template parameter where the caller has one per block).
+template <bool RELU2>
+__device__ __forceinline__ void bwd_score(const LogitShape& shape, float slope, const BwdRow& r, bool visible, int dist,
+                                          float dot, float dp, float& w, float& g) {
     if (!visible || r.dead) {
         w = 0.f;
         g = 0.f;
         return;
     }
-    if (p.score == ATTNKIT_FLASH_SCORE_RELU2) {
+    if (RELU2) {
         const float y = fmaxf(dot * r.rs, 0.f);
         w = y * y * r.inv_n;
         g = 2.f * y * r.inv_n * dp * r.rs;
@@ -596,6 +567,15 @@ __device__ __forceinline__ void bwd_score(const FlashParams& p, const LogitShape
     const float pr = exp2f(fmaf(-slope, (float)abs(dist), x) - r.lse_log2);
     w = pr;
     g = pr * (dp - r.delta) * dcap * r.rs;
+}
+
+// Row i's term of d sink_logits[h], -p_sink D (0 without learned sinks or for a dead row),
+// kept per row so that flash_bwd_dsink sums them in one order.
+__device__ __forceinline__ void bwd_sink_term(const FlashBwdParams& bp, const Seq& s, int h, int i, float delta) {
+    const FlashParams& p = bp.fwd;
+    if (bp.sink_terms == nullptr) return;
+    const float lse = p.lse[s.lse_off + i];
+    bp.sink_terms[s.lse_off + i] = p.sink_logits != nullptr && isfinite(lse) ? -expf(p.sink_logits[h] - lse) * delta : 0.f;
 }
 
 // Zeroes every element of dq, dk and dv (their strides; gaps untouched) before the other
@@ -703,7 +683,9 @@ __device__ __forceinline__ void flash_bwd_dkdv(const FlashBwdParams& bp) {
                 }
                 const BwdRow row = bwd_row(bp, vis, s, i);
                 float w, gr;
-                bwd_score(p, shape, slope, row, key_in && vis.visible(i, j), i + vis.diag - j, dot, dp, w, gr);
+                const bool seen = key_in && vis.visible(i, j);
+                if (p.score == ATTNKIT_FLASH_SCORE_RELU2) bwd_score<true>(shape, slope, row, seen, i + vis.diag - j, dot, dp, w, gr);
+                else bwd_score<false>(shape, slope, row, seen, i + vis.diag - j, dot, dp, w, gr);
 #pragma unroll
                 for (int c = 0; c < D / 8; ++c) {
                     dv[c] = fmaf(w, sG[r * D + sub + 8 * c], dv[c]);
@@ -780,7 +762,9 @@ __device__ __forceinline__ void flash_bwd_dq(const FlashBwdParams& bp) {
                 dp += __shfl_xor_sync(0xffffffffu, dp, off);
             }
             float w, gs;
-            bwd_score(p, shape, slope, row, row_in && j < s.seq_k && vis.visible(i, j), i + vis.diag - j, dot, dp, w, gs);
+            const bool seen = row_in && j < s.seq_k && vis.visible(i, j);
+            if (p.score == ATTNKIT_FLASH_SCORE_RELU2) bwd_score<true>(shape, slope, row, seen, i + vis.diag - j, dot, dp, w, gs);
+            else bwd_score<false>(shape, slope, row, seen, i + vis.diag - j, dot, dp, w, gs);
 #pragma unroll
             for (int c = 0; c < D / 8; ++c) dq[c] = fmaf(gs, sK[kk * D + sub + 8 * c], dq[c]);
         }
@@ -789,11 +773,222 @@ __device__ __forceinline__ void flash_bwd_dq(const FlashBwdParams& bp) {
     T* dqp = static_cast<T*>(bp.dq) + s.q_off + (int64_t)i * p.q_row_stride;
 #pragma unroll
     for (int c = 0; c < D / 8; ++c) dqp[sub + 8 * c] = from_f32<T>(dq[c]);
-    if (sub == 0 && bp.sink_terms != nullptr) {
-        const float lse = p.lse[s.lse_off + i];
-        const float term = p.sink_logits != nullptr && isfinite(lse)
-                               ? -expf(p.sink_logits[h] - lse) * row.delta : 0.f;
-        bp.sink_terms[s.lse_off + i] = term;
+    if (sub == 0) bwd_sink_term(bp, s, h, i, row.delta);
+}
+
+// ---- Backward on tensor cores (f16, bf16; see flash.h) ----
+
+constexpr int BWD_ROW_BYTES = ATTNKIT_FLASH_BWD_TC_ROW_CONST_BYTES;
+static_assert(sizeof(BwdRow) <= BWD_ROW_BYTES, "BwdRow outgrew its shared-memory slot");
+
+// Stores the 16 x D accumulator tile a warp holds (rows row0 + g, row0 + g + 8 below `limit`)
+// to global rows of stride `stride`, rounded to T, two elements per 4-byte store.
+template <typename T, int D>
+__device__ __forceinline__ void store_acc_rows(T* base, int64_t stride, int row0, int limit, const float (&acc)[D / 8][4],
+                                               int lane) {
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = row0 + g + r * 8;
+        if (row >= limit) continue;
+        T* dst = base + (int64_t)row * stride + 2 * t;
+#pragma unroll
+        for (int d = 0; d < D / 8; ++d)
+            *reinterpret_cast<uint32_t*>(dst + d * 8) = pack2<T>(acc[d][2 * r], acc[d][2 * r + 1]);
+    }
+}
+
+// dK, dV of 16 * WARPS keys, each warp its own 16 (key rows as the mma's M, so dK and dV stay
+// in registers for the whole sweep), over every (head of the group, BM-row query tile) that
+// can see them. Per stage (double-buffered: the next stage's Q, dO copies and row constants
+// overlap this one's products):
+//   S^T = K Q^T, dP^T = V dO^T; P^T, dS^T from the rows' LSE and D (bwd_score);
+//   dV += P^T dO, dK += dS^T Q   (P^T, dS^T re-packed from the accumulators).
+template <typename T, int D, int BM, bool RELU2>
+__device__ __forceinline__ void flash_bwd_dkdv_tc(const FlashBwdParams& bp) {
+    constexpr int WARPS = ATTNKIT_FLASH_BWD_TC_WARPS, BN = 16 * WARPS, THREADS = 32 * WARPS;
+    constexpr int NT = BM / 8;  // n8 tiles of S^T: the stage's query rows are its columns
+    constexpr int ROW = head_row_bytes<D>();
+    constexpr uint32_t STAGE = 2 * BM * ROW;  // a stage's sQ and sG (dO)
+    const FlashParams& p = bp.fwd;
+    unsigned char* smem = dynamic_smem();
+    const uint32_t sK = smem_addr(smem), sV = sK + BN * ROW, stages = sV + BN * ROW;
+    unsigned char* rows_base = smem + 2 * BN * ROW + 2 * STAGE;  // [2][BM] row constants
+
+    const int hk = blockIdx.y, b = blockIdx.z, group = p.heads_q / p.heads_kv;
+    const Seq s0 = locate(p, b, hk * group);
+    const int n0 = blockIdx.x * BN;
+    if (!s0.valid || n0 >= s0.seq_k) return;
+    const Visibility vis(p, s0);  // every head of the group has the sequence's lengths
+    const LogitShape shape(p.softcap);
+    const int tiles = (s0.seq_q + BM - 1) / BM, total = group * tiles;
+    // Stage idx is row tile idx % tiles of head hk * group + idx / tiles; the sweep visits
+    // those whose rows can see a key of this tile.
+    auto next = [&](int idx) {
+        for (; idx < total; ++idx) {
+            const int m0 = idx % tiles * BM;
+            if (vis.tile_needed(m0, min(m0 + BM, s0.seq_q), n0, BN)) break;
+        }
+        return idx;
+    };
+    auto stage = [&](int idx, int buf) {
+        const int h = hk * group + idx / tiles, m0 = idx % tiles * BM;
+        const Seq s = locate(p, b, h);
+        const uint32_t sQ = stages + buf * STAGE;
+        load_tile<T, D, BM, THREADS>(sQ, static_cast<const T*>(p.q) + s.q_off, p.q_row_stride, m0, s.seq_q);
+        load_tile<T, D, BM, THREADS>(sQ + BM * ROW, static_cast<const T*>(bp.d_o) + s.o_off, p.o_row_stride, m0,
+                                     s.seq_q);
+        cp_async_commit();
+        BwdRow* rows = reinterpret_cast<BwdRow*>(rows_base + buf * BM * BWD_ROW_BYTES);
+        for (int r = threadIdx.x; r < BM; r += THREADS) rows[r] = bwd_row(bp, vis, s, min(m0 + r, s.seq_q - 1));
+    };
+
+    load_tile<T, D, BN, THREADS>(sK, static_cast<const T*>(p.k) + s0.k_off, p.k_row_stride, n0, s0.seq_k);
+    load_tile<T, D, BN, THREADS>(sV, static_cast<const T*>(p.v) + s0.v_off, p.v_row_stride, n0, s0.seq_k);
+    cp_async_commit();
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+    for (int d = 0; d < D / 8; ++d)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dk[d][e] = dv[d][e] = 0.f;
+
+    int idx = next(0), buf = 0;
+    if (idx < total) stage(idx, 0);
+    while (idx < total) {
+        const int nidx = next(idx + 1);
+        if (nidx < total) {
+            stage(nidx, buf ^ 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();  // K, V and this stage's tiles have landed, its row constants written
+        const int h = hk * group + idx / tiles, m0 = idx % tiles * BM, m1 = min(m0 + BM, s0.seq_q);
+        const uint32_t sQ = stages + buf * STAGE, sG = sQ + BM * ROW;
+        const BwdRow* rows = reinterpret_cast<const BwdRow*>(rows_base + buf * BM * BWD_ROW_BYTES);
+        float st[NT][4], dpt[NT][4];
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) st[n][e] = dpt[n][e] = 0.f;
+        mma_rows_by_rows<T, D, NT>(st, sK, warp * 16, sQ, 0, lane);
+        mma_rows_by_rows<T, D, NT>(dpt, sV, warp * 16, sG, 0, lane);
+        const float slope = alibi_slope_log2(p.alibi_slopes, h);
+        // Zero-filled rows past the sequence would score 0, not -inf: they are masked too.
+        const bool need_mask = m1 - m0 < BM || !vis.tile_full(m0, m1, n0, BN);
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = n0 + warp * 16 + g + (e >> 1) * 8;
+                const int r = n * 8 + 2 * t + (e & 1), i = m0 + r;
+                const bool seen = !need_mask || (i < m1 && key < s0.seq_k && vis.visible(i, key));
+                float w, gr;
+                bwd_score<RELU2>(shape, slope, rows[r], seen, i + vis.diag - key, st[n][e], dpt[n][e], w, gr);
+                st[n][e] = w;
+                dpt[n][e] = gr;
+            }
+        }
+        mma_acc_by_rows<T, D, NT>(dv, st, sG, 0, lane);
+        mma_acc_by_rows<T, D, NT>(dk, dpt, sQ, 0, lane);
+        __syncthreads();  // every warp is done with this stage before the next refills it
+        idx = nidx;
+        buf ^= 1;
+    }
+    const int key0 = n0 + warp * 16;
+    store_acc_rows<T, D>(static_cast<T*>(bp.dk) + s0.k_off, p.k_row_stride, key0, s0.seq_k, dk, lane);
+    store_acc_rows<T, D>(static_cast<T*>(bp.dv) + s0.v_off, p.v_row_stride, key0, s0.seq_k, dv, lane);
+}
+
+// dQ of 16 * WARPS rows, each warp its own 16 (the forward's layout), over the key tiles of
+// BN the rows can see (Visibility::next_tile, as the forward), double-buffered:
+//   S = Q K^T, dP = dO V^T; dS from the row's LSE and D; dQ += dS K.
+// Also each row's sink term.
+template <typename T, int D, int BN, bool RELU2>
+__device__ __forceinline__ void flash_bwd_dq_tc(const FlashBwdParams& bp) {
+    constexpr int WARPS = ATTNKIT_FLASH_BWD_TC_WARPS, BM = 16 * WARPS, THREADS = 32 * WARPS;
+    constexpr int NT = BN / 8;
+    constexpr int ROW = head_row_bytes<D>();
+    constexpr uint32_t STAGE = 2 * BN * ROW;  // a stage's sK and sV
+    const FlashParams& p = bp.fwd;
+    const uint32_t sQ = smem_addr(dynamic_smem()), sG = sQ + BM * ROW, stages = sG + BM * ROW;
+
+    const int h = blockIdx.y, b = blockIdx.z;
+    const Seq s = locate(p, b, h);
+    const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;  // heaviest (causal: last) tiles first
+    if (!s.valid || m0 >= s.seq_q) return;
+    const int m1 = min(m0 + BM, s.seq_q);
+    const Visibility vis(p, s);
+    const LogitShape shape(p.softcap);
+    const float slope = alibi_slope_log2(p.alibi_slopes, h);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    BwdRow row[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) row[r] = bwd_row(bp, vis, s, min(m0 + warp * 16 + g + r * 8, s.seq_q - 1));
+    const T* k = static_cast<const T*>(p.k) + s.k_off;
+    const T* v = static_cast<const T*>(p.v) + s.v_off;
+    auto stage = [&](int j, int buf) {
+        const uint32_t sK = stages + buf * STAGE;
+        load_tile<T, D, BN, THREADS>(sK, k, p.k_row_stride, j * BN, s.seq_k);
+        load_tile<T, D, BN, THREADS>(sK + BN * ROW, v, p.v_row_stride, j * BN, s.seq_k);
+        cp_async_commit();
+    };
+    float dq[D / 8][4];
+#pragma unroll
+    for (int d = 0; d < D / 8; ++d) dq[d][0] = dq[d][1] = dq[d][2] = dq[d][3] = 0.f;
+
+    const int last = vis.last_tile(m1, BN);
+    int j = vis.next_tile(0, m0, m1, BN), buf = 0;
+    if (j <= last) {
+        load_tile<T, D, BM, THREADS>(sQ, static_cast<const T*>(p.q) + s.q_off, p.q_row_stride, m0, s.seq_q);
+        load_tile<T, D, BM, THREADS>(sG, static_cast<const T*>(bp.d_o) + s.o_off, p.o_row_stride, m0, s.seq_q);
+        stage(j, 0);  // one group with Q and dO
+    }
+    while (j <= last) {
+        const int jn = vis.next_tile(j + 1, m0, m1, BN);
+        if (jn <= last) {
+            stage(jn, buf ^ 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();  // Q, dO and this stage's K, V have landed
+        const uint32_t sK = stages + buf * STAGE, sV = sK + BN * ROW;
+        float sc[NT][4], ds[NT][4];
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) sc[n][e] = ds[n][e] = 0.f;
+        mma_rows_by_rows<T, D, NT>(sc, sQ, warp * 16, sK, 0, lane);
+        mma_rows_by_rows<T, D, NT>(ds, sG, warp * 16, sV, 0, lane);
+        const int n0 = j * BN;
+        const bool need_mask = !vis.tile_full(m0, m1, n0, BN);
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int r = e >> 1;
+                const int i = m0 + warp * 16 + g + r * 8, key = n0 + n * 8 + 2 * t + (e & 1);
+                // Rows past the sequence are never written (and keep the mask lookup inside it).
+                const bool seen = !need_mask || (i < s.seq_q && key < s.seq_k && vis.visible(i, key));
+                float w, gs;
+                bwd_score<RELU2>(shape, slope, row[r], seen, i + vis.diag - key, sc[n][e], ds[n][e], w, gs);
+                ds[n][e] = gs;
+            }
+        }
+        mma_acc_by_rows<T, D, NT>(dq, ds, sK, 0, lane);
+        __syncthreads();  // every warp is done with this stage before the next refills it
+        j = jn;
+        buf ^= 1;
+    }
+    store_acc_rows<T, D>(static_cast<T*>(bp.dq) + s.q_off, p.q_row_stride, m0 + warp * 16, s.seq_q, dq, lane);
+    if (t == 0) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int i = m0 + warp * 16 + g + r * 8;
+            if (i < s.seq_q) bwd_sink_term(bp, s, h, i, row[r].delta);
+        }
     }
 }
 
@@ -853,14 +1048,31 @@ FLASH_F32(flash_fwd_f32_d192, 192)
 FLASH_F32(flash_fwd_f32_d256, 256)
 
 // The backward: one entry point per (dtype, head dim) for dK/dV and dQ, one per dtype for D.
+// Which implementation serves each is decided here and mirrored by the host (bwd_tiles in
+// src/flash/cuda.rs): f32 on CUDA cores; f16/bf16 on tensor cores, but dK/dV past
+// BWD_TC_MAX_DKDV_D on CUDA cores (see flash.h). Both use ATTNKIT_FLASH_BWD_THREADS threads.
+static_assert(ATTNKIT_FLASH_BWD_TC_WARPS * 32 == ATTNKIT_FLASH_BWD_THREADS, "one launch bound for both");
+template <typename T, int D> __device__ __forceinline__ void bwd_dkdv_entry(const FlashBwdParams& p) {
+    constexpr int ROWS = D <= 64 ? ATTNKIT_FLASH_BWD_TC_ROWS_SMALL_D : ATTNKIT_FLASH_BWD_TC_ROWS;
+    if constexpr (std::is_same<T, float>::value || D > ATTNKIT_FLASH_BWD_TC_MAX_DKDV_D) flash_bwd_dkdv<T, D>(p);
+    else if (p.fwd.score == ATTNKIT_FLASH_SCORE_RELU2) flash_bwd_dkdv_tc<T, D, ROWS, true>(p);
+    else flash_bwd_dkdv_tc<T, D, ROWS, false>(p);
+}
+template <typename T, int D> __device__ __forceinline__ void bwd_dq_entry(const FlashBwdParams& p) {
+    constexpr int BN = D > 128 ? ATTNKIT_FLASH_BWD_TC_DQ_BLOCK_N_LARGE_D
+                               : D > 64 ? ATTNKIT_FLASH_BWD_TC_DQ_BLOCK_N : ATTNKIT_FLASH_BWD_TC_DQ_BLOCK_N_SMALL_D;
+    if constexpr (std::is_same<T, float>::value) flash_bwd_dq<T, D>(p);
+    else if (p.fwd.score == ATTNKIT_FLASH_SCORE_RELU2) flash_bwd_dq_tc<T, D, BN, true>(p);
+    else flash_bwd_dq_tc<T, D, BN, false>(p);
+}
 #define FLASH_BWD(T, NAME, D)                                                                      \
     extern "C" __global__ void __launch_bounds__(ATTNKIT_FLASH_BWD_THREADS, 1)                      \
         flash_bwd_dkdv_##NAME##_d##D(const __grid_constant__ FlashBwdParams p) {                   \
-        flash_bwd_dkdv<T, D>(p);                                                                  \
+        bwd_dkdv_entry<T, D>(p);                                                                  \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(ATTNKIT_FLASH_BWD_THREADS, 1)                      \
         flash_bwd_dq_##NAME##_d##D(const __grid_constant__ FlashBwdParams p) {                     \
-        flash_bwd_dq<T, D>(p);                                                                    \
+        bwd_dq_entry<T, D>(p);                                                                    \
     }
 #define FLASH_BWD_DIMS(T, NAME)                                                                    \
     FLASH_BWD(T, NAME, 32) FLASH_BWD(T, NAME, 64) FLASH_BWD(T, NAME, 80) FLASH_BWD(T, NAME, 96)    \

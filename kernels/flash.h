@@ -78,16 +78,37 @@ typedef struct FlashParams {
                               ALiBi; the sink logit is not capped) */
 } FlashParams;
 
-/* The backward (CUDA cores, f32 arithmetic for every dtype; deterministic: no atomics).
- * flash_bwd_delta: D = rowsum(dO * O), one thread per row. flash_bwd_dkdv: a block per
- * (key tile of BWD_BLOCK_N keys, KV head, sequence) sweeps every query row of the group's
- * heads that can see the tile, 8 threads per key. flash_bwd_dq: a block per (tile of
- * BWD_BLOCK_M rows, query head, sequence) sweeps its visible keys, 8 threads per row.
- * flash_bwd_dsink: a block per query head sums its rows' sink terms in one order. */
+/* The backward, deterministic (no atomics: every gradient element has one writer, summing in
+ * a fixed order). flash_bwd_delta: D = rowsum(dO * O), one thread per row. flash_bwd_dkdv: a
+ * block per (key tile, KV head, sequence) sweeps every query row of the group's heads that can
+ * see the tile. flash_bwd_dq: a block per (query tile, query head, sequence) sweeps its visible
+ * keys. flash_bwd_dsink: a block per query head sums its rows' sink terms in one order.
+ * f32 (and f16/bf16 dK/dV at head dims 192, 256): CUDA cores, f32 arithmetic, 8 threads per
+ * key (dk/dv) or row (dq), tiles of BWD_BLOCK_N keys and BWD_BLOCK_M rows. */
 #define ATTNKIT_FLASH_BWD_BLOCK_M 16
 #define ATTNKIT_FLASH_BWD_BLOCK_N 16
 #define ATTNKIT_FLASH_BWD_ROWS 8       /* query rows staged in shared memory per step (dk/dv) */
 #define ATTNKIT_FLASH_BWD_THREADS 128  /* 8 threads per row (dq) or key (dk/dv) */
+/* f16/bf16 on tensor cores (mma m16n8k16, f32 accumulators; P and dS rounded to the dtype as
+ * FlashAttention does), 4 warps, both sweeps double-buffered with cp.async:
+ * - dK/dV: 64 keys a block, 16 per warp, holding dK and dV in registers (D floats a thread),
+ *   so head dims up to 128 only (at 192 and 256 they would not fit: CUDA cores there); query
+ *   rows BWD_TC_ROWS at a time: 64 up to d = 64, 32 above (S^T and dP^T are 2 * ROWS / 2
+ *   floats a thread on top of dK, dV; 64 rows at d = 128 would pass 255 registers).
+ * - dQ: 64 rows a block, 16 per warp (the forward's fragment layout), every head dim; key
+ *   tiles of 64 up to d = 64, 32 up to 128, 16 at 192 and 256 (64 at d = 112, 128 and 32 at
+ *   192 spilled: dQ, S and dP are D / 2 + BN floats a thread, and the unrolled ldmatrix
+ *   addresses take much of the rest).
+ * Not yet tuned on a GPU. */
+#define ATTNKIT_FLASH_BWD_TC_WARPS 4
+#define ATTNKIT_FLASH_BWD_TC_MAX_DKDV_D 128
+#define ATTNKIT_FLASH_BWD_TC_ROWS_SMALL_D 64 /* d <= 64 */
+#define ATTNKIT_FLASH_BWD_TC_ROWS 32         /* 64 < d <= 128 */
+#define ATTNKIT_FLASH_BWD_TC_DQ_BLOCK_N_SMALL_D 64 /* d <= 64 */
+#define ATTNKIT_FLASH_BWD_TC_DQ_BLOCK_N 32         /* 64 < d <= 128 */
+#define ATTNKIT_FLASH_BWD_TC_DQ_BLOCK_N_LARGE_D 16 /* 192, 256 */
+/* Shared bytes per query row's constants in a dK/dV stage (scale, LSE, D, ...). */
+#define ATTNKIT_FLASH_BWD_TC_ROW_CONST_BYTES 32
 
 typedef struct FlashBwdParams {
     FlashParams fwd;        /* the forward's problem; its o and lse are read here */

@@ -346,8 +346,59 @@ pub(super) struct BackwardBufs<'b, 'a, T> {
     pub ws: &'b mut BufMut<'a, f32>,
 }
 
-/// The backward kernels (CUDA cores; `kernels/flash.cu`): D, then dK/dV per key tile, dQ per
-/// query tile (with each row's sink term), then the sink logits' sums. Deterministic.
+/// The backward kernels' launch shapes, from the constants in `kernels/flash.h` and the rule
+/// in `flash.cu`'s `bwd_dkdv_entry` / `bwd_dq_entry`: ((keys per dK/dV block, its shared
+/// bytes), (rows per dQ block, its shared bytes)).
+fn bwd_tiles(dtype: DType, d: usize) -> ((usize, u32), (usize, u32)) {
+    let cuda_cores = (
+        c::ATTNKIT_FLASH_BWD_BLOCK_N as usize,
+        // sQ, sG: [ROWS][d] f32.
+        (2 * c::ATTNKIT_FLASH_BWD_ROWS as usize * d * 4) as u32,
+    );
+    if dtype == DType::F32 {
+        let bn = c::ATTNKIT_FLASH_BWD_BLOCK_N as usize;
+        // sK, sV: [BLOCK_N][d] f32.
+        return (
+            cuda_cores,
+            (
+                c::ATTNKIT_FLASH_BWD_BLOCK_M as usize,
+                (2 * bn * d * 4) as u32,
+            ),
+        );
+    }
+    // Rows of d 2-byte elements, each padded up to 64 bytes (common.cuh's head_row_bytes).
+    let row = (d * 2).div_ceil(64) * 64;
+    let warp_rows = 16 * c::ATTNKIT_FLASH_BWD_TC_WARPS as usize;
+    let dkdv = if d <= c::ATTNKIT_FLASH_BWD_TC_MAX_DKDV_D as usize {
+        let bm = if d <= 64 {
+            c::ATTNKIT_FLASH_BWD_TC_ROWS_SMALL_D
+        } else {
+            c::ATTNKIT_FLASH_BWD_TC_ROWS
+        } as usize;
+        // sK, sV [keys]; two stages of sQ, sG [bm] and their rows' constants.
+        let consts = c::ATTNKIT_FLASH_BWD_TC_ROW_CONST_BYTES as usize;
+        (
+            warp_rows,
+            (2 * warp_rows * row + 2 * (2 * bm * row + bm * consts)) as u32,
+        )
+    } else {
+        cuda_cores
+    };
+    let bn = match d {
+        ..=64 => c::ATTNKIT_FLASH_BWD_TC_DQ_BLOCK_N_SMALL_D,
+        65..=128 => c::ATTNKIT_FLASH_BWD_TC_DQ_BLOCK_N,
+        _ => c::ATTNKIT_FLASH_BWD_TC_DQ_BLOCK_N_LARGE_D,
+    } as usize;
+    // sQ, sG [rows]; two stages of sK, sV [bn].
+    (
+        dkdv,
+        (warp_rows, (2 * warp_rows * row + 2 * 2 * bn * row) as u32),
+    )
+}
+
+/// The backward kernels (`kernels/flash.cu`): D, then dK/dV per key tile, dQ per query tile
+/// (with each row's sink term), then the sink logits' sums. Deterministic. f16/bf16 run on
+/// tensor cores (dK/dV at head dims 192, 256 on CUDA cores), f32 on CUDA cores.
 pub(super) fn backward<T: Element>(
     dev: &CudaDevice,
     p: &Problem<'_>,
@@ -388,8 +439,9 @@ pub(super) fn backward<T: Element>(
         .transpose()?;
     let wsv = dev.view_mut("workspace", x.ws)?;
     let lse_len = p.heads_q * p.total_q;
-    // The backward kernels read and write single elements.
-    let align = std::mem::size_of::<T>();
+    // The forward's rule: 16-byte rows for the tensor-core kernels' cp.async, which the
+    // gradients (in the inputs' strides) then meet too.
+    let align = check_align::<T>(p)?;
     let mut ptrs = DevPtrs::default();
     let stream = &dev.stream;
     let (cu, sink_logits, alibi_slopes, mask) = input_ptrs(
@@ -435,11 +487,7 @@ pub(super) fn backward<T: Element>(
         Ok((n, y as u32, p.batch as u32))
     };
     let threads = c::ATTNKIT_FLASH_BWD_THREADS;
-    let (bm, bn) = (
-        c::ATTNKIT_FLASH_BWD_BLOCK_M as usize,
-        c::ATTNKIT_FLASH_BWD_BLOCK_N as usize,
-    );
-    let rows = c::ATTNKIT_FLASH_BWD_ROWS as usize;
+    let ((bn, dkdv_smem), (bm, dq_smem)) = bwd_tiles(T::DTYPE, p.d);
     // A grid-stride loop: a few blocks per SM cover every gradient element.
     let zero_blocks = dev.sm_count.saturating_mul(4).max(1);
     let launches = [
@@ -459,13 +507,13 @@ pub(super) fn backward<T: Element>(
             bwd_name(&format!("flash_bwd_dkdv_{dt}_d{}", p.d))?,
             grid("seq_k", p.seq_k.div_ceil(bn), p.heads_kv)?,
             threads,
-            (2 * rows * p.d * 4) as u32,
+            dkdv_smem,
         ),
         (
             bwd_name(&format!("flash_bwd_dq_{dt}_d{}", p.d))?,
             grid("seq_q", p.seq_q.div_ceil(bm), p.heads_q)?,
             threads,
-            (2 * bn * p.d * 4) as u32,
+            dq_smem,
         ),
     ];
     // Every kernel is looked up before the first launch: a missing one fails the call before
