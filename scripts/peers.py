@@ -26,7 +26,7 @@ L2_BYTES = 64 << 20  # rotate inputs below this working set (H100 L2: 50 MB)
 def peers_for(case):
     """Names of the peers a case is measured against."""
     fam = case["family"]
-    if fam == "flash":
+    if fam in ("flash", "flash_backward"):
         return ["torch-sdpa-flash", "torch-sdpa-cudnn"]
     if fam == "decode":
         return ["torch-sdpa-flash", "torch-sdpa-cudnn", "torch-sdpa-efficient"]
@@ -132,7 +132,7 @@ def build(torch, dev, dtypes, c, impl, copies):
     """Returns (list of zero-arg callables to rotate, work per call, unit) for one peer."""
     fam = c["family"]
     dt = dtypes[c.get("dtype", "bf16")]
-    if fam == "flash":
+    if fam in ("flash", "flash_backward"):
         from torch.nn.attention import SDPBackend, sdpa_kernel
         import torch.nn.functional as F
 
@@ -155,13 +155,27 @@ def build(torch, dev, dtypes, c, impl, copies):
                     F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
             return f
 
-        fns = [make(*s) for s in sets]
+        def make_backward(q, k, v):
+            # The forward once, outside the timing; each call runs only the backward (as
+            # attnkit's case, which is given o and the LSE).
+            q, k, v = (x.detach().requires_grad_(True) for x in (q, k, v))
+            with sdpa_kernel(backend):
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+            grad = torch.randn_like(out)
+
+            def f():
+                with sdpa_kernel(backend):
+                    torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)
+            return f
+
+        fns = [(make if fam == "flash" else make_backward)(*s) for s in sets]
         fns[0]()  # raises here if the backend refuses the shape
         pairs = sq * sk
         if causal:
             diag = sk - sq
             pairs = sum(max(0, min(sk, i + diag + 1)) for i in range(sq))
-        return fns, 4 * b * hq * d * pairs, "tflops"
+        # The backward: 2.5x the forward's FLOPs (FlashAttention's convention).
+        return fns, (4 if fam == "flash" else 10) * b * hq * d * pairs, "tflops"
     if fam == "decode":
         from torch.nn.attention import SDPBackend, sdpa_kernel
         import torch.nn.functional as F

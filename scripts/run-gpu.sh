@@ -72,9 +72,9 @@ declare -A budget=(
   [test-runtime]=10 [test-flash]=50 [test-decode]=30 [test-lightning]=30 [test-monarch]=20
   [tour]=10
   # per tool (memcheck, racecheck, synccheck): 40 s a tool, 120 s in all
-  [san-runtime]=5 [san-flash]=12 [san-decode]=8 [san-lightning]=8 [san-monarch]=7
-  [peers]=80
-  [bench]=50
+  [san-runtime]=5 [san-flash]=14 [san-decode]=8 [san-lightning]=8 [san-monarch]=7
+  [peers]=90
+  [bench]=60
   [report]=10
 )
 sanitizer_tools=(memcheck racecheck synccheck)
@@ -84,7 +84,8 @@ sanitizer_tools=(memcheck racecheck synccheck)
 # few hundred rows or tokens) and together they reach every kernel of the family:
 #   runtime   the strided scale and the params echo of every family;
 #   flash     d128 f32 (CUDA cores) and f16 (mma) at 2x130x77 with sink logits and entropy;
-#             bf16 d64 windows and sinks at 300x300, 150x333, 333x150;
+#             bf16 d64 windows and sinks at 300x300, 150x333, 333x150; the backward's
+#             tensor-core kernels (bf16, f16; d64, d128; up to 70x70);
 #   decode    paged and contiguous bf16 caches (lengths 1, 517, 0, 100; 2 splits + combine);
 #             in-place append, contiguous and paged, f16, 3 sequences of up to 64;
 #   lightning forward (lengths 1 to 4097, d 64/128, all dtypes), decode step, backward at the
@@ -93,7 +94,7 @@ sanitizer_tools=(memcheck racecheck synccheck)
 #             backward.
 declare -A sanitize=(
   [runtime]="gpu::"
-  [flash]="learned_sink_logits_including_infinities windows_and_sinks_bf16"
+  [flash]="learned_sink_logits_including_infinities windows_and_sinks_bf16 backward_bf16_and_f16_meet_flashattention_s_rule"
   [decode]="paged_and_contiguous_caches_agree append_fills_contiguous_and_paged_caches_in_place"
   [lightning]="gpu::forward_gpu gpu::decode_gpu gpu::backward_gpu_matches_finite_differences"
   [monarch]="gpu::multiply_gpu_many_tokens gpu::transpose_gpu gpu::backward_gpu"

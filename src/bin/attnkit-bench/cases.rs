@@ -92,6 +92,26 @@ pub fn table() -> Vec<Case> {
             });
         }
     }
+    // FlashAttention backward (issue 15): bf16, head dims 64 and 128, 16 heads, 16k tokens in
+    // all; FLOPs counted as 2.5x the forward's (FlashAttention's convention: five products of
+    // the forward's two). Timed: the backward alone, after one forward made o and the LSE.
+    for d in [64usize, 128] {
+        for seq in [1024usize, 4096, 16384] {
+            for causal in [false, true] {
+                let (batch, heads) = (16384 / seq, 16);
+                t.push(Case {
+                    family: "flash_backward",
+                    name: format!("bf16_d{d}_s{seq}_{}", if causal { "causal" } else { "full" }),
+                    shape: format!(
+                        "\"dtype\":\"bf16\",\"batch\":{batch},\"seq_q\":{seq},\"seq_k\":{seq},\"heads_q\":{heads},\"heads_kv\":{heads},\"head_dim\":{d},\"causal\":{causal}"
+                    ),
+                    run: Box::new(move |dev| {
+                        flash_backward_case(dev, Attention::new(batch, seq, seq, heads, heads, d).causal(causal))
+                    }),
+                });
+            }
+        }
+    }
     // Variants (issue 5): a window of 4096 at seq 32k against a dense run of seq_k 4096 (the
     // skipping must make them cost about the same); relu² and the entropy output beside plain
     // softmax at the same shape. No peer: SDPA has none of these.
@@ -430,6 +450,52 @@ fn flash_case(dev: &Device, a: Attention) -> Result<(f64, Rate)> {
         )
     })?;
     Ok((t.median_ms, Rate::Tflops(a.flops() / t.median_ms / 1e9)))
+}
+
+fn flash_backward_case(dev: &Device, a: Attention) -> Result<(f64, Rate)> {
+    let s = stream(dev)?;
+    let n_kv = a.batch * a.seq_k * a.heads_kv * a.head_dim;
+    let q = s.clone_htod(&fill::<Bf16>(a.o_len(), 1)).map_err(driver)?;
+    let k = s.clone_htod(&fill::<Bf16>(n_kv, 2)).map_err(driver)?;
+    let v = s.clone_htod(&fill::<Bf16>(n_kv, 3)).map_err(driver)?;
+    let d_o = s.clone_htod(&fill::<Bf16>(a.o_len(), 4)).map_err(driver)?;
+    let mut o = s.alloc_zeros::<Bf16>(a.o_len()).map_err(driver)?;
+    let mut lse = s.alloc_zeros::<f32>(a.lse_len()).map_err(driver)?;
+    flash::forward(
+        dev,
+        &a,
+        (&q).into(),
+        (&k).into(),
+        (&v).into(),
+        (&mut o).into(),
+        (&mut lse).into(),
+    )?;
+    let mut dq = s.alloc_zeros::<Bf16>(a.o_len()).map_err(driver)?;
+    let mut dk = s.alloc_zeros::<Bf16>(n_kv).map_err(driver)?;
+    let mut dv = s.alloc_zeros::<Bf16>(n_kv).map_err(driver)?;
+    let mut ws = s
+        .alloc_zeros::<f32>(flash::backward_workspace_len(dev, &a))
+        .map_err(driver)?;
+    let t = attnkit::timing::time(dev, 2, RUNS, |_| {
+        let io = flash::BackwardIo {
+            q: (&q).into(),
+            k: (&k).into(),
+            v: (&v).into(),
+            o: (&o).into(),
+            d_o: (&d_o).into(),
+            lse: (&lse).into(),
+            dq: (&mut dq).into(),
+            dk: (&mut dk).into(),
+            dv: (&mut dv).into(),
+            d_sink_logits: None,
+            workspace: (&mut ws).into(),
+        };
+        flash::backward(dev, &a, io, Extras::default())
+    })?;
+    Ok((
+        t.median_ms,
+        Rate::Tflops(2.5 * a.flops() / t.median_ms / 1e9),
+    ))
 }
 
 fn selftest_case(dev: &Device) -> Result<(f64, Rate)> {
