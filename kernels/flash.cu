@@ -843,9 +843,12 @@ __device__ __forceinline__ void flash_bwd_dkdv_tc(const FlashBwdParams& bp) {
         for (int r = threadIdx.x; r < BM; r += THREADS) rows[r] = bwd_row(bp, vis, s, min(m0 + r, s.seq_q - 1));
     };
 
+    int idx = next(0), buf = 0;
+    if (idx >= total) return;  // no row sees these keys: their gradients stay flash_bwd_zero's
     load_tile<T, D, BN, THREADS>(sK, static_cast<const T*>(p.k) + s0.k_off, p.k_row_stride, n0, s0.seq_k);
     load_tile<T, D, BN, THREADS>(sV, static_cast<const T*>(p.v) + s0.v_off, p.v_row_stride, n0, s0.seq_k);
     cp_async_commit();
+    stage(idx, 0);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
@@ -853,8 +856,6 @@ __device__ __forceinline__ void flash_bwd_dkdv_tc(const FlashBwdParams& bp) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) dk[d][e] = dv[d][e] = 0.f;
 
-    int idx = next(0), buf = 0;
-    if (idx < total) stage(idx, 0);
     while (idx < total) {
         const int nidx = next(idx + 1);
         if (nidx < total) {
@@ -1050,11 +1051,18 @@ FLASH_F32(flash_fwd_f32_d256, 256)
 // The backward: one entry point per (dtype, head dim) for dK/dV and dQ, one per dtype for D.
 // Which implementation serves each is decided here and mirrored by the host (bwd_tiles in
 // src/flash/cuda.rs): f32 on CUDA cores; f16/bf16 on tensor cores, but dK/dV past
-// BWD_TC_MAX_DKDV_D on CUDA cores (see flash.h). Both use ATTNKIT_FLASH_BWD_THREADS threads.
+// BWD_TC_MAX_DKDV_D and f16 relu^2 on CUDA cores (see flash.h). Both use ATTNKIT_FLASH_BWD_THREADS threads.
 static_assert(ATTNKIT_FLASH_BWD_TC_WARPS * 32 == ATTNKIT_FLASH_BWD_THREADS, "one launch bound for both");
+// f16 relu^2 goes to CUDA cores too: its weights relu(x)^2 / n are not bounded by 1 as P is,
+// and rounded to f16 for the mma they overflow where the f32 gradients do not (the forward
+// rescales them per row; the backward does not yet).
+template <typename T> __device__ __forceinline__ bool bwd_on_cuda_cores(const FlashBwdParams& p) {
+    return std::is_same<T, __half>::value && p.fwd.score == ATTNKIT_FLASH_SCORE_RELU2;
+}
 template <typename T, int D> __device__ __forceinline__ void bwd_dkdv_entry(const FlashBwdParams& p) {
     constexpr int ROWS = D <= 64 ? ATTNKIT_FLASH_BWD_TC_ROWS_SMALL_D : ATTNKIT_FLASH_BWD_TC_ROWS;
     if constexpr (std::is_same<T, float>::value || D > ATTNKIT_FLASH_BWD_TC_MAX_DKDV_D) flash_bwd_dkdv<T, D>(p);
+    else if (bwd_on_cuda_cores<T>(p)) flash_bwd_dkdv<T, D>(p);
     else if (p.fwd.score == ATTNKIT_FLASH_SCORE_RELU2) flash_bwd_dkdv_tc<T, D, ROWS, true>(p);
     else flash_bwd_dkdv_tc<T, D, ROWS, false>(p);
 }
@@ -1062,6 +1070,7 @@ template <typename T, int D> __device__ __forceinline__ void bwd_dq_entry(const 
     constexpr int BN = D > 128 ? ATTNKIT_FLASH_BWD_TC_DQ_BLOCK_N_LARGE_D
                                : D > 64 ? ATTNKIT_FLASH_BWD_TC_DQ_BLOCK_N : ATTNKIT_FLASH_BWD_TC_DQ_BLOCK_N_SMALL_D;
     if constexpr (std::is_same<T, float>::value) flash_bwd_dq<T, D>(p);
+    else if (bwd_on_cuda_cores<T>(p)) flash_bwd_dq<T, D>(p);
     else if (p.fwd.score == ATTNKIT_FLASH_SCORE_RELU2) flash_bwd_dq_tc<T, D, BN, true>(p);
     else flash_bwd_dq_tc<T, D, BN, false>(p);
 }

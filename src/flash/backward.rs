@@ -1,10 +1,10 @@
 //! The backward pass: dQ, dK, dV (and d sink_logits) of flash attention, for every option of
 //! the forward, from the forward's output and LSE (FlashAttention-2's algorithm).
 
-use super::checks::{self, check, check_extras, check_strides};
+use super::checks::{check, check_extras, check_strides};
 use super::{
-    Attention, Extras, Problem, VarlenAttention, cpu, cpu_backward, fixed_problem, host_offsets,
-    varlen_problem,
+    Attention, Extras, Problem, VarlenAttention, cpu_backward, fixed_problem, host_inputs,
+    host_offsets, varlen_problem,
 };
 use crate::buffer::{Buf, BufMut};
 use crate::device::{Backend, Device};
@@ -221,26 +221,7 @@ fn run_backward<T: Element>(
     match &dev.backend {
         Backend::Cpu { threads } => {
             let p = &host_offsets(p, cu.as_ref())?;
-            let sinks = extras
-                .sink_logits
-                .as_ref()
-                .map(|b| b.host("sink_logits"))
-                .transpose()?;
-            if let Some(s) = sinks {
-                checks::check_sink_values(s)?;
-            }
-            let alibi = extras
-                .alibi_slopes
-                .as_ref()
-                .map(|b| b.host("alibi_slopes"))
-                .transpose()?;
-            if let Some(a) = alibi {
-                checks::check_alibi_values(a)?;
-            }
-            let mask = match &extras.block_mask {
-                Some(m) => Some((m.mask.host("block_mask")?, m.block_q, m.block_k)),
-                None => None,
-            };
+            let inputs = host_inputs(&extras)?;
             let mut io = io;
             let saved = cpu_backward::Saved {
                 q: io.q.host("q")?,
@@ -261,7 +242,6 @@ fn run_backward<T: Element>(
                     .transpose()?,
                 ws: io.workspace.host_mut("workspace")?,
             };
-            let inputs = cpu::HostInputs { sinks, alibi, mask };
             cpu_backward::backward(*threads, p, inputs, saved, out);
             Ok(())
         }

@@ -349,13 +349,15 @@ pub(super) struct BackwardBufs<'b, 'a, T> {
 /// The backward kernels' launch shapes, from the constants in `kernels/flash.h` and the rule
 /// in `flash.cu`'s `bwd_dkdv_entry` / `bwd_dq_entry`: ((keys per dK/dV block, its shared
 /// bytes), (rows per dQ block, its shared bytes)).
-fn bwd_tiles(dtype: DType, d: usize) -> ((usize, u32), (usize, u32)) {
+fn bwd_tiles(dtype: DType, d: usize, score: Score) -> ((usize, u32), (usize, u32)) {
     let cuda_cores = (
         c::ATTNKIT_FLASH_BWD_BLOCK_N as usize,
         // sQ, sG: [ROWS][d] f32.
         (2 * c::ATTNKIT_FLASH_BWD_ROWS as usize * d * 4) as u32,
     );
-    if dtype == DType::F32 {
+    // f16 relu² weights would overflow f16 on the tensor cores (flash.cu's bwd_on_cuda_cores).
+    let f16_relu2 = dtype == DType::F16 && matches!(score, Score::Relu2(_));
+    if dtype == DType::F32 || f16_relu2 {
         let bn = c::ATTNKIT_FLASH_BWD_BLOCK_N as usize;
         // sK, sV: [BLOCK_N][d] f32.
         return (
@@ -398,7 +400,7 @@ fn bwd_tiles(dtype: DType, d: usize) -> ((usize, u32), (usize, u32)) {
 
 /// The backward kernels (`kernels/flash.cu`): D, then dK/dV per key tile, dQ per query tile
 /// (with each row's sink term), then the sink logits' sums. Deterministic. f16/bf16 run on
-/// tensor cores (dK/dV at head dims 192, 256 on CUDA cores), f32 on CUDA cores.
+/// tensor cores (dK/dV at head dims 192, 256, and f16 relu², on CUDA cores), f32 on CUDA cores.
 pub(super) fn backward<T: Element>(
     dev: &CudaDevice,
     p: &Problem<'_>,
@@ -487,7 +489,7 @@ pub(super) fn backward<T: Element>(
         Ok((n, y as u32, p.batch as u32))
     };
     let threads = c::ATTNKIT_FLASH_BWD_THREADS;
-    let ((bn, dkdv_smem), (bm, dq_smem)) = bwd_tiles(T::DTYPE, p.d);
+    let ((bn, dkdv_smem), (bm, dq_smem)) = bwd_tiles(T::DTYPE, p.d, p.opts.score);
     // A grid-stride loop: a few blocks per SM cover every gradient element.
     let zero_blocks = dev.sm_count.saturating_mul(4).max(1);
     let launches = [

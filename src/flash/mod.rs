@@ -677,6 +677,31 @@ fn varlen_problem<'a>(
     })
 }
 
+/// On the CPU: the optional inputs' host slices, the sink logits' and slopes' values checked.
+fn host_inputs<'e>(extras: &'e Extras<'_>) -> Result<cpu::HostInputs<'e>> {
+    let sinks = extras
+        .sink_logits
+        .as_ref()
+        .map(|b| b.host("sink_logits"))
+        .transpose()?;
+    if let Some(s) = sinks {
+        checks::check_sink_values(s)?;
+    }
+    let alibi = extras
+        .alibi_slopes
+        .as_ref()
+        .map(|b| b.host("alibi_slopes"))
+        .transpose()?;
+    if let Some(a) = alibi {
+        checks::check_alibi_values(a)?;
+    }
+    let mask = match &extras.block_mask {
+        Some(m) => Some((m.mask.host("block_mask")?, m.block_q, m.block_k)),
+        None => None,
+    };
+    Ok(cpu::HostInputs { sinks, alibi, mask })
+}
+
 /// On the CPU: `p` with the offsets' host buffers checked against its host copies, or (device-only
 /// offsets, here host buffers) against the sizes the caller gave and then used as them.
 fn host_offsets<'a>(
@@ -719,28 +744,10 @@ fn run<T: Element>(
         Backend::Cpu { threads } => {
             let p = &host_offsets(p, cu.as_ref())?;
             let (q, k, v) = (q.host("q")?, k.host("k")?, v.host("v")?);
-            let sinks = extras
-                .sink_logits
-                .as_ref()
-                .map(|b| b.host("sink_logits"))
-                .transpose()?;
-            if let Some(s) = sinks {
-                checks::check_sink_values(s)?;
-            }
-            let alibi = extras
-                .alibi_slopes
-                .as_ref()
-                .map(|b| b.host("alibi_slopes"))
-                .transpose()?;
-            if let Some(a) = alibi {
-                checks::check_alibi_values(a)?;
-            }
-            let mask = match &extras.block_mask {
-                Some(m) => Some((m.mask.host("block_mask")?, m.block_q, m.block_k)),
-                None => None,
-            };
-            let entropy = extras
-                .entropy
+            // The output taken out first: the inputs borrow the rest of `extras`.
+            let mut entropy = extras.entropy.take();
+            let inputs = host_inputs(&extras)?;
+            let entropy = entropy
                 .as_mut()
                 .map(|b| b.host_mut("entropy"))
                 .transpose()?;
@@ -750,7 +757,6 @@ fn run<T: Element>(
                 lse,
                 entropy,
             };
-            let inputs = cpu::HostInputs { sinks, alibi, mask };
             cpu::forward(*threads, p, q, k, v, inputs, out);
             Ok(())
         }
