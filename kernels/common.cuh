@@ -132,6 +132,12 @@ template <int D> using HeadRows = SwizzledTile<(D * 2 + 63) / 64 * 64>;
 // Bytes of one such row in shared memory (the host sizes shared memory by the same rule).
 template <int D> __host__ __device__ constexpr int head_row_bytes() { return (D * 2 + 63) / 64 * 64; }
 
+// Clears N mma accumulator fragments.
+template <int N> __device__ __forceinline__ void zero_frags(float (&a)[N][4]) {
+#pragma unroll
+    for (int n = 0; n < N; ++n) a[n][0] = a[n][1] = a[n][2] = a[n][3] = 0.f;
+}
+
 // Warp-level tile products on swizzled [rows][D] tiles (HeadRows<D>), in mma_16816's
 // fragment layouts, shared by the attention kernels so that each reads as its algorithm.
 //

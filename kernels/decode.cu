@@ -87,8 +87,7 @@ __device__ __forceinline__ void decode_tc(const DecodeParams& p) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
     float o[NT_D][4];
-#pragma unroll
-    for (int d = 0; d < NT_D; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+    zero_frags(o);
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
     auto load_tile = [&](int tile, int stage) {
@@ -144,8 +143,7 @@ __device__ __forceinline__ void decode_tc(const DecodeParams& p) {
 
         // S = Q K^T over this warp's 16 keys.
         float sc[2][4];
-#pragma unroll
-        for (int n = 0; n < 2; ++n) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
+        zero_frags(sc);
 #pragma unroll
         for (int kc = 0; kc < D / 16; ++kc) {
             uint32_t a[4], bk[4];

@@ -282,8 +282,7 @@ __device__ __forceinline__ void flash_fwd_tc(const FlashParams& p) {
     for (int r = 0; r < 2; ++r) row_constants(p, vis, s, m0 + warp * 16 + g + r * 8, rs_log2[r], rs[r], inv_n[r]);
 
     float o[NT_D][4];
-#pragma unroll
-    for (int d = 0; d < NT_D; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+    zero_frags(o);
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, es[2] = {0.f, 0.f};
     float pscale[2] = {1.f, 1.f}, pinv[2] = {1.f, 1.f};  // relu^2 only: see relu2_rescale
 
@@ -302,8 +301,7 @@ __device__ __forceinline__ void flash_fwd_tc(const FlashParams& p) {
 
         // S = Q K_j^T for this warp's 16 rows.
         float sc[NT_N][4];
-#pragma unroll
-        for (int n = 0; n < NT_N; ++n) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
+        zero_frags(sc);
         mma_rows_by_rows<T, D, NT_N>(sc, sQ, warp * 16, sK, 0, lane);
         __syncthreads();  // every warp is done with K_j: its buffer may be refilled
         const int jn = vis.next_tile(j + 1, m0, m1, BN);
@@ -851,10 +849,8 @@ __device__ __forceinline__ void flash_bwd_dkdv_tc(const FlashBwdParams& bp) {
     stage(idx, 0);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     float dk[D / 8][4], dv[D / 8][4];
-#pragma unroll
-    for (int d = 0; d < D / 8; ++d)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dk[d][e] = dv[d][e] = 0.f;
+    zero_frags(dk);
+    zero_frags(dv);
 
     while (idx < total) {
         const int nidx = next(idx + 1);
@@ -869,10 +865,8 @@ __device__ __forceinline__ void flash_bwd_dkdv_tc(const FlashBwdParams& bp) {
         const uint32_t sQ = stages + buf * STAGE, sG = sQ + BM * ROW;
         const BwdRow* rows = reinterpret_cast<const BwdRow*>(rows_base + buf * BM * BWD_ROW_BYTES);
         float st[NT][4], dpt[NT][4];
-#pragma unroll
-        for (int n = 0; n < NT; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) st[n][e] = dpt[n][e] = 0.f;
+        zero_frags(st);
+        zero_frags(dpt);
         mma_rows_by_rows<T, D, NT>(st, sK, warp * 16, sQ, 0, lane);
         mma_rows_by_rows<T, D, NT>(dpt, sV, warp * 16, sG, 0, lane);
         const float slope = alibi_slope_log2(p.alibi_slopes, h);
@@ -936,8 +930,7 @@ __device__ __forceinline__ void flash_bwd_dq_tc(const FlashBwdParams& bp) {
         cp_async_commit();
     };
     float dq[D / 8][4];
-#pragma unroll
-    for (int d = 0; d < D / 8; ++d) dq[d][0] = dq[d][1] = dq[d][2] = dq[d][3] = 0.f;
+    zero_frags(dq);
 
     const int last = vis.last_tile(m1, BN);
     int j = vis.next_tile(0, m0, m1, BN), buf = 0;
@@ -957,10 +950,8 @@ __device__ __forceinline__ void flash_bwd_dq_tc(const FlashBwdParams& bp) {
         __syncthreads();  // Q, dO and this stage's K, V have landed
         const uint32_t sK = stages + buf * STAGE, sV = sK + BN * ROW;
         float sc[NT][4], ds[NT][4];
-#pragma unroll
-        for (int n = 0; n < NT; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) sc[n][e] = ds[n][e] = 0.f;
+        zero_frags(sc);
+        zero_frags(ds);
         mma_rows_by_rows<T, D, NT>(sc, sQ, warp * 16, sK, 0, lane);
         mma_rows_by_rows<T, D, NT>(ds, sG, warp * 16, sV, 0, lane);
         const int n0 = j * BN;

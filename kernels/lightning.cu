@@ -157,8 +157,7 @@ __device__ __forceinline__ void output_block(const LightningParams& p, const T* 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int r0 = warp * 16, ra = r0 + g, rb = ra + 8;
     float acc[ET / 8][4];
-#pragma unroll
-    for (int j = 0; j < ET / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    zero_frags(acc);
     // Inter-block: Q_i KV.
 #pragma unroll 1
     for (int kk = 0; kk < D; kk += 16)
@@ -178,8 +177,7 @@ __device__ __forceinline__ void output_block(const LightningParams& p, const T* 
         // Intra-block scores; key tiles past this warp's last row are masked for all its rows.
         const int jmax = 2 * warp + 2;
         float sc[BLOCK / 8][4];
-#pragma unroll
-        for (int j = 0; j < BLOCK / 8; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
+        zero_frags(sc);
 #pragma unroll 1
         for (int kk = 0; kk < D; kk += 16)
 #pragma unroll

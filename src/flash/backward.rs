@@ -78,9 +78,14 @@ pub fn varlen_backward_workspace_len(_dev: &Device, attn: &VarlenAttention<'_>) 
 ///
 /// Both backends compute it with FlashAttention-2's algorithm (`D = rowsum(dO * O)`, `P`
 /// recomputed from the LSE tile by tile, `dS = P (dP - D)`), deterministically: no atomics,
-/// the same bits on every run (and, on the CPU, every thread count). The CUDA kernels are a
-/// first, CUDA-core version (f32 arithmetic for every dtype): correct and deterministic, not
-/// yet the tensor-core FA2 kernel, so not fast.
+/// the same bits on every run (and, on the CPU, every thread count). On a GPU, f16 and bf16
+/// run on tensor cores (mma.sync, f32 accumulators, P and dS rounded to the dtype as
+/// FlashAttention does): dK/dV per key tile and dQ per query tile, so every gradient element
+/// has one writer (S and dP are computed in both, seven products where an atomic dQ needs
+/// five). dK/dV at head dims 192 and 256, f16 relu² and all of f32 run on CUDA cores in f32.
+/// Gradients are written in the inputs' strides (dq in q's, dk in k's, dv in v's); on a GPU,
+/// f16/bf16 follow the forward's 16-byte stride rule. No kernel has run on a real GPU yet
+/// (only in the PTX emulator).
 ///
 /// On a GPU with device-only varlen offsets, a stale table can make two sequences overlap
 /// (each still in bounds): their rows then race, and those gradients are neither right nor

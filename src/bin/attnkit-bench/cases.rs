@@ -240,6 +240,21 @@ fn driver(source: attnkit::cudarc::driver::DriverError) -> attnkit::Error {
     }
 }
 
+type DevBuf<T> = attnkit::cudarc::driver::CudaSlice<T>;
+
+/// q, k, v of `a` on the device, deterministic bf16 values.
+fn qkv(
+    s: &std::sync::Arc<attnkit::cudarc::driver::CudaStream>,
+    a: &Attention,
+) -> Result<[DevBuf<Bf16>; 3]> {
+    let n_kv = a.batch * a.seq_k * a.heads_kv * a.head_dim;
+    Ok([
+        s.clone_htod(&fill::<Bf16>(a.o_len(), 1)).map_err(driver)?,
+        s.clone_htod(&fill::<Bf16>(n_kv, 2)).map_err(driver)?,
+        s.clone_htod(&fill::<Bf16>(n_kv, 3)).map_err(driver)?,
+    ])
+}
+
 fn flash_variant_case(
     dev: &Device,
     a: Attention,
@@ -247,10 +262,7 @@ fn flash_variant_case(
     entropy: bool,
 ) -> Result<(f64, Rate)> {
     let s = stream(dev)?;
-    let n_kv = a.batch * a.seq_k * a.heads_kv * a.head_dim;
-    let q = s.clone_htod(&fill::<Bf16>(a.o_len(), 1)).map_err(driver)?;
-    let k = s.clone_htod(&fill::<Bf16>(n_kv, 2)).map_err(driver)?;
-    let v = s.clone_htod(&fill::<Bf16>(n_kv, 3)).map_err(driver)?;
+    let [q, k, v] = qkv(&s, &a)?;
     let mut o = s.alloc_zeros::<Bf16>(a.o_len()).map_err(driver)?;
     let mut lse = s.alloc_zeros::<f32>(a.lse_len()).map_err(driver)?;
     let mut ent = s
@@ -417,24 +429,7 @@ fn monarch_case(dev: &Device, tokens: usize, n: usize, blocks: usize) -> Result<
 
 fn flash_case(dev: &Device, a: Attention) -> Result<(f64, Rate)> {
     let s = stream(dev)?;
-    let driver = |source| attnkit::Error::Driver {
-        context: "bench alloc",
-        source,
-    };
-    let fill = |n: usize, seed: u32| -> Vec<Bf16> {
-        (0..n)
-            .map(|i| {
-                Bf16::from_f32(
-                    ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 20) as f32 / 2048.0
-                        - 1.0,
-                )
-            })
-            .collect()
-    };
-    let n_kv = a.batch * a.seq_k * a.heads_kv * a.head_dim;
-    let q = s.clone_htod(&fill(a.o_len(), 1)).map_err(driver)?;
-    let k = s.clone_htod(&fill(n_kv, 2)).map_err(driver)?;
-    let v = s.clone_htod(&fill(n_kv, 3)).map_err(driver)?;
+    let [q, k, v] = qkv(&s, &a)?;
     let mut o = s.alloc_zeros::<Bf16>(a.o_len()).map_err(driver)?;
     let mut lse = s.alloc_zeros::<f32>(a.lse_len()).map_err(driver)?;
     // q, k, v are 64 MiB each at these shapes: larger than the L2, no rotation needed.
@@ -455,9 +450,7 @@ fn flash_case(dev: &Device, a: Attention) -> Result<(f64, Rate)> {
 fn flash_backward_case(dev: &Device, a: Attention) -> Result<(f64, Rate)> {
     let s = stream(dev)?;
     let n_kv = a.batch * a.seq_k * a.heads_kv * a.head_dim;
-    let q = s.clone_htod(&fill::<Bf16>(a.o_len(), 1)).map_err(driver)?;
-    let k = s.clone_htod(&fill::<Bf16>(n_kv, 2)).map_err(driver)?;
-    let v = s.clone_htod(&fill::<Bf16>(n_kv, 3)).map_err(driver)?;
+    let [q, k, v] = qkv(&s, &a)?;
     let d_o = s.clone_htod(&fill::<Bf16>(a.o_len(), 4)).map_err(driver)?;
     let mut o = s.alloc_zeros::<Bf16>(a.o_len()).map_err(driver)?;
     let mut lse = s.alloc_zeros::<f32>(a.lse_len()).map_err(driver)?;
