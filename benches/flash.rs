@@ -130,6 +130,7 @@ fn cpu_backward_case<T: Element>(
                     dq: (&mut dq).into(),
                     dk: (&mut dk).into(),
                     dv: (&mut dv).into(),
+                    grad_strides: None,
                     d_sink_logits: None,
                     workspace: (&mut ws).into(),
                 },

@@ -576,6 +576,23 @@ __device__ __forceinline__ void bwd_sink_term(const FlashBwdParams& bp, const Se
     bp.sink_terms[s.lse_off + i] = p.sink_logits != nullptr && isfinite(lse) ? -expf(p.sink_logits[h] - lse) * delta : 0.f;
 }
 
+// Element offset of row 0 of (sequence b, head h) in a gradient of strides (bs, rs, hs): the
+// sequence's packed row offset when varlen (`keys`: in the keys' offsets).
+__device__ __forceinline__ int64_t grad_base(const FlashParams& p, bool keys, int b, int h, int64_t bs, int64_t rs,
+                                             int64_t hs) {
+    if (p.cu_seqlens_q != nullptr) return (int64_t)(keys ? p.cu_seqlens_k[b] : p.cu_seqlens_q[b]) * rs + h * hs;
+    return b * bs + h * hs;
+}
+__device__ __forceinline__ int64_t dq_base(const FlashBwdParams& bp, int b, int h) {
+    return grad_base(bp.fwd, false, b, h, bp.dq_batch_stride, bp.dq_row_stride, bp.dq_head_stride);
+}
+__device__ __forceinline__ int64_t dk_base(const FlashBwdParams& bp, int b, int h) {
+    return grad_base(bp.fwd, true, b, h, bp.dk_batch_stride, bp.dk_row_stride, bp.dk_head_stride);
+}
+__device__ __forceinline__ int64_t dv_base(const FlashBwdParams& bp, int b, int h) {
+    return grad_base(bp.fwd, true, b, h, bp.dv_batch_stride, bp.dv_row_stride, bp.dv_head_stride);
+}
+
 // Zeroes every element of dq, dk and dv (their strides; gaps untouched) before the other
 // kernels write the rows they own: rows of no sequence (past cu_seqlens[batch]) or of one a
 // stale table makes the kernels skip read as zero, never as what the buffer held.
@@ -596,10 +613,10 @@ __device__ __forceinline__ void flash_bwd_zero(const FlashBwdParams& bp) {
         const int64_t row = x / ((int64_t)p.head_dim * heads);
         const int64_t b = varlen ? 0 : row / seq, r = varlen ? row : row % seq;
         if (is_q) {
-            static_cast<T*>(bp.dq)[b * p.q_batch_stride + r * p.q_row_stride + h * p.q_head_stride + c] = zero;
+            static_cast<T*>(bp.dq)[b * bp.dq_batch_stride + r * bp.dq_row_stride + h * bp.dq_head_stride + c] = zero;
         } else {
-            const int64_t ko = b * p.k_batch_stride + r * p.k_row_stride + h * p.k_head_stride + c;
-            const int64_t vo = b * p.v_batch_stride + r * p.v_row_stride + h * p.v_head_stride + c;
+            const int64_t ko = b * bp.dk_batch_stride + r * bp.dk_row_stride + h * bp.dk_head_stride + c;
+            const int64_t vo = b * bp.dv_batch_stride + r * bp.dv_row_stride + h * bp.dv_head_stride + c;
             static_cast<T*>(bp.dk)[ko] = zero;
             static_cast<T*>(bp.dv)[vo] = zero;
         }
@@ -693,8 +710,8 @@ __device__ __forceinline__ void flash_bwd_dkdv(const FlashBwdParams& bp) {
         }
     }
     if (!key_in) return;
-    T* dkp = static_cast<T*>(bp.dk) + s0.k_off + (int64_t)j * p.k_row_stride;
-    T* dvp = static_cast<T*>(bp.dv) + s0.v_off + (int64_t)j * p.v_row_stride;
+    T* dkp = static_cast<T*>(bp.dk) + dk_base(bp, b, hk) + (int64_t)j * bp.dk_row_stride;
+    T* dvp = static_cast<T*>(bp.dv) + dv_base(bp, b, hk) + (int64_t)j * bp.dv_row_stride;
 #pragma unroll
     for (int c = 0; c < D / 8; ++c) {
         dkp[sub + 8 * c] = from_f32<T>(dk[c]);
@@ -768,7 +785,7 @@ __device__ __forceinline__ void flash_bwd_dq(const FlashBwdParams& bp) {
         }
     }
     if (!row_in) return;
-    T* dqp = static_cast<T*>(bp.dq) + s.q_off + (int64_t)i * p.q_row_stride;
+    T* dqp = static_cast<T*>(bp.dq) + dq_base(bp, b, h) + (int64_t)i * bp.dq_row_stride;
 #pragma unroll
     for (int c = 0; c < D / 8; ++c) dqp[sub + 8 * c] = from_f32<T>(dq[c]);
     if (sub == 0) bwd_sink_term(bp, s, h, i, row.delta);
@@ -892,8 +909,8 @@ __device__ __forceinline__ void flash_bwd_dkdv_tc(const FlashBwdParams& bp) {
         buf ^= 1;
     }
     const int key0 = n0 + warp * 16;
-    store_acc_rows<T, D>(static_cast<T*>(bp.dk) + s0.k_off, p.k_row_stride, key0, s0.seq_k, dk, lane);
-    store_acc_rows<T, D>(static_cast<T*>(bp.dv) + s0.v_off, p.v_row_stride, key0, s0.seq_k, dv, lane);
+    store_acc_rows<T, D>(static_cast<T*>(bp.dk) + dk_base(bp, b, hk), bp.dk_row_stride, key0, s0.seq_k, dk, lane);
+    store_acc_rows<T, D>(static_cast<T*>(bp.dv) + dv_base(bp, b, hk), bp.dv_row_stride, key0, s0.seq_k, dv, lane);
 }
 
 // dQ of 16 * WARPS rows, each warp its own 16 (the forward's layout), over the key tiles of
@@ -974,7 +991,8 @@ __device__ __forceinline__ void flash_bwd_dq_tc(const FlashBwdParams& bp) {
         j = jn;
         buf ^= 1;
     }
-    store_acc_rows<T, D>(static_cast<T*>(bp.dq) + s.q_off, p.q_row_stride, m0 + warp * 16, s.seq_q, dq, lane);
+    store_acc_rows<T, D>(static_cast<T*>(bp.dq) + dq_base(bp, b, h), bp.dq_row_stride, m0 + warp * 16, s.seq_q, dq,
+                         lane);
     if (t == 0) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {

@@ -113,9 +113,12 @@ typedef struct FlashParams {
 typedef struct FlashBwdParams {
     FlashParams fwd;        /* the forward's problem; its o and lse are read here */
     const void* d_o;        /* dL/do, in o's strides */
-    void* dq;               /* written in q's strides */
-    void* dk;               /* written in k's strides */
-    void* dv;               /* written in v's strides */
+    void* dq;               /* written in the dq_* strides (elements; batch unused if varlen) */
+    void* dk;               /* written in the dk_* strides */
+    void* dv;               /* written in the dv_* strides */
+    int64_t dq_batch_stride, dq_row_stride, dq_head_stride;
+    int64_t dk_batch_stride, dk_row_stride, dk_head_stride;
+    int64_t dv_batch_stride, dv_row_stride, dv_head_stride;
     float* delta;           /* the lse's layout: D = rowsum(dO * O) (written, then read) */
     float* sink_terms;      /* the lse's layout: each row's -p_sink D, or NULL */
     float* d_sink_logits;   /* [heads_q]: the sum of each head's sink terms, or NULL */

@@ -3,7 +3,7 @@
 
 use super::checks::{check, check_extras, check_strides};
 use super::{
-    Attention, Extras, Problem, VarlenAttention, cpu_backward, fixed_problem, host_inputs,
+    Attention, Extras, Problem, Strides, VarlenAttention, cpu_backward, fixed_problem, host_inputs,
     host_offsets, varlen_problem,
 };
 use crate::buffer::{Buf, BufMut};
@@ -15,9 +15,10 @@ use crate::error::{Error, Result};
 ///
 /// `q`, `k`, `v`, `o` and `lse` are the forward's (its inputs, output and log-sum-exp, in the
 /// problem's strides); `d_o` is the gradient of the loss with respect to `o`, in `o`'s
-/// strides. `dq`, `dk`, `dv` are written in `q`'s, `k`'s and `v`'s strides (`dk`, `dv`
-/// summed over the query heads that share a KV head); every element of them is written,
-/// zero where a row or key saw nothing. `d_sink_logits` (`[heads_q]`, with learned sink
+/// strides. `dq`, `dk`, `dv` are written in `q`'s, `k`'s and `v`'s strides, or in
+/// `grad_strides` when given (`dk`, `dv` summed over the query heads that share a KV head);
+/// every element of them is written, zero where a row or key saw nothing (gaps between rows
+/// or heads are left alone). `d_sink_logits` (`[heads_q]`, with learned sink
 /// logits) gets their gradient. `workspace` holds [`backward_workspace_len`] f32.
 #[derive(Debug)]
 pub struct BackwardIo<'a, T> {
@@ -33,16 +34,41 @@ pub struct BackwardIo<'a, T> {
     pub d_o: Buf<'a, T>,
     /// The forward's LSE.
     pub lse: Buf<'a, f32>,
-    /// dL/dq, written in q's strides.
+    /// dL/dq, written in q's strides (or `grad_strides.dq`).
     pub dq: BufMut<'a, T>,
-    /// dL/dk, written in k's strides.
+    /// dL/dk, written in k's strides (or `grad_strides.dk`).
     pub dk: BufMut<'a, T>,
-    /// dL/dv, written in v's strides.
+    /// dL/dv, written in v's strides (or `grad_strides.dv`).
     pub dv: BufMut<'a, T>,
+    /// The gradients' own strides; `None`: the inputs'.
+    pub grad_strides: Option<GradStrides>,
     /// dL/d sink_logits, `[heads_q]` (only with `Extras::sink_logits`).
     pub d_sink_logits: Option<BufMut<'a, f32>>,
     /// Scratch of [`backward_workspace_len`] f32.
     pub workspace: BufMut<'a, f32>,
+}
+
+/// Strides of the gradients when they differ from the inputs' (for instance contiguous
+/// gradients of strided views, or dq, dk, dv written into one packed `[tokens, 3, heads, d]`
+/// buffer). The same rules as the inputs' strides: `dim` = 1, no overlap; on a GPU, f16/bf16
+/// rows on 16 bytes.
+///
+/// ```
+/// use attnkit::flash::{GradStrides, Strides};
+/// // dq, dk, dv interleaved per token in one buffer of 3 x 8 heads x 64 per token.
+/// let row = 3 * 8 * 64;
+/// let at = |i: usize| Strides { batch: 100 * row, row, head: 64, dim: 1 };
+/// let g = GradStrides { dq: at(0), dk: at(1), dv: at(2) };
+/// assert_eq!(g.dk.row, 1536);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GradStrides {
+    /// dq's strides.
+    pub dq: Strides,
+    /// dk's strides.
+    pub dk: Strides,
+    /// dv's strides.
+    pub dv: Strides,
 }
 
 /// f32 elements of the workspace a backward of `attn` on `dev` needs: two per LSE entry
@@ -110,7 +136,7 @@ pub fn varlen_backward_workspace_len(_dev: &Device, attn: &VarlenAttention<'_>) 
 /// flash::backward(&dev, &a, BackwardIo {
 ///     q: (&q).into(), k: (&kv).into(), v: (&kv).into(), o: (&o).into(), d_o: (&d_o).into(),
 ///     lse: (&lse).into(), dq: (&mut dq).into(), dk: (&mut dk).into(), dv: (&mut dv).into(),
-///     d_sink_logits: None, workspace: (&mut ws).into(),
+///     grad_strides: None, d_sink_logits: None, workspace: (&mut ws).into(),
 /// }, Extras::default())?;
 /// // Equal keys and values: the output is v whatever the weights, so dq is zero; dv sums dO.
 /// assert!(dq.iter().all(|x| x.abs() < 1e-6));
@@ -144,7 +170,7 @@ pub fn backward<T: Element>(
 /// flash::backward_varlen(&dev, &a, cu[..].into(), cu[..].into(), BackwardIo {
 ///     q: (&x).into(), k: (&x).into(), v: (&x).into(), o: (&o).into(), d_o: (&x).into(),
 ///     lse: (&lse).into(), dq: (&mut dq).into(), dk: (&mut dk).into(), dv: (&mut dv).into(),
-///     d_sink_logits: None, workspace: (&mut ws).into(),
+///     grad_strides: None, d_sink_logits: None, workspace: (&mut ws).into(),
 /// }, Extras::default())?;
 /// assert!(dv.iter().all(|v| v.is_finite()));
 /// # Ok::<(), attnkit::Error>(())
@@ -190,11 +216,16 @@ fn run_backward<T: Element>(
         (p.total_q, p.total_k)
     };
     let batches = if fixed { p.batch } else { 1 };
+    let g = io.grad_strides.unwrap_or(GradStrides {
+        dq: p.q,
+        dk: p.k,
+        dv: p.v,
+    });
     for (arg, s, rows, heads, len, out) in [
         ("d_o", &p.o, rows_q, p.heads_q, io.d_o.len(), false),
-        ("dq", &p.q, rows_q, p.heads_q, io.dq.len(), true),
-        ("dk", &p.k, rows_k, p.heads_kv, io.dk.len(), true),
-        ("dv", &p.v, rows_k, p.heads_kv, io.dv.len(), true),
+        ("dq", &g.dq, rows_q, p.heads_q, io.dq.len(), true),
+        ("dk", &g.dk, rows_k, p.heads_kv, io.dk.len(), true),
+        ("dv", &g.dv, rows_k, p.heads_kv, io.dv.len(), true),
     ] {
         check_strides(arg, s, [batches, rows, heads, p.d], len, out)?;
     }
@@ -246,6 +277,7 @@ fn run_backward<T: Element>(
                     .map(|b| b.host_mut("d_sink_logits"))
                     .transpose()?,
                 ws: io.workspace.host_mut("workspace")?,
+                strides: g,
             };
             cpu_backward::backward(*threads, p, inputs, saved, out);
             Ok(())
@@ -265,6 +297,7 @@ fn run_backward<T: Element>(
                 dv: &mut io.dv,
                 d_sink: io.d_sink_logits.as_mut(),
                 ws: &mut io.workspace,
+                strides: g,
             };
             super::cuda::backward(c, p, cu.as_ref(), bufs, &extras)
         }

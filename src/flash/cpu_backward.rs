@@ -30,14 +30,15 @@ pub(super) struct Saved<'a, T> {
     pub lse: &'a [f32],
 }
 
-/// The gradients, on the host: dq in q's strides, dk and dv in k's and v's, d_sink_logits
-/// `[heads_q]`; `ws` holds `2 * lse_len` f32 (D, then each row's sink-logit term).
+/// The gradients, on the host: dq, dk and dv in `strides`, d_sink_logits `[heads_q]`; `ws`
+/// holds `2 * lse_len` f32 (D, then each row's sink-logit term).
 pub(super) struct GradsOut<'a, T> {
     pub dq: &'a mut [T],
     pub dk: &'a mut [T],
     pub dv: &'a mut [T],
     pub d_sink: Option<&'a mut [f32]>,
     pub ws: &'a mut [f32],
+    pub strides: super::GradStrides,
 }
 
 /// One row's constants: its scale, relu²'s `1 / n`, its LSE and D.
@@ -268,10 +269,12 @@ pub(super) fn backward<T: Element>(
                 }
             }
         };
-        tail(cq, p.total_q, &p.q, p.heads_q, out.dq);
-        tail(ck, p.total_k, &p.k, p.heads_kv, out.dk);
-        tail(ck, p.total_k, &p.v, p.heads_kv, out.dv);
+        let g = &out.strides;
+        tail(cq, p.total_q, &g.dq, p.heads_q, out.dq);
+        tail(ck, p.total_k, &g.dk, p.heads_kv, out.dk);
+        tail(ck, p.total_k, &g.dv, p.heads_kv, out.dv);
     }
+    let gs = out.strides;
     // Pass 1: dK, dV per (sequence, KV head, key tile).
     let mut items = Vec::new();
     for b in 0..p.batch {
@@ -340,7 +343,7 @@ pub(super) fn backward<T: Element>(
             }
         }
         for c in 0..cols {
-            for (acc, dst, s) in [(&dk_acc, &dk, &p.k), (&dv_acc, &dv, &p.v)] {
+            for (acc, dst, s) in [(&dk_acc, &dk, &gs.dk), (&dv_acc, &dv, &gs.dv)] {
                 let off = p.offset(s, b, k0, n0 + c, hk);
                 // SAFETY: the gradients' strides were checked not to overlap, so (b, key,
                 // hk) owns these d elements, and each belongs to exactly one item.
@@ -410,7 +413,7 @@ pub(super) fn backward<T: Element>(
         }
         let sink = inputs.sinks.map(|s| s[h]);
         for (r, c) in rc.iter().enumerate() {
-            let off = p.offset(&p.q, b, q0, m0 + r, h);
+            let off = p.offset(&gs.dq, b, q0, m0 + r, h);
             // SAFETY: as in pass 1, for dq's rows.
             let row = unsafe { dq.range_mut(off, d) };
             for (y, &a) in row.iter_mut().zip(&dq_acc[r * d..(r + 1) * d]) {

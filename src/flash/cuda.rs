@@ -132,32 +132,65 @@ pub(super) fn forward<T: Element>(
 fn check_align<T: Element>(p: &Problem<'_>) -> Result<usize> {
     let align = if T::DTYPE == DType::F32 { 4 } else { 16 };
     if align == 16 {
-        let per = 16 / std::mem::size_of::<T>();
-        let batches = if p.varlen { 1 } else { p.batch };
-        let (rows_q, rows_k) = if p.varlen {
-            (p.total_q, p.total_k)
-        } else {
-            (p.seq_q, p.seq_k)
-        };
-        for (arg, s, rows, heads) in [
-            ("q", &p.q, rows_q, p.heads_q),
-            ("k", &p.k, rows_k, p.heads_kv),
-            ("v", &p.v, rows_k, p.heads_kv),
-            ("o", &p.o, rows_q, p.heads_q),
-        ] {
-            // A stride of a dimension of length 1 is never used: only the others must align.
-            let used = [(batches, s.batch), (rows, s.row), (heads, s.head)];
-            if used.iter().any(|&(n, st)| n > 1 && st % per != 0) {
-                return Err(Error::Stride {
-                    arg,
-                    detail: format!(
-                        "{s:?}: batch, row and head strides must be multiples of {per} elements (16 bytes)"
-                    ),
-                });
-            }
-        }
+        check_row_strides::<T, _>(
+            p,
+            [
+                ("q", &p.q, true),
+                ("k", &p.k, false),
+                ("v", &p.v, false),
+                ("o", &p.o, true),
+            ],
+        )?;
     }
     Ok(align)
+}
+
+/// The backward's gradients meet the same rule (written with 4-byte stores from 16-byte
+/// aligned rows).
+fn check_grad_align<T: Element>(p: &Problem<'_>, g: &super::GradStrides) -> Result<()> {
+    if T::DTYPE == DType::F32 {
+        return Ok(());
+    }
+    check_row_strides::<T, _>(
+        p,
+        [
+            ("dq", &g.dq, true),
+            ("dk", &g.dk, false),
+            ("dv", &g.dv, false),
+        ],
+    )
+}
+
+/// Each (name, strides, is a query-side tensor): strides in whole 16-byte pieces.
+fn check_row_strides<T: Element, const N: usize>(
+    p: &Problem<'_>,
+    tensors: [(&'static str, &Strides, bool); N],
+) -> Result<()> {
+    let per = 16 / std::mem::size_of::<T>();
+    let batches = if p.varlen { 1 } else { p.batch };
+    let (rows_q, rows_k) = if p.varlen {
+        (p.total_q, p.total_k)
+    } else {
+        (p.seq_q, p.seq_k)
+    };
+    for (arg, s, query) in tensors {
+        let (rows, heads) = if query {
+            (rows_q, p.heads_q)
+        } else {
+            (rows_k, p.heads_kv)
+        };
+        // A stride of a dimension of length 1 is never used: only the others must align.
+        let used = [(batches, s.batch), (rows, s.row), (heads, s.head)];
+        if used.iter().any(|&(n, st)| n > 1 && st % per != 0) {
+            return Err(Error::Stride {
+                arg,
+                detail: format!(
+                    "{s:?}: batch, row and head strides must be multiples of {per} elements (16 bytes)"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The pointers of the optional inputs (offsets, sink logits, ALiBi slopes, block mask and
@@ -344,6 +377,8 @@ pub(super) struct BackwardBufs<'b, 'a, T> {
     pub dv: &'b mut BufMut<'a, T>,
     pub d_sink: Option<&'b mut BufMut<'a, f32>>,
     pub ws: &'b mut BufMut<'a, f32>,
+    /// dq's, dk's and dv's strides (checked against their buffers).
+    pub strides: super::GradStrides,
 }
 
 /// The backward kernels' launch shapes, from the constants in `kernels/flash.h` and the rule
@@ -444,6 +479,8 @@ pub(super) fn backward<T: Element>(
     // The forward's rule: 16-byte rows for the tensor-core kernels' cp.async, which the
     // gradients (in the inputs' strides) then meet too.
     let align = check_align::<T>(p)?;
+    let g = x.strides;
+    check_grad_align::<T>(p, &g)?;
     let mut ptrs = DevPtrs::default();
     let stream = &dev.stream;
     let (cu, sink_logits, alibi_slopes, mask) = input_ptrs(
@@ -472,6 +509,15 @@ pub(super) fn backward<T: Element>(
         dq: ptrs.write("dq", dqv, stream, align)? as *mut _,
         dk: ptrs.write("dk", dkv, stream, align)? as *mut _,
         dv: ptrs.write("dv", dvv, stream, align)? as *mut _,
+        dq_batch_stride: g.dq.batch as i64,
+        dq_row_stride: g.dq.row as i64,
+        dq_head_stride: g.dq.head as i64,
+        dk_batch_stride: g.dk.batch as i64,
+        dk_row_stride: g.dk.row as i64,
+        dk_head_stride: g.dk.head as i64,
+        dv_batch_stride: g.dv.batch as i64,
+        dv_row_stride: g.dv.row as i64,
+        dv_head_stride: g.dv.head as i64,
         delta: ws,
         // SAFETY (of the offset): the workspace was checked to hold 2 * lse_len f32.
         sink_terms: ws.wrapping_add(lse_len),

@@ -49,7 +49,8 @@ use crate::device::{Backend, Device};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 pub use backward::{
-    BackwardIo, backward, backward_varlen, backward_workspace_len, varlen_backward_workspace_len,
+    BackwardIo, GradStrides, backward, backward_varlen, backward_workspace_len,
+    varlen_backward_workspace_len,
 };
 pub(crate) use checks::check_strides;
 use checks::{check, check_extras, check_offsets, check_sizes, checked_total};

@@ -104,6 +104,7 @@ pub fn run_backward(dev: &Device) -> Result<Row> {
                 dq: (&mut dq).into(),
                 dk: (&mut dk).into(),
                 dv: (&mut dv).into(),
+                grad_strides: None,
                 d_sink_logits: None,
                 workspace: (&mut ws).into(),
             },

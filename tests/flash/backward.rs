@@ -6,7 +6,9 @@
 
 use super::*;
 use attnkit::flash::oracle::{self, HostExtras};
-use attnkit::flash::{BackwardIo, BlockMask, Extras, Relu2Norm, Score, VarlenAttention};
+use attnkit::flash::{
+    BackwardIo, BlockMask, Extras, GradStrides, Relu2Norm, Score, Strides, VarlenAttention,
+};
 use rand::Rng;
 
 /// The inputs and options of one case.
@@ -15,6 +17,8 @@ struct Case {
     sinks: Option<Vec<f32>>,
     alibi: Option<Vec<f32>>,
     mask: Option<(Vec<u8>, usize, usize)>,
+    /// The gradients' own strides and buffer lengths (dq, dk, dv); None: the inputs'.
+    grad: Option<(GradStrides, [usize; 3])>,
 }
 
 impl Case {
@@ -24,6 +28,7 @@ impl Case {
             sinks: None,
             alibi: None,
             mask: None,
+            grad: None,
         }
     }
 
@@ -76,10 +81,12 @@ fn run_backward<T: Element>(
         (&mut lse).into(),
         c.extras(),
     )?;
+    let [nq, nk, nv] = c.grad.map_or([q.len(), k.len(), v.len()], |(_, n)| n);
+    let grad_strides = c.grad.map(|(g, _)| g);
     let mut g = Got {
-        dq: poisoned::<T>(q.len()),
-        dk: poisoned::<T>(k.len()),
-        dv: poisoned::<T>(v.len()),
+        dq: poisoned::<T>(nq),
+        dk: poisoned::<T>(nk),
+        dv: poisoned::<T>(nv),
         d_sink: vec![f32::NAN; a.heads_q],
     };
     let mut ws = vec![f32::NAN; flash::backward_workspace_len(dev, a)];
@@ -120,6 +127,7 @@ fn run_backward<T: Element>(
                 dq: (&mut dqd).into(),
                 dk: (&mut dkd).into(),
                 dv: (&mut dvd).into(),
+                grad_strides,
                 d_sink_logits: c.sinks.as_ref().map(|_| (&mut dsd).into()),
                 workspace: (&mut wsd).into(),
             },
@@ -144,6 +152,7 @@ fn run_backward<T: Element>(
             dq: (&mut g.dq).into(),
             dk: (&mut g.dk).into(),
             dv: (&mut g.dv).into(),
+            grad_strides,
             d_sink_logits: c.sinks.as_ref().map(|_| (&mut g.d_sink).into()),
             workspace: (&mut ws).into(),
         },
@@ -303,6 +312,98 @@ fn backward_every_head_dim_matches_the_oracle() {
                 matches_oracle::<F16>(&dev, &what, &mut rng, c, 2e-3);
             }
         }
+    }
+}
+
+/// The gradients written in strides of their own: the same bits as in the inputs' strides,
+/// the gaps between rows left as they were.
+fn own_grad_strides<T: Element>(dev: &Device, rng: &mut StdRng) {
+    let (b, sq, sk, hq, hk, d) = (2, 37, 45, 4, 2, 64);
+    let a = Attention::new(b, sq, sk, hq, hk, d).causal(true);
+    let (q, k, v) = inputs::<T>(rng, &a, 1.0);
+    let d_o = random::<T>(rng, a.o_len());
+    let plain = run_backward(dev, &Case::new(a.clone()), (&q, &k, &v), &d_o).unwrap();
+    // dq rows padded by 8 elements; dk and dv rows with room for both (as in one packed
+    // [tokens, 2, heads_kv, d] buffer).
+    let dq_s = Strides {
+        batch: sq * (hq * d + 8),
+        row: hq * d + 8,
+        head: d,
+        dim: 1,
+    };
+    let kv_s = Strides {
+        batch: sk * 2 * hk * d,
+        row: 2 * hk * d,
+        head: d,
+        dim: 1,
+    };
+    let mut c = Case::new(a);
+    let lens = [b * dq_s.batch, b * kv_s.batch, b * kv_s.batch];
+    c.grad = Some((
+        GradStrides {
+            dq: dq_s,
+            dk: kv_s,
+            dv: kv_s,
+        },
+        lens,
+    ));
+    let got = run_backward(dev, &c, (&q, &k, &v), &d_o).unwrap();
+    let what = format!("{} {}", dev.name(), T::DTYPE);
+    for (name, got, want, s, rows, heads) in [
+        ("dq", &got.dq, &plain.dq, dq_s, sq, hq),
+        ("dk", &got.dk, &plain.dk, kv_s, sk, hk),
+        ("dv", &got.dv, &plain.dv, kv_s, sk, hk),
+    ] {
+        let mut written = vec![false; got.len()];
+        for bi in 0..b {
+            for r in 0..rows {
+                for h in 0..heads {
+                    let at = bi * s.batch + r * s.row + h * s.head;
+                    let from = ((bi * rows + r) * heads + h) * d;
+                    for c in 0..d {
+                        written[at + c] = true;
+                        assert_eq!(
+                            got[at + c].to_f32().to_bits(),
+                            want[from + c].to_f32().to_bits(),
+                            "{what} {name} ({bi}, {r}, {h}, {c})"
+                        );
+                    }
+                }
+            }
+        }
+        let gaps_kept = got
+            .iter()
+            .zip(&written)
+            .all(|(x, &w)| w || x.to_f32().is_nan());
+        assert!(gaps_kept, "{what} {name}: a gap was written");
+    }
+    // A dk one element short of its strides' reach; on a GPU, f16/bf16 dq rows off 16 bytes.
+    let full = c.grad.unwrap();
+    let reach = (b - 1) * kv_s.batch + (sk - 1) * kv_s.row + hk * d;
+    c.grad = Some((full.0, [lens[0], reach - 1, lens[2]]));
+    let e = run_backward(dev, &c, (&q, &k, &v), &d_o)
+        .err()
+        .expect("a short dk accepted");
+    assert_eq!(e.arg(), Some("dk"), "{what}: {e}");
+    let mut odd = full.0;
+    odd.dq.row = hq * d + 4;
+    odd.dq.batch = sq * odd.dq.row;
+    c.grad = Some((odd, lens));
+    let r = run_backward(dev, &c, (&q, &k, &v), &d_o);
+    if dev.stream().is_some() && T::DTYPE != attnkit::DType::F32 {
+        assert_eq!(r.err().and_then(|e| e.arg()), Some("dq"), "{what}");
+    } else {
+        assert!(r.is_ok(), "{what}: {:?}", r.err());
+    }
+}
+
+#[test]
+fn gradients_in_strides_of_their_own() {
+    let test = "backward_grad_strides";
+    let mut rng = rng(test);
+    for dev in devices(test) {
+        own_grad_strides::<f32>(&dev, &mut rng);
+        own_grad_strides::<Bf16>(&dev, &mut rng);
     }
 }
 
@@ -503,6 +604,7 @@ fn varlen_grads<T: Element>(
                 dq: (&mut dqd).into(),
                 dk: (&mut dkd).into(),
                 dv: (&mut dvd).into(),
+                grad_strides: None,
                 d_sink_logits: None,
                 workspace: (&mut wsd).into(),
             },
@@ -531,6 +633,7 @@ fn varlen_grads<T: Element>(
             dq: (&mut dq).into(),
             dk: (&mut dk).into(),
             dv: (&mut dv).into(),
+            grad_strides: None,
             d_sink_logits: None,
             workspace: (&mut ws).into(),
         },
@@ -657,6 +760,7 @@ fn varlen_case<T: Element>(rng: &mut StdRng, tol: f64) {
             dq: (&mut dq2).into(),
             dk: (&mut dk2).into(),
             dv: (&mut dv2).into(),
+            grad_strides: None,
             d_sink_logits: None,
             workspace: (&mut ws2).into(),
         },
@@ -707,6 +811,7 @@ fn backward_bad_input_is_a_typed_error_naming_the_argument() {
                 dq: (&mut dq).into(),
                 dk: (&mut dk).into(),
                 dv: (&mut dv).into(),
+                grad_strides: None,
                 d_sink_logits: d_sink.then(|| (&mut g).into()),
                 workspace: (&mut w).into(),
             },

@@ -480,6 +480,7 @@ fn flash_backward_case(dev: &Device, a: Attention) -> Result<(f64, Rate)> {
             dq: (&mut dq).into(),
             dk: (&mut dk).into(),
             dv: (&mut dv).into(),
+            grad_strides: None,
             d_sink_logits: None,
             workspace: (&mut ws).into(),
         };
