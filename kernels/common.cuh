@@ -165,16 +165,17 @@ __device__ __forceinline__ void mma_rows_by_rows(float (&acc)[NT][4], uint32_t s
     }
 }
 
-// acc[d] (d < D / 8) += W B: W the 16 x 8 NK weights a previous product left in accumulator
-// layout (its C fragments are this mma's A fragments once rounded to T: no shared-memory
-// trip), B = rows [b0, b0 + 8 NK) of sB, the contraction over those rows (ldmatrix .trans).
-// O += P V; dV += P^T dO and dK += dS^T Q; dQ += dS K.
-template <typename T, int D, int NK>
-__device__ __forceinline__ void mma_acc_by_rows(float (&acc)[D / 8][4], const float (&w)[NK][4], uint32_t sB, int b0,
-                                                int lane) {
-    static_assert(NK % 2 == 0 && D % 16 == 0, "whole k16 steps, n16 pairs of B");
+// acc[d] (d < COLS / 8) += W B: W the 16 x 8 NK weights a previous product left in
+// accumulator layout (its C fragments are this mma's A fragments once rounded to T: no
+// shared-memory trip), B = columns [c0, c0 + COLS) of rows [b0, b0 + 8 NK) of sB, the
+// contraction over those rows (ldmatrix .trans). O += P V; dV += P^T dO and dK += dS^T Q
+// (over part of the head dim where the accumulators of all of it would not fit); dQ += dS K.
+template <typename T, int D, int NK, int COLS = D>
+__device__ __forceinline__ void mma_acc_by_rows(float (&acc)[COLS / 8][4], const float (&w)[NK][4], uint32_t sB, int b0,
+                                                int lane, int c0 = 0) {
+    static_assert(NK % 2 == 0 && COLS % 16 == 0 && COLS <= D, "whole k16 steps, n16 pairs of B");
     using Tile = HeadRows<D>;
-    const int b_row = b0 + (lane & 7) + ((lane >> 3) & 1) * 8, b_chunk = lane >> 4;
+    const int b_row = b0 + (lane & 7) + ((lane >> 3) & 1) * 8, b_chunk = c0 / 8 + (lane >> 4);
 #pragma unroll
     for (int kc = 0; kc < NK / 2; ++kc) {
         uint32_t a[4];
@@ -183,7 +184,7 @@ __device__ __forceinline__ void mma_acc_by_rows(float (&acc)[D / 8][4], const fl
         a[2] = pack2<T>(w[2 * kc + 1][0], w[2 * kc + 1][1]);
         a[3] = pack2<T>(w[2 * kc + 1][2], w[2 * kc + 1][3]);
 #pragma unroll
-        for (int d2 = 0; d2 < D / 16; ++d2) {
+        for (int d2 = 0; d2 < COLS / 16; ++d2) {
             uint32_t b[4];
             ldmatrix_x4_trans(b, sB + Tile::offset(b_row + kc * 16, d2 * 2 + b_chunk));
             mma_16816<T>(acc[2 * d2], a, b[0], b[1]);

@@ -819,9 +819,12 @@ __device__ __forceinline__ void store_acc_rows(T* base, int64_t stride, int row0
 // overlap this one's products):
 //   S^T = K Q^T, dP^T = V dO^T; P^T, dS^T from the rows' LSE and D (bwd_score);
 //   dV += P^T dO, dK += dS^T Q   (P^T, dS^T re-packed from the accumulators).
-template <typename T, int D, int BM, bool RELU2>
+// SPLIT = 2 (head dims 192, 256): warps 2w and 2w + 1 share keys 16w..16w + 15, each holding
+// dK and dV of half the head dim.
+template <typename T, int D, int BM, bool RELU2, int SPLIT>
 __device__ __forceinline__ void flash_bwd_dkdv_tc(const FlashBwdParams& bp) {
-    constexpr int WARPS = ATTNKIT_FLASH_BWD_TC_WARPS, BN = 16 * WARPS, THREADS = 32 * WARPS;
+    constexpr int WARPS = ATTNKIT_FLASH_BWD_TC_WARPS, BN = 16 * WARPS / SPLIT, THREADS = 32 * WARPS;
+    constexpr int COLS = D / SPLIT;  // the head-dim columns of dK, dV a warp holds
     constexpr int NT = BM / 8;  // n8 tiles of S^T: the stage's query rows are its columns
     constexpr int ROW = head_row_bytes<D>();
     constexpr uint32_t STAGE = 2 * BM * ROW;  // a stage's sQ and sG (dO)
@@ -865,7 +868,8 @@ __device__ __forceinline__ void flash_bwd_dkdv_tc(const FlashBwdParams& bp) {
     cp_async_commit();
     stage(idx, 0);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    float dk[D / 8][4], dv[D / 8][4];
+    const int kw = warp / SPLIT, c0 = warp % SPLIT * COLS;  // this warp's keys and columns
+    float dk[COLS / 8][4], dv[COLS / 8][4];
     zero_frags(dk);
     zero_frags(dv);
 
@@ -884,8 +888,8 @@ __device__ __forceinline__ void flash_bwd_dkdv_tc(const FlashBwdParams& bp) {
         float st[NT][4], dpt[NT][4];
         zero_frags(st);
         zero_frags(dpt);
-        mma_rows_by_rows<T, D, NT>(st, sK, warp * 16, sQ, 0, lane);
-        mma_rows_by_rows<T, D, NT>(dpt, sV, warp * 16, sG, 0, lane);
+        mma_rows_by_rows<T, D, NT>(st, sK, kw * 16, sQ, 0, lane);
+        mma_rows_by_rows<T, D, NT>(dpt, sV, kw * 16, sG, 0, lane);
         const float slope = alibi_slope_log2(p.alibi_slopes, h);
         // Zero-filled rows past the sequence would score 0, not -inf: they are masked too.
         const bool need_mask = m1 - m0 < BM || !vis.tile_full(m0, m1, n0, BN);
@@ -893,7 +897,7 @@ __device__ __forceinline__ void flash_bwd_dkdv_tc(const FlashBwdParams& bp) {
         for (int n = 0; n < NT; ++n) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const int key = n0 + warp * 16 + g + (e >> 1) * 8;
+                const int key = n0 + kw * 16 + g + (e >> 1) * 8;
                 const int r = n * 8 + 2 * t + (e & 1), i = m0 + r;
                 const bool seen = !need_mask || (i < m1 && key < s0.seq_k && vis.visible(i, key));
                 float w, gr;
@@ -902,15 +906,17 @@ __device__ __forceinline__ void flash_bwd_dkdv_tc(const FlashBwdParams& bp) {
                 dpt[n][e] = gr;
             }
         }
-        mma_acc_by_rows<T, D, NT>(dv, st, sG, 0, lane);
-        mma_acc_by_rows<T, D, NT>(dk, dpt, sQ, 0, lane);
+        mma_acc_by_rows<T, D, NT, COLS>(dv, st, sG, 0, lane, c0);
+        mma_acc_by_rows<T, D, NT, COLS>(dk, dpt, sQ, 0, lane, c0);
         __syncthreads();  // every warp is done with this stage before the next refills it
         idx = nidx;
         buf ^= 1;
     }
-    const int key0 = n0 + warp * 16;
-    store_acc_rows<T, D>(static_cast<T*>(bp.dk) + dk_base(bp, b, hk), bp.dk_row_stride, key0, s0.seq_k, dk, lane);
-    store_acc_rows<T, D>(static_cast<T*>(bp.dv) + dv_base(bp, b, hk), bp.dv_row_stride, key0, s0.seq_k, dv, lane);
+    const int key0 = n0 + kw * 16;
+    T* dkp = static_cast<T*>(bp.dk) + dk_base(bp, b, hk) + c0;
+    T* dvp = static_cast<T*>(bp.dv) + dv_base(bp, b, hk) + c0;
+    store_acc_rows<T, COLS>(dkp, bp.dk_row_stride, key0, s0.seq_k, dk, lane);
+    store_acc_rows<T, COLS>(dvp, bp.dv_row_stride, key0, s0.seq_k, dv, lane);
 }
 
 // dQ of 16 * WARPS rows, each warp its own 16 (the forward's layout), over the key tiles of
@@ -1059,8 +1065,8 @@ FLASH_F32(flash_fwd_f32_d256, 256)
 
 // The backward: one entry point per (dtype, head dim) for dK/dV and dQ, one per dtype for D.
 // Which implementation serves each is decided here and mirrored by the host (bwd_tiles in
-// src/flash/cuda.rs): f32 on CUDA cores; f16/bf16 on tensor cores, but dK/dV past
-// BWD_TC_MAX_DKDV_D and f16 relu^2 on CUDA cores (see flash.h). Both use ATTNKIT_FLASH_BWD_THREADS threads.
+// src/flash/cuda.rs): f32 and f16 relu^2 on CUDA cores; f16/bf16 on tensor cores (see
+// flash.h). Both use ATTNKIT_FLASH_BWD_THREADS threads.
 static_assert(ATTNKIT_FLASH_BWD_TC_WARPS * 32 == ATTNKIT_FLASH_BWD_THREADS, "one launch bound for both");
 // f16 relu^2 goes to CUDA cores too: its weights relu(x)^2 / n are not bounded by 1 as P is,
 // and rounded to f16 for the mma they overflow where the f32 gradients do not (the forward
@@ -1069,11 +1075,13 @@ template <typename T> __device__ __forceinline__ bool bwd_on_cuda_cores(const Fl
     return std::is_same<T, __half>::value && p.fwd.score == ATTNKIT_FLASH_SCORE_RELU2;
 }
 template <typename T, int D> __device__ __forceinline__ void bwd_dkdv_entry(const FlashBwdParams& p) {
-    constexpr int ROWS = D <= 64 ? ATTNKIT_FLASH_BWD_TC_ROWS_SMALL_D : ATTNKIT_FLASH_BWD_TC_ROWS;
-    if constexpr (std::is_same<T, float>::value || D > ATTNKIT_FLASH_BWD_TC_MAX_DKDV_D) flash_bwd_dkdv<T, D>(p);
+    constexpr bool SPLIT = D > ATTNKIT_FLASH_BWD_TC_UNSPLIT_MAX_D;
+    constexpr int ROWS = D <= 64 ? ATTNKIT_FLASH_BWD_TC_ROWS_SMALL_D
+                                 : SPLIT ? ATTNKIT_FLASH_BWD_TC_ROWS_LARGE_D : ATTNKIT_FLASH_BWD_TC_ROWS;
+    if constexpr (std::is_same<T, float>::value) flash_bwd_dkdv<T, D>(p);
     else if (bwd_on_cuda_cores<T>(p)) flash_bwd_dkdv<T, D>(p);
-    else if (p.fwd.score == ATTNKIT_FLASH_SCORE_RELU2) flash_bwd_dkdv_tc<T, D, ROWS, true>(p);
-    else flash_bwd_dkdv_tc<T, D, ROWS, false>(p);
+    else if (p.fwd.score == ATTNKIT_FLASH_SCORE_RELU2) flash_bwd_dkdv_tc<T, D, ROWS, true, SPLIT ? 2 : 1>(p);
+    else flash_bwd_dkdv_tc<T, D, ROWS, false, SPLIT ? 2 : 1>(p);
 }
 template <typename T, int D> __device__ __forceinline__ void bwd_dq_entry(const FlashBwdParams& p) {
     constexpr int BN = D > 128 ? ATTNKIT_FLASH_BWD_TC_DQ_BLOCK_N_LARGE_D

@@ -83,27 +83,30 @@ typedef struct FlashParams {
  * block per (key tile, KV head, sequence) sweeps every query row of the group's heads that can
  * see the tile. flash_bwd_dq: a block per (query tile, query head, sequence) sweeps its visible
  * keys. flash_bwd_dsink: a block per query head sums its rows' sink terms in one order.
- * f32 (and f16/bf16 dK/dV at head dims 192, 256): CUDA cores, f32 arithmetic, 8 threads per
- * key (dk/dv) or row (dq), tiles of BWD_BLOCK_N keys and BWD_BLOCK_M rows. */
+ * f32 (and f16 relu^2): CUDA cores, f32 arithmetic, 8 threads per key (dk/dv) or row (dq),
+ * tiles of BWD_BLOCK_N keys and BWD_BLOCK_M rows. */
 #define ATTNKIT_FLASH_BWD_BLOCK_M 16
 #define ATTNKIT_FLASH_BWD_BLOCK_N 16
 #define ATTNKIT_FLASH_BWD_ROWS 8       /* query rows staged in shared memory per step (dk/dv) */
 #define ATTNKIT_FLASH_BWD_THREADS 128  /* 8 threads per row (dq) or key (dk/dv) */
 /* f16/bf16 on tensor cores (mma m16n8k16, f32 accumulators; P and dS rounded to the dtype as
  * FlashAttention does), 4 warps, both sweeps double-buffered with cp.async:
- * - dK/dV: 64 keys a block, 16 per warp, holding dK and dV in registers (D floats a thread),
- *   so head dims up to 128 only (at 192 and 256 they would not fit: CUDA cores there); query
- *   rows BWD_TC_ROWS at a time: 64 up to d = 64, 32 above (S^T and dP^T are 2 * ROWS / 2
- *   floats a thread on top of dK, dV; 64 rows at d = 128 would pass 255 registers).
+ * - dK/dV: 16 keys a warp, holding dK and dV in registers (D floats a thread): up to
+ *   d = 128, 64 keys a block; at 192 and 256 (D floats would not fit) two warps share 16
+ *   keys, each the dK and dV of half the head dim (both compute the same S^T and dP^T: 1.5x
+ *   the products), 32 keys a block. Query rows BWD_TC_ROWS at a time: 64 up to d = 64, 32 up
+ *   to 128, 16 above (S^T and dP^T are ROWS floats a thread on top of dK, dV; 64 rows at
+ *   d = 128 would pass 255 registers).
  * - dQ: 64 rows a block, 16 per warp (the forward's fragment layout), every head dim; key
  *   tiles of 64 up to d = 64, 32 up to 128, 16 at 192 and 256 (64 at d = 112, 128 and 32 at
  *   192 spilled: dQ, S and dP are D / 2 + BN floats a thread, and the unrolled ldmatrix
  *   addresses take much of the rest).
  * Not yet tuned on a GPU. */
 #define ATTNKIT_FLASH_BWD_TC_WARPS 4
-#define ATTNKIT_FLASH_BWD_TC_MAX_DKDV_D 128
-#define ATTNKIT_FLASH_BWD_TC_ROWS_SMALL_D 64 /* d <= 64 */
-#define ATTNKIT_FLASH_BWD_TC_ROWS 32         /* 64 < d <= 128 */
+#define ATTNKIT_FLASH_BWD_TC_UNSPLIT_MAX_D 128 /* above: two warps per 16 keys */
+#define ATTNKIT_FLASH_BWD_TC_ROWS_SMALL_D 64   /* d <= 64 */
+#define ATTNKIT_FLASH_BWD_TC_ROWS 32           /* 64 < d <= 128 */
+#define ATTNKIT_FLASH_BWD_TC_ROWS_LARGE_D 16   /* 192, 256 */
 #define ATTNKIT_FLASH_BWD_TC_DQ_BLOCK_N_SMALL_D 64 /* d <= 64 */
 #define ATTNKIT_FLASH_BWD_TC_DQ_BLOCK_N 32         /* 64 < d <= 128 */
 #define ATTNKIT_FLASH_BWD_TC_DQ_BLOCK_N_LARGE_D 16 /* 192, 256 */

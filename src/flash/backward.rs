@@ -108,7 +108,7 @@ pub fn varlen_backward_workspace_len(_dev: &Device, attn: &VarlenAttention<'_>) 
 /// run on tensor cores (mma.sync, f32 accumulators, P and dS rounded to the dtype as
 /// FlashAttention does): dK/dV per key tile and dQ per query tile, so every gradient element
 /// has one writer (S and dP are computed in both, seven products where an atomic dQ needs
-/// five). dK/dV at head dims 192 and 256, f16 relu² and all of f32 run on CUDA cores in f32.
+/// five). f16 relu² (whose weights can pass f16's range) and all of f32 run on CUDA cores in f32.
 /// Gradients are written in the inputs' strides (dq in q's, dk in k's, dv in v's); on a GPU,
 /// f16/bf16 follow the forward's 16-byte stride rule. No kernel has run on a real GPU yet
 /// (only in the PTX emulator).

@@ -406,21 +406,20 @@ fn bwd_tiles(dtype: DType, d: usize, score: Score) -> ((usize, u32), (usize, u32
     // Rows of d 2-byte elements, each padded up to 64 bytes (common.cuh's head_row_bytes).
     let row = (d * 2).div_ceil(64) * 64;
     let warp_rows = 16 * c::ATTNKIT_FLASH_BWD_TC_WARPS as usize;
-    let dkdv = if d <= c::ATTNKIT_FLASH_BWD_TC_MAX_DKDV_D as usize {
-        let bm = if d <= 64 {
-            c::ATTNKIT_FLASH_BWD_TC_ROWS_SMALL_D
-        } else {
-            c::ATTNKIT_FLASH_BWD_TC_ROWS
-        } as usize;
-        // sK, sV [keys]; two stages of sQ, sG [bm] and their rows' constants.
-        let consts = c::ATTNKIT_FLASH_BWD_TC_ROW_CONST_BYTES as usize;
-        (
-            warp_rows,
-            (2 * warp_rows * row + 2 * (2 * bm * row + bm * consts)) as u32,
-        )
-    } else {
-        cuda_cores
-    };
+    // dK/dV: 16 keys a warp, or a pair of warps above UNSPLIT_MAX_D (each half the head dim).
+    let split = d > c::ATTNKIT_FLASH_BWD_TC_UNSPLIT_MAX_D as usize;
+    let keys = if split { warp_rows / 2 } else { warp_rows };
+    let bm = match d {
+        ..=64 => c::ATTNKIT_FLASH_BWD_TC_ROWS_SMALL_D,
+        _ if split => c::ATTNKIT_FLASH_BWD_TC_ROWS_LARGE_D,
+        _ => c::ATTNKIT_FLASH_BWD_TC_ROWS,
+    } as usize;
+    // sK, sV [keys]; two stages of sQ, sG [bm] and their rows' constants.
+    let consts = c::ATTNKIT_FLASH_BWD_TC_ROW_CONST_BYTES as usize;
+    let dkdv = (
+        keys,
+        (2 * keys * row + 2 * (2 * bm * row + bm * consts)) as u32,
+    );
     let bn = match d {
         ..=64 => c::ATTNKIT_FLASH_BWD_TC_DQ_BLOCK_N_SMALL_D,
         65..=128 => c::ATTNKIT_FLASH_BWD_TC_DQ_BLOCK_N,
@@ -435,7 +434,7 @@ fn bwd_tiles(dtype: DType, d: usize, score: Score) -> ((usize, u32), (usize, u32
 
 /// The backward kernels (`kernels/flash.cu`): D, then dK/dV per key tile, dQ per query tile
 /// (with each row's sink term), then the sink logits' sums. Deterministic. f16/bf16 run on
-/// tensor cores (dK/dV at head dims 192, 256, and f16 relu², on CUDA cores), f32 on CUDA cores.
+/// tensor cores (f16 relu² on CUDA cores), f32 on CUDA cores.
 pub(super) fn backward<T: Element>(
     dev: &CudaDevice,
     p: &Problem<'_>,
