@@ -49,17 +49,17 @@ pub struct BackwardIo<'a, T> {
 }
 
 /// Strides of the gradients when they differ from the inputs' (for instance contiguous
-/// gradients of strided views, or dq, dk, dv written into one packed `[tokens, 3, heads, d]`
-/// buffer). The same rules as the inputs' strides: `dim` = 1, no overlap; on a GPU, f16/bf16
-/// rows on 16 bytes.
+/// gradients of strided input views, or gradients with padded rows). The same rules as the
+/// inputs' strides: `dim` = 1, no overlap within a gradient; dq, dk and dv are three distinct
+/// buffers. On a GPU, f16/bf16 rows on 16 bytes.
 ///
 /// ```
 /// use attnkit::flash::{GradStrides, Strides};
-/// // dq, dk, dv interleaved per token in one buffer of 3 x 8 heads x 64 per token.
-/// let row = 3 * 8 * 64;
-/// let at = |i: usize| Strides { batch: 100 * row, row, head: 64, dim: 1 };
-/// let g = GradStrides { dq: at(0), dk: at(1), dv: at(2) };
-/// assert_eq!(g.dk.row, 1536);
+/// // Contiguous [batch, 100, heads, 64] gradients, dq's rows padded to 8 x 64 + 8.
+/// let dq = Strides { batch: 100 * 520, row: 520, head: 64, dim: 1 };
+/// let kv = Strides::contiguous(100, 2, 64);
+/// let g = GradStrides { dq, dk: kv, dv: kv };
+/// assert_eq!(g.dk.row, 128);
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GradStrides {

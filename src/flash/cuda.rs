@@ -475,8 +475,8 @@ pub(super) fn backward<T: Element>(
         .transpose()?;
     let wsv = dev.view_mut("workspace", x.ws)?;
     let lse_len = p.heads_q * p.total_q;
-    // The forward's rule: 16-byte rows for the tensor-core kernels' cp.async, which the
-    // gradients (in the inputs' strides) then meet too.
+    // The forward's rule: 16-byte rows for the tensor-core kernels' cp.async; the gradients'
+    // own strides are held to it next.
     let align = check_align::<T>(p)?;
     let g = x.strides;
     check_grad_align::<T>(p, &g)?;
