@@ -209,6 +209,16 @@ fn compile(
     let cached = cache_path(out, &name, nvcc, kernels, gencode, verbose);
     if let Some(c) = &cached {
         if c.is_file() && fs::copy(c, &fatbin).is_ok() {
+            // Replay ptxas' report, so every build's output holds it (scripts/perf-structure.sh
+            // reads it there); spills were refused when it was made, if they are refused now.
+            if verbose {
+                for line in fs::read_to_string(c.with_extension("ptxas.txt"))
+                    .unwrap_or_default()
+                    .lines()
+                {
+                    println!("{name}: {line}");
+                }
+            }
             return Ok((name, fatbin));
         }
     }
@@ -283,6 +293,9 @@ fn compile(
     if let Some(c) = cached {
         // Best effort: a failed copy only costs the next build a compile.
         let _ = fs::create_dir_all(c.parent().unwrap_or(out)).and_then(|_| fs::copy(&fatbin, &c));
+        if verbose {
+            let _ = fs::write(c.with_extension("ptxas.txt"), stderr.as_bytes());
+        }
     }
     Ok((name, fatbin))
 }

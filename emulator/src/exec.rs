@@ -6,6 +6,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use crate::alu;
+use crate::counters::{Gather, Stats, count_global, count_shared};
 use crate::decode::DISCARD;
 use crate::error::{Check, ConfigError, Error, Finding, Result};
 use crate::ir::*;
@@ -28,6 +29,8 @@ pub struct Checks {
     pub synccheck: bool,
     /// Thread-instructions one launch may execute before it fails (an endless-loop guard).
     pub budget: u64,
+    /// Gather the memory counters of [`Stats`] (off by default: they cost interpreter time).
+    pub counters: bool,
 }
 
 impl Default for Checks {
@@ -38,13 +41,15 @@ impl Default for Checks {
             initcheck: true,
             synccheck: true,
             budget: 20_000_000_000,
+            counters: false,
         }
     }
 }
 
 impl Checks {
     /// The default, changed by `ATTNKIT_EMU_CHECKS` (a comma list of the checks to keep on,
-    /// or `all`/`none`) and `ATTNKIT_EMU_BUDGET` (thread-instructions per launch).
+    /// or `all`/`none`), `ATTNKIT_EMU_BUDGET` (thread-instructions per launch) and
+    /// `ATTNKIT_EMU_COUNTERS` (set and not `0`: gather the memory counters).
     pub fn from_env() -> Checks {
         let mut c = Checks::default();
         if let Ok(list) = std::env::var("ATTNKIT_EMU_CHECKS") {
@@ -54,6 +59,7 @@ impl Checks {
             c.initcheck = on("initcheck");
             c.synccheck = on("synccheck");
         }
+        c.counters = std::env::var("ATTNKIT_EMU_COUNTERS").is_ok_and(|v| !v.is_empty() && v != "0");
         if let Some(b) = std::env::var("ATTNKIT_EMU_BUDGET")
             .ok()
             .and_then(|s| s.parse().ok())
@@ -75,17 +81,6 @@ pub struct Launch<'a> {
     pub dynamic_shared: u32,
     /// The parameter buffer, laid out as [`Kernel::params`] says.
     pub params: &'a [u8],
-}
-
-/// What a launch executed.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Stats {
-    /// Instructions executed, counted once per thread.
-    pub thread_instructions: u64,
-    /// Instructions issued, counted once per group of lanes issuing together.
-    pub warp_instructions: u64,
-    /// CTAs run.
-    pub ctas: u64,
 }
 
 /// Checks a launch configuration as the driver does, before anything runs.
@@ -351,6 +346,7 @@ impl<'a> Cta<'a> {
                 return Err(self.finding(Check::Synccheck, w, lane, pc, None, why));
             }
             // Every live thread is at the barrier: release it.
+            self.stats.barriers += 1;
             for warp in &mut self.warps {
                 for lane in 0..32 {
                     if warp.st[lane] == St::Bar {
@@ -594,6 +590,25 @@ impl<'a> Cta<'a> {
         })
     }
 
+    /// Notes lane `l`'s access for the counters, when they are on.
+    fn gather(&self, sh: &mut Gather, gl: &mut Gather, l: usize, place: Place, len: u32) {
+        if self.checks.counters {
+            match place {
+                Place::Shared(o) => sh.push(l, o as u64, len),
+                Place::Global(a) => gl.push(l, a, len),
+                _ => {}
+            }
+        }
+    }
+
+    /// Adds one instruction's gathered accesses to the counters.
+    fn count(&mut self, sh: &Gather, gl: &Gather) {
+        if self.checks.counters {
+            count_shared(&mut self.stats, sh, None);
+            count_global(&mut self.stats, gl);
+        }
+    }
+
     fn who(&self, w: usize, lane: usize) -> Access {
         Access {
             tid: (self.warps[w].base + lane as u32) as u16,
@@ -833,9 +848,11 @@ impl<'a> Cta<'a> {
             Op::Ld { space, ty } => {
                 let eb = ty.bytes() as usize;
                 let total = eb * ins.dst.len();
+                let (mut sh, mut gl) = (Gather::new(), Gather::new());
                 for l in lanes() {
                     let addr = self.address(w, l, ins.addr[0]);
                     let place = self.place(w, l, pc, space, addr, total as u32, "load")?;
+                    self.gather(&mut sh, &mut gl, l, place, total as u32);
                     let mut buf = [0u8; 32];
                     self.load(w, l, pc, place, addr, &mut buf[..total])?;
                     for (i, d) in ins.dst.iter().enumerate() {
@@ -850,13 +867,16 @@ impl<'a> Cta<'a> {
                         self.write(w, l, *d, v);
                     }
                 }
+                self.count(&sh, &gl);
             }
             Op::St { space, ty } => {
                 let eb = ty.bytes() as usize;
                 let total = eb * ins.src.len();
+                let (mut sh, mut gl) = (Gather::new(), Gather::new());
                 for l in lanes() {
                     let addr = self.address(w, l, ins.addr[0]);
                     let place = self.place(w, l, pc, space, addr, total as u32, "store")?;
+                    self.gather(&mut sh, &mut gl, l, place, total as u32);
                     let mut buf = [0u8; 32];
                     for (i, o) in ins.src.iter().enumerate() {
                         let v = self.read(w, l, *o);
@@ -864,12 +884,15 @@ impl<'a> Cta<'a> {
                     }
                     self.store(w, l, pc, place, addr, &buf[..total])?;
                 }
+                self.count(&sh, &gl);
             }
             Op::Atom { op, space, ty, ret } => {
                 let n = ty.bytes();
+                let (mut sh, mut gl) = (Gather::new(), Gather::new());
                 for l in lanes() {
                     let addr = self.address(w, l, ins.addr[0]);
                     let place = self.place(w, l, pc, space, addr, n, "atomic")?;
+                    self.gather(&mut sh, &mut gl, l, place, n);
                     let mut buf = [0u8; 8];
                     self.load(w, l, pc, place, addr, &mut buf[..n as usize])?;
                     let old = u64::from_le_bytes(buf);
@@ -880,6 +903,7 @@ impl<'a> Cta<'a> {
                         self.write(w, l, ins.dst[0], old);
                     }
                 }
+                self.count(&sh, &gl);
             }
             Op::Bra { target } => {
                 for l in lanes() {
@@ -945,8 +969,12 @@ impl<'a> Cta<'a> {
             }
             Op::Shfl { mode } => self.shfl(w, pc, exec, ins, mode)?,
             Op::Ldmatrix { num, trans } => self.ldmatrix(w, pc, exec, ins, num, trans)?,
-            Op::Mma { ab } => self.mma(w, exec, ins, ab),
+            Op::Mma { ab } => {
+                self.stats.mma += 1;
+                self.mma(w, exec, ins, ab)
+            }
             Op::CpAsync { bytes } => {
+                let (mut sh, mut gl) = (Gather::new(), Gather::new());
                 for l in lanes() {
                     let dst = self.address(w, l, ins.addr[0]);
                     let src = self.address(w, l, ins.addr[1]);
@@ -963,8 +991,10 @@ impl<'a> Cta<'a> {
                     else {
                         unreachable_place()?
                     };
+                    self.gather(&mut sh, &mut gl, l, Place::Shared(doff), bytes as u32);
                     let mut data = [0u8; 16];
                     if src_size > 0 {
+                        self.gather(&mut sh, &mut gl, l, Place::Global(src), src_size);
                         if self.checks.memcheck && src % bytes as u64 != 0 {
                             return Err(self.finding(
                                 Check::Memcheck,
@@ -998,6 +1028,7 @@ impl<'a> Cta<'a> {
                         len: bytes,
                     });
                 }
+                self.count(&sh, &gl);
             }
             Op::CpCommit => {
                 for l in lanes() {
@@ -1112,6 +1143,8 @@ impl<'a> Cta<'a> {
     ) -> Result<()> {
         // rows[m][r] = the 8 b16 elements of row r of matrix m, from lane m*8 + r's address.
         let mut rows = [[[0u8; 16]; 8]; 4];
+        self.stats.ldmatrix += 1;
+        let mut sh = Gather::new();
         for m in 0..num as usize {
             for r in 0..8 {
                 let l = m * 8 + r;
@@ -1120,8 +1153,14 @@ impl<'a> Cta<'a> {
                 }
                 let addr = self.address(w, l, ins.addr[0]);
                 let place = self.place(w, l, pc, Space::Shared, addr, 16, "ldmatrix row load")?;
+                if let (true, Place::Shared(o)) = (self.checks.counters, place) {
+                    sh.push(l, o as u64, 16);
+                }
                 self.load(w, l, pc, place, addr, &mut rows[m][r])?;
             }
+        }
+        if self.checks.counters {
+            count_shared(&mut self.stats, &sh, Some(8));
         }
         for l in 0..32usize {
             if exec >> l & 1 == 0 {

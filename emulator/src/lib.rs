@@ -52,6 +52,7 @@
 //! ```
 
 mod alu;
+mod counters;
 mod decode;
 mod error;
 mod exec;
@@ -62,7 +63,8 @@ mod module;
 mod parse;
 mod shared;
 
+pub use counters::Stats;
 pub use error::{Check, ConfigError, Error, Finding, Result};
-pub use exec::{Checks, Launch, Stats, check_config, launch};
+pub use exec::{Checks, Launch, check_config, launch};
 pub use memory::Memory;
 pub use module::{Kernel, Limits, Module, Param};

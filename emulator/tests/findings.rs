@@ -1,19 +1,20 @@
 //! Each check catches the defect it exists for, and names the kernel, the line and the thread:
-//! small kernels with one planted bug each, and a correct twin that must pass.
+//! small kernels with one planted bug each, and a correct twin that must pass. The counters
+//! count what they claim on kernels whose counts are known.
 
-use attnkit_emulator::{Check, Checks, Error, Launch, Memory, Module};
+use attnkit_emulator::{Check, Checks, Error, Launch, Memory, Module, Stats};
 
 const HEAD: &str = ".version 8.0\n.target sm_90\n.address_size 64\n";
 
 /// Runs `body` as kernel `k(.param .u64 p)` over `threads` threads with a 256-byte buffer
-/// (written unless `fresh`), returning the launch result and the buffer.
+/// (written unless `fresh`), returning the launch's result and the buffer.
 fn run_with(
     shared: &str,
     body: &str,
     threads: u32,
     fresh: bool,
     checks: Checks,
-) -> (Result<(), Error>, Vec<u8>) {
+) -> (Result<Stats, Error>, Vec<u8>) {
     let ptx = format!(
         "{HEAD}{shared}\n.visible .entry k(.param .u64 p)\n{{\n.reg .pred %p<8>;\n.reg .b32 %r<32>;\n.reg .b64 %rd<32>;\n.reg .f32 %f<8>;\nld.param.u64 %rd1, [p];\nmov.u32 %r1, %tid.x;\n{body}\nret;\n}}\n"
     );
@@ -31,17 +32,71 @@ fn run_with(
         dynamic_shared: 0,
         params: &params,
     };
-    let r = attnkit_emulator::launch(&module, kernel, &launch, &mut mem, &checks).map(|_| ());
+    let r = attnkit_emulator::launch(&module, kernel, &launch, &mut mem, &checks);
     let mut out = vec![0u8; 256];
     mem.read(buf, &mut out).expect("read");
     (r, out)
 }
 
 fn run(shared: &str, body: &str, threads: u32) -> Result<(), Error> {
-    run_with(shared, body, threads, false, Checks::default()).0
+    run_with(shared, body, threads, false, Checks::default())
+        .0
+        .map(|_| ())
 }
 
-fn finding(r: Result<(), Error>) -> attnkit_emulator::Finding {
+fn counted(shared: &str, body: &str, threads: u32) -> Stats {
+    let checks = Checks {
+        counters: true,
+        ..Checks::default()
+    };
+    match run_with(shared, body, threads, false, checks).0 {
+        Ok(s) => s,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn counters_count_barriers_bank_conflicts_and_sectors() {
+    // 64 threads store word tid * STRIDE of shared memory, wait twice, and load word tid of
+    // the global buffer.
+    let body = |stride: u32| {
+        format!(
+            "mul.lo.u32 %r2, %r1, {};
+mov.u32 %r3, s;
+add.s32 %r4, %r3, %r2;
+st.shared.u32 [%r4], %r1;
+             bar.sync 0;
+bar.sync 0;
+mul.wide.u32 %rd2, %r1, 4;
+add.s64 %rd3, %rd1, %rd2;
+ld.global.u32 %r5, [%rd3];",
+            4 * stride
+        )
+    };
+    let smem = ".shared .align 4 .b8 s[8192];";
+    let s = counted(smem, &body(1), 64);
+    assert_eq!((s.ctas, s.barriers), (1, 2));
+    assert_eq!((s.shared_requests, s.shared_bytes), (2, 256));
+    assert_eq!((s.shared_wavefronts, s.shared_ideal_wavefronts), (2, 2));
+    assert_eq!(
+        (s.global_requests, s.global_bytes, s.global_sectors),
+        (2, 256, 8)
+    );
+    assert_eq!(s.sectors_per_global_request(), 4.0);
+    // A stride of 32 words puts a warp's 32 words in one bank: 32 wavefronts per access.
+    let s = counted(smem, &body(32), 64);
+    assert_eq!((s.shared_wavefronts, s.shared_ideal_wavefronts), (64, 2));
+    assert_eq!(s.conflicts_per_shared_request(), 31.0);
+    // Counters off: none gathered.
+    let (r, _) = run_with(smem, &body(1), 64, false, Checks::default());
+    let s = r.expect("runs");
+    assert_eq!(
+        (s.barriers, s.shared_requests, s.global_requests),
+        (2, 0, 0)
+    );
+}
+
+fn finding<T: std::fmt::Debug>(r: Result<T, Error>) -> attnkit_emulator::Finding {
     match r {
         Err(Error::Finding(f)) => *f,
         other => panic!("expected a finding, got {other:?}"),

@@ -17,7 +17,9 @@
 //!
 //! Environment: `ATTNKIT_EMU_CHECKS` (comma list of checks, `all` or `none`),
 //! `ATTNKIT_EMU_BUDGET` (thread-instructions per launch), `ATTNKIT_EMU_TRACE=1` (print each
-//! launch to stderr).
+//! launch to stderr), `ATTNKIT_EMU_COUNTERS=FILE` (append one JSON line per launch to FILE:
+//! instructions, barriers, mma and ldmatrix counts, shared-memory bytes, wavefronts and bank
+//! conflicts, global requests and sectors; see `attnkit_emulator::Stats`).
 
 mod codes;
 mod device;

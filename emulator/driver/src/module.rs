@@ -7,7 +7,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::Instant;
 
-use attnkit_emulator::{Check, Checks, Error, Kernel, Launch, Module};
+use attnkit_emulator::{Check, Checks, Error, Kernel, Launch, Module, Stats};
 use cudarc::driver::sys::{
     CUfunc_cache, CUfunction, CUfunction_attribute as FA, CUjit_option, CUmodule,
     CUoccupancyB2DSize, CUresult, CUstream,
@@ -795,7 +795,12 @@ unsafe fn launch(
     let secs = start.elapsed().as_secs_f64();
     let trace = std::env::var("ATTNKIT_EMU_TRACE").is_ok_and(|v| !v.is_empty() && v != "0");
     let (code, executed) = match result {
-        Ok(Ok(stats)) => (CUresult::CUDA_SUCCESS, stats.thread_instructions),
+        Ok(Ok(stats)) => {
+            if checks.counters {
+                record_counters(&name, grid, block, shared + k.static_shared_bytes(), &stats);
+            }
+            (CUresult::CUDA_SUCCESS, stats.thread_instructions)
+        }
         Ok(Err(e)) => {
             report(&e.to_string());
             (code_of(&e), 0)
@@ -820,6 +825,42 @@ unsafe fn launch(
     match code {
         CUresult::CUDA_SUCCESS => Ok(()),
         c => Err(c),
+    }
+}
+
+/// Appends one JSON line of a launch's counters to the file `ATTNKIT_EMU_COUNTERS` names.
+fn record_counters(name: &str, grid: [u32; 3], block: [u32; 3], shared: u32, s: &Stats) {
+    use std::io::Write;
+    let Ok(path) = std::env::var("ATTNKIT_EMU_COUNTERS") else {
+        return;
+    };
+    let line = format!(
+        "{{\"kernel\":{name:?},\"grid\":{grid:?},\"block\":{block:?},\"shared\":{shared},\
+         \"ctas\":{},\"thread_instructions\":{},\"warp_instructions\":{},\"barriers\":{},\
+         \"mma\":{},\"ldmatrix\":{},\"shared_requests\":{},\"shared_bytes\":{},\
+         \"shared_wavefronts\":{},\"shared_ideal_wavefronts\":{},\"global_requests\":{},\
+         \"global_bytes\":{},\"global_sectors\":{}}}\n",
+        s.ctas,
+        s.thread_instructions,
+        s.warp_instructions,
+        s.barriers,
+        s.mma,
+        s.ldmatrix,
+        s.shared_requests,
+        s.shared_bytes,
+        s.shared_wavefronts,
+        s.shared_ideal_wavefronts,
+        s.global_requests,
+        s.global_bytes,
+        s.global_sectors
+    );
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = written {
+        report(&format!("could not append counters to {path}: {e}"));
     }
 }
 

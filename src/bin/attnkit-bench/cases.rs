@@ -18,8 +18,25 @@ pub enum Rate {
     Gbps(f64),
 }
 
+/// How many times a case runs: untimed warm-ups, then timed runs.
+#[derive(Clone, Copy, Debug)]
+pub struct Reps {
+    pub warmup: usize,
+    pub runs: usize,
+}
+
+impl Reps {
+    /// The bench's: two warm-ups, the median of 20 runs.
+    pub const TIMED: Reps = Reps {
+        warmup: 2,
+        runs: 20,
+    };
+    /// One run, for the emulator's counters (`--structure`).
+    pub const ONCE: Reps = Reps { warmup: 0, runs: 1 };
+}
+
 /// Runs one case on a device: (median ms, rate).
-pub type Runner = Box<dyn Fn(&Device) -> Result<(f64, Rate)>>;
+pub type Runner = Box<dyn Fn(&Device, Reps) -> Result<(f64, Rate)>>;
 
 /// One line of the table.
 pub struct Case {
@@ -66,9 +83,6 @@ impl Case {
     }
 }
 
-/// Timed runs per case after one warm-up.
-const RUNS: usize = 20;
-
 pub fn table() -> Vec<Case> {
     let mut t = Vec::new();
     // The runtime baseline: one memory-bound pass (the self-test scale), 256 Mi f32 elements.
@@ -88,7 +102,7 @@ pub fn table() -> Vec<Case> {
                 shape: format!(
                     "\"dtype\":\"bf16\",\"batch\":{batch},\"seq_q\":{seq},\"seq_k\":{seq},\"heads_q\":{heads},\"heads_kv\":{heads},\"head_dim\":{d},\"causal\":{causal}"
                 ),
-                run: Box::new(move |dev| flash_case(dev, Attention::new(batch, seq, seq, heads, heads, d).causal(causal))),
+                run: Box::new(move |dev, reps| flash_case(dev, Attention::new(batch, seq, seq, heads, heads, d).causal(causal), reps)),
             });
         }
     }
@@ -105,8 +119,8 @@ pub fn table() -> Vec<Case> {
                     shape: format!(
                         "\"dtype\":\"bf16\",\"batch\":{batch},\"seq_q\":{seq},\"seq_k\":{seq},\"heads_q\":{heads},\"heads_kv\":{heads},\"head_dim\":{d},\"causal\":{causal}"
                     ),
-                    run: Box::new(move |dev| {
-                        flash_backward_case(dev, Attention::new(batch, seq, seq, heads, heads, d).causal(causal))
+                    run: Box::new(move |dev, reps| {
+                        flash_backward_case(dev, Attention::new(batch, seq, seq, heads, heads, d).causal(causal), reps)
                     }),
                 });
             }
@@ -129,7 +143,7 @@ pub fn table() -> Vec<Case> {
                 .window_left
                 .map_or("null".to_string(), |w| w.to_string())
         ),
-        run: Box::new(move |dev| flash_variant_case(dev, a.clone(), relu2, entropy)),
+        run: Box::new(move |dev, reps| flash_variant_case(dev, a.clone(), relu2, entropy, reps)),
     };
     t.push(variant(
         "window4096_s32768",
@@ -173,7 +187,7 @@ pub fn table() -> Vec<Case> {
             shape: format!(
                 "\"dtype\":\"bf16\",\"batch\":1,\"seq\":{seq},\"heads\":{heads},\"d\":{d},\"e\":{e}"
             ),
-            run: Box::new(move |dev| lightning_case(dev, seq, heads, d, e)),
+            run: Box::new(move |dev, reps| lightning_case(dev, seq, heads, d, e, reps)),
         });
     }
     // Decode: one new token against a KV cache, bf16, 32 query heads on 8 KV heads of 128;
@@ -193,7 +207,7 @@ pub fn table() -> Vec<Case> {
             shape: format!(
                 "\"dtype\":\"bf16\",\"batch\":{batch},\"seq_q\":1,\"cache\":{cache},\"heads_q\":{hq},\"heads_kv\":{hk},\"head_dim\":{d}"
             ),
-            run: Box::new(move |dev| decode_case(dev, batch, cache, hq, hk, d)),
+            run: Box::new(move |dev, reps| decode_case(dev, batch, cache, hq, hk, d, reps)),
         });
     }
     // Monarch multiply: bf16, 16k tokens, n = 4096, many small blocks (memory-bound) and few
@@ -208,7 +222,69 @@ pub fn table() -> Vec<Case> {
                 "\"dtype\":\"bf16\",\"tokens\":{tokens},\"k\":{blocks},\"q\":{b},\"p\":{b},\"l\":{blocks},\"s\":{b},\"r\":{b},\"bound\":\"{}\"",
                 if blocks >= 16 { "memory" } else { "compute" }
             ),
-            run: Box::new(move |dev| monarch_case(dev, tokens, n, blocks)),
+            run: Box::new(move |dev, reps| monarch_case(dev, tokens, n, blocks, reps)),
+        });
+    }
+    t
+}
+
+/// Small shapes for `--structure`: each case runs once under the PTX emulator, which counts
+/// what the kernels do (barriers, shared-memory traffic and bank conflicts, global sectors;
+/// `scripts/perf-structure.sh`). Sizes keep the emulator quick; the per-tile counts do not
+/// depend on them. Not timings.
+pub fn structure() -> Vec<Case> {
+    let mut t = Vec::new();
+    let attn = |name: String, a: Attention| Case {
+        family: "flash",
+        shape: format!(
+            "\"dtype\":\"bf16\",\"batch\":{},\"seq_q\":{},\"seq_k\":{},\"heads_q\":{},\"heads_kv\":{},\"head_dim\":{},\"causal\":{}",
+            a.batch, a.seq_q, a.seq_k, a.heads_q, a.heads_kv, a.head_dim, a.opts.causal
+        ),
+        name,
+        run: Box::new(move |dev, reps| flash_case(dev, a.clone(), reps)),
+    };
+    // One block of query rows (128 at d <= 192, 64 at 256) against 256 keys.
+    for (d, rows) in [(64usize, 128usize), (128, 128), (256, 64)] {
+        t.push(attn(
+            format!("bf16_d{d}_q{rows}_k256_full"),
+            Attention::new(1, rows, 256, 1, 1, d),
+        ));
+    }
+    t.push(attn(
+        "bf16_d128_s256_causal".into(),
+        Attention::new(1, 256, 256, 1, 1, 128).causal(true),
+    ));
+    // Decode: GQA groups of 4 and 8 query heads per KV head, 1024 cached keys.
+    for (hq, hk) in [(4usize, 1usize), (8, 1)] {
+        let (batch, cache, d) = (1, 1024, 128);
+        t.push(Case {
+            family: "decode",
+            name: format!("bf16_d{d}_g{}_c{cache}", hq / hk),
+            shape: format!(
+                "\"dtype\":\"bf16\",\"batch\":{batch},\"seq_q\":1,\"cache\":{cache},\"heads_q\":{hq},\"heads_kv\":{hk},\"head_dim\":{d}"
+            ),
+            run: Box::new(move |dev, reps| decode_case(dev, batch, cache, hq, hk, d, reps)),
+        });
+    }
+    let (seq, heads, d, e) = (512usize, 1usize, 128usize, 128usize);
+    t.push(Case {
+        family: "lightning",
+        name: format!("bf16_h{heads}_d{d}_s{seq}"),
+        shape: format!(
+            "\"dtype\":\"bf16\",\"batch\":1,\"seq\":{seq},\"heads\":{heads},\"d\":{d},\"e\":{e}"
+        ),
+        run: Box::new(move |dev, reps| lightning_case(dev, seq, heads, d, e, reps)),
+    });
+    for blocks in [16usize, 4] {
+        let (tokens, n) = (128, 1024);
+        let b = n / blocks;
+        t.push(Case {
+            family: "monarch",
+            name: format!("bf16_t{tokens}_n{n}_b{blocks}"),
+            shape: format!(
+                "\"dtype\":\"bf16\",\"tokens\":{tokens},\"k\":{blocks},\"q\":{b},\"p\":{b},\"l\":{blocks},\"s\":{b},\"r\":{b}"
+            ),
+            run: Box::new(move |dev, reps| monarch_case(dev, tokens, n, blocks, reps)),
         });
     }
     t
@@ -260,6 +336,7 @@ fn flash_variant_case(
     a: Attention,
     relu2: bool,
     entropy: bool,
+    reps: Reps,
 ) -> Result<(f64, Rate)> {
     let s = stream(dev)?;
     let [q, k, v] = qkv(&s, &a)?;
@@ -269,7 +346,7 @@ fn flash_variant_case(
         .alloc_zeros::<f32>(if entropy { a.lse_len() } else { 1 })
         .map_err(driver)?;
     let _ = relu2; // carried in `a`'s score; named for the table
-    let t = attnkit::timing::time(dev, 2, RUNS, |_| {
+    let t = attnkit::timing::time(dev, reps.warmup, reps.runs, |_| {
         let extras = Extras {
             entropy: entropy.then(|| (&mut ent).into()),
             ..Default::default()
@@ -294,6 +371,7 @@ fn lightning_case(
     heads: usize,
     d: usize,
     e: usize,
+    reps: Reps,
 ) -> Result<(f64, Rate)> {
     let s = stream(dev)?;
     let slopes = lightning::decay_slopes(heads, 1.0)?;
@@ -314,7 +392,7 @@ fn lightning_case(
     let mut ws = s
         .alloc_zeros::<f32>(lightning::workspace_len(dev, &cfg, &seqs)?.max(1))
         .map_err(driver)?;
-    let t = attnkit::timing::time(dev, 2, RUNS, |_| {
+    let t = attnkit::timing::time(dev, reps.warmup, reps.runs, |_| {
         let f = Forward {
             q: (&q).into(),
             k: (&k).into(),
@@ -337,6 +415,7 @@ fn decode_case(
     hq: usize,
     hk: usize,
     d: usize,
+    reps: Reps,
 ) -> Result<(f64, Rate)> {
     let s = stream(dev)?;
     let lens = vec![cache as i32; batch];
@@ -363,7 +442,7 @@ fn decode_case(
         .map_err(driver)?;
     let mut o = s.alloc_zeros::<Bf16>(p.o_len()).map_err(driver)?;
     let mut lse = s.alloc_zeros::<f32>(p.lse_len()).map_err(driver)?;
-    let t = attnkit::timing::time(dev, 2, RUNS, |_| {
+    let t = attnkit::timing::time(dev, reps.warmup, reps.runs, |_| {
         let tables = Tables {
             cache_seqlens: (&lens_d).into(),
             block_table: None,
@@ -389,7 +468,13 @@ fn decode_case(
     ))
 }
 
-fn monarch_case(dev: &Device, tokens: usize, n: usize, blocks: usize) -> Result<(f64, Rate)> {
+fn monarch_case(
+    dev: &Device,
+    tokens: usize,
+    n: usize,
+    blocks: usize,
+    reps: Reps,
+) -> Result<(f64, Rate)> {
     let s = stream(dev)?;
     let shape = MonarchShape::square(n, blocks)?;
     let w1 = s
@@ -404,7 +489,7 @@ fn monarch_case(dev: &Device, tokens: usize, n: usize, blocks: usize) -> Result<
     let mut y = s
         .alloc_zeros::<Bf16>(tokens * shape.n_out())
         .map_err(driver)?;
-    let t = attnkit::timing::time(dev, 2, RUNS, |_| {
+    let t = attnkit::timing::time(dev, reps.warmup, reps.runs, |_| {
         let w = Weights {
             shape,
             w1: (&w1).into(),
@@ -427,13 +512,13 @@ fn monarch_case(dev: &Device, tokens: usize, n: usize, blocks: usize) -> Result<
     ))
 }
 
-fn flash_case(dev: &Device, a: Attention) -> Result<(f64, Rate)> {
+fn flash_case(dev: &Device, a: Attention, reps: Reps) -> Result<(f64, Rate)> {
     let s = stream(dev)?;
     let [q, k, v] = qkv(&s, &a)?;
     let mut o = s.alloc_zeros::<Bf16>(a.o_len()).map_err(driver)?;
     let mut lse = s.alloc_zeros::<f32>(a.lse_len()).map_err(driver)?;
     // q, k, v are 64 MiB each at these shapes: larger than the L2, no rotation needed.
-    let t = attnkit::timing::time(dev, 2, RUNS, |_| {
+    let t = attnkit::timing::time(dev, reps.warmup, reps.runs, |_| {
         flash::forward(
             dev,
             &a,
@@ -447,7 +532,7 @@ fn flash_case(dev: &Device, a: Attention) -> Result<(f64, Rate)> {
     Ok((t.median_ms, Rate::Tflops(a.flops() / t.median_ms / 1e9)))
 }
 
-fn flash_backward_case(dev: &Device, a: Attention) -> Result<(f64, Rate)> {
+fn flash_backward_case(dev: &Device, a: Attention, reps: Reps) -> Result<(f64, Rate)> {
     let s = stream(dev)?;
     let n_kv = a.batch * a.seq_k * a.heads_kv * a.head_dim;
     let [q, k, v] = qkv(&s, &a)?;
@@ -469,7 +554,7 @@ fn flash_backward_case(dev: &Device, a: Attention) -> Result<(f64, Rate)> {
     let mut ws = s
         .alloc_zeros::<f32>(flash::backward_workspace_len(dev, &a))
         .map_err(driver)?;
-    let t = attnkit::timing::time(dev, 2, RUNS, |_| {
+    let t = attnkit::timing::time(dev, reps.warmup, reps.runs, |_| {
         let io = flash::BackwardIo {
             q: (&q).into(),
             k: (&k).into(),
@@ -492,7 +577,7 @@ fn flash_backward_case(dev: &Device, a: Attention) -> Result<(f64, Rate)> {
     ))
 }
 
-fn selftest_case(dev: &Device) -> Result<(f64, Rate)> {
+fn selftest_case(dev: &Device, reps: Reps) -> Result<(f64, Rate)> {
     let s = stream(dev)?;
     let driver = |source| attnkit::Error::Driver {
         context: "bench alloc",
@@ -501,7 +586,7 @@ fn selftest_case(dev: &Device) -> Result<(f64, Rate)> {
     let n = 1usize << 28;
     let x = s.alloc_zeros::<f32>(n).map_err(driver)?;
     let mut y = s.alloc_zeros::<f32>(n).map_err(driver)?;
-    let t = attnkit::timing::time(dev, 2, RUNS, |_| {
+    let t = attnkit::timing::time(dev, reps.warmup, reps.runs, |_| {
         attnkit::selftest::scale(dev, (&x).into(), 1, 2.0, 1.0, (&mut y).into())
     })?;
     Ok((

@@ -4,6 +4,7 @@
 //! ```text
 //! attnkit-bench --list                       # the case table, JSON lines (no GPU needed)
 //! attnkit-bench [--family F] [--peak-tflops X] [--peak-gbps Y]
+//! attnkit-bench --structure [--case NAME]    # small shapes, one run each (for the emulator)
 //! ```
 //! It measures the memory ceiling itself (a 1 GiB device-to-device copy, bytes read plus
 //! written); the dense bf16 matmul ceiling comes from `--peak-tflops` (the peer script
@@ -12,7 +13,7 @@
 
 mod cases;
 
-use cases::{Case, Rate};
+use cases::{Case, Rate, Reps};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -23,10 +24,20 @@ fn main() {
             .cloned()
     };
     let family = flag("--family");
-    let table: Vec<Case> = cases::table()
-        .into_iter()
-        .filter(|c| family.as_deref().is_none_or(|f| f == c.family))
-        .collect();
+    let case = flag("--case");
+    let structure = args.iter().any(|a| a == "--structure");
+    let table: Vec<Case> = if structure {
+        cases::structure()
+    } else {
+        cases::table()
+    }
+    .into_iter()
+    .filter(|c| family.as_deref().is_none_or(|f| f == c.family))
+    .filter(|c| {
+        case.as_deref()
+            .is_none_or(|n| n == format!("{}/{}", c.family, c.name))
+    })
+    .collect();
     if args.iter().any(|a| a == "--list") {
         for c in &table {
             println!("{}", c.describe());
@@ -47,6 +58,17 @@ fn main() {
         }
     };
     let device = dev.name();
+    if structure {
+        // One untimed run each: the emulator's counters are the result.
+        for c in &table {
+            let status = match (c.run)(&dev, Reps::ONCE) {
+                Ok(_) => "ok".to_string(),
+                Err(e) => format!("failed: {e}"),
+            };
+            println!("{}", c.result("attnkit", &device, None, &status, None));
+        }
+        return;
+    }
     let peak_gbps: Option<f64> = flag("--peak-gbps")
         .and_then(|s| s.parse().ok())
         .or_else(|| match cases::copy_bandwidth(&dev) {
@@ -63,7 +85,7 @@ fn main() {
         num(peak_tflops)
     );
     for c in &table {
-        let line = match (c.run)(&dev) {
+        let line = match (c.run)(&dev, Reps::TIMED) {
             Ok((ms, rate)) => {
                 let frac = match rate {
                     Rate::Tflops(t) => peak_tflops.map(|p| t / p),
