@@ -122,6 +122,24 @@ template <int ROW_BYTES> struct SwizzledTile {
                                                      : (chunk & ~3) | ((chunk ^ (row >> 1)) & 3);
         return (uint32_t)((row * CHUNKS_PER_ROW + permuted) * 16);
     }
+    // Chunks one permutation spans.
+    static constexpr int GROUP = CHUNKS_PER_ROW % 8 == 0 ? 8 : 4;
+    // The addresses of an unrolled sweep: a lane's row r0 and chunk c0 (any values), then
+    // offsets known at compile time, rows by a multiple of 8 and chunks by an even number. Those
+    // keep the permutation's key (row % 8, or row / 2 % 4) and shift chunk c0 + 2i by whole
+    // groups, so each address is one of GROUP / 2 per-lane registers plus an immediate: an
+    // unrolled loop holds GROUP / 2 live addresses, not one per (row, chunk) it visits.
+    struct Cursor {
+        uint32_t b[GROUP / 2];
+        __device__ __forceinline__ Cursor(uint32_t smem, int r0, int c0) {
+#pragma unroll
+            for (int i = 0; i < GROUP / 2; ++i) b[i] = smem + offset(r0, c0 + 2 * i);
+        }
+        // smem + offset(r0 + rows, c0 + chunks).
+        __device__ __forceinline__ uint32_t at(int rows, int chunks) const {
+            return b[(chunks % GROUP) / 2] + rows * ROW_BYTES + chunks / GROUP * GROUP * 16;
+        }
+    };
 };
 
 // The swizzled tile for rows of D two-byte elements (a head dim): rows padded up to a multiple
@@ -141,56 +159,82 @@ template <int N> __device__ __forceinline__ void zero_frags(float (&a)[N][4]) {
 // Warp-level tile products on swizzled [rows][D] tiles (HeadRows<D>), in mma_16816's
 // fragment layouts, shared by the attention kernels so that each reads as its algorithm.
 //
-// acc[n] (n < NT) += A B^T: A = rows [a0, a0 + 16) of sA, B = rows [b0, b0 + 8 NT) of sB, the
-// contraction over D. S = Q K^T and dP = dO V^T (query rows as A); S^T = K Q^T and
-// dP^T = V dO^T (key rows as A).
-template <typename T, int D, int NT>
-__device__ __forceinline__ void mma_rows_by_rows(float (&acc)[NT][4], uint32_t sA, int a0, uint32_t sB, int b0,
-                                                 int lane) {
+// acc[mt][n] (mt < MT, n < NT) += A_mt B^T: A_mt = rows [a0 + 16 mt, a0 + 16 mt + 16) of sA,
+// B = rows [b0, b0 + 8 NT) of sB, the contraction over D. Each B fragment loaded serves all MT
+// row tiles (MT = 2: 32 rows per K load, halving shared-memory traffic per FLOP). S = Q K^T and
+// dP = dO V^T (query rows as A); S^T = K Q^T and dP^T = V dO^T (key rows as A).
+template <typename T, int D, int NT, int MT>
+__device__ __forceinline__ void mma_rowtiles_by_rows(float (&acc)[MT][NT][4], uint32_t sA, int a0, uint32_t sB, int b0,
+                                                     int lane) {
     static_assert(D % 16 == 0 && NT % 2 == 0, "whole k16 steps, n16 pairs of B");
-    using Tile = HeadRows<D>;
-    const int a_row = a0 + (lane & 7) + ((lane >> 3) & 1) * 8, a_chunk = lane >> 4;
-    const int b_row = b0 + (lane & 7) + (lane >> 4) * 8, b_chunk = (lane >> 3) & 1;
+    using Cursor = typename HeadRows<D>::Cursor;
+    const Cursor ca(sA, a0 + (lane & 7) + ((lane >> 3) & 1) * 8, lane >> 4);
+    const Cursor cb(sB, b0 + (lane & 7) + (lane >> 4) * 8, (lane >> 3) & 1);
 #pragma unroll
     for (int kc = 0; kc < D / 16; ++kc) {
-        uint32_t a[4];
-        ldmatrix_x4(a, sA + Tile::offset(a_row, kc * 2 + a_chunk));
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], ca.at(16 * mt, kc * 2));
 #pragma unroll
         for (int n2 = 0; n2 < NT / 2; ++n2) {
             uint32_t b[4];
-            ldmatrix_x4(b, sB + Tile::offset(b_row + n2 * 16, kc * 2 + b_chunk));
-            mma_16816<T>(acc[2 * n2], a, b[0], b[1]);
-            mma_16816<T>(acc[2 * n2 + 1], a, b[2], b[3]);
+            ldmatrix_x4(b, cb.at(n2 * 16, kc * 2));
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma_16816<T>(acc[mt][2 * n2], a[mt], b[0], b[1]);
+                mma_16816<T>(acc[mt][2 * n2 + 1], a[mt], b[2], b[3]);
+            }
         }
     }
 }
 
-// acc[d] (d < COLS / 8) += W B: W the 16 x 8 NK weights a previous product left in
+// The same for one row tile: acc[n] += A B^T, A = rows [a0, a0 + 16) of sA.
+template <typename T, int D, int NT>
+__device__ __forceinline__ void mma_rows_by_rows(float (&acc)[NT][4], uint32_t sA, int a0, uint32_t sB, int b0,
+                                                 int lane) {
+    mma_rowtiles_by_rows<T, D, NT, 1>(reinterpret_cast<float(&)[1][NT][4]>(acc), sA, a0, sB, b0, lane);
+}
+
+// acc[mt][d] (d < COLS / 8) += W_mt B: W_mt the 16 x 8 NK weights a previous product left in
 // accumulator layout (its C fragments are this mma's A fragments once rounded to T: no
 // shared-memory trip), B = columns [c0, c0 + COLS) of rows [b0, b0 + 8 NK) of sB, the
-// contraction over those rows (ldmatrix .trans). O += P V; dV += P^T dO and dK += dS^T Q
-// (over part of the head dim where the accumulators of all of it would not fit); dQ += dS K.
-template <typename T, int D, int NK, int COLS = D>
-__device__ __forceinline__ void mma_acc_by_rows(float (&acc)[COLS / 8][4], const float (&w)[NK][4], uint32_t sB, int b0,
-                                                int lane, int c0 = 0) {
+// contraction over those rows (ldmatrix .trans); each B fragment serves all MT row tiles.
+// O += P V; dV += P^T dO and dK += dS^T Q (over part of the head dim where the accumulators of
+// all of it would not fit); dQ += dS K.
+template <typename T, int D, int NK, int MT, int COLS = D>
+__device__ __forceinline__ void mma_accs_by_rows(float (&acc)[MT][COLS / 8][4], const float (&w)[MT][NK][4], uint32_t sB,
+                                                 int b0, int lane, int c0 = 0) {
     static_assert(NK % 2 == 0 && COLS % 16 == 0 && COLS <= D, "whole k16 steps, n16 pairs of B");
-    using Tile = HeadRows<D>;
-    const int b_row = b0 + (lane & 7) + ((lane >> 3) & 1) * 8, b_chunk = c0 / 8 + (lane >> 4);
+    const typename HeadRows<D>::Cursor cb(sB, b0 + (lane & 7) + ((lane >> 3) & 1) * 8, c0 / 8 + (lane >> 4));
 #pragma unroll
     for (int kc = 0; kc < NK / 2; ++kc) {
-        uint32_t a[4];
-        a[0] = pack2<T>(w[2 * kc][0], w[2 * kc][1]);
-        a[1] = pack2<T>(w[2 * kc][2], w[2 * kc][3]);
-        a[2] = pack2<T>(w[2 * kc + 1][0], w[2 * kc + 1][1]);
-        a[3] = pack2<T>(w[2 * kc + 1][2], w[2 * kc + 1][3]);
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            a[mt][0] = pack2<T>(w[mt][2 * kc][0], w[mt][2 * kc][1]);
+            a[mt][1] = pack2<T>(w[mt][2 * kc][2], w[mt][2 * kc][3]);
+            a[mt][2] = pack2<T>(w[mt][2 * kc + 1][0], w[mt][2 * kc + 1][1]);
+            a[mt][3] = pack2<T>(w[mt][2 * kc + 1][2], w[mt][2 * kc + 1][3]);
+        }
 #pragma unroll
         for (int d2 = 0; d2 < COLS / 16; ++d2) {
             uint32_t b[4];
-            ldmatrix_x4_trans(b, sB + Tile::offset(b_row + kc * 16, d2 * 2 + b_chunk));
-            mma_16816<T>(acc[2 * d2], a, b[0], b[1]);
-            mma_16816<T>(acc[2 * d2 + 1], a, b[2], b[3]);
+            ldmatrix_x4_trans(b, cb.at(kc * 16, d2 * 2));
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma_16816<T>(acc[mt][2 * d2], a[mt], b[0], b[1]);
+                mma_16816<T>(acc[mt][2 * d2 + 1], a[mt], b[2], b[3]);
+            }
         }
     }
+}
+
+// The same for one row tile of weights.
+template <typename T, int D, int NK, int COLS = D>
+__device__ __forceinline__ void mma_acc_by_rows(float (&acc)[COLS / 8][4], const float (&w)[NK][4], uint32_t sB, int b0,
+                                                int lane, int c0 = 0) {
+    mma_accs_by_rows<T, D, NK, 1, COLS>(reinterpret_cast<float(&)[1][COLS / 8][4]>(acc),
+                                        reinterpret_cast<const float(&)[1][NK][4]>(w), sB, b0, lane, c0);
 }
 
 // 2^x on the special function unit, flushing denormals (the fast form the softmax wants;

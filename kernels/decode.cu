@@ -10,7 +10,8 @@
 //   for each tile of 64 keys of the split (causal: up to the block's last visible key):
 //     [tile t+1 loads into the other buffer]
 //     (rolling cache) rotate the K tile (and, once, Q) in shared memory to their positions
-//     warp w: S = Q K[16w..16w+16)^T (mma m16n8k16), mask, online softmax, O_w += P V
+//     warp w: S = Q K[16w..16w+16)^T (mma m16n8k16; Q's fragments stay in registers from
+//     tile 0 on), mask, online softmax, O_w += P V
 //   merge the 4 warps' (m, l, O) through shared memory, normalise, store the row (o and lse,
 //   or the split's partial in the workspace).
 // f32 path: the same structure on CUDA cores, exact to f32 rounding.
@@ -117,6 +118,9 @@ __device__ __forceinline__ void decode_tc(const DecodeParams& p) {
     const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_chunk = lane >> 4;
     const int kb_row = (lane & 7) + (lane >> 4) * 8, kb_chunk = (lane >> 3) & 1;
     const int vb_row = (lane & 7) + ((lane >> 3) & 1) * 8, vb_chunk = lane >> 4;
+    // Q's A fragments, read from shared memory once (after tile 0's RoPE rotation) and kept in
+    // registers for every tile: the K and V fragments are all a tile reads.
+    uint32_t qa[D / 16][4];
 
     for (int tile = 0; tile < n_tiles; ++tile) {
         const int stage = tile & 1;
@@ -141,16 +145,20 @@ __device__ __forceinline__ void decode_tc(const DecodeParams& p) {
             __syncthreads();
         }
 
+        if (tile == 0) {
+#pragma unroll
+            for (int kc = 0; kc < D / 16; ++kc) ldmatrix_x4(qa[kc], smem_addr(q_tile) + R::chunk(a_row, kc * 2 + a_chunk));
+        }
+
         // S = Q K^T over this warp's 16 keys.
         float sc[2][4];
         zero_frags(sc);
 #pragma unroll
         for (int kc = 0; kc < D / 16; ++kc) {
-            uint32_t a[4], bk[4];
-            ldmatrix_x4(a, smem_addr(q_tile) + R::chunk(a_row, kc * 2 + a_chunk));
+            uint32_t bk[4];
             ldmatrix_x4(bk, smem_addr(k_tile) + R::chunk(warp * KW + kb_row, kc * 2 + kb_chunk));
-            mma_16816<T>(sc[0], a, bk[0], bk[1]);
-            mma_16816<T>(sc[1], a, bk[2], bk[3]);
+            mma_16816<T>(sc[0], qa[kc], bk[0], bk[1]);
+            mma_16816<T>(sc[1], qa[kc], bk[2], bk[3]);
         }
         // Into the exp2 domain, through the softcap and ALiBi; mask keys past the split and
         // (causal) right of each row's diagonal. Rows past the block's real rows see zeros and
@@ -414,8 +422,10 @@ __device__ __forceinline__ void decode_append(const DecodeParams& p) {
 }  // namespace
 
 #define DECODE_THREADS (32 * ATTNKIT_DECODE_WARPS)
+// Up to d = 128, three blocks an SM (at most 168 registers: decode is bound by memory, and
+// more resident blocks hide more of its latency); above, O and Q's fragments need more.
 #define DECODE_TC(NAME, T, D)                                                                              \
-    extern "C" __global__ void __launch_bounds__(DECODE_THREADS, 1) NAME(const __grid_constant__ DecodeParams p) { \
+    extern "C" __global__ void __launch_bounds__(DECODE_THREADS, (D) <= 128 ? 3 : 1) NAME(const __grid_constant__ DecodeParams p) { \
         decode_tc<T, D>(p);                                                                                \
     }
 DECODE_TC(decode_attn_bf16_d64, __nv_bfloat16, 64)

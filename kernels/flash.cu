@@ -6,19 +6,23 @@
 // sees), a learned per-head sink logit, relu^2 scores (GAU), per-row entropy, and the logit
 // transforms of Gemma 2 and ALiBi models (soft-capping, linear position biases).
 //
-// Tensor-core path (f16, bf16), per block of BM = 16 * WARPS query rows:
-//   load Q tile (cp.async) ........................................ shared, swizzled
+// Tensor-core path (f16, bf16), per block of BM = 16 * MT * WARPS query rows (each warp owns
+// MT m16 row tiles, and each K/V fragment it reads serves all of them):
+//   load Q tile, K and V of the first visible key tile (cp.async) ...... shared, swizzled
 //   for each key tile j the tile's rows can see (Visibility::next_tile):
-//     S = Q K_j^T          mma.sync m16n8k16, f32 accumulators, each warp its 16 rows
-//     [the next visible K tile's load overlaps the softmax and P V]
-//     mask, online softmax in the exp2 domain (scale * log2 e folded in) or relu^2
+//     wait for K_j, V_j; one barrier (K and V are double-buffered)
+//     [the next visible tile's K and V load into the other buffers, overlapping all below]
+//     S = Q K_j^T          mma.sync m16n8k16, f32 accumulators, each warp its 16 MT rows
+//     scores in the exp2 domain (scale * log2 e folded in) or relu^2; per-key masking only
+//     in tiles not wholly visible; online softmax
 //     O = O * exp2(m_old - m_new) + P V_j   (P re-packed from S's accumulators, no smem trip)
-//     [the next V tile's load overlaps the next S]
 //   finish(): sink logit, O /= l, LSE, entropy; O staged through the warp's own Q rows.
 // f32 path: the same algorithm on CUDA cores, exact to f32 rounding.
 //
 // History: v1 FA2's sm80 structure, written without a GPU at hand; v2 per-row swizzle, ftz
-// exp2, the variants as parameters. Not yet measured or tuned on a GPU.
+// exp2, the variants as parameters; v3 32 rows a warp (d <= 128), double-buffered K/V with one
+// barrier a tile, block-mask scans split over a warp (docs/perf-structure.md). Not yet
+// measured or tuned on a GPU.
 #include "common.cuh"
 #include "flash.h"
 
@@ -95,23 +99,38 @@ struct Visibility {
         const int h = hi(i);
         return j <= h && (j >= lo(i) || j < n_sink) && block(i, j);
     }
+    // Row i's block-mask row (decoded once per row, not per key), or NULL without a mask.
+    __device__ __forceinline__ const uint8_t* mask_row(int i) const {
+        return mask == nullptr ? nullptr : mask + (int64_t)(i / block_q) * mask_cols;
+    }
+    // visible(i, j) given row i's mask_row: one division per key instead of two.
+    __device__ __forceinline__ bool visible(int i, int j, const uint8_t* mrow) const {
+        const int h = hi(i);
+        return j <= h && (j >= lo(i) || j < n_sink) && (mrow == nullptr || mrow[j / block_k] != 0);
+    }
     // Keys row i sees (without the block mask, which the host rules out where this is used).
     __device__ __forceinline__ int count(int i) const {
         const int l = lo(i), h = hi(i);
         return max(0, h - l + 1) + max(0, min(n_sink, min(l, h + 1)));
     }
-    // Does key tile [n0, n0 + BN) hold a key some row of [m0, m1) sees?
-    __device__ __forceinline__ bool tile_needed(int m0, int m1, int n0, int BN) const {
+    // Does key tile [n0, n0 + BN) hold a key some row of [m0, m1) sees? A warp collective
+    // (so is next_tile): every lane of the warp calls it with the same arguments (1-D blocks),
+    // and the block-mask entries under the tile are split across the lanes (a 128 x 64 tile
+    // over 1 x 1 blocks is 8192 entries: 256 a lane).
+    __device__ __forceinline__ bool warp_tile_needed(int m0, int m1, int n0, int BN) const {
         const int n1 = min(n0 + BN, seq_k);
         const int h = hi(m1 - 1);
         const bool in_window = n0 <= h && n1 - 1 >= lo(m0);
         const bool in_sinks = n0 < min(n_sink, h + 1);
         if (!in_window && !in_sinks) return false;
         if (mask == nullptr) return true;
-        for (int qb = m0 / block_q; qb <= (m1 - 1) / block_q; ++qb)
-            for (int kb = n0 / block_k; kb <= (n1 - 1) / block_k; ++kb)
-                if (mask[(int64_t)qb * mask_cols + kb] != 0) return true;
-        return false;
+        const int qb0 = m0 / block_q, kb0 = n0 / block_k;
+        const int cols = (n1 - 1) / block_k - kb0 + 1;
+        const int entries = ((m1 - 1) / block_q - qb0 + 1) * cols;
+        bool found = false;
+        for (int e = threadIdx.x % 32; e < entries && !found; e += 32)
+            found = mask[(int64_t)(qb0 + e / cols) * mask_cols + kb0 + e % cols] != 0;
+        return __any_sync(0xffffffffu, found);
     }
     // Is every (row, key) of the tile visible (so no per-element mask is needed)?
     __device__ __forceinline__ bool tile_full(int m0, int m1, int n0, int BN) const {
@@ -122,7 +141,7 @@ struct Visibility {
         const int last = hi(m1 - 1) / BN;
         // Tiles between the sinks and the window are skipped without looking at them.
         if (j * BN >= n_sink) j = max(j, lo(m0) / BN);
-        while (j <= last && !tile_needed(m0, m1, j * BN, BN)) ++j;
+        while (j <= last && !warp_tile_needed(m0, m1, j * BN, BN)) ++j;
         return j;
     }
     __device__ __forceinline__ int last_tile(int m1, int BN) const { return hi(m1 - 1) < 0 ? -1 : hi(m1 - 1) / BN; }
@@ -227,36 +246,56 @@ __device__ __forceinline__ void relu2_rescale(float (&sc)[NT_N][4], float (&o)[N
 
 // Copies rows [row0, row0 + ROWS) (those below `limit`; the rest zero-filled) of a
 // [rows, D] tile with row stride `stride` into swizzled shared memory, 16 bytes per cp.async
-// (the D / 8 real chunks of each row; a row's padding is never touched).
+// (the D / 8 real chunks of each row; a row's padding is never touched). Where the threads
+// cover whole rows, each copies one chunk column through one pointer it bumps by a fixed step
+// (few live registers, however often the sweep is unrolled).
 template <typename T, int D, int ROWS, int THREADS>
 __device__ __forceinline__ void load_tile(uint32_t smem, const T* base, int64_t stride, int row0, int limit) {
     using Tile = HeadRows<D>;
     constexpr int CPR = D / 8, CHUNKS = ROWS * CPR;
+    if constexpr (THREADS % CPR == 0) {
+        constexpr int RS = THREADS / CPR;  // rows per sweep
+        const int r = threadIdx.x / CPR, c = threadIdx.x % CPR;
+        const T* src = base + (int64_t)(row0 + r) * stride + c * 8;
+        const int64_t step = RS * stride;
 #pragma unroll
-    for (int i = 0; i < (CHUNKS + THREADS - 1) / THREADS; ++i) {
-        const int idx = threadIdx.x + i * THREADS;
-        if (CHUNKS % THREADS != 0 && idx >= CHUNKS) break;  // head dims 80, 112: a partial sweep
-        const int r = idx / CPR, c = idx % CPR;
-        const bool valid = row0 + r < limit;
-        const T* src = valid ? base + (int64_t)(row0 + r) * stride + c * 8 : base;
-        cp_async_16(smem + Tile::offset(r, c), src, valid);
+        for (int i = 0; i < (ROWS + RS - 1) / RS; ++i) {
+            if (ROWS % RS != 0 && r + i * RS >= ROWS) break;
+            const bool valid = row0 + r + i * RS < limit;
+            cp_async_16(smem + Tile::offset(r + i * RS, c), valid ? src : base, valid);
+            src += step;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < (CHUNKS + THREADS - 1) / THREADS; ++i) {
+            const int idx = threadIdx.x + i * THREADS;
+            if (CHUNKS % THREADS != 0 && idx >= CHUNKS) break;  // head dims 80, 112: a partial sweep
+            const int r = idx / CPR, c = idx % CPR;
+            const bool valid = row0 + r < limit;
+            const T* src = valid ? base + (int64_t)(row0 + r) * stride + c * 8 : base;
+            cp_async_16(smem + Tile::offset(r, c), src, valid);
+        }
     }
 }
 
-template <typename T, int D, int WARPS, int BN, bool RELU2>
+template <typename T, int D, int WARPS, int MT, int BN, bool RELU2>
 __device__ __forceinline__ void flash_fwd_tc(const FlashParams& p) {
-    constexpr int BM = 16 * WARPS;
+    constexpr int WM = 16 * MT;    // query rows per warp: MT m16 row tiles share each K/V fragment
+    constexpr int BM = WM * WARPS;
     constexpr int THREADS = 32 * WARPS;
-    constexpr int NT_N = BN / 8;  // n8 tiles of S per warp row tile
+    constexpr int NT_N = BN / 8;  // n8 tiles of S per row tile
     constexpr int NT_D = D / 8;   // n8 tiles of O
     using Tile = HeadRows<D>;
     constexpr int ROW = head_row_bytes<D>();
     static_assert(D % 16 == 0 && BN % 16 == 0, "head dim and key tile must be multiples of 16");
 
+    // sQ, then K and V double-buffered (a tile's buffers are its visit's parity), then each
+    // row's constants (kept out of registers: they are 3 floats per row, 6 MT a thread).
     unsigned char* smem = dynamic_smem();
     const uint32_t sQ = smem_addr(smem);
-    const uint32_t sK = sQ + BM * ROW;
-    const uint32_t sV = sK + BN * ROW;
+    const uint32_t sK0 = sQ + BM * ROW;
+    const uint32_t sV0 = sK0 + 2 * BN * ROW;
+    float3* row_const = reinterpret_cast<float3*>(smem + BM * ROW + 4 * BN * ROW);
 
     const int tile = gridDim.x - 1 - blockIdx.x;  // heaviest (causal: last) tiles first
     const int h = blockIdx.y, b = blockIdx.z;
@@ -275,120 +314,155 @@ __device__ __forceinline__ void flash_fwd_tc(const FlashParams& p) {
     const bool track = p.entropy != nullptr;
     const LogitShape shape(p.softcap);
     const float slope = alibi_slope_log2(p.alibi_slopes, h);
+    // The row of (row tile mt, half r) this thread holds.
+    auto row_of = [&](int mt, int r) { return m0 + warp * WM + mt * 16 + g + r * 8; };
 
-    // Per-row constants of the two rows this thread holds.
-    float rs_log2[2], rs[2], inv_n[2];
+    // Per-row constants (exp2-domain scale, scale, relu^2's 1/n), one thread per row; the
+    // first barrier of the loop publishes them.
+    for (int i = threadIdx.x; i < BM; i += THREADS) {
+        float3 c;
+        row_constants(p, vis, s, m0 + i, c.x, c.y, c.z);
+        row_const[i] = c;
+    }
+
+    float o[MT][NT_D][4];
+    float m[MT][2], l[MT][2], es[MT][2];
+    float pscale[MT][2], pinv[MT][2];  // relu^2 only: see relu2_rescale
 #pragma unroll
-    for (int r = 0; r < 2; ++r) row_constants(p, vis, s, m0 + warp * 16 + g + r * 8, rs_log2[r], rs[r], inv_n[r]);
+    for (int mt = 0; mt < MT; ++mt) {
+        zero_frags(o[mt]);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            m[mt][r] = -INFINITY;
+            l[mt][r] = es[mt][r] = 0.f;
+            pscale[mt][r] = pinv[mt][r] = 1.f;
+        }
+    }
 
-    float o[NT_D][4];
-    zero_frags(o);
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, es[2] = {0.f, 0.f};
-    float pscale[2] = {1.f, 1.f}, pinv[2] = {1.f, 1.f};  // relu^2 only: see relu2_rescale
-
+    // One barrier per key tile: at the top of visit i, K_i and V_i have landed for every
+    // thread and every warp has finished visit i - 1, whose buffers then take tile i + 1's
+    // copy, which overlaps both of visit i's products.
     const int last = vis.last_tile(m1, BN);
-    int j = vis.next_tile(0, m0, m1, BN);
+    int j = vis.next_tile(0, m0, m1, BN), buf = 0;
+    // The tile after j, looked up a visit ahead (a block-mask scan is a chain of global loads:
+    // it runs while the products do, not between the barrier and the next copy).
+    int jn = j <= last ? vis.next_tile(j + 1, m0, m1, BN) : last + 1;
     if (j <= last) {
         load_tile<T, D, BM, THREADS>(sQ, q, p.q_row_stride, m0, s.seq_q);
-        load_tile<T, D, BN, THREADS>(sK, k, p.k_row_stride, j * BN, s.seq_k);
-        cp_async_commit();
-        load_tile<T, D, BN, THREADS>(sV, v, p.v_row_stride, j * BN, s.seq_k);
+        load_tile<T, D, BN, THREADS>(sK0, k, p.k_row_stride, j * BN, s.seq_k);
+        load_tile<T, D, BN, THREADS>(sV0, v, p.v_row_stride, j * BN, s.seq_k);
         cp_async_commit();
     }
     while (j <= last) {
-        cp_async_wait<1>();  // Q and K_j have landed (V_j may still be in flight)
+        cp_async_wait<0>();
         __syncthreads();
-
-        // S = Q K_j^T for this warp's 16 rows.
-        float sc[NT_N][4];
-        zero_frags(sc);
-        mma_rows_by_rows<T, D, NT_N>(sc, sQ, warp * 16, sK, 0, lane);
-        __syncthreads();  // every warp is done with K_j: its buffer may be refilled
-        const int jn = vis.next_tile(j + 1, m0, m1, BN);
-        const bool more = jn <= last;
-        if (more) {
-            load_tile<T, D, BN, THREADS>(sK, k, p.k_row_stride, jn * BN, s.seq_k);
+        if (jn <= last) {
+            load_tile<T, D, BN, THREADS>(sK0 + (buf ^ 1) * BN * ROW, k, p.k_row_stride, jn * BN, s.seq_k);
+            load_tile<T, D, BN, THREADS>(sV0 + (buf ^ 1) * BN * ROW, v, p.v_row_stride, jn * BN, s.seq_k);
             cp_async_commit();
         }
 
-        // Scores, masked where the tile is not fully visible: exp2-domain for the softmax,
-        // relu^2 / n for GAU.
+        // S = Q K_j^T for this warp's WM rows.
+        float sc[MT][NT_N][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) zero_frags(sc[mt]);
+        mma_rowtiles_by_rows<T, D, NT_N, MT>(sc, sQ, warp * WM, sK0 + buf * BN * ROW, 0, lane);
+        const int jnn = jn <= last ? vis.next_tile(jn + 1, m0, m1, BN) : last + 1;
+
+        // Scores: exp2-domain for the softmax, relu^2 / n for GAU. The tile's kind is decided
+        // once: per-key visibility only where the tile is not wholly visible.
         const int n0 = j * BN;
         const bool need_mask = !vis.tile_full(m0, m1, n0, BN);
 #pragma unroll
-        for (int n = 0; n < NT_N; ++n) {
+        for (int mt = 0; mt < MT; ++mt) {
+            const float3 rc[2] = {row_const[row_of(mt, 0) - m0], row_const[row_of(mt, 1) - m0]};
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int r = e >> 1;
-                const int key = n0 + n * 8 + 2 * t + (e & 1);
-                const int row = m0 + warp * 16 + g + r * 8;
-                float x;
-                if (RELU2) {
-                    const float y = fmaxf(sc[n][e] * rs[r], 0.f);
-                    x = y * y * inv_n[r];
-                } else {
-                    x = shape.operator()<false>(sc[n][e] * rs_log2[r], slope, row + vis.diag - key);
+            for (int n = 0; n < NT_N; ++n) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int r = e >> 1;
+                    const int key = n0 + n * 8 + 2 * t + (e & 1);
+                    const int row = row_of(mt, r);
+                    float x;
+                    if (RELU2) {
+                        const float y = fmaxf(sc[mt][n][e] * rc[r].y, 0.f);
+                        x = y * y * rc[r].z;
+                    } else {
+                        x = shape.operator()<false>(sc[mt][n][e] * rc[r].x, slope, row + vis.diag - key);
+                    }
+                    sc[mt][n][e] = x;
                 }
-                // Rows past the sequence are never written; skipping them also keeps the
-                // block-mask lookup inside the mask.
-                if (need_mask && (row >= s.seq_q || key >= s.seq_k || !vis.visible(row, key))) x = RELU2 ? 0.f : -INFINITY;
-                sc[n][e] = x;
             }
+            // Per-key visibility only where the tile is not wholly visible. Rows past the
+            // sequence are never written; skipping them also keeps the block-mask lookup
+            // inside the mask.
+            if (need_mask) {
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const int row = row_of(mt, r);
+                    const uint8_t* mrow = row < s.seq_q ? vis.mask_row(row) : nullptr;
+#pragma unroll
+                    for (int n = 0; n < NT_N; ++n) {
+#pragma unroll
+                        for (int c = 0; c < 2; ++c) {
+                            const int key = n0 + n * 8 + 2 * t + c;
+                            if (row >= s.seq_q || key >= s.seq_k || !vis.visible(row, key, mrow))
+                                sc[mt][n][2 * r + c] = RELU2 ? 0.f : -INFINITY;
+                        }
+                    }
+                }
+            }
+            if (RELU2) relu2_rescale<NT_N, NT_D>(sc[mt], o[mt], pscale[mt], pinv[mt]);
+            else online_softmax_mma<NT_N, NT_D>(sc[mt], o[mt], m[mt], l[mt], es[mt], track);
         }
-        if (RELU2) relu2_rescale<NT_N, NT_D>(sc, o, pscale, pinv);
-        else online_softmax_mma<NT_N, NT_D>(sc, o, m, l, es, track);
-
-        // Wait for V_j (leaving the next K tile in flight if it was issued).
-        if (more) cp_async_wait<1>(); else cp_async_wait<0>();
-        __syncthreads();
 
         // O += P V_j: P's accumulator layout is the A-operand layout of the next mma.
-        mma_acc_by_rows<T, D, NT_N>(o, sc, sV, 0, lane);
-        if (more) {
-            __syncthreads();  // every warp is done with V_j
-            load_tile<T, D, BN, THREADS>(sV, v, p.v_row_stride, jn * BN, s.seq_k);
-            cp_async_commit();
-        }
+        mma_accs_by_rows<T, D, NT_N, MT>(o, sc, sV0 + buf * BN * ROW, 0, lane);
+        buf ^= 1;
         j = jn;
+        jn = jnn;
     }
 
     // Epilogue: finish each row, write LSE (and entropy), stage O through this warp's own Q
-    // rows (no other warp reads them any more), then 16-byte coalesced stores.
-    float factor[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const float lr = quad_sum(l[r]), er = quad_sum(es[r]);
-        float lse, ent;
-        finish_row(p, h, RELU2, m[r], lr, er, factor[r], lse, ent);
-        if (RELU2) factor[r] = pscale[r];
-        const int row = m0 + warp * 16 + g + r * 8;
-        if (t == 0 && row < s.seq_q) {
-            p.lse[s.lse_off + row] = lse;
-            if (track) p.entropy[s.lse_off + row] = ent;
-        }
-    }
-    __syncwarp();
+    // rows (no other warp reads them), then 16-byte coalesced stores.
     unsigned char* stage = smem;
+    __syncwarp();
 #pragma unroll
-    for (int d = 0; d < NT_D; ++d) {
+    for (int mt = 0; mt < MT; ++mt) {
+        float factor[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            const uint32_t packed = pack2<T>(o[d][2 * r] * factor[r], o[d][2 * r + 1] * factor[r]);
-            const int row = warp * 16 + g + r * 8;
-            *reinterpret_cast<uint32_t*>(stage + Tile::offset(row, d) + t * 4) = packed;
+            const float lr = quad_sum(l[mt][r]), er = quad_sum(es[mt][r]);
+            float lse, ent;
+            finish_row(p, h, RELU2, m[mt][r], lr, er, factor[r], lse, ent);
+            if (RELU2) factor[r] = pscale[mt][r];
+            const int row = row_of(mt, r);
+            if (t == 0 && row < s.seq_q) {
+                p.lse[s.lse_off + row] = lse;
+                if (track) p.entropy[s.lse_off + row] = ent;
+            }
+        }
+#pragma unroll
+        for (int d = 0; d < NT_D; ++d) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const uint32_t packed = pack2<T>(o[mt][d][2 * r] * factor[r], o[mt][d][2 * r + 1] * factor[r]);
+                const int row = warp * WM + mt * 16 + g + r * 8;
+                *reinterpret_cast<uint32_t*>(stage + Tile::offset(row, d) + t * 4) = packed;
+            }
         }
     }
     __syncwarp();
     constexpr int CPR = D / 8;  // real chunks per row
 #pragma unroll
-    for (int i = 0; i < (16 * CPR + 31) / 32; ++i) {
+    for (int i = 0; i < (WM * CPR + 31) / 32; ++i) {
         const int idx = lane + i * 32;
-        if (idx < 16 * CPR) {
+        if (idx < WM * CPR) {
             const int r = idx / CPR, c = idx % CPR;
-            const int row = m0 + warp * 16 + r;
+            const int row = m0 + warp * WM + r;
             if (row < s.seq_q) {
                 *reinterpret_cast<uint4*>(o_ptr + (int64_t)row * p.o_row_stride + c * 8) =
-                    *reinterpret_cast<const uint4*>(stage + Tile::offset(warp * 16 + r, c));
+                    *reinterpret_cast<const uint4*>(stage + Tile::offset(warp * WM + r, c));
             }
         }
     }
@@ -674,7 +748,7 @@ __device__ __forceinline__ void flash_bwd_dkdv(const FlashBwdParams& bp) {
         const T* g = static_cast<const T*>(bp.d_o) + s.o_off;
         for (int m0 = 0; m0 < s.seq_q; m0 += ROWS) {
             const int m1 = min(m0 + ROWS, s.seq_q);
-            if (!vis.tile_needed(m0, m1, n0, BN)) continue;
+            if (!vis.warp_tile_needed(m0, m1, n0, BN)) continue;
             __syncthreads();  // the previous rows consumed
             for (int e = threadIdx.x; e < ROWS * D; e += THREADS) {
                 const int r = e / D, c = e % D;
@@ -845,7 +919,7 @@ __device__ __forceinline__ void flash_bwd_dkdv_tc(const FlashBwdParams& bp) {
     auto next = [&](int idx) {
         for (; idx < total; ++idx) {
             const int m0 = idx % tiles * BM;
-            if (vis.tile_needed(m0, min(m0 + BM, s0.seq_q), n0, BN)) break;
+            if (vis.warp_tile_needed(m0, min(m0 + BM, s0.seq_q), n0, BN)) break;
         }
         return idx;
     };
@@ -1027,28 +1101,30 @@ __device__ __forceinline__ void bwd_dsink(const FlashBwdParams& bp) {
 // One entry point per (dtype, head dim); the host picks the name and the launch shape from the
 // same ATTNKIT_FLASH_* constants. The score function is a template parameter (no runtime branch
 // in the inner loop), chosen once per block.
-#define FLASH_TC(NAME, T, D, WARPS, BN)                                                           \
+#define FLASH_TC(NAME, T, D, WARPS, MT, BN)                                                       \
     extern "C" __global__ void __launch_bounds__(32 * WARPS, 1) NAME(const __grid_constant__ FlashParams p) { \
-        if (p.score == ATTNKIT_FLASH_SCORE_RELU2) flash_fwd_tc<T, D, WARPS, BN, true>(p);          \
-        else flash_fwd_tc<T, D, WARPS, BN, false>(p);                                             \
+        if (p.score == ATTNKIT_FLASH_SCORE_RELU2) flash_fwd_tc<T, D, WARPS, MT, BN, true>(p);      \
+        else flash_fwd_tc<T, D, WARPS, MT, BN, false>(p);                                         \
     }
-#define FLASH_TC_SMALL(NAME, T, D) FLASH_TC(NAME, T, D, ATTNKIT_FLASH_WARPS_SMALL_D, ATTNKIT_FLASH_BLOCK_N_SMALL_D)
+#define FLASH_TC_SMALL(NAME, T, D)                                                                  \
+    FLASH_TC(NAME, T, D, ATTNKIT_FLASH_WARPS_SMALL_D, ATTNKIT_FLASH_ROW_TILES_SMALL_D,              \
+             ((D) > 64 ? ATTNKIT_FLASH_BLOCK_N_MID_D : ATTNKIT_FLASH_BLOCK_N_SMALL_D))
 FLASH_TC_SMALL(flash_fwd_bf16_d32, __nv_bfloat16, 32)
 FLASH_TC_SMALL(flash_fwd_bf16_d64, __nv_bfloat16, 64)
 FLASH_TC_SMALL(flash_fwd_bf16_d80, __nv_bfloat16, 80)
 FLASH_TC_SMALL(flash_fwd_bf16_d96, __nv_bfloat16, 96)
 FLASH_TC_SMALL(flash_fwd_bf16_d112, __nv_bfloat16, 112)
 FLASH_TC_SMALL(flash_fwd_bf16_d128, __nv_bfloat16, 128)
-FLASH_TC(flash_fwd_bf16_d192, __nv_bfloat16, 192, ATTNKIT_FLASH_WARPS_D192, ATTNKIT_FLASH_BLOCK_N_D192)
-FLASH_TC(flash_fwd_bf16_d256, __nv_bfloat16, 256, ATTNKIT_FLASH_WARPS_D256, ATTNKIT_FLASH_BLOCK_N_D256)
+FLASH_TC(flash_fwd_bf16_d192, __nv_bfloat16, 192, ATTNKIT_FLASH_WARPS_D192, 1, ATTNKIT_FLASH_BLOCK_N_D192)
+FLASH_TC(flash_fwd_bf16_d256, __nv_bfloat16, 256, ATTNKIT_FLASH_WARPS_D256, 1, ATTNKIT_FLASH_BLOCK_N_D256)
 FLASH_TC_SMALL(flash_fwd_f16_d32, __half, 32)
 FLASH_TC_SMALL(flash_fwd_f16_d64, __half, 64)
 FLASH_TC_SMALL(flash_fwd_f16_d80, __half, 80)
 FLASH_TC_SMALL(flash_fwd_f16_d96, __half, 96)
 FLASH_TC_SMALL(flash_fwd_f16_d112, __half, 112)
 FLASH_TC_SMALL(flash_fwd_f16_d128, __half, 128)
-FLASH_TC(flash_fwd_f16_d192, __half, 192, ATTNKIT_FLASH_WARPS_D192, ATTNKIT_FLASH_BLOCK_N_D192)
-FLASH_TC(flash_fwd_f16_d256, __half, 256, ATTNKIT_FLASH_WARPS_D256, ATTNKIT_FLASH_BLOCK_N_D256)
+FLASH_TC(flash_fwd_f16_d192, __half, 192, ATTNKIT_FLASH_WARPS_D192, 1, ATTNKIT_FLASH_BLOCK_N_D192)
+FLASH_TC(flash_fwd_f16_d256, __half, 256, ATTNKIT_FLASH_WARPS_D256, 1, ATTNKIT_FLASH_BLOCK_N_D256)
 
 #define FLASH_F32(NAME, D)                                                                         \
     extern "C" __global__ void __launch_bounds__(ATTNKIT_FLASH_F32_THREADS, 1) NAME(const __grid_constant__ FlashParams p) { \

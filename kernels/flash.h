@@ -14,19 +14,25 @@
 
 #include <stdint.h>
 
-/* Tile shapes, one source for host and device: query rows per block = 16 * WARPS (each warp
- * owns 16 rows, one m16n8k16 row tile), keys per tile = BLOCK_N. Shared rows of 2-byte
- * elements are padded up to 64 bytes (HeadRows in common.cuh: head dims 80 and 112).
- * Why: head dims up to 128 take FlashAttention-2's sm80 shape, 128 x 64 with 8 warps (K/V tiles
- * reused by 128 rows); 256 takes 64 x 16 with 4 warps, the largest key tile that sm_90a compiles
- * without spills (O alone is 128 floats a thread; 64 x 32 spilled 12 bytes).
+/* Tile shapes, one source for host and device: query rows per block = 16 * ROW_TILES * WARPS
+ * (each warp owns ROW_TILES m16 row tiles, and every K/V fragment it loads from shared memory
+ * serves all of them), keys per tile = BLOCK_N; K and V are double-buffered (one barrier per
+ * key tile). Shared rows of 2-byte elements are padded up to 64 bytes (HeadRows in
+ * common.cuh: head dims 80 and 112). Why:
+ * - d <= 128: FlashAttention-2's sm80 shape, 128 query rows with 4 warps of 32 rows (each K/V
+ *   byte read from shared memory feeds twice the FLOPs of 16-row warps); 64 keys a tile up to
+ *   d = 64, 32 above (O is D floats a thread and S BLOCK_N: 64 keys at d = 128 would pass 255
+ *   registers; at 32, d = 128 takes 252 on sm_80 and 249 on sm_90a without spills, so no
+ *   headroom is left there).
+ * - d = 192, 256: O alone is 96 / 128 floats a thread with 16 rows a warp, so one row tile per
+ *   warp (32 rows would not fit in registers); 8 warps x 32 keys (192), 4 warps x 32 keys (256).
  * Not yet tuned on a GPU. */
-#define ATTNKIT_FLASH_WARPS_SMALL_D 8   /* head_dim <= 128 */
-#define ATTNKIT_FLASH_BLOCK_N_SMALL_D 64
+#define ATTNKIT_FLASH_WARPS_SMALL_D 4      /* head_dim <= 128 */
+#define ATTNKIT_FLASH_ROW_TILES_SMALL_D 2
+#define ATTNKIT_FLASH_BLOCK_N_SMALL_D 64   /* head_dim <= 64 */
+#define ATTNKIT_FLASH_BLOCK_N_MID_D 32     /* 64 < head_dim <= 128 */
 #define ATTNKIT_FLASH_WARPS_D256 4
-#define ATTNKIT_FLASH_BLOCK_N_D256 16
-/* 192 (mistral.rs serves it): O is 96 floats a thread; 128 x 64 with 8 warps (FA2's shape)
- * spilled 36 bytes on sm_80, 128 x 32 uses 224 registers (sm_80) / 229 (sm_90a), no spills. */
+#define ATTNKIT_FLASH_BLOCK_N_D256 32
 #define ATTNKIT_FLASH_WARPS_D192 8
 #define ATTNKIT_FLASH_BLOCK_N_D192 32
 /* The f32 path (CUDA cores, exact): 16 query rows, 32 keys a tile, 128 threads. */

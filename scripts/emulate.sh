@@ -16,6 +16,8 @@
 #                       (an endless-loop guard)
 #   ATTNKIT_EMU_TRACE   1: print each launch (kernel, grid, block, shared memory,
 #                       thread-instructions, seconds) to stderr
+#   ATTNKIT_EMU_COUNTERS FILE: append one JSON line of counters per launch to FILE
+#                       (barriers, mma, shared bytes and wavefronts, global sectors)
 set -euo pipefail
 
 if [ "$#" -eq 0 ]; then

@@ -13,6 +13,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 out="${1:-target/perf-structure}"
 mkdir -p "$out"
+out="$(cd "$out" && pwd)"
 rm -f "$out"/*.jsonl
 
 # ptxas' reports land in the build script's output; spills fail the build, as in CI.
@@ -34,7 +35,7 @@ for line in sys.stdin:
 for c in $cases; do
     file="$out/${c//\//__}.jsonl"
     echo "perf-structure: $c" >&2
-    ATTNKIT_EMU_COUNTERS="$PWD/$file" scripts/emulate.sh "$bench" --structure --case "$c" \
+    ATTNKIT_EMU_COUNTERS="$file" scripts/emulate.sh "$bench" --structure --case "$c" \
         > "$out/${c//\//__}.result"
 done
 python3 scripts/perf_structure.py "$out" "$ptxas_log" kernels/flash.h

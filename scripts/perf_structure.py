@@ -45,12 +45,17 @@ def defines(path):
 
 
 def flash_tile(h, d):
-    """(query rows per CTA, keys per tile) of the bf16 forward, as src/flash/cuda.rs picks."""
+    """(query rows per CTA, keys per tile) of the bf16 forward, as src/flash/cuda.rs picks
+    (kernels/flash.h before v3 had no row tiles and one key tile up to d = 128)."""
     if d == 256:
         return 16 * h["ATTNKIT_FLASH_WARPS_D256"], h["ATTNKIT_FLASH_BLOCK_N_D256"]
     if d == 192:
         return 16 * h["ATTNKIT_FLASH_WARPS_D192"], h["ATTNKIT_FLASH_BLOCK_N_D192"]
-    return 16 * h["ATTNKIT_FLASH_WARPS_SMALL_D"], h["ATTNKIT_FLASH_BLOCK_N_SMALL_D"]
+    rows = 16 * h.get("ATTNKIT_FLASH_ROW_TILES_SMALL_D", 1) * h["ATTNKIT_FLASH_WARPS_SMALL_D"]
+    keys = h["ATTNKIT_FLASH_BLOCK_N_SMALL_D"]
+    if d > 64 and "ATTNKIT_FLASH_BLOCK_N_MID_D" in h:
+        keys = h["ATTNKIT_FLASH_BLOCK_N_MID_D"]
+    return rows, keys
 
 
 def key_tiles(shape, rows, keys):
@@ -78,16 +83,16 @@ def main():
     regs = ptxas(log)
     h = defines(flash_h)
     print(
-        "| case | kernel | regs sm_80 / sm_90a (spills) | CTAs/SM (sm_90) | barriers/CTA "
-        "| barriers/key tile | smem B per MMA FLOP | bank conflicts per smem access "
-        "| sectors per global request |"
+        "| case | kernel | regs sm_80 / sm_90a (spills) | CTAs/SM (sm_90) "
+        "| warp instructions/CTA | barriers/CTA | barriers/key tile | smem B per MMA FLOP "
+        "| bank conflicts per smem access | global requests/CTA | sectors per global request |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for res in sorted(pathlib.Path(out).glob("*.result")):
         result = json.loads(res.read_text().strip().splitlines()[-1])
         case = f'{result["family"]}/{result["case"]}'
         if result["status"] != "ok":
-            print(f"| {case} | {result['status']} | | | | | | | |")
+            print(f"| {case} | {result['status']} | | | | | | | | | |")
             continue
         sums = collections.OrderedDict()
         for line in res.with_suffix(".jsonl").read_text().splitlines():
@@ -115,8 +120,9 @@ def main():
             sectors = s["global_sectors"] / s["global_requests"] if s["global_requests"] else 0
             print(
                 f"| {case} | `{kernel}` | {r80[0]} / {r90[0]} ({spills} B) | {occ} "
+                f'| {s["warp_instructions"] / s["ctas"]:.0f} '
                 f'| {s["barriers"] / s["ctas"]:.1f} | {per_tile} | {smem_per_flop} '
-                f"| {conflicts:.2f} | {sectors:.1f} |"
+                f'| {conflicts:.2f} | {s["global_requests"] / s["ctas"]:.0f} | {sectors:.1f} |'
             )
 
 

@@ -72,7 +72,7 @@ impl<'a> Seen<'a> {
 
     /// Whether key tile [n0, n0 + cols) holds a key some row of [m0, m1) sees, and whether
     /// every row sees every key of it (no per-element mask needed). The kernel's
-    /// `Visibility::tile_needed`.
+    /// `Visibility::warp_tile_needed`.
     pub(super) fn tile(&self, m0: usize, m1: usize, n0: usize, cols: usize) -> (bool, bool) {
         let (n0i, n1i) = (n0 as i64, (n0 + cols) as i64);
         let hi = self.vis.hi(m1 - 1);

@@ -23,20 +23,39 @@ fn tile(dtype: DType, d: usize) -> (String, usize, u32, u32) {
             (name, bm, c::ATTNKIT_FLASH_F32_THREADS, smem as u32)
         }
         DType::F16 | DType::Bf16 => {
-            let (warps, bn) = match d {
-                256 => (c::ATTNKIT_FLASH_WARPS_D256, c::ATTNKIT_FLASH_BLOCK_N_D256),
-                192 => (c::ATTNKIT_FLASH_WARPS_D192, c::ATTNKIT_FLASH_BLOCK_N_D192),
+            let (warps, row_tiles, bn) = match d {
+                256 => (
+                    c::ATTNKIT_FLASH_WARPS_D256,
+                    1,
+                    c::ATTNKIT_FLASH_BLOCK_N_D256,
+                ),
+                192 => (
+                    c::ATTNKIT_FLASH_WARPS_D192,
+                    1,
+                    c::ATTNKIT_FLASH_BLOCK_N_D192,
+                ),
                 _ => (
                     c::ATTNKIT_FLASH_WARPS_SMALL_D,
-                    c::ATTNKIT_FLASH_BLOCK_N_SMALL_D,
+                    c::ATTNKIT_FLASH_ROW_TILES_SMALL_D,
+                    if d > 64 {
+                        c::ATTNKIT_FLASH_BLOCK_N_MID_D
+                    } else {
+                        c::ATTNKIT_FLASH_BLOCK_N_SMALL_D
+                    },
                 ),
             };
             let (warps, bn) = (warps as usize, bn as usize);
-            let bm = 16 * warps;
-            // sQ [bm], sK [bn], sV [bn] rows of d 2-byte elements, each padded up to 64 bytes
-            // (common.cuh's head_row_bytes).
+            let bm = 16 * row_tiles as usize * warps;
+            // sQ [bm], then K and V double-buffered, [2][bn] each: rows of d 2-byte elements,
+            // each padded up to 64 bytes (common.cuh's head_row_bytes); then 3 f32 constants
+            // per query row.
             let row = (d * 2).div_ceil(64) * 64;
-            (name, bm, 32 * warps as u32, ((bm + 2 * bn) * row) as u32)
+            (
+                name,
+                bm,
+                32 * warps as u32,
+                ((bm + 4 * bn) * row + bm * 12) as u32,
+            )
         }
     }
 }

@@ -143,7 +143,9 @@ pub fn table() -> Vec<Case> {
                 .window_left
                 .map_or("null".to_string(), |w| w.to_string())
         ),
-        run: Box::new(move |dev, reps| flash_variant_case(dev, a.clone(), relu2, entropy, reps)),
+        run: Box::new(move |dev, reps| {
+            flash_variant_case(dev, a.clone(), relu2, entropy, None, reps)
+        }),
     };
     t.push(variant(
         "window4096_s32768",
@@ -180,15 +182,7 @@ pub fn table() -> Vec<Case> {
     // Lightning Attention-2 forward: bf16, 32 heads, d = e = 128, seq 1k..128k (batch 1); GB/s of
     // q, k, v, o. Time per token should stay flat.
     for seq in [1024usize, 4096, 16384, 65536, 131072] {
-        let (heads, d, e) = (32, 128, 128);
-        t.push(Case {
-            family: "lightning",
-            name: format!("bf16_h{heads}_d{d}_s{seq}"),
-            shape: format!(
-                "\"dtype\":\"bf16\",\"batch\":1,\"seq\":{seq},\"heads\":{heads},\"d\":{d},\"e\":{e}"
-            ),
-            run: Box::new(move |dev, reps| lightning_case(dev, seq, heads, d, e, reps)),
-        });
+        t.push(lightning_row(seq, 32, 128, 128));
     }
     // Decode: one new token against a KV cache, bf16, 32 query heads on 8 KV heads of 128;
     // memory-bound, GB/s of K and V read (caches of at most 4 GiB).
@@ -200,32 +194,59 @@ pub fn table() -> Vec<Case> {
         (64, 4096),
         (64, 16384),
     ] {
-        let (hq, hk, d) = (32, 8, 128);
-        t.push(Case {
-            family: "decode",
-            name: format!("bf16_d{d}_b{batch}_c{cache}"),
-            shape: format!(
-                "\"dtype\":\"bf16\",\"batch\":{batch},\"seq_q\":1,\"cache\":{cache},\"heads_q\":{hq},\"heads_kv\":{hk},\"head_dim\":{d}"
-            ),
-            run: Box::new(move |dev, reps| decode_case(dev, batch, cache, hq, hk, d, reps)),
-        });
+        t.push(decode_row(
+            format!("bf16_d128_b{batch}_c{cache}"),
+            batch,
+            cache,
+            32,
+            8,
+            128,
+        ));
     }
     // Monarch multiply: bf16, 16k tokens, n = 4096, many small blocks (memory-bound) and few
     // large ones (compute-bound).
     for blocks in [64usize, 16, 4] {
-        let (tokens, n) = (16384, 4096);
-        let b = n / blocks;
-        t.push(Case {
-            family: "monarch",
-            name: format!("bf16_t{tokens}_n{n}_b{blocks}"),
-            shape: format!(
-                "\"dtype\":\"bf16\",\"tokens\":{tokens},\"k\":{blocks},\"q\":{b},\"p\":{b},\"l\":{blocks},\"s\":{b},\"r\":{b},\"bound\":\"{}\"",
-                if blocks >= 16 { "memory" } else { "compute" }
-            ),
-            run: Box::new(move |dev, reps| monarch_case(dev, tokens, n, blocks, reps)),
-        });
+        t.push(monarch_row(16384, 4096, blocks));
     }
     t
+}
+
+/// A Lightning forward case: bf16, batch 1.
+fn lightning_row(seq: usize, heads: usize, d: usize, e: usize) -> Case {
+    Case {
+        family: "lightning",
+        name: format!("bf16_h{heads}_d{d}_s{seq}"),
+        shape: format!(
+            "\"dtype\":\"bf16\",\"batch\":1,\"seq\":{seq},\"heads\":{heads},\"d\":{d},\"e\":{e}"
+        ),
+        run: Box::new(move |dev, reps| lightning_case(dev, seq, heads, d, e, reps)),
+    }
+}
+
+/// A decode case: one new bf16 token a sequence against `cache` cached keys.
+fn decode_row(name: String, batch: usize, cache: usize, hq: usize, hk: usize, d: usize) -> Case {
+    Case {
+        family: "decode",
+        name,
+        shape: format!(
+            "\"dtype\":\"bf16\",\"batch\":{batch},\"seq_q\":1,\"cache\":{cache},\"heads_q\":{hq},\"heads_kv\":{hk},\"head_dim\":{d}"
+        ),
+        run: Box::new(move |dev, reps| decode_case(dev, batch, cache, hq, hk, d, reps)),
+    }
+}
+
+/// A square Monarch multiply case: bf16, n = `blocks` blocks of n / blocks.
+fn monarch_row(tokens: usize, n: usize, blocks: usize) -> Case {
+    let b = n / blocks;
+    Case {
+        family: "monarch",
+        name: format!("bf16_t{tokens}_n{n}_b{blocks}"),
+        shape: format!(
+            "\"dtype\":\"bf16\",\"tokens\":{tokens},\"k\":{blocks},\"q\":{b},\"p\":{b},\"l\":{blocks},\"s\":{b},\"r\":{b},\"bound\":\"{}\"",
+            if blocks >= 16 { "memory" } else { "compute" }
+        ),
+        run: Box::new(move |dev, reps| monarch_case(dev, tokens, n, blocks, reps)),
+    }
 }
 
 /// Small shapes for `--structure`: each case runs once under the PTX emulator, which counts
@@ -254,38 +275,36 @@ pub fn structure() -> Vec<Case> {
         "bf16_d128_s256_causal".into(),
         Attention::new(1, 256, 256, 1, 1, 128).causal(true),
     ));
-    // Decode: GQA groups of 4 and 8 query heads per KV head, 1024 cached keys.
-    for (hq, hk) in [(4usize, 1usize), (8, 1)] {
-        let (batch, cache, d) = (1, 1024, 128);
-        t.push(Case {
-            family: "decode",
-            name: format!("bf16_d{d}_g{}_c{cache}", hq / hk),
-            shape: format!(
-                "\"dtype\":\"bf16\",\"batch\":{batch},\"seq_q\":1,\"cache\":{cache},\"heads_q\":{hq},\"heads_kv\":{hk},\"head_dim\":{d}"
-            ),
-            run: Box::new(move |dev, reps| decode_case(dev, batch, cache, hq, hk, d, reps)),
-        });
-    }
-    let (seq, heads, d, e) = (512usize, 1usize, 128usize, 128usize);
+    // A block mask of 1 x 1 blocks, a local band 16 keys wide: the worst case of the tile
+    // scan (8192 entries under every tile it rules out) and of per-key masking.
+    let a = Attention::new(1, 128, 256, 1, 1, 128);
+    // Row i sees keys i + 113 ..= i + 128 (bottom-right aligned: seq_k - seq_q = 128).
+    let (rows, cols) = (a.seq_q, a.seq_k);
+    let band: Vec<u8> = (0..rows * cols)
+        .map(|e| u8::from(e % cols <= e / cols + 128 && e % cols + 16 > e / cols + 128))
+        .collect();
     t.push(Case {
-        family: "lightning",
-        name: format!("bf16_h{heads}_d{d}_s{seq}"),
-        shape: format!(
-            "\"dtype\":\"bf16\",\"batch\":1,\"seq\":{seq},\"heads\":{heads},\"d\":{d},\"e\":{e}"
-        ),
-        run: Box::new(move |dev, reps| lightning_case(dev, seq, heads, d, e, reps)),
+        family: "flash",
+        name: "bf16_d128_q128_k256_mask1x1".into(),
+        shape: "\"dtype\":\"bf16\",\"batch\":1,\"seq_q\":128,\"seq_k\":256,\"heads_q\":1,\"heads_kv\":1,\"head_dim\":128,\"causal\":false,\"block_mask\":\"local 1x1, width 16\"".into(),
+        run: Box::new(move |dev, reps| {
+            flash_variant_case(dev, a.clone(), false, false, Some(band.clone()), reps)
+        }),
     });
+    // Decode: GQA groups of 4 and 8 query heads per KV head, 1024 cached keys.
+    for group in [4usize, 8] {
+        t.push(decode_row(
+            format!("bf16_d128_g{group}_c1024"),
+            1,
+            1024,
+            group,
+            1,
+            128,
+        ));
+    }
+    t.push(lightning_row(512, 1, 128, 128));
     for blocks in [16usize, 4] {
-        let (tokens, n) = (128, 1024);
-        let b = n / blocks;
-        t.push(Case {
-            family: "monarch",
-            name: format!("bf16_t{tokens}_n{n}_b{blocks}"),
-            shape: format!(
-                "\"dtype\":\"bf16\",\"tokens\":{tokens},\"k\":{blocks},\"q\":{b},\"p\":{b},\"l\":{blocks},\"s\":{b},\"r\":{b}"
-            ),
-            run: Box::new(move |dev, reps| monarch_case(dev, tokens, n, blocks, reps)),
-        });
+        t.push(monarch_row(128, 1024, blocks));
     }
     t
 }
@@ -336,6 +355,7 @@ fn flash_variant_case(
     a: Attention,
     relu2: bool,
     entropy: bool,
+    mask_1x1: Option<Vec<u8>>,
     reps: Reps,
 ) -> Result<(f64, Rate)> {
     let s = stream(dev)?;
@@ -345,10 +365,19 @@ fn flash_variant_case(
     let mut ent = s
         .alloc_zeros::<f32>(if entropy { a.lse_len() } else { 1 })
         .map_err(driver)?;
+    let mask = match &mask_1x1 {
+        Some(m) => Some(s.clone_htod(m).map_err(driver)?),
+        None => None,
+    };
     let _ = relu2; // carried in `a`'s score; named for the table
     let t = attnkit::timing::time(dev, reps.warmup, reps.runs, |_| {
         let extras = Extras {
             entropy: entropy.then(|| (&mut ent).into()),
+            block_mask: mask.as_ref().map(|m| flash::BlockMask {
+                mask: m.into(),
+                block_q: 1,
+                block_k: 1,
+            }),
             ..Default::default()
         };
         flash::forward_with(
