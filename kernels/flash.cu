@@ -92,22 +92,17 @@ struct Visibility {
     __device__ __forceinline__ int hi(int i) const {
         return right < 0 ? seq_k - 1 : min(seq_k - 1, i + diag + right);
     }
-    __device__ __forceinline__ bool block(int i, int j) const {
-        return mask == nullptr || mask[(int64_t)(i / block_q) * mask_cols + j / block_k] != 0;
-    }
-    __device__ __forceinline__ bool visible(int i, int j) const {
-        const int h = hi(i);
-        return j <= h && (j >= lo(i) || j < n_sink) && block(i, j);
-    }
     // Row i's block-mask row (decoded once per row, not per key), or NULL without a mask.
     __device__ __forceinline__ const uint8_t* mask_row(int i) const {
         return mask == nullptr ? nullptr : mask + (int64_t)(i / block_q) * mask_cols;
     }
-    // visible(i, j) given row i's mask_row: one division per key instead of two.
+    // Does row i see key j? `mrow` is mask_row(i): a caller visiting many keys of one row
+    // decodes it once. The mask is read only for keys inside the window.
     __device__ __forceinline__ bool visible(int i, int j, const uint8_t* mrow) const {
         const int h = hi(i);
         return j <= h && (j >= lo(i) || j < n_sink) && (mrow == nullptr || mrow[j / block_k] != 0);
     }
+    __device__ __forceinline__ bool visible(int i, int j) const { return visible(i, j, mask_row(i)); }
     // Keys row i sees (without the block mask, which the host rules out where this is used).
     __device__ __forceinline__ int count(int i) const {
         const int l = lo(i), h = hi(i);
