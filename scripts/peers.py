@@ -12,7 +12,8 @@ timed runs, inputs rotated when a case's working set would fit in the L2. One JS
 --dry-run parses the table and prints the plan without importing torch (no GPU needed).
 Peers: torch SDPA (FLASH_ATTENTION and CUDNN_ATTENTION backends) for flash; fla's
 chunk_simple_gla with a fixed g_gamma and scale=1.0 (and chunk_lightning_attn where present)
-for lightning; the two-bmm Monarch reference and dense torch.matmul for monarch.
+for lightning; the two-bmm Monarch reference and dense torch.matmul for monarch (forward, and
+autograd's backward for monarch_backward).
 """
 import argparse
 import json
@@ -33,6 +34,8 @@ def peers_for(case):
     if fam == "lightning":
         return ["fla-chunk_simple_gla", "fla-chunk_lightning_attn"]
     if fam == "monarch":
+        return ["torch-two-bmm", "torch-dense-matmul"]
+    if fam == "monarch_backward":
         return ["torch-two-bmm", "torch-dense-matmul"]
     if fam == "selftest":
         return ["torch-mul"]
@@ -215,32 +218,49 @@ def build(torch, dev, dtypes, c, impl, copies):
             fns = [(lambda q, k, v: lambda: chunk_lightning_attn(q, k, v, layer_idx=0, num_layers=1, scale=1.0))(*s) for s in sets]
         fns[0]()
         return fns, nbytes, "gbps"
-    if fam == "monarch":
+    if fam in ("monarch", "monarch_backward"):
         tokens, k_, q_, p_, l_, s_, r_ = (c[x] for x in ("tokens", "k", "q", "p", "l", "s", "r"))
+        backward = fam == "monarch_backward"
         n_in, n_out = k_ * p_, l_ * s_
         x_bytes = tokens * (n_in + n_out) * 2
         sets = []
         for _ in range(copies(x_bytes)):
             sets.append(torch.randn(tokens, n_in, device=dev, dtype=dt))
-        w1 = torch.randn(k_, q_, p_, device=dev, dtype=dt)
-        w2 = torch.randn(l_, s_, r_, device=dev, dtype=dt)
         if impl == "torch-two-bmm":
             # fly's blockdiag_butterfly_multiply, written out: two batched matmuls and the
             # permutation between them (the HBM round trip attnkit's fused kernel avoids).
-            def make(x):
-                def f():
-                    h = torch.bmm(x.reshape(tokens, k_, p_).transpose(0, 1), w1.transpose(-1, -2))  # (k, T, q)
-                    h = h.transpose(0, 1).reshape(tokens, r_, l_).transpose(-1, -2).contiguous().transpose(0, 1)  # (l, T, r)
-                    y = torch.bmm(h, w2.transpose(-1, -2))  # (l, T, s)
-                    return y.permute(1, 2, 0).reshape(tokens, s_ * l_)
-                return f
+            params = [torch.randn(k_, q_, p_, device=dev, dtype=dt), torch.randn(l_, s_, r_, device=dev, dtype=dt)]
 
-            fns = [make(x) for x in sets]
+            def fwd(x, w1, w2):
+                h = torch.bmm(x.reshape(tokens, k_, p_).transpose(0, 1), w1.transpose(-1, -2))  # (k, T, q)
+                h = h.transpose(0, 1).reshape(tokens, r_, l_).transpose(-1, -2).contiguous().transpose(0, 1)  # (l, T, r)
+                y = torch.bmm(h, w2.transpose(-1, -2))  # (l, T, s)
+                return y.permute(1, 2, 0).reshape(tokens, s_ * l_)
+
             flops = 2 * tokens * (k_ * q_ * p_ + l_ * s_ * r_)
         else:
-            dense = torch.randn(n_in, n_out, device=dev, dtype=dt)
-            fns = [(lambda x: lambda: torch.matmul(x, dense))(x) for x in sets]
+            params = [torch.randn(n_in, n_out, device=dev, dtype=dt)]
+
+            def fwd(x, dense):
+                return torch.matmul(x, dense)
+
             flops = 2 * tokens * n_in * n_out
+        if not backward:
+            fns = [(lambda x: lambda: fwd(x, *params))(x) for x in sets]
+        else:
+            # The forward once, outside the timing; each call runs only the backward: dx and
+            # the weights' gradients, as attnkit's case. FLOPs: twice the forward's (dx, and the
+            # weight gradients), attnkit's convention.
+            params = [w.requires_grad_(True) for w in params]
+
+            def make_backward(x):
+                x = x.detach().requires_grad_(True)
+                out = fwd(x, *params)
+                grad = torch.randn_like(out)
+                return lambda: torch.autograd.grad(out, [x] + params, grad, retain_graph=True)
+
+            fns = [make_backward(x) for x in sets]
+            flops *= 2
         fns[0]()
         if c.get("bound") == "memory":
             # Same bytes as attnkit-bench counts: x, y and both Monarch weights.

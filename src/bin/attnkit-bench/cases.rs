@@ -4,7 +4,7 @@
 use attnkit::decode::{self, Decode, Layout, Tables};
 use attnkit::flash::{self, Attention, Extras, Relu2Norm, Score};
 use attnkit::lightning::{self, Config, Forward, Seqs};
-use attnkit::monarch::{self, MonarchShape, Rows, Weights};
+use attnkit::monarch::{self, Grads, MonarchShape, Rows, Weights};
 use attnkit::{Bf16, Device, Element, Result};
 
 use super::num;
@@ -208,6 +208,10 @@ pub fn table() -> Vec<Case> {
     for blocks in [64usize, 16, 4] {
         t.push(monarch_row(16384, 4096, blocks));
     }
+    // Its backward (dx and the weight gradients) at the compute-bound two.
+    for blocks in [16usize, 4] {
+        t.push(monarch_backward_row(16384, 4096, blocks));
+    }
     t
 }
 
@@ -246,6 +250,20 @@ fn monarch_row(tokens: usize, n: usize, blocks: usize) -> Case {
             if blocks >= 16 { "memory" } else { "compute" }
         ),
         run: Box::new(move |dev, reps| monarch_case(dev, tokens, n, blocks, reps)),
+    }
+}
+
+/// A square Monarch backward case: bf16, the shape of [`monarch_row`]; FLOPs counted as twice
+/// the forward's (dx, and the weight gradients).
+fn monarch_backward_row(tokens: usize, n: usize, blocks: usize) -> Case {
+    let b = n / blocks;
+    Case {
+        family: "monarch_backward",
+        name: format!("bf16_t{tokens}_n{n}_b{blocks}"),
+        shape: format!(
+            "\"dtype\":\"bf16\",\"tokens\":{tokens},\"k\":{blocks},\"q\":{b},\"p\":{b},\"l\":{blocks},\"s\":{b},\"r\":{b},\"bound\":\"compute\""
+        ),
+        run: Box::new(move |dev, reps| monarch_backward_case(dev, tokens, n, blocks, reps)),
     }
 }
 
@@ -306,6 +324,7 @@ pub fn structure() -> Vec<Case> {
     for blocks in [16usize, 4] {
         t.push(monarch_row(128, 1024, blocks));
     }
+    t.push(monarch_backward_row(128, 1024, 16));
     t
 }
 
@@ -538,6 +557,64 @@ fn monarch_case(
     Ok((
         t.median_ms,
         Rate::Tflops(shape.flops(tokens) / t.median_ms / 1e9),
+    ))
+}
+
+fn monarch_backward_case(
+    dev: &Device,
+    tokens: usize,
+    n: usize,
+    blocks: usize,
+    reps: Reps,
+) -> Result<(f64, Rate)> {
+    let s = stream(dev)?;
+    let shape = MonarchShape::square(n, blocks)?;
+    let up = |len: usize, seed: u32| s.clone_htod(&fill::<Bf16>(len, seed)).map_err(driver);
+    let (w1, w2, bias) = (
+        up(shape.w1_len(), 1)?,
+        up(shape.w2_len(), 2)?,
+        up(shape.n_out(), 3)?,
+    );
+    let (x, dy) = (
+        up(tokens * shape.n_in(), 4)?,
+        up(tokens * shape.n_out(), 5)?,
+    );
+    let mut dx = s
+        .alloc_zeros::<Bf16>(tokens * shape.n_in())
+        .map_err(driver)?;
+    let f32s = |len: usize| s.alloc_zeros::<f32>(len).map_err(driver);
+    let (mut dw1, mut dw2, mut db) = (
+        f32s(shape.w1_len())?,
+        f32s(shape.w2_len())?,
+        f32s(shape.n_out())?,
+    );
+    let ws_len =
+        monarch::backward_workspace_len(shape, tokens).ok_or_else(|| attnkit::Error::Shape {
+            arg: "tokens",
+            detail: "the backward's workspace overflows usize".into(),
+        })?;
+    let mut ws = f32s(ws_len)?;
+    let t = attnkit::timing::time(dev, reps.warmup, reps.runs, |_| {
+        let w = Weights {
+            shape,
+            w1: (&w1).into(),
+            w2: (&w2).into(),
+            bias: Some((&bias).into()),
+        };
+        let g = Grads {
+            dx: (&mut dx).into(),
+            dx_row_stride: shape.n_in(),
+            dw1: (&mut dw1).into(),
+            dw2: (&mut dw2).into(),
+            dbias: Some((&mut db).into()),
+            workspace: (&mut ws).into(),
+        };
+        let rows = Rows::contiguous(tokens, shape.n_in());
+        monarch::backward(dev, &w, (&x).into(), rows, (&dy).into(), shape.n_out(), g)
+    })?;
+    Ok((
+        t.median_ms,
+        Rate::Tflops(2.0 * shape.flops(tokens) / t.median_ms / 1e9),
     ))
 }
 
