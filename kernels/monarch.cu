@@ -29,9 +29,11 @@
 //   pass): groups of w1 blocks i, the intermediate g = blockdiag(w2)^T x for the columns
 //   i*q.. those blocks read, then y[i*p + pp] = w1[i][:, pp] . g_i.
 //
-// Backward (monarch_backward_mid, then monarch_backward_weights, then the transpose product
-// for dx): correct-first CUDA-core kernels that recompute h and dh into the caller's workspace
-// and reduce each weight-gradient entry over the tokens in one thread.
+// Backward (monarch_backward_mid, then the weight gradients, then the transpose product for
+// dx): monarch_backward_mid recomputes h and dh into the caller's workspace on CUDA cores;
+// for bf16/f16 monarch_backward_weights_mma computes every weight-gradient block as a product
+// over tokens on tensor cores (64 x 64 tiles, tokens in steps of 32 through shared memory);
+// f32 takes monarch_backward_weights, one thread per entry summing the tokens in order.
 //
 // History: v1 (this file) loads mma fragments straight from global memory (weights and x tiles
 // are L2-resident and each is used by MT m-tiles or both n8 halves); it has not run on a GPU.
@@ -255,6 +257,14 @@ __device__ __forceinline__ void backward_mid(const MonarchParams& p) {
     }
 }
 
+// sum over tokens of dy[tok][o], in token order (dbias).
+template <typename T>
+__device__ __forceinline__ float column_sum(const T* dy, int64_t row_stride, int64_t tokens, int64_t o) {
+    float acc = 0.0f;
+    for (int64_t tok = 0; tok < tokens; ++tok) acc += to_f32(dy[tok * row_stride + o]);
+    return acc;
+}
+
 // Backward, step 2: one thread per weight-gradient entry, summing over tokens in order (the
 // CPU path's order): dw2[j][t][rr] = sum dy[t*l + j] h[rr*l + j], then
 // dw1[i][c][pp] = sum dh[i*q + c] x[i*p + pp], then dbias[o] = sum dy[o].
@@ -290,9 +300,128 @@ __device__ __forceinline__ void backward_weights(const MonarchParams& p) {
             static_cast<float*>(p.dw1)[e1] = acc;
         } else {
             const int64_t o = e - n_w2 - n_w1;
-            for (int64_t tok = 0; tok < p.tokens; ++tok) acc += to_f32(dy[tok * p.dy_row_stride + o]);
-            static_cast<float*>(p.dbias)[o] = acc;
+            static_cast<float*>(p.dbias)[o] = column_sum(dy, p.dy_row_stride, p.tokens, o);
         }
+    }
+}
+
+// out[rows x cols] (row stride ld, f32) = A^T B summed over all tokens, A: [tokens x rows],
+// B: [tokens x cols], on tensor cores: a 64 x 64 tile per CTA, four warps of 32 x 32 (each B
+// fragment serves two row tiles), the tokens in steps of 32 staged as T in two swizzled
+// token-major buffers; both operands reach the mma through ldmatrix .trans (A and B are
+// k-major). One barrier a step: the step's chunks are stored, the barrier, then the next
+// step's global loads are issued into registers before this step's mma, so they overlap it;
+// a buffer is rewritten only two steps later, after every warp has passed the barrier between.
+// The token order of the sums differs from the CUDA-core kernel's (f32 accumulation both).
+template <typename T, typename SA, typename SB>
+__device__ __forceinline__ void grad_tile(const TokenCols<SA>& a, const TokenCols<SB>& b, int64_t tokens, float* out,
+                                          int ld, int rows, int cols) {
+    constexpr int TILE = ATTNKIT_MONARCH_GRAD_TILE, BK = 32, THREADS = ATTNKIT_MONARCH_GRAD_THREADS;
+    constexpr int CHUNKS = BK * TILE / 8 / THREADS;  // 16-byte chunks per thread per operand
+    using Tile = SwizzledTile<TILE * 2>;
+    static_assert(TILE == 64 && THREADS == 128, "four warps of 32 x 32");
+    // [buffer][A, B] tiles of BK token rows (dynamic shared memory: the host asks for
+    // ATTNKIT_MONARCH_GRAD_SMEM bytes).
+    auto stage = reinterpret_cast<unsigned char(*)[2][BK * TILE * 2]>(monarch_smem);
+    static_assert(ATTNKIT_MONARCH_GRAD_SMEM == 2 * 2 * BK * TILE * 2, "the host's shared-memory size");
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int wm = warp >> 1, wn = warp & 1;
+    uint4 ra[CHUNKS], rb[CHUNKS];
+    auto fetch = [&](int64_t t0) {
+#pragma unroll
+        for (int u = 0; u < CHUNKS; ++u) {
+            const int id = tid + u * THREADS;
+            ra[u] = a.template chunk<T>(t0 + id / 8, tokens, id % 8);
+            rb[u] = b.template chunk<T>(t0 + id / 8, tokens, id % 8);
+        }
+    };
+    float acc[2][4][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) zero_frags(acc[mt]);
+    const int64_t steps = (tokens + BK - 1) / BK;
+    fetch(0);
+    for (int64_t kt = 0; kt < steps; ++kt) {
+        unsigned char* sa = stage[kt & 1][0];
+        unsigned char* sb = stage[kt & 1][1];
+#pragma unroll
+        for (int u = 0; u < CHUNKS; ++u) {
+            const int id = tid + u * THREADS;
+            *reinterpret_cast<uint4*>(sa + Tile::offset(id / 8, id % 8)) = ra[u];
+            *reinterpret_cast<uint4*>(sb + Tile::offset(id / 8, id % 8)) = rb[u];
+        }
+        __syncthreads();
+        if (kt + 1 < steps) fetch((kt + 1) * BK);
+        // A fragments (m = rows, k = tokens) from [k][m]: matrices (m0, k0), (m0 + 8, k0),
+        // (m0, k0 + 8), (m0 + 8, k0 + 8); B (k, n) from [k][n]: (k0, n0), (k0 + 8, n0), then n0 + 8.
+        const typename Tile::Cursor ca(smem_addr(sa), (lane & 7) + (lane >> 4) * 8, wm * 4 + ((lane >> 3) & 1));
+        const typename Tile::Cursor cb(smem_addr(sb), (lane & 7) + ((lane >> 3) & 1) * 8, wn * 4 + (lane >> 4));
+#pragma unroll
+        for (int kc = 0; kc < BK / 16; ++kc) {
+            uint32_t af[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) ldmatrix_x4_trans(af[mt], ca.at(kc * 16, mt * 2));
+#pragma unroll
+            for (int n2 = 0; n2 < 2; ++n2) {
+                uint32_t bf[4];
+                ldmatrix_x4_trans(bf, cb.at(kc * 16, n2 * 2));
+#pragma unroll
+                for (int mt = 0; mt < 2; ++mt) {
+                    mma_16816<T>(acc[mt][2 * n2], af[mt], bf[0], bf[1]);
+                    mma_16816<T>(acc[mt][2 * n2 + 1], af[mt], bf[2], bf[3]);
+                }
+            }
+        }
+    }
+    const int g = lane / 4, tq = lane % 4;
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int row = wm * 32 + mt * 16 + g + (e >= 2 ? 8 : 0);
+                const int col = wn * 32 + nt * 8 + 2 * tq + (e & 1);
+                if (row < rows && col < cols) out[static_cast<int64_t>(row) * ld + col] = acc[mt][nt][e];
+            }
+        }
+    }
+}
+
+// Backward, step 2 on tensor cores (bf16/f16, any block shape): every weight-gradient block is
+// a product over tokens, dw2[j] = dY_j^T H_j ([s x r], dY_j[tok][t] = dy[tok][t*l + j],
+// H_j[tok][rr] = h[tok][rr*l + j]) and dw1[i] = dH_i^T X_i ([q x p], the columns i*q.. of dh
+// and i*p.. of x): one 64 x 64 tile of one block per CTA, in the order monarch.h states; the
+// CTAs past them sum dbias, one thread per column.
+template <typename T>
+__device__ __forceinline__ void backward_weights_mma(const MonarchParams& p) {
+    constexpr int TILE = ATTNKIT_MONARCH_GRAD_TILE;
+    const T* x = static_cast<const T*>(p.x);
+    const T* dy = static_cast<const T*>(p.dy);
+    const int64_t n_mid = static_cast<int64_t>(p.k) * p.q;
+    const float* h = static_cast<const float*>(p.workspace);
+    const float* dh = h + p.tokens * n_mid;
+    const int tn2 = (p.r + TILE - 1) / TILE, tiles2 = (p.s + TILE - 1) / TILE * tn2;
+    const int tn1 = (p.p + TILE - 1) / TILE, tiles1 = (p.q + TILE - 1) / TILE * tn1;
+    const int64_t n2 = static_cast<int64_t>(p.l) * tiles2, n1 = static_cast<int64_t>(p.k) * tiles1;
+    const int64_t cta = blockIdx.x;
+    if (cta < n2) {
+        const int j = static_cast<int>(cta / tiles2), tile = static_cast<int>(cta % tiles2);
+        const int row0 = tile / tn2 * TILE, col0 = tile % tn2 * TILE;
+        const TokenCols<T> a{dy + static_cast<int64_t>(row0) * p.l + j, p.dy_row_stride, p.l, p.s - row0};
+        const TokenCols<float> b{h + static_cast<int64_t>(col0) * p.l + j, n_mid, p.l, p.r - col0};
+        float* out = static_cast<float*>(p.dw2) + (static_cast<int64_t>(j) * p.s + row0) * p.r + col0;
+        grad_tile<T>(a, b, p.tokens, out, p.r, p.s - row0, p.r - col0);
+    } else if (cta < n2 + n1) {
+        const int i = static_cast<int>((cta - n2) / tiles1), tile = static_cast<int>((cta - n2) % tiles1);
+        const int row0 = tile / tn1 * TILE, col0 = tile % tn1 * TILE;
+        const int xcol = i * p.p + col0;
+        const TokenCols<float> a{dh + static_cast<int64_t>(i) * p.q + row0, n_mid, 1, p.q - row0};
+        const TokenCols<T> b{x + xcol, p.x_row_stride, 1, max(0, min(p.p - col0, p.x_cols - xcol))};
+        float* out = static_cast<float*>(p.dw1) + (static_cast<int64_t>(i) * p.q + row0) * p.p + col0;
+        grad_tile<T>(a, b, p.tokens, out, p.p, p.q - row0, p.p - col0);
+    } else if (p.dbias) {
+        const int64_t o = (cta - n2 - n1) * blockDim.x + threadIdx.x;
+        if (o < static_cast<int64_t>(p.l) * p.s) static_cast<float*>(p.dbias)[o] = column_sum(dy, p.dy_row_stride, p.tokens, o);
     }
 }
 
@@ -339,6 +468,15 @@ extern "C" __global__ void __launch_bounds__(ATTNKIT_MONARCH_SIMT_THREADS)
         case ATTNKIT_DTYPE_F16: monarch::backward_mid<__half>(p); break;
         case ATTNKIT_DTYPE_BF16: monarch::backward_mid<__nv_bfloat16>(p); break;
         default: break;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(ATTNKIT_MONARCH_GRAD_THREADS)
+    monarch_backward_weights_mma(const __grid_constant__ MonarchParams p) {
+    switch (p.dtype) {
+        case ATTNKIT_DTYPE_F16: monarch::backward_weights_mma<__half>(p); break;
+        case ATTNKIT_DTYPE_BF16: monarch::backward_weights_mma<__nv_bfloat16>(p); break;
+        default: break;  // the host sends f32 to monarch_backward_weights
     }
 }
 

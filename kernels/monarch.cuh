@@ -72,4 +72,28 @@ __device__ __forceinline__ void for_each_acc(const float (&acc)[MT][2][4], int l
     }
 }
 
+// One operand of a weight-gradient product, a [tokens x cols] matrix read in place: element
+// (tok, col) at base[tok * row_stride + col * col_stride], zero past `cols` or the last token.
+// dy's columns of one w2 block are strided by l (column t*l + j); the others are contiguous.
+template <typename S> struct TokenCols {
+    const S* base;
+    int64_t row_stride;
+    int64_t col_stride;
+    int cols;
+
+    // Columns 8c..8c+7 of token row `tok` as eight T packed into a 16-byte chunk (rounding is
+    // exact: every source holds values already representable in T).
+    template <typename T>
+    __device__ __forceinline__ uint4 chunk(int64_t tok, int64_t tokens, int c) const {
+        float v[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const int col = c * 8 + e;
+            v[e] = tok < tokens && col < cols ? to_f32(base[tok * row_stride + col * col_stride]) : 0.f;
+        }
+        return make_uint4(pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]), pack2<T>(v[4], v[5]),
+                          pack2<T>(v[6], v[7]));
+    }
+};
+
 }  // namespace monarch

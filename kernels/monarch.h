@@ -56,5 +56,13 @@ typedef struct MonarchParams {
 /* Threads per CTA of the two kernels. */
 #define ATTNKIT_MONARCH_MMA_THREADS 256
 #define ATTNKIT_MONARCH_SIMT_THREADS 256
+/* The tensor-core weight-gradient kernel (monarch_backward_weights_mma, bf16/f16): CTAs of
+ * this many threads, each computing one TILE x TILE tile of one block of dw2 or dw1 (grid:
+ * l * tiles(s, r) CTAs for dw2, then k * tiles(q, p) for dw1, then ceil(l*s / THREADS) for
+ * dbias when present, tiles(a, b) = ceil(a / TILE) * ceil(b / TILE)). */
+#define ATTNKIT_MONARCH_GRAD_THREADS 128
+#define ATTNKIT_MONARCH_GRAD_TILE 64
+/* Its dynamic shared memory: two buffers of two 32-token x TILE operand tiles, 2-byte elements. */
+#define ATTNKIT_MONARCH_GRAD_SMEM (2 * 2 * 32 * ATTNKIT_MONARCH_GRAD_TILE * 2)
 
 #endif

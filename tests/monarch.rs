@@ -413,43 +413,49 @@ fn transpose_on<T: Element>(
 }
 
 /// `[dw1, dw2, dbias, dx]` of `backward` on `dev` (copied to and from a GPU), outputs
-/// poisoned first.
+/// poisoned first; dx as f32.
 #[allow(clippy::too_many_arguments)]
-fn grads_on(
+fn grads_on<T: Element>(
     dev: &Device,
     s: MonarchShape,
-    w1: &[f32],
-    w2: &[f32],
-    bias: &[f32],
-    x: &[f32],
-    dy: &[f32],
+    w1: &[T],
+    w2: &[T],
+    bias: &[T],
+    x: &[T],
+    dy: &[T],
     tokens: usize,
 ) -> [Vec<f32>; 4] {
     let rows = Rows::contiguous(tokens, s.n_in());
     let ws_len = monarch::backward_workspace_len(s, tokens).unwrap();
-    let mut out = [
+    let mut dws = [
         poisoned::<f32>(s.w1_len()),
         poisoned::<f32>(s.w2_len()),
         poisoned::<f32>(s.n_out()),
-        poisoned::<f32>(tokens * s.n_in()),
     ];
+    let mut dx = poisoned::<T>(tokens * s.n_in());
     #[cfg(feature = "cuda")]
     if let Some(stream) = dev.stream() {
-        let up = |v: &[f32]| stream.clone_htod(v).unwrap();
-        let (w1d, w2d, bd, xd, dyd) = (up(w1), up(w2), up(bias), up(x), up(dy));
-        let mut o: Vec<_> = out.iter().map(|v| up(v)).collect();
-        let mut ws = up(&poisoned::<f32>(ws_len));
+        let (w1d, w2d, bd, xd, dyd) = (
+            stream.clone_htod(w1).unwrap(),
+            stream.clone_htod(w2).unwrap(),
+            stream.clone_htod(bias).unwrap(),
+            stream.clone_htod(x).unwrap(),
+            stream.clone_htod(dy).unwrap(),
+        );
+        let mut o: Vec<_> = dws.iter().map(|v| stream.clone_htod(v).unwrap()).collect();
+        let mut dxd = stream.clone_htod(&dx).unwrap();
+        let mut ws = stream.clone_htod(&poisoned::<f32>(ws_len)).unwrap();
         let w = Weights {
             shape: s,
             w1: (&w1d).into(),
             w2: (&w2d).into(),
             bias: Some((&bd).into()),
         };
-        let [dw1, dw2, db, dx] = &mut o[..] else {
+        let [dw1, dw2, db] = &mut o[..] else {
             unreachable!()
         };
         let g = Grads {
-            dx: dx.into(),
+            dx: (&mut dxd).into(),
             dx_row_stride: s.n_in(),
             dw1: dw1.into(),
             dw2: dw2.into(),
@@ -457,10 +463,19 @@ fn grads_on(
             workspace: (&mut ws).into(),
         };
         monarch::backward(dev, &w, (&xd).into(), rows, (&dyd).into(), s.n_out(), g).unwrap();
-        for (h, d) in out.iter_mut().zip(&o) {
-            *h = stream.clone_dtoh(d).unwrap();
-        }
-        return out;
+        let [a, b, c] = dws;
+        let dx: Vec<f32> = stream
+            .clone_dtoh(&dxd)
+            .unwrap()
+            .iter()
+            .map(|v| v.to_f32())
+            .collect();
+        let [oa, ob, oc] = &o[..] else { unreachable!() };
+        let down = |d, mut h: Vec<f32>| {
+            h.copy_from_slice(&stream.clone_dtoh(d).unwrap());
+            h
+        };
+        return [down(oa, a), down(ob, b), down(oc, c), dx];
     }
     let mut ws = poisoned::<f32>(ws_len);
     let w = Weights {
@@ -469,9 +484,9 @@ fn grads_on(
         w2: w2.into(),
         bias: Some(bias.into()),
     };
-    let [dw1, dw2, db, dx] = &mut out;
+    let [dw1, dw2, db] = &mut dws;
     let g = Grads {
-        dx: dx.into(),
+        dx: (&mut dx[..]).into(),
         dx_row_stride: s.n_in(),
         dw1: dw1.into(),
         dw2: dw2.into(),
@@ -479,7 +494,133 @@ fn grads_on(
         workspace: (&mut ws).into(),
     };
     monarch::backward(dev, &w, x.into(), rows, dy.into(), s.n_out(), g).unwrap();
-    out
+    let [a, b, c] = dws;
+    [a, b, c, dx.iter().map(|v| v.to_f32()).collect()]
+}
+
+/// The exact gradients of `L = sum(dy * (M x + bias))` in f64, `[dw1, dw2, dbias, dx]`
+/// (h = R x and dh unrounded), and per gradient the largest sum of |terms| of one entry: the
+/// scale of the error that rounding h and dh to a 16-bit type may make.
+fn grads_oracle(
+    s: MonarchShape,
+    w1: &[f64],
+    w2: &[f64],
+    x: &[f64],
+    dy: &[f64],
+    tokens: usize,
+) -> ([Vec<f64>; 4], [f64; 4]) {
+    let [k, q, p] = s.w1_dims();
+    let [l, ss, r] = s.w2_dims();
+    let (n_in, n_mid, n_out) = (s.n_in(), s.n_mid(), s.n_out());
+    let mut h = vec![0.0; tokens * n_mid];
+    let mut dh = vec![0.0; tokens * n_mid];
+    for tok in 0..tokens {
+        for m in 0..n_mid {
+            h[tok * n_mid + m] = (0..p)
+                .map(|pp| w1[m * p + pp] * x[tok * n_in + m / q * p + pp])
+                .sum();
+            let (j, rr) = (m % l, m / l);
+            dh[tok * n_mid + m] = (0..ss)
+                .map(|t| w2[(j * ss + t) * r + rr] * dy[tok * n_out + t * l + j])
+                .sum();
+        }
+    }
+    // (sum, sum of |terms|) over tokens of a(tok) * b(tok).
+    let dot = |a: &dyn Fn(usize) -> f64, b: &dyn Fn(usize) -> f64| {
+        (0..tokens).fold((0.0, 0.0), |(v, m), t| {
+            (v + a(t) * b(t), m + (a(t) * b(t)).abs())
+        })
+    };
+    let mut dw1 = vec![0.0; s.w1_len()];
+    let mut dw2 = vec![0.0; s.w2_len()];
+    let mut mags = [0.0f64; 4];
+    for i in 0..k {
+        for c in 0..q {
+            for pp in 0..p {
+                let (v, m) = dot(&|t| dh[t * n_mid + i * q + c], &|t| {
+                    x[t * n_in + i * p + pp]
+                });
+                dw1[(i * q + c) * p + pp] = v;
+                mags[0] = mags[0].max(m);
+            }
+        }
+    }
+    for j in 0..l {
+        for t in 0..ss {
+            for rr in 0..r {
+                let (v, m) = dot(&|tok| dy[tok * n_out + t * l + j], &|tok| {
+                    h[tok * n_mid + rr * l + j]
+                });
+                dw2[(j * ss + t) * r + rr] = v;
+                mags[1] = mags[1].max(m);
+            }
+        }
+    }
+    let dbias: Vec<f64> = (0..n_out)
+        .map(|o| (0..tokens).map(|t| dy[t * n_out + o]).sum())
+        .collect();
+    let dx = oracle::multiply_transpose(s, w1, w2, None, dy, tokens);
+    let scale = |v: &[f64]| v.iter().fold(0.0f64, |m, e| m.max(e.abs()));
+    mags[2] = scale(&dbias);
+    mags[3] = scale(&dx);
+    ([dw1, dw2, dbias, dx], mags)
+}
+
+/// Shapes of the low-precision backward test: blocks of odd sizes, of 16, and a few 64 x 64
+/// tiles with partial ones (130 x 128 blocks of dw2, 80 x 48 of dw1).
+const GRAD_SHAPES: &[([usize; 3], [usize; 3])] = &[
+    ([3, 4, 2], [4, 5, 3]),
+    ([2, 16, 16], [2, 16, 16]),
+    ([2, 80, 48], [4, 40, 40]),
+    ([4, 64, 72], [2, 130, 128]),
+];
+
+/// The backward pass in a 16-bit type on `dev` against the exact f64 gradients of the rounded
+/// inputs. `lp` gives the tolerance: on the CPU (the naive loops) the rounding of h and dh
+/// to T bounds it (u_T * sum |terms|, doubled, plus f32's sums); elsewhere twice the CPU
+/// path's error plus f32-sum slack, the error of a naive computation in the same precision.
+fn check_backward_lp<T: Element>(dev: &Device, name: &str, u: f64) {
+    let mut rng = rng(name);
+    for (n, &(d1, d2)) in GRAD_SHAPES.iter().enumerate() {
+        let s = shape(d1, d2);
+        let tokens = [5, 37, 70, 33][n];
+        let w1: Vec<T> = random(&mut rng, s.w1_len());
+        let w2: Vec<T> = random(&mut rng, s.w2_len());
+        let bias: Vec<T> = random(&mut rng, s.n_out());
+        let x: Vec<T> = random(&mut rng, tokens * s.n_in());
+        let dy: Vec<T> = random(&mut rng, tokens * s.n_out());
+        let (want, mags) = grads_oracle(s, &f64s(&w1), &f64s(&w2), &f64s(&x), &f64s(&dy), tokens);
+        let got = grads_on(dev, s, &w1, &w2, &bias, &x, &dy, tokens);
+        let cpu = dev
+            .is_cuda()
+            .then(|| grads_on(&Device::cpu(), s, &w1, &w2, &bias, &x, &dy, tokens));
+        for which in 0..4 {
+            // dx is rounded to T at the end, besides its rounded intermediate.
+            let bound = 2.0 * u * mags[which] * if which == 3 { 2.0 } else { 1.0 };
+            let slack = 1e-5 * mags[which].max(1.0);
+            let tol = match &cpu {
+                None => bound + slack,
+                Some(c) => {
+                    let c: Vec<f64> = c[which].iter().map(|&v| v as f64).collect();
+                    2.0 * max_abs_diff(&c, &want[which]) + slack
+                }
+            };
+            let what = ["dw1", "dw2", "dbias", "dx"][which];
+            assert_close(
+                &format!("{name} {what} {d1:?} {d2:?} tokens={tokens}"),
+                &got[which],
+                &want[which],
+                tol,
+                0.0,
+            );
+        }
+    }
+}
+
+#[test]
+fn backward_low_precision_matches_oracle() {
+    check_backward_lp::<Bf16>(&Device::cpu(), "backward_cpu_bf16", 1.0 / 256.0);
+    check_backward_lp::<F16>(&Device::cpu(), "backward_cpu_f16", 1.0 / 2048.0);
 }
 
 /// Central finite differences of `L = sum(dy * (M x + bias))` through the f64 oracle (exact up
@@ -1132,6 +1273,17 @@ mod gpu {
             return;
         };
         check_backward(&dev, "backward_gpu");
+    }
+
+    /// bf16 and f16 take the tensor-core weight-gradient kernel: against the exact gradients,
+    /// within twice the CPU path's error.
+    #[test]
+    fn backward_gpu_low_precision_matches_oracle() {
+        let Some(dev) = gpu("backward_gpu_low_precision_matches_oracle") else {
+            return;
+        };
+        check_backward_lp::<Bf16>(&dev, "backward_gpu_bf16", 1.0 / 256.0);
+        check_backward_lp::<F16>(&dev, "backward_gpu_f16", 1.0 / 2048.0);
     }
 
     /// `M^T x` on the GPU (the simt kernel) against the oracle: f32 to 1e-5, bf16 within twice

@@ -193,6 +193,39 @@ fn grid_stride(dev: &CudaDevice, n: usize) -> LaunchConfig {
     }
 }
 
+/// The launch of `monarch_backward_weights_mma`: one CTA per 64 x 64 tile of every block of
+/// dw2, then of dw1, then enough for one thread per dbias column (the order kernels/monarch.h
+/// states).
+fn grad_tiles(shape: MonarchShape, no_bias: bool) -> Result<LaunchConfig> {
+    let tile = c::ATTNKIT_MONARCH_GRAD_TILE as usize;
+    let threads = c::ATTNKIT_MONARCH_GRAD_THREADS;
+    let tiles = |a: usize, b: usize| a.div_ceil(tile) * b.div_ceil(tile);
+    let [k, q, p] = shape.w1_dims();
+    let [l, s, r] = shape.w2_dims();
+    let bias = if no_bias {
+        0
+    } else {
+        shape.n_out().div_ceil(threads as usize)
+    };
+    // Each term is at most w2_len, w1_len or n_out (< 2^31 each), so the sum cannot overflow;
+    // past a grid's x limit it is an error, not a wrapped launch.
+    let ctas = l * tiles(s, r) + k * tiles(q, p) + bias;
+    let ctas = u32::try_from(ctas)
+        .ok()
+        .filter(|&n| n <= i32::MAX as u32)
+        .ok_or_else(|| Error::Shape {
+            arg: "w2",
+            detail: format!(
+                "the weight gradients take {ctas} tiles of {tile}x{tile}, past a grid's 2^31 - 1"
+            ),
+        })?;
+    Ok(LaunchConfig {
+        grid_dim: (ctas, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: c::ATTNKIT_MONARCH_GRAD_SMEM,
+    })
+}
+
 /// The backward pass on the GPU: h and dh into the workspace, the weight gradients, then
 /// `dx = M^T dy` through the transpose product. Everything already checked by the caller.
 pub(super) fn backward<T: Element>(
@@ -259,7 +292,15 @@ pub(super) fn backward<T: Element>(
             ..shape_params::<T>(shape)
         };
         let n_mid_values = tokens * shape.n_mid();
-        let n_grads = shape.w1_len() + shape.w2_len() + shape.n_out();
+        let weights = if matches!(T::DTYPE, DType::F16 | DType::Bf16) {
+            (
+                "monarch_backward_weights_mma",
+                grad_tiles(shape, params.dbias.is_null())?,
+            )
+        } else {
+            let n_grads = shape.w1_len() + shape.w2_len() + shape.n_out();
+            ("monarch_backward_weights", grid_stride(dev, n_grads))
+        };
         // SAFETY: x, dy hold their checked rows, w1/w2/dw1/dw2 their shapes, dbias n_out, the
         // workspace 2 * tokens * n_mid f32 (checked by the caller); the kernels touch no more,
         // and every pointer comes from a guard alive until after both launches.
@@ -270,12 +311,7 @@ pub(super) fn backward<T: Element>(
                 grid_stride(dev, n_mid_values),
                 &params,
             )?;
-            dev.launch(
-                "monarch",
-                "monarch_backward_weights",
-                grid_stride(dev, n_grads),
-                &params,
-            )?;
+            dev.launch("monarch", weights.0, weights.1, &params)?;
         }
         drop(ptrs);
     }

@@ -585,9 +585,12 @@ pub fn backward_workspace_len(shape: MonarchShape, tokens: usize) -> Option<usiz
 
 /// The backward pass of `y = M x + bias`: given `x` and `dy = dL/dy` (`[tokens, n_out]`, row
 /// stride `dy_row_stride`), writes `dx`, `dw1`, `dw2` (and `dbias`). The intermediate `h` is
-/// recomputed into the caller's workspace with its gradient `dh`; each weight gradient entry
-/// then sums its outer-product terms over the tokens in order; `dx = M^T dy` is the transpose
-/// product. On a GPU: three launches on CUDA cores (not tensor cores).
+/// recomputed into the caller's workspace with its gradient `dh` (both rounded to `T`, as the
+/// forward pass rounds `h`); each weight gradient entry then sums its outer-product terms over
+/// the tokens in f32; `dx = M^T dy` is the transpose product. On a GPU: three launches; for
+/// bf16/f16 the weight gradients run on tensor cores (every block of `dw1` and `dw2` is a
+/// product over tokens, in 64 x 64 tiles, summing 32 tokens a step), the rest on CUDA cores;
+/// f32 sums each entry over the tokens in order on CUDA cores, as the CPU path does.
 ///
 /// ```
 /// use attnkit::monarch::{self, Grads, MonarchShape, Rows, Weights};
