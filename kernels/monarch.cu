@@ -29,11 +29,12 @@
 //   pass): groups of w1 blocks i, the intermediate g = blockdiag(w2)^T x for the columns
 //   i*q.. those blocks read, then y[i*p + pp] = w1[i][:, pp] . g_i.
 //
-// Backward (monarch_backward_mid, then the weight gradients, then the transpose product for
-// dx): monarch_backward_mid recomputes h and dh into the caller's workspace on CUDA cores;
-// for bf16/f16 monarch_backward_weights_mma computes every weight-gradient block as a product
-// over tokens on tensor cores (64 x 64 tiles, tokens in steps of 32 through shared memory);
-// f32 takes monarch_backward_weights, one thread per entry summing the tokens in order.
+// Backward, bf16/f16: two launches of tensor-core tiles (gemm_tile: 64 x 64, the contraction
+// in steps of 32 through shared memory): monarch_backward_mid_mma recomputes h and computes
+// dh into the caller's workspace, monarch_backward_weights_mma then dw2, dw1 and dx (from dh,
+// the transpose's first stage) and dbias. f32: monarch_backward_mid and
+// monarch_backward_weights on CUDA cores (each entry sums the tokens in order, as the CPU
+// path), then the transpose product for dx.
 //
 // History: v1 (this file) loads mma fragments straight from global memory (weights and x tiles
 // are L2-resident and each is used by MT m-tiles or both n8 halves); it has not run on a GPU.
@@ -305,65 +306,94 @@ __device__ __forceinline__ void backward_weights(const MonarchParams& p) {
     }
 }
 
-// out[rows x cols] (row stride ld, f32) = A^T B summed over all tokens, A: [tokens x rows],
-// B: [tokens x cols], on tensor cores: a 64 x 64 tile per CTA, four warps of 32 x 32 (each B
-// fragment serves two row tiles), the tokens in steps of 32 staged as T in two swizzled
-// token-major buffers; both operands reach the mma through ldmatrix .trans (A and B are
-// k-major). One barrier a step: the step's chunks are stored, the barrier, then the next
-// step's global loads are issued into registers before this step's mma, so they overlap it;
-// a buffer is rewritten only two steps later, after every warp has passed the barrier between.
-// The token order of the sums differs from the CUDA-core kernel's (f32 accumulation both).
-template <typename T, typename SA, typename SB>
-__device__ __forceinline__ void grad_tile(const TokenCols<SA>& a, const TokenCols<SB>& b, int64_t tokens, float* out,
-                                          int ld, int rows, int cols) {
-    constexpr int TILE = ATTNKIT_MONARCH_GRAD_TILE, BK = 32, THREADS = ATTNKIT_MONARCH_GRAD_THREADS;
-    constexpr int CHUNKS = BK * TILE / 8 / THREADS;  // 16-byte chunks per thread per operand
-    using Tile = SwizzledTile<TILE * 2>;
-    static_assert(TILE == 64 && THREADS == 128, "four warps of 32 x 32");
-    // [buffer][A, B] tiles of BK token rows (dynamic shared memory: the host asks for
-    // ATTNKIT_MONARCH_GRAD_SMEM bytes).
-    auto stage = reinterpret_cast<unsigned char(*)[2][BK * TILE * 2]>(monarch_smem);
-    static_assert(ATTNKIT_MONARCH_GRAD_SMEM == 2 * 2 * BK * TILE * 2, "the host's shared-memory size");
-    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-    const int wm = warp >> 1, wn = warp & 1;
-    uint4 ra[CHUNKS], rb[CHUNKS];
-    auto fetch = [&](int64_t t0) {
+// Stages 16-byte chunks of one operand of gemm_tile through shared memory. K_MAJOR: the tile
+// is [32 k][64 m] (rows of 128 bytes), chunk = 8 consecutive m of one k; otherwise
+// [64 m][32 k] (rows of 64 bytes), chunk = 8 consecutive k of one m. Swizzled either way: the
+// chunk stores and the ldmatrix reads of eight consecutive rows are conflict-free.
+template <bool K_MAJOR> struct GemmStage {
+    static constexpr int ROWS = K_MAJOR ? 32 : 64, ROW_CHUNKS = K_MAJOR ? 8 : 4;
+    using Tile = SwizzledTile<ROW_CHUNKS * 16>;
+    static constexpr int CHUNKS = ROWS * ROW_CHUNKS / ATTNKIT_MONARCH_GRAD_THREADS;  // per thread
+    uint4 r[CHUNKS];
+    // Loads the chunks of the step at contraction offset k0 into registers.
+    template <typename T, typename S, bool U>
+    __device__ __forceinline__ void fetch(const Strided<S, U>& op, int64_t k0, int tid) {
 #pragma unroll
         for (int u = 0; u < CHUNKS; ++u) {
-            const int id = tid + u * THREADS;
-            ra[u] = a.template chunk<T>(t0 + id / 8, tokens, id % 8);
-            rb[u] = b.template chunk<T>(t0 + id / 8, tokens, id % 8);
+            const int id = tid + u * ATTNKIT_MONARCH_GRAD_THREADS, row = id / ROW_CHUNKS, c = id % ROW_CHUNKS;
+            r[u] = K_MAJOR ? op.template chunk<T>(k0 + row, 8 * c) : op.template chunk<T>(row, k0 + 8 * c);
         }
-    };
+    }
+    __device__ __forceinline__ void store(unsigned char* tile, int tid) const {
+#pragma unroll
+        for (int u = 0; u < CHUNKS; ++u) {
+            const int id = tid + u * ATTNKIT_MONARCH_GRAD_THREADS;
+            *reinterpret_cast<uint4*>(tile + Tile::offset(id / ROW_CHUNKS, id % ROW_CHUNKS)) = r[u];
+        }
+    }
+    // The ldmatrix cursor of this lane for A fragments (rows m of the warp's 32, in mma_16816's
+    // order: (m0, k0), (m0 + 8, k0), (m0, k0 + 8), (m0 + 8, k0 + 8)) or, A = false, for pairs of
+    // B fragments (k0, n0), (k0 + 8, n0), (k0, n0 + 8), (k0 + 8, n0 + 8); the warp's 32 columns
+    // start at chunk/row w * 32.
+    template <bool A>
+    __device__ static __forceinline__ typename Tile::Cursor cursor(uint32_t tile, int w, int lane) {
+        const int lo = lane & 7, b3 = (lane >> 3) & 1, b4 = lane >> 4;
+        if (K_MAJOR) return typename Tile::Cursor(tile, lo + (A ? b4 : b3) * 8, w * 4 + (A ? b3 : b4));
+        return typename Tile::Cursor(tile, w * 32 + lo + (A ? b3 : b4) * 8, A ? b4 : b3);
+    }
+    // The fragment at the k16 step kc of the warp's 16-wide slice `sub` (trans when k-major).
+    __device__ static __forceinline__ void frag(uint32_t (&f)[4], const typename Tile::Cursor& c, int kc, int sub) {
+        if (K_MAJOR) ldmatrix_x4_trans(f, c.at(kc * 16, sub * 2));
+        else ldmatrix_x4(f, c.at(sub * 16, kc * 2));
+    }
+};
+
+// out = A B on tensor cores for one 64 x 64 tile, A: [64 x K] (a(m, k)), B: [K x 64] (b(k, n)),
+// the contraction K in steps of 32 (KA / KB: whether A / B are staged k-major, see Strided):
+// four warps of 32 x 32 (each B fragment serves two row tiles), both operands staged as T in
+// two swizzled buffers; one barrier a step: the step's chunks are stored, the barrier, then
+// the next step's global loads are issued into registers before this step's mma, so they
+// overlap it; a buffer is rewritten only two steps later, after every warp has passed the
+// barrier between. Sums in f32 (the order differs from the CUDA-core kernels').
+template <typename T, bool KA, bool KB, bool ROUND, typename SA, bool UA, typename SB, bool UB, typename O>
+__device__ __forceinline__ void gemm_tile(const Strided<SA, UA>& a, const Strided<SB, UB>& b, int64_t K,
+                                          const StridedOut<O>& out) {
+    constexpr int BK = 32, TILE_BYTES = 32 * 64 * 2;
+    static_assert(ATTNKIT_MONARCH_GRAD_TILE == 64 && ATTNKIT_MONARCH_GRAD_THREADS == 128, "four warps of 32 x 32");
+    static_assert(ATTNKIT_MONARCH_GRAD_SMEM == 2 * 2 * TILE_BYTES, "the host's shared-memory size");
+    // [buffer][A, B] (dynamic shared memory: the host asks for ATTNKIT_MONARCH_GRAD_SMEM).
+    auto stage = reinterpret_cast<unsigned char(*)[2][TILE_BYTES]>(monarch_smem);
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int wm = warp >> 1, wn = warp & 1;
+    GemmStage<KA> sa;
+    GemmStage<KB> sb;
     float acc[2][4][4];
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt) zero_frags(acc[mt]);
-    const int64_t steps = (tokens + BK - 1) / BK;
-    fetch(0);
+    const int64_t steps = (K + BK - 1) / BK;
+    sa.template fetch<T>(a, 0, tid);
+    sb.template fetch<T>(b, 0, tid);
     for (int64_t kt = 0; kt < steps; ++kt) {
-        unsigned char* sa = stage[kt & 1][0];
-        unsigned char* sb = stage[kt & 1][1];
-#pragma unroll
-        for (int u = 0; u < CHUNKS; ++u) {
-            const int id = tid + u * THREADS;
-            *reinterpret_cast<uint4*>(sa + Tile::offset(id / 8, id % 8)) = ra[u];
-            *reinterpret_cast<uint4*>(sb + Tile::offset(id / 8, id % 8)) = rb[u];
-        }
+        unsigned char* ta = stage[kt & 1][0];
+        unsigned char* tb = stage[kt & 1][1];
+        sa.store(ta, tid);
+        sb.store(tb, tid);
         __syncthreads();
-        if (kt + 1 < steps) fetch((kt + 1) * BK);
-        // A fragments (m = rows, k = tokens) from [k][m]: matrices (m0, k0), (m0 + 8, k0),
-        // (m0, k0 + 8), (m0 + 8, k0 + 8); B (k, n) from [k][n]: (k0, n0), (k0 + 8, n0), then n0 + 8.
-        const typename Tile::Cursor ca(smem_addr(sa), (lane & 7) + (lane >> 4) * 8, wm * 4 + ((lane >> 3) & 1));
-        const typename Tile::Cursor cb(smem_addr(sb), (lane & 7) + ((lane >> 3) & 1) * 8, wn * 4 + (lane >> 4));
+        if (kt + 1 < steps) {
+            sa.template fetch<T>(a, (kt + 1) * BK, tid);
+            sb.template fetch<T>(b, (kt + 1) * BK, tid);
+        }
+        const auto ca = GemmStage<KA>::template cursor<true>(smem_addr(ta), wm, lane);
+        const auto cb = GemmStage<KB>::template cursor<false>(smem_addr(tb), wn, lane);
 #pragma unroll
         for (int kc = 0; kc < BK / 16; ++kc) {
             uint32_t af[2][4];
 #pragma unroll
-            for (int mt = 0; mt < 2; ++mt) ldmatrix_x4_trans(af[mt], ca.at(kc * 16, mt * 2));
+            for (int mt = 0; mt < 2; ++mt) GemmStage<KA>::frag(af[mt], ca, kc, mt);
 #pragma unroll
             for (int n2 = 0; n2 < 2; ++n2) {
                 uint32_t bf[4];
-                ldmatrix_x4_trans(bf, cb.at(kc * 16, n2 * 2));
+                GemmStage<KB>::frag(bf, cb, kc, n2);
 #pragma unroll
                 for (int mt = 0; mt < 2; ++mt) {
                     mma_16816<T>(acc[mt][2 * n2], af[mt], bf[0], bf[1]);
@@ -381,46 +411,116 @@ __device__ __forceinline__ void grad_tile(const TokenCols<SA>& a, const TokenCol
             for (int e = 0; e < 4; ++e) {
                 const int row = wm * 32 + mt * 16 + g + (e >= 2 ? 8 : 0);
                 const int col = wn * 32 + nt * 8 + 2 * tq + (e & 1);
-                if (row < rows && col < cols) out[static_cast<int64_t>(row) * ld + col] = acc[mt][nt][e];
+                if (row < out.rows && col < out.cols) {
+                    const float v = ROUND ? to_f32(from_f32<T>(acc[mt][nt][e])) : acc[mt][nt][e];
+                    out.base[row * out.row_stride + col * out.col_stride] = from_f32<O>(v);
+                }
             }
         }
+    }
+}
+
+// Which tile of a [rows x cols] product of 64 x 64 tiles CTA-relative index `t` is.
+struct TileAt {
+    int64_t row0, col0;
+    __device__ __forceinline__ TileAt(int64_t t, int64_t cols) {
+        const int64_t tn = (cols + ATTNKIT_MONARCH_GRAD_TILE - 1) / ATTNKIT_MONARCH_GRAD_TILE;
+        row0 = t / tn * ATTNKIT_MONARCH_GRAD_TILE;
+        col0 = t % tn * ATTNKIT_MONARCH_GRAD_TILE;
+    }
+};
+__device__ __forceinline__ int64_t tiles_of(int64_t rows, int64_t cols) {
+    constexpr int T = ATTNKIT_MONARCH_GRAD_TILE;
+    return (rows + T - 1) / T * ((cols + T - 1) / T);
+}
+
+// Backward, step 1 on tensor cores (bf16/f16): h_i = X_i W1_i^T ([tokens x q] per w1 block i,
+// K = p) and dh_j = dY_j W2_j ([tokens x r] per w2 block j, dY_j[tok][t] = dy[tok][t*l + j],
+// K = s, stored at h columns rr*l + j), both rounded to T into the f32 workspace: the h tiles
+// of every i, then the dh tiles of every j (grid as monarch.h states).
+template <typename T>
+__device__ __forceinline__ void backward_mid_mma(const MonarchParams& p) {
+    const T* x = static_cast<const T*>(p.x);
+    const T* dy = static_cast<const T*>(p.dy);
+    const T* w1 = static_cast<const T*>(p.w1);
+    const T* w2 = static_cast<const T*>(p.w2);
+    const int64_t n_mid = static_cast<int64_t>(p.k) * p.q, T_ = p.tokens;
+    float* h = static_cast<float*>(p.workspace);
+    float* dh = h + T_ * n_mid;
+    const int64_t per_h = tiles_of(T_, p.q), n_h = p.k * per_h;
+    const int64_t cta = blockIdx.x;
+    if (cta < n_h) {
+        const int64_t i = cta / per_h;
+        const TileAt t(cta % per_h, p.q);
+        const int64_t xcol = i * p.p;
+        // a(tok, pp) = x[tok][i*p + pp], contiguous along k; b(pp, c) = w1[i][c][pp], too.
+        const Strided<T, true> a{x + t.row0 * p.x_row_stride + xcol, p.x_row_stride, 1, T_ - t.row0,
+                           max(int64_t{0}, min(int64_t{p.p}, p.x_cols - xcol))};
+        const Strided<T, true> b{w1 + (i * p.q + t.col0) * p.p, p.p, 1, p.q - t.col0, p.p};
+        const StridedOut<float> o{h + t.row0 * n_mid + i * p.q + t.col0, n_mid, 1, T_ - t.row0, p.q - t.col0};
+        gemm_tile<T, false, false, true>(a, b, p.p, o);
+    } else {
+        const int64_t per_dh = tiles_of(T_, p.r), rest = cta - n_h;
+        const int64_t j = rest / per_dh;
+        if (j >= p.l) return;
+        const TileAt t(rest % per_dh, p.r);
+        // a(tok, t) = dy[tok][t*l + j] (strided both ways); b(t, rr) = w2[j][t][rr], contiguous
+        // along the free index rr: staged k-major.
+        const Strided<T, false> a{dy + t.row0 * p.dy_row_stride + j, p.dy_row_stride, p.l, T_ - t.row0, p.s};
+        const Strided<T, true> b{w2 + j * p.s * p.r + t.col0, p.r, 1, p.s, p.r - t.col0};
+        const StridedOut<float> o{dh + t.row0 * n_mid + t.col0 * p.l + j, n_mid, p.l, T_ - t.row0, p.r - t.col0};
+        gemm_tile<T, false, true, true>(a, b, p.s, o);
     }
 }
 
 // Backward, step 2 on tensor cores (bf16/f16, any block shape): every weight-gradient block is
 // a product over tokens, dw2[j] = dY_j^T H_j ([s x r], dY_j[tok][t] = dy[tok][t*l + j],
 // H_j[tok][rr] = h[tok][rr*l + j]) and dw1[i] = dH_i^T X_i ([q x p], the columns i*q.. of dh
-// and i*p.. of x): one 64 x 64 tile of one block per CTA, in the order monarch.h states; the
-// CTAs past them sum dbias, one thread per column.
+// and i*p.. of x), and dx_i = dH_i W1_i ([tokens x p], K = q: the transpose product's second
+// stage, its first being dh): 64 x 64 tiles in the order monarch.h states; the CTAs past them
+// sum dbias, one thread per column.
 template <typename T>
 __device__ __forceinline__ void backward_weights_mma(const MonarchParams& p) {
-    constexpr int TILE = ATTNKIT_MONARCH_GRAD_TILE;
     const T* x = static_cast<const T*>(p.x);
     const T* dy = static_cast<const T*>(p.dy);
-    const int64_t n_mid = static_cast<int64_t>(p.k) * p.q;
+    const T* w1 = static_cast<const T*>(p.w1);
+    const int64_t n_mid = static_cast<int64_t>(p.k) * p.q, T_ = p.tokens;
     const float* h = static_cast<const float*>(p.workspace);
-    const float* dh = h + p.tokens * n_mid;
-    const int tn2 = (p.r + TILE - 1) / TILE, tiles2 = (p.s + TILE - 1) / TILE * tn2;
-    const int tn1 = (p.p + TILE - 1) / TILE, tiles1 = (p.q + TILE - 1) / TILE * tn1;
-    const int64_t n2 = static_cast<int64_t>(p.l) * tiles2, n1 = static_cast<int64_t>(p.k) * tiles1;
+    const float* dh = h + T_ * n_mid;
+    const int64_t per2 = tiles_of(p.s, p.r), n2 = p.l * per2;
+    const int64_t per1 = tiles_of(p.q, p.p), n1 = p.k * per1;
+    const int64_t perx = tiles_of(T_, p.p), nx = p.k * perx;
     const int64_t cta = blockIdx.x;
     if (cta < n2) {
-        const int j = static_cast<int>(cta / tiles2), tile = static_cast<int>(cta % tiles2);
-        const int row0 = tile / tn2 * TILE, col0 = tile % tn2 * TILE;
-        const TokenCols<T> a{dy + static_cast<int64_t>(row0) * p.l + j, p.dy_row_stride, p.l, p.s - row0};
-        const TokenCols<float> b{h + static_cast<int64_t>(col0) * p.l + j, n_mid, p.l, p.r - col0};
-        float* out = static_cast<float*>(p.dw2) + (static_cast<int64_t>(j) * p.s + row0) * p.r + col0;
-        grad_tile<T>(a, b, p.tokens, out, p.r, p.s - row0, p.r - col0);
+        const int64_t j = cta / per2;
+        const TileAt t(cta % per2, p.r);
+        // a(t, tok) = dy[tok][t*l + j], b(tok, rr) = h[tok][rr*l + j]: k-major (tokens) both.
+        const Strided<T, false> a{dy + t.row0 * p.l + j, p.dy_row_stride, p.l, T_, p.s - t.row0};
+        const Strided<float, false> b{h + t.col0 * p.l + j, n_mid, p.l, T_, p.r - t.col0};
+        const StridedOut<float> o{static_cast<float*>(p.dw2) + (j * p.s + t.row0) * p.r + t.col0, p.r, 1,
+                                  p.s - t.row0, p.r - t.col0};
+        gemm_tile<T, true, true, false>(a, b, T_, o);
     } else if (cta < n2 + n1) {
-        const int i = static_cast<int>((cta - n2) / tiles1), tile = static_cast<int>((cta - n2) % tiles1);
-        const int row0 = tile / tn1 * TILE, col0 = tile % tn1 * TILE;
-        const int xcol = i * p.p + col0;
-        const TokenCols<float> a{dh + static_cast<int64_t>(i) * p.q + row0, n_mid, 1, p.q - row0};
-        const TokenCols<T> b{x + xcol, p.x_row_stride, 1, max(0, min(p.p - col0, p.x_cols - xcol))};
-        float* out = static_cast<float*>(p.dw1) + (static_cast<int64_t>(i) * p.q + row0) * p.p + col0;
-        grad_tile<T>(a, b, p.tokens, out, p.p, p.q - row0, p.p - col0);
+        const int64_t i = (cta - n2) / per1;
+        const TileAt t((cta - n2) % per1, p.p);
+        const int64_t xcol = i * p.p + t.col0;
+        // a(c, tok) = dh[tok][i*q + c], b(tok, pp) = x[tok][i*p + pp]: k-major, contiguous rows.
+        const Strided<float, true> a{dh + i * p.q + t.row0, n_mid, 1, T_, p.q - t.row0};
+        const Strided<T, true> b{x + xcol, p.x_row_stride, 1, T_, max(int64_t{0}, min(p.p - t.col0, p.x_cols - xcol))};
+        const StridedOut<float> o{static_cast<float*>(p.dw1) + (i * p.q + t.row0) * p.p + t.col0, p.p, 1,
+                                  p.q - t.row0, p.p - t.col0};
+        gemm_tile<T, true, true, false>(a, b, T_, o);
+    } else if (cta < n2 + n1 + nx) {
+        const int64_t i = (cta - n2 - n1) / perx;
+        const TileAt t((cta - n2 - n1) % perx, p.p);
+        // a(tok, c) = dh[tok][i*q + c], contiguous along k; b(c, pp) = w1[i][c][pp], along pp.
+        const Strided<float, true> a{dh + t.row0 * n_mid + i * p.q, n_mid, 1, T_ - t.row0, p.q};
+        const Strided<T, true> b{w1 + i * p.q * p.p + t.col0, p.p, 1, p.q, p.p - t.col0};
+        const StridedOut<T> o{static_cast<T*>(p.y) + t.row0 * p.y_row_stride + i * p.p + t.col0, p.y_row_stride, 1,
+                              T_ - t.row0, min(p.p - t.col0, p.y_cols - i * p.p - t.col0)};
+        gemm_tile<T, false, true, false>(a, b, p.q, o);
     } else if (p.dbias) {
-        const int64_t o = (cta - n2 - n1) * blockDim.x + threadIdx.x;
+        const int64_t o = (cta - n2 - n1 - nx) * blockDim.x + threadIdx.x;
         if (o < static_cast<int64_t>(p.l) * p.s) static_cast<float*>(p.dbias)[o] = column_sum(dy, p.dy_row_stride, p.tokens, o);
     }
 }
@@ -468,6 +568,15 @@ extern "C" __global__ void __launch_bounds__(ATTNKIT_MONARCH_SIMT_THREADS)
         case ATTNKIT_DTYPE_F16: monarch::backward_mid<__half>(p); break;
         case ATTNKIT_DTYPE_BF16: monarch::backward_mid<__nv_bfloat16>(p); break;
         default: break;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(ATTNKIT_MONARCH_GRAD_THREADS)
+    monarch_backward_mid_mma(const __grid_constant__ MonarchParams p) {
+    switch (p.dtype) {
+        case ATTNKIT_DTYPE_F16: monarch::backward_mid_mma<__half>(p); break;
+        case ATTNKIT_DTYPE_BF16: monarch::backward_mid_mma<__nv_bfloat16>(p); break;
+        default: break;  // the host sends f32 to monarch_backward_mid
     }
 }
 

@@ -72,28 +72,58 @@ __device__ __forceinline__ void for_each_acc(const float (&acc)[MT][2][4], int l
     }
 }
 
-// One operand of a weight-gradient product, a [tokens x cols] matrix read in place: element
-// (tok, col) at base[tok * row_stride + col * col_stride], zero past `cols` or the last token.
-// dy's columns of one w2 block are strided by l (column t*l + j); the others are contiguous.
-template <typename S> struct TokenCols {
+// Eight contiguous elements at a 16-byte (T) or 32-byte (f32) aligned address as a chunk of T.
+template <typename T> __device__ __forceinline__ uint4 vector_chunk(const T* at) {
+    return *reinterpret_cast<const uint4*>(at);
+}
+template <typename T> __device__ __forceinline__ uint4 vector_chunk(const float* at) {
+    const float4 lo = reinterpret_cast<const float4*>(at)[0], hi = reinterpret_cast<const float4*>(at)[1];
+    return make_uint4(pack2<T>(lo.x, lo.y), pack2<T>(lo.z, lo.w), pack2<T>(hi.x, hi.y), pack2<T>(hi.z, hi.w));
+}
+
+// One operand of a backward product, read in place as a [rows x elems] matrix: element
+// (row, e) at base[row * row_stride + e * elem_stride], zero past `rows` or `elems`. Which
+// index is the contraction's depends on how the operand sits in shared memory (gemm_tile):
+// an operand contiguous along its free index is staged k-major (rows = k), one contiguous along
+// k (or along neither) free-index-major (elems = k), so a chunk's 8 elements are adjacent in
+// memory wherever the operand allows.
+// UNIT: elem_stride is 1 (then whole aligned chunks take vector loads); a compile-time choice,
+// so a gathered operand's loads carry no second path.
+template <typename S, bool UNIT> struct Strided {
     const S* base;
     int64_t row_stride;
-    int64_t col_stride;
-    int cols;
+    int64_t elem_stride;
+    int64_t rows;
+    int64_t elems;
 
-    // Columns 8c..8c+7 of token row `tok` as eight T packed into a 16-byte chunk (rounding is
+    // Elements e0..e0+7 of row `row` as eight T packed into a 16-byte chunk (rounding is
     // exact: every source holds values already representable in T).
     template <typename T>
-    __device__ __forceinline__ uint4 chunk(int64_t tok, int64_t tokens, int c) const {
+    __device__ __forceinline__ uint4 chunk(int64_t row, int64_t e0) const {
+        // Contiguous, whole and aligned (most chunks of x, w1, w2, h and dh): vector loads.
+        if (UNIT && row < rows && e0 + 8 <= elems) {
+            const S* at = base + row * row_stride + e0;
+            if ((reinterpret_cast<uintptr_t>(at) & (sizeof(S) * 8 - 1)) == 0) return vector_chunk<T>(at);
+        }
         float v[8];
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
-            const int col = c * 8 + e;
-            v[e] = tok < tokens && col < cols ? to_f32(base[tok * row_stride + col * col_stride]) : 0.f;
+            v[e] = row < rows && e0 + e < elems ? to_f32(base[row * row_stride + (e0 + e) * (UNIT ? 1 : elem_stride)]) : 0.f;
         }
         return make_uint4(pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]), pack2<T>(v[4], v[5]),
                           pack2<T>(v[6], v[7]));
     }
+};
+
+// Where a product's tile goes: element (row, col) at base[row * row_stride + col * col_stride]
+// for row < rows, col < cols; ROUND rounds the f32 sum to T first (h and dh, which the
+// forward pass and the CPU path round).
+template <typename O> struct StridedOut {
+    O* base;
+    int64_t row_stride;
+    int64_t col_stride;
+    int64_t rows;
+    int64_t cols;
 };
 
 }  // namespace monarch

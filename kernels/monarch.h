@@ -41,8 +41,9 @@ typedef struct MonarchParams {
     int32_t transpose;    /* 0: y = M x + bias; 1: y = M^T x + bias (simt kernel only): x is
                              [tokens, l*s], y [tokens, k*p], the groups run over w1's k blocks
                              (group divides k) and the intermediate is group * q wide */
-    /* Backward only (monarch_backward_mid, monarch_backward_weights); x, w1, w2, tokens,
-     * x_row_stride, x_cols = k*p and the dimensions as above; y and bias unused. */
+    /* Backward only (monarch_backward_mid, monarch_backward_weights and their _mma forms); x,
+     * w1, w2, tokens, x_row_stride, x_cols = k*p and the dimensions as above; bias unused, y
+     * unused but by monarch_backward_weights_mma (dx, below). */
     const void* dy;        /* [tokens, l*s], row stride dy_row_stride (elements) */
     void* dw1;             /* f32 [k, q, p] */
     void* dw2;             /* f32 [l, s, r] */
@@ -56,10 +57,13 @@ typedef struct MonarchParams {
 /* Threads per CTA of the two kernels. */
 #define ATTNKIT_MONARCH_MMA_THREADS 256
 #define ATTNKIT_MONARCH_SIMT_THREADS 256
-/* The tensor-core weight-gradient kernel (monarch_backward_weights_mma, bf16/f16): CTAs of
- * this many threads, each computing one TILE x TILE tile of one block of dw2 or dw1 (grid:
- * l * tiles(s, r) CTAs for dw2, then k * tiles(q, p) for dw1, then ceil(l*s / THREADS) for
- * dbias when present, tiles(a, b) = ceil(a / TILE) * ceil(b / TILE)). */
+/* The tensor-core backward kernels (bf16/f16): CTAs of this many threads, each computing one
+ * TILE x TILE tile of one product, tiles(a, b) = ceil(a / TILE) * ceil(b / TILE) of them for
+ * an [a x b] product. monarch_backward_mid_mma: k * tiles(tokens, q) CTAs for h (block i's
+ * [tokens x q]), then l * tiles(tokens, r) for dh. monarch_backward_weights_mma:
+ * l * tiles(s, r) for dw2, then k * tiles(q, p) for dw1, then k * tiles(tokens, p) for dx
+ * (into y: y_row_stride its row stride, y_cols = k*p), then ceil(l*s / THREADS) for dbias
+ * when present. */
 #define ATTNKIT_MONARCH_GRAD_THREADS 128
 #define ATTNKIT_MONARCH_GRAD_TILE 64
 /* Its dynamic shared memory: two buffers of two 32-token x TILE operand tiles, 2-byte elements. */

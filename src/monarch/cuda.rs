@@ -193,41 +193,58 @@ fn grid_stride(dev: &CudaDevice, n: usize) -> LaunchConfig {
     }
 }
 
-/// The launch of `monarch_backward_weights_mma`: one CTA per 64 x 64 tile of every block of
-/// dw2, then of dw1, then enough for one thread per dbias column (the order kernels/monarch.h
-/// states).
-fn grad_tiles(shape: MonarchShape, no_bias: bool) -> Result<LaunchConfig> {
+/// The launches of `monarch_backward_mid_mma` and `monarch_backward_weights_mma`: one CTA
+/// per 64 x 64 tile of every product, in the order kernels/monarch.h states (h, dh; dw2, dw1,
+/// dx, then one thread per dbias column). A grid past 2^31 - 1 CTAs is an error, not a wrapped
+/// launch.
+fn mma_grids(shape: MonarchShape, tokens: usize, bias: bool) -> Result<[LaunchConfig; 2]> {
     let tile = c::ATTNKIT_MONARCH_GRAD_TILE as usize;
     let threads = c::ATTNKIT_MONARCH_GRAD_THREADS;
-    let tiles = |a: usize, b: usize| a.div_ceil(tile) * b.div_ceil(tile);
+    let tiles = |a: usize, b: usize| a.div_ceil(tile).checked_mul(b.div_ceil(tile));
     let [k, q, p] = shape.w1_dims();
     let [l, s, r] = shape.w2_dims();
-    let bias = if no_bias {
-        0
-    } else {
+    let bias = if bias {
         shape.n_out().div_ceil(threads as usize)
+    } else {
+        0
     };
-    // Each term is at most w2_len, w1_len or n_out (< 2^31 each), so the sum cannot overflow;
-    // past a grid's x limit it is an error, not a wrapped launch.
-    let ctas = l * tiles(s, r) + k * tiles(q, p) + bias;
-    let ctas = u32::try_from(ctas)
-        .ok()
-        .filter(|&n| n <= i32::MAX as u32)
-        .ok_or_else(|| Error::Shape {
-            arg: "w2",
-            detail: format!(
-                "the weight gradients take {ctas} tiles of {tile}x{tile}, past a grid's 2^31 - 1"
-            ),
-        })?;
-    Ok(LaunchConfig {
-        grid_dim: (ctas, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: c::ATTNKIT_MONARCH_GRAD_SMEM,
-    })
+    let sum = |terms: &[Option<usize>]| -> Option<usize> {
+        terms
+            .iter()
+            .try_fold(0usize, |acc, t| acc.checked_add((*t)?))
+    };
+    let mid = sum(&[
+        tiles(tokens, q).and_then(|t| t.checked_mul(k)),
+        tiles(tokens, r).and_then(|t| t.checked_mul(l)),
+    ]);
+    let weights = sum(&[
+        tiles(s, r).and_then(|t| t.checked_mul(l)),
+        tiles(q, p).and_then(|t| t.checked_mul(k)),
+        tiles(tokens, p).and_then(|t| t.checked_mul(k)),
+        Some(bias),
+    ]);
+    let grid = |ctas: Option<usize>| -> Result<LaunchConfig> {
+        let ctas = ctas
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|&n| n <= i32::MAX as u32)
+            .ok_or_else(|| Error::Shape {
+                arg: "x",
+                detail: format!(
+                    "{tokens} tokens: the backward's {tile}x{tile} tiles exceed a grid's 2^31 - 1"
+                ),
+            })?;
+        Ok(LaunchConfig {
+            grid_dim: (ctas, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: c::ATTNKIT_MONARCH_GRAD_SMEM,
+        })
+    };
+    Ok([grid(mid)?, grid(weights)?])
 }
 
-/// The backward pass on the GPU: h and dh into the workspace, the weight gradients, then
-/// `dx = M^T dy` through the transpose product. Everything already checked by the caller.
+/// The backward pass on the GPU: h and dh into the workspace, then the weight gradients and
+/// dx, all on tensor cores for bf16/f16 (two launches); f32 on CUDA cores, dx = M^T dy
+/// through the transpose product. Everything already checked by the caller.
 pub(super) fn backward<T: Element>(
     dev: &CudaDevice,
     w: &Weights<'_, T>,
@@ -291,19 +308,28 @@ pub(super) fn backward<T: Element>(
             x_cols: x_rows.width as i32,
             ..shape_params::<T>(shape)
         };
+        // SAFETY (both arms): x, dy hold their checked rows, w1/w2/dw1/dw2 their shapes,
+        // dbias n_out, dx its checked rows, the workspace 2 * tokens * n_mid f32 (checked by
+        // the caller); the kernels touch no more, and every pointer comes from a guard alive
+        // until after the launches.
+        if matches!(T::DTYPE, DType::F16 | DType::Bf16) {
+            // Everything on tensor cores, dx included (from dh, the transpose's first stage).
+            let [mid, weights] = mma_grids(shape, tokens, !params.dbias.is_null())?;
+            let dxv = dev.view_mut("dx", &mut g.dx)?;
+            let params = c::MonarchParams {
+                y: ptrs.write("dx", dxv, &dev.stream, elem)? as *mut _,
+                y_row_stride: dx_rows.row_stride as i64,
+                y_cols: shape.n_in() as i32,
+                ..params
+            };
+            unsafe {
+                dev.launch("monarch", "monarch_backward_mid_mma", mid, &params)?;
+                dev.launch("monarch", "monarch_backward_weights_mma", weights, &params)?;
+            }
+            return Ok(());
+        }
         let n_mid_values = tokens * shape.n_mid();
-        let weights = if matches!(T::DTYPE, DType::F16 | DType::Bf16) {
-            (
-                "monarch_backward_weights_mma",
-                grad_tiles(shape, params.dbias.is_null())?,
-            )
-        } else {
-            let n_grads = shape.w1_len() + shape.w2_len() + shape.n_out();
-            ("monarch_backward_weights", grid_stride(dev, n_grads))
-        };
-        // SAFETY: x, dy hold their checked rows, w1/w2/dw1/dw2 their shapes, dbias n_out, the
-        // workspace 2 * tokens * n_mid f32 (checked by the caller); the kernels touch no more,
-        // and every pointer comes from a guard alive until after both launches.
+        let n_grads = shape.w1_len() + shape.w2_len() + shape.n_out();
         unsafe {
             dev.launch(
                 "monarch",
@@ -311,7 +337,12 @@ pub(super) fn backward<T: Element>(
                 grid_stride(dev, n_mid_values),
                 &params,
             )?;
-            dev.launch("monarch", weights.0, weights.1, &params)?;
+            dev.launch(
+                "monarch",
+                "monarch_backward_weights",
+                grid_stride(dev, n_grads),
+                &params,
+            )?;
         }
         drop(ptrs);
     }
