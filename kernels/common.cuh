@@ -46,9 +46,13 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 
 // 16-byte global -> shared copy that bypasses L1. When `valid` is false nothing is read and
 // the destination is zero-filled (src-size 0): out-of-range rows become zeros, never garbage.
+// The same reading only the first `src_bytes` (0..16) of the source and zero-filling the rest:
+// a row's last, partial chunk.
+__device__ __forceinline__ void cp_async_16_zfill(uint32_t dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
-    const int bytes = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+    cp_async_16_zfill(dst, src, valid ? 16 : 0);
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 // Waits until at most N of this thread's committed groups are still in flight.

@@ -16,13 +16,15 @@
 // Two kernels, same structure:
 // - monarch_forward_mma{1,2,4}: bf16/f16 on tensor cores (mma.sync m16n8k16, f32 accumulate),
 //   16*MT tokens per CTA, 8 warps (a 130 KB tile leaves one CTA per SM: 8 warps hide more
-//   latency than 4; mt = 4 takes about 144 registers per thread, no spills). Stage 1: each
-//   warp takes 16-column tiles of the group's h (the host guarantees a tile never straddles
-//   two input blocks), A = x rows from global, B =
-//   the w1 rows of those columns, K = p; the f32 sums are rounded to T and stored block-major
-//   in shared memory. Stage 2: each warp takes 16-output tiles of one block j, A = h from
-//   shared memory, B = w2 rows, K = r; epilogue adds the bias and stores y[t*l + j].
-//   Needs p, r, s multiples of 16.
+//   latency than 4; mt = 4 takes 135 registers per thread, no spills). Stage 1: each warp
+//   takes 16-column tiles of the group's h (the host guarantees a tile never straddles two
+//   input blocks), A = x rows, B = the w1 rows of those columns, K = p, both copied by
+//   cp.async into the warp's own double buffer 32 of K a step ahead (WarpStage) and read by
+//   ldmatrix; the f32 sums are rounded to T and stored block-major in shared memory. Stage 2:
+//   each warp takes 16-output tiles of one block j, A = h by ldmatrix from shared memory,
+//   B = w2 rows staged as in stage 1, K = r; epilogue adds the bias and stores y[t*l + j].
+//   Needs p, r, s multiples of 16, x rows 16-byte aligned (stride a multiple of 8, aligned
+//   base) and 16-byte aligned weights; the host sends anything else to the simt kernel.
 // - monarch_product_simt: any shape, any dtype (the f32 path), h in f32 shared memory (rounded
 //   to T first, as the mma path sees it), one thread per intermediate column then per output,
 //   up to 8 tokens per CTA. It also runs the transpose product M^T x (dx of the backward
@@ -36,8 +38,9 @@
 // monarch_backward_weights on CUDA cores (each entry sums the tokens in order, as the CPU
 // path), then the transpose product for dx.
 //
-// History: v1 (this file) loads mma fragments straight from global memory (weights and x tiles
-// are L2-resident and each is used by MT m-tiles or both n8 halves); it has not run on a GPU.
+// History: v1 loaded the forward's mma fragments straight from global memory (4-byte loads,
+// x and the weights L2-resident); v2 (this file) stages them per warp with cp.async and reads
+// them by ldmatrix (h too). Neither has run on a GPU.
 #include "common.cuh"
 #include "monarch.cuh"
 
@@ -45,9 +48,59 @@ extern __shared__ __align__(16) unsigned char monarch_smem[];
 
 namespace monarch {
 
+// A warp's private operand staging of the forward kernel: two buffers of A (BM rows) and two of
+// B (16 rows), 32 of the contraction each, in OperandTile<false>'s [rows][32 k] layout, after
+// h in shared memory (ATTNKIT_MONARCH_STAGE_BYTES per warp). Chunks are copied with cp.async a
+// step ahead: `copy` issues one step's chunks and commits them as one group.
+template <int MT> struct WarpStage {
+    static constexpr int BM = 16 * MT, A_BYTES = BM * 64, B_BYTES = 16 * 64;
+    static_assert(2 * (A_BYTES + B_BYTES) == ATTNKIT_MONARCH_STAGE_BYTES(MT), "the host's staging size");
+    using Tile = OperandTile<false>::Tile;
+    uint32_t base;
+    __device__ __forceinline__ uint32_t a(int buf) const { return base + buf * A_BYTES; }
+    __device__ __forceinline__ uint32_t b(int buf) const { return base + 2 * A_BYTES + buf * B_BYTES; }
+    // Copies the ROWS x 4 chunks of a tile at dst, the lanes taking chunk c = lane % 4 of row
+    // lane / 4 + 8u: chunk(u, c, src) sets the source and returns its bytes (16, fewer for a
+    // partial chunk, 0 for a zero-filled one).
+    template <int ROWS, typename F>
+    __device__ static __forceinline__ void copy_rows(uint32_t dst, int lane, F chunk) {
+#pragma unroll
+        for (int u = 0; u < ROWS / 8; ++u) {
+            const int row = lane / 4 + 8 * u, c = lane % 4;
+            const void* src;
+            const int bytes = chunk(u, c, src);
+            cp_async_16_zfill(dst + Tile::offset(row, c), src, bytes);
+        }
+    }
+};
+
+// acc[mt][n8] += A B over one staged step of stage 1: A rows mt*16.. of `a_tile`, B the 16
+// columns of `b_tile`, `ksteps` (1 or 2) k16 steps (2 unless K ends half way through).
+template <typename T, int MT>
+__device__ __forceinline__ void mma_step(float (&acc)[MT][2][4], uint32_t a_tile, uint32_t b_tile, int ksteps,
+                                         int lane) {
+    const auto ca = OperandTile<false>::cursor<true>(a_tile, 0, lane);
+    const auto cb = OperandTile<false>::cursor<false>(b_tile, 0, lane);
+#pragma unroll
+    for (int kc = 0; kc < 2; ++kc) {
+        if (kc < ksteps) {
+            uint32_t bf[4];
+            OperandTile<false>::frag(bf, cb, kc, 0);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                uint32_t af[4];
+                OperandTile<false>::frag(af, ca, kc, mt);
+                mma_16816<T>(acc[mt][0], af, bf[0], bf[1]);
+                mma_16816<T>(acc[mt][1], af, bf[2], bf[3]);
+            }
+        }
+    }
+}
+
 template <typename T, int MT>
 __device__ __forceinline__ void forward_mma(const MonarchParams& p) {
     constexpr int BM = 16 * MT;
+    using Stage = WarpStage<MT>;
     T* hs = reinterpret_cast<T*>(monarch_smem);  // h: [BM][h_stride], block-major columns
     const T* x = static_cast<const T*>(p.x);
     const T* w1 = static_cast<const T*>(p.w1);
@@ -57,47 +110,60 @@ __device__ __forceinline__ void forward_mma(const MonarchParams& p) {
     const int groups = p.l / p.group;
     const int64_t tok0 = static_cast<int64_t>(blockIdx.x / groups) * BM;
     const int j0 = static_cast<int>(blockIdx.x % groups) * p.group;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int g = lane / 4, tq = lane % 4;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, c4 = lane % 4;  // c4: copy chunk
     const int nwarps = blockDim.x / 32;
     const int G = p.group, width = G * p.r;
+    // h takes BM * h_stride * 2 bytes, a multiple of 512 (h_stride is a multiple of 8): the
+    // staging after it starts 128-byte aligned.
+    const Stage st{smem_addr(monarch_smem + BM * p.h_stride * 2 + warp * ATTNKIT_MONARCH_STAGE_BYTES(MT))};
 
-    // This lane's A rows: g and g + 8 of every m16 tile; null past the last token.
-    const T* xrow[MT][2];
+    // Stage 1: h[:, z0..z0+16) = x_i . w1[rows m(z)]^T, K = p, 32 a step through the warp's
+    // staging (x rows past the last token and columns past x_cols arrive as zeros). This
+    // lane's x rows (lane / 4 + 8u of the token tile; null past the last token), every tile's.
+    const int steps1 = (p.p + 31) / 32;
+    const T* xrow[BM / 8];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int64_t tok = tok0 + mt * 16 + g + 8 * h;
-            xrow[mt][h] = tok < p.tokens ? x + tok * p.x_row_stride : nullptr;
-        }
+    for (int u = 0; u < BM / 8; ++u) {
+        const int64_t tok = tok0 + lane / 4 + 8 * u;
+        xrow[u] = tok < p.tokens ? x + tok * p.x_row_stride : nullptr;
     }
-
-    // Stage 1: h[:, z0..z0+16) = x_i . w1[rows m(z)]^T, K = p.
     for (int tile = warp; tile < width / 16; tile += nwarps) {
         const int z0 = tile * 16;
         const int xcol0 = (mid_index(z0, G, p.l, j0) / p.q) * p.p;  // input block i, same for the tile
+        // This lane's two w1 rows of the B tile (rows lane / 4 and lane / 4 + 8; row m of w1 is
+        // column m of h).
         const T* wrow[2];
 #pragma unroll
-        for (int sub = 0; sub < 2; ++sub) {
-            // Row i*q + c of w1 for column m = i*q + c is row m: w1 + m*p.
-            wrow[sub] = w1 + static_cast<int64_t>(mid_index(z0 + sub * 8 + g, G, p.l, j0)) * p.p;
+        for (int u = 0; u < 2; ++u) {
+            wrow[u] = w1 + static_cast<int64_t>(mid_index(z0 + lane / 4 + 8 * u, G, p.l, j0)) * p.p;
         }
+        auto copy = [&](int s) {
+            const int k0 = s * 32, buf = s & 1;
+            const int col = xcol0 + k0 + 8 * c4, in = k0 + 8 * c4 < p.p;
+            const int xbytes = in ? max(0, min(16, (p.x_cols - col) * 2)) : 0;
+            Stage::template copy_rows<BM>(st.a(buf), lane, [&](int u, int, const void*& src) {
+                const int bytes = xrow[u] ? xbytes : 0;
+                src = bytes > 0 ? xrow[u] + col : x;
+                return bytes;
+            });
+            Stage::template copy_rows<16>(st.b(buf), lane, [&](int u, int, const void*& src) {
+                src = in ? wrow[u] + k0 + 8 * c4 : w1;
+                return in ? 16 : 0;
+            });
+            cp_async_commit();
+        };
         float acc[MT][2][4] = {};
-        // Unrolled so the loads of several K steps are in flight together (p, r >= 16).
-#pragma unroll 4
-        for (int kk = 0; kk < p.p; kk += 16) {
-            uint32_t b[2][2];
-            load_b(wrow, kk + 2 * tq, b);
-            const int col = xcol0 + kk + 2 * tq;
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                const uint32_t a[4] = {
-                    load_pair(xrow[mt][0], col, p.x_cols), load_pair(xrow[mt][1], col, p.x_cols),
-                    load_pair(xrow[mt][0], col + 8, p.x_cols),
-                    load_pair(xrow[mt][1], col + 8, p.x_cols)};
-                mma_16x16<T>(acc[mt], a, b);
+        copy(0);
+        for (int s = 0; s < steps1; ++s) {
+            if (s + 1 < steps1) {
+                copy(s + 1);
+                cp_async_wait<1>();
+            } else {
+                cp_async_wait<0>();
             }
+            __syncwarp();  // every lane's chunks of step s have landed
+            mma_step<T, MT>(acc, st.a(s & 1), st.b(s & 1), min(2, (p.p - s * 32) / 16), lane);
+            __syncwarp();  // read before step s + 2 refills the buffer
         }
         // h rounded to T (the next stage's tensor-core operand), block-major on chip.
         for_each_acc<MT>(acc, lane, [&](int row, int col, float v) {
@@ -106,33 +172,53 @@ __device__ __forceinline__ void forward_mma(const MonarchParams& p) {
     }
     __syncthreads();
 
-    // Stage 2: y[:, t*l + j] for t in t0..t0+16 = h_j . w2[j][t0..]^T, K = r.
-    const int ttiles = p.s / 16;
+    // Stage 2: y[:, t*l + j] for t in t0..t0+16 = h_j . w2[j][t0..]^T, K = r: A straight from h
+    // by ldmatrix (rows h_stride apart, an odd number of 16-byte units: conflict-free), B
+    // staged as in stage 1.
+    const int ttiles = p.s / 16, steps2 = (p.r + 31) / 32;
     for (int tile = warp; tile < G * ttiles; tile += nwarps) {
         const int jl = tile / ttiles, t0 = (tile % ttiles) * 16, j = j0 + jl;
         const T* wrow[2];
 #pragma unroll
-        for (int sub = 0; sub < 2; ++sub) {
-            wrow[sub] = w2 + (static_cast<int64_t>(j) * p.s + t0 + sub * 8 + g) * p.r;
-        }
-        const T* hrow[MT][2];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-            for (int h = 0; h < 2; ++h) hrow[mt][h] = hs + (mt * 16 + g + 8 * h) * p.h_stride + jl * p.r;
-        }
+        for (int u = 0; u < 2; ++u) wrow[u] = w2 + (static_cast<int64_t>(j) * p.s + t0 + lane / 4 + 8 * u) * p.r;
+        auto copy = [&](int s) {
+            const int k0 = s * 32;
+            const bool in = k0 + 8 * c4 < p.r;
+            Stage::template copy_rows<16>(st.b(s & 1), lane, [&](int u, int, const void*& src) {
+                src = in ? wrow[u] + k0 + 8 * c4 : w2;
+                return in ? 16 : 0;
+            });
+            cp_async_commit();
+        };
+        // This lane's ldmatrix row of h: (mt*16 +) (lane & 7) + 8 * bit 3, 8 columns in at bit 4.
+        const uint32_t hrow = smem_addr(hs + ((lane & 7) + ((lane >> 3) & 1) * 8) * p.h_stride + jl * p.r + (lane >> 4) * 8);
         float acc[MT][2][4] = {};
-#pragma unroll 4
-        for (int kk = 0; kk < p.r; kk += 16) {
-            uint32_t b[2][2];
-            load_b(wrow, kk + 2 * tq, b);
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                const int k = kk + 2 * tq;
-                const uint32_t a[4] = {pair(hrow[mt][0] + k), pair(hrow[mt][1] + k),
-                                       pair(hrow[mt][0] + k + 8), pair(hrow[mt][1] + k + 8)};
-                mma_16x16<T>(acc[mt], a, b);
+        copy(0);
+        for (int s = 0; s < steps2; ++s) {
+            if (s + 1 < steps2) {
+                copy(s + 1);
+                cp_async_wait<1>();
+            } else {
+                cp_async_wait<0>();
             }
+            __syncwarp();
+            const auto cb = OperandTile<false>::cursor<false>(st.b(s & 1), 0, lane);
+            const int ksteps = min(2, (p.r - s * 32) / 16);
+#pragma unroll
+            for (int kc = 0; kc < 2; ++kc) {
+                if (kc < ksteps) {
+                    uint32_t bf[4];
+                    OperandTile<false>::frag(bf, cb, kc, 0);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        uint32_t af[4];
+                        ldmatrix_x4(af, hrow + (mt * 16 * p.h_stride + s * 32 + kc * 16) * 2);
+                        mma_16816<T>(acc[mt][0], af, bf[0], bf[1]);
+                        mma_16816<T>(acc[mt][1], af, bf[2], bf[3]);
+                    }
+                }
+            }
+            __syncwarp();
         }
         // Output t = t0 + col of block j is column t*l + j of y: the permutation P.
         for_each_acc<MT>(acc, lane, [&](int row, int col, float v) {
@@ -306,21 +392,18 @@ __device__ __forceinline__ void backward_weights(const MonarchParams& p) {
     }
 }
 
-// Stages 16-byte chunks of one operand of gemm_tile through shared memory. K_MAJOR: the tile
-// is [32 k][64 m] (rows of 128 bytes), chunk = 8 consecutive m of one k; otherwise
-// [64 m][32 k] (rows of 64 bytes), chunk = 8 consecutive k of one m. Swizzled either way: the
-// chunk stores and the ldmatrix reads of eight consecutive rows are conflict-free.
-template <bool K_MAJOR> struct GemmStage {
-    static constexpr int ROWS = K_MAJOR ? 32 : 64, ROW_CHUNKS = K_MAJOR ? 8 : 4;
-    using Tile = SwizzledTile<ROW_CHUNKS * 16>;
-    static constexpr int CHUNKS = ROWS * ROW_CHUNKS / ATTNKIT_MONARCH_GRAD_THREADS;  // per thread
+// Stages one operand of gemm_tile through registers into an OperandTile: global loads (with
+// the conversion to T a gather or the f32 workspace needs) a step ahead, then 16-byte stores.
+template <bool K_MAJOR> struct GemmStage : OperandTile<K_MAJOR> {
+    using O = OperandTile<K_MAJOR>;
+    static constexpr int CHUNKS = O::ROWS * O::ROW_CHUNKS / ATTNKIT_MONARCH_GRAD_THREADS;  // per thread
     uint4 r[CHUNKS];
     // Loads the chunks of the step at contraction offset k0 into registers.
     template <typename T, typename S, bool U>
     __device__ __forceinline__ void fetch(const Strided<S, U>& op, int64_t k0, int tid) {
 #pragma unroll
         for (int u = 0; u < CHUNKS; ++u) {
-            const int id = tid + u * ATTNKIT_MONARCH_GRAD_THREADS, row = id / ROW_CHUNKS, c = id % ROW_CHUNKS;
+            const int id = tid + u * ATTNKIT_MONARCH_GRAD_THREADS, row = id / O::ROW_CHUNKS, c = id % O::ROW_CHUNKS;
             r[u] = K_MAJOR ? op.template chunk<T>(k0 + row, 8 * c) : op.template chunk<T>(row, k0 + 8 * c);
         }
     }
@@ -328,23 +411,8 @@ template <bool K_MAJOR> struct GemmStage {
 #pragma unroll
         for (int u = 0; u < CHUNKS; ++u) {
             const int id = tid + u * ATTNKIT_MONARCH_GRAD_THREADS;
-            *reinterpret_cast<uint4*>(tile + Tile::offset(id / ROW_CHUNKS, id % ROW_CHUNKS)) = r[u];
+            *reinterpret_cast<uint4*>(tile + O::Tile::offset(id / O::ROW_CHUNKS, id % O::ROW_CHUNKS)) = r[u];
         }
-    }
-    // The ldmatrix cursor of this lane for A fragments (rows m of the warp's 32, in mma_16816's
-    // order: (m0, k0), (m0 + 8, k0), (m0, k0 + 8), (m0 + 8, k0 + 8)) or, A = false, for pairs of
-    // B fragments (k0, n0), (k0 + 8, n0), (k0, n0 + 8), (k0 + 8, n0 + 8); the warp's 32 columns
-    // start at chunk/row w * 32.
-    template <bool A>
-    __device__ static __forceinline__ typename Tile::Cursor cursor(uint32_t tile, int w, int lane) {
-        const int lo = lane & 7, b3 = (lane >> 3) & 1, b4 = lane >> 4;
-        if (K_MAJOR) return typename Tile::Cursor(tile, lo + (A ? b4 : b3) * 8, w * 4 + (A ? b3 : b4));
-        return typename Tile::Cursor(tile, w * 32 + lo + (A ? b3 : b4) * 8, A ? b4 : b3);
-    }
-    // The fragment at the k16 step kc of the warp's 16-wide slice `sub` (trans when k-major).
-    __device__ static __forceinline__ void frag(uint32_t (&f)[4], const typename Tile::Cursor& c, int kc, int sub) {
-        if (K_MAJOR) ldmatrix_x4_trans(f, c.at(kc * 16, sub * 2));
-        else ldmatrix_x4(f, c.at(sub * 16, kc * 2));
     }
 };
 
@@ -383,17 +451,17 @@ __device__ __forceinline__ void gemm_tile(const Strided<SA, UA>& a, const Stride
             sa.template fetch<T>(a, (kt + 1) * BK, tid);
             sb.template fetch<T>(b, (kt + 1) * BK, tid);
         }
-        const auto ca = GemmStage<KA>::template cursor<true>(smem_addr(ta), wm, lane);
-        const auto cb = GemmStage<KB>::template cursor<false>(smem_addr(tb), wn, lane);
+        const auto ca = OperandTile<KA>::template cursor<true>(smem_addr(ta), wm, lane);
+        const auto cb = OperandTile<KB>::template cursor<false>(smem_addr(tb), wn, lane);
 #pragma unroll
         for (int kc = 0; kc < BK / 16; ++kc) {
             uint32_t af[2][4];
 #pragma unroll
-            for (int mt = 0; mt < 2; ++mt) GemmStage<KA>::frag(af[mt], ca, kc, mt);
+            for (int mt = 0; mt < 2; ++mt) OperandTile<KA>::frag(af[mt], ca, kc, mt);
 #pragma unroll
             for (int n2 = 0; n2 < 2; ++n2) {
                 uint32_t bf[4];
-                GemmStage<KB>::frag(bf, cb, kc, n2);
+                OperandTile<KB>::frag(bf, cb, kc, n2);
 #pragma unroll
                 for (int mt = 0; mt < 2; ++mt) {
                     mma_16816<T>(acc[mt][2 * n2], af[mt], bf[0], bf[1]);
@@ -477,8 +545,8 @@ __device__ __forceinline__ void backward_mid_mma(const MonarchParams& p) {
 // a product over tokens, dw2[j] = dY_j^T H_j ([s x r], dY_j[tok][t] = dy[tok][t*l + j],
 // H_j[tok][rr] = h[tok][rr*l + j]) and dw1[i] = dH_i^T X_i ([q x p], the columns i*q.. of dh
 // and i*p.. of x), and dx_i = dH_i W1_i ([tokens x p], K = q: the transpose product's second
-// stage, its first being dh): 64 x 64 tiles in the order monarch.h states; the CTAs past them
-// sum dbias, one thread per column.
+// stage, its first being dh): 64 x 64 tiles, after the CTAs that sum dbias one thread a
+// column, in the order monarch.h states.
 template <typename T>
 __device__ __forceinline__ void backward_weights_mma(const MonarchParams& p) {
     const T* x = static_cast<const T*>(p.x);
@@ -490,7 +558,14 @@ __device__ __forceinline__ void backward_weights_mma(const MonarchParams& p) {
     const int64_t per2 = tiles_of(p.s, p.r), n2 = p.l * per2;
     const int64_t per1 = tiles_of(p.q, p.p), n1 = p.k * per1;
     const int64_t perx = tiles_of(T_, p.p), nx = p.k * perx;
-    const int64_t cta = blockIdx.x;
+    // dbias first: its CTAs stream every token of dy one thread a column, the longest runs.
+    const int64_t nb = p.dbias ? (static_cast<int64_t>(p.l) * p.s + blockDim.x - 1) / blockDim.x : 0;
+    if (static_cast<int64_t>(blockIdx.x) < nb) {
+        const int64_t o = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+        if (o < static_cast<int64_t>(p.l) * p.s) static_cast<float*>(p.dbias)[o] = column_sum(dy, p.dy_row_stride, p.tokens, o);
+        return;
+    }
+    const int64_t cta = blockIdx.x - nb;
     if (cta < n2) {
         const int64_t j = cta / per2;
         const TileAt t(cta % per2, p.r);
@@ -519,9 +594,6 @@ __device__ __forceinline__ void backward_weights_mma(const MonarchParams& p) {
         const StridedOut<T> o{static_cast<T*>(p.y) + t.row0 * p.y_row_stride + i * p.p + t.col0, p.y_row_stride, 1,
                               T_ - t.row0, min(p.p - t.col0, p.y_cols - i * p.p - t.col0)};
         gemm_tile<T, false, true, false>(a, b, p.q, o);
-    } else if (p.dbias) {
-        const int64_t o = (cta - n2 - n1 - nx) * blockDim.x + threadIdx.x;
-        if (o < static_cast<int64_t>(p.l) * p.s) static_cast<float*>(p.dbias)[o] = column_sum(dy, p.dy_row_stride, p.tokens, o);
     }
 }
 

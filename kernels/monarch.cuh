@@ -20,41 +20,6 @@ __device__ __forceinline__ int onchip_column(int z, int group, int r) {
     return (z % group) * r + z / group;
 }
 
-// Elements (col, col + 1) of a 2-byte row as one register (low half = col), zero past
-// `cols` or for a missing row. The 32-bit load needs `row + col` 4-byte aligned: col even,
-// row start aligned (the host checks the base pointer and an even row stride).
-template <typename T>
-__device__ __forceinline__ uint32_t load_pair(const T* row, int col, int cols) {
-    if (row == nullptr || col >= cols) return 0u;
-    if (col + 1 < cols) return *reinterpret_cast<const uint32_t*>(row + col);
-    return static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(row + col));
-}
-
-// A pair of 2-byte elements that is always in bounds and aligned (weights, on-chip h).
-template <typename T>
-__device__ __forceinline__ uint32_t pair(const T* at) {
-    return *reinterpret_cast<const uint32_t*>(at);
-}
-
-// The B fragments of a 16-column (two n8) tile at K offset k (= kk + 2t): each column's
-// weight row is contiguous along K, so a lane's pairs are 32-bit loads.
-template <typename T>
-__device__ __forceinline__ void load_b(const T* const (&wrow)[2], int k, uint32_t (&b)[2][2]) {
-#pragma unroll
-    for (int sub = 0; sub < 2; ++sub) {
-        b[sub][0] = pair(wrow[sub] + k);
-        b[sub][1] = pair(wrow[sub] + k + 8);
-    }
-}
-
-// acc[sub] += a * b[sub] for both n8 halves of a 16-column tile.
-template <typename T>
-__device__ __forceinline__ void mma_16x16(float (&acc)[2][4], const uint32_t (&a)[4],
-                                          const uint32_t (&b)[2][2]) {
-#pragma unroll
-    for (int sub = 0; sub < 2; ++sub) mma_16816<T>(acc[sub], a, b[sub][0], b[sub][1]);
-}
-
 // Visits this lane's accumulators of a (16*MT) x 16 tile as f(row, col, value), row and col
 // within the tile (the C fragment layout above).
 template <int MT, typename F>
@@ -72,7 +37,7 @@ __device__ __forceinline__ void for_each_acc(const float (&acc)[MT][2][4], int l
     }
 }
 
-// Eight contiguous elements at a 16-byte (T) or 32-byte (f32) aligned address as a chunk of T.
+// Eight contiguous elements at a 16-byte aligned address as a chunk of T.
 template <typename T> __device__ __forceinline__ uint4 vector_chunk(const T* at) {
     return *reinterpret_cast<const uint4*>(at);
 }
@@ -103,7 +68,7 @@ template <typename S, bool UNIT> struct Strided {
         // Contiguous, whole and aligned (most chunks of x, w1, w2, h and dh): vector loads.
         if (UNIT && row < rows && e0 + 8 <= elems) {
             const S* at = base + row * row_stride + e0;
-            if ((reinterpret_cast<uintptr_t>(at) & (sizeof(S) * 8 - 1)) == 0) return vector_chunk<T>(at);
+            if ((reinterpret_cast<uintptr_t>(at) & 15) == 0) return vector_chunk<T>(at);
         }
         float v[8];
 #pragma unroll
@@ -112,6 +77,31 @@ template <typename S, bool UNIT> struct Strided {
         }
         return make_uint4(pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]), pack2<T>(v[4], v[5]),
                           pack2<T>(v[6], v[7]));
+    }
+};
+
+// A tile of a product's operand in shared memory, 32 of the contraction by up to 64 of the
+// free index, swizzled so that chunk stores and the ldmatrix reads of eight consecutive rows
+// are conflict-free. K_MAJOR: [32 k][64] (rows of 128 bytes, an operand contiguous along its
+// free index); otherwise [64][32 k] (rows of 64 bytes, an operand contiguous along k).
+template <bool K_MAJOR> struct OperandTile {
+    static constexpr int ROWS = K_MAJOR ? 32 : 64, ROW_CHUNKS = K_MAJOR ? 8 : 4;
+    using Tile = SwizzledTile<ROW_CHUNKS * 16>;
+    // This lane's ldmatrix cursor for A fragments (the free index m; in mma_16816's order
+    // (m0, k0), (m0 + 8, k0), (m0, k0 + 8), (m0 + 8, k0 + 8)) or, A = false, for pairs of B
+    // fragments ((k0, n0), (k0 + 8, n0), (k0, n0 + 8), (k0 + 8, n0 + 8)), the warp's 32 free
+    // indices starting at w * 32.
+    template <bool A>
+    __device__ static __forceinline__ typename Tile::Cursor cursor(uint32_t tile, int w, int lane) {
+        const int lo = lane & 7, b3 = (lane >> 3) & 1, b4 = lane >> 4;
+        if (K_MAJOR) return typename Tile::Cursor(tile, lo + (A ? b4 : b3) * 8, w * 4 + (A ? b3 : b4));
+        return typename Tile::Cursor(tile, w * 32 + lo + (A ? b3 : b4) * 8, A ? b4 : b3);
+    }
+    // The fragments at k16 step kc of the 16-wide slice `sub` of the warp's 32 (.trans when
+    // k-major: the mma wants the free index in rows).
+    __device__ static __forceinline__ void frag(uint32_t (&f)[4], const typename Tile::Cursor& c, int kc, int sub) {
+        if (K_MAJOR) ldmatrix_x4_trans(f, c.at(kc * 16, sub * 2));
+        else ldmatrix_x4(f, c.at(sub * 16, kc * 2));
     }
 };
 

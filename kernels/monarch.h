@@ -23,7 +23,7 @@ typedef struct MonarchParams {
     void* y;              /* [tokens, y_cols], row stride y_row_stride (elements); output
                              columns y_cols..l*s are computed and dropped */
     int64_t tokens;       /* rows of x and y */
-    int64_t x_row_stride; /* elements between rows of x (>= x_cols; even on the mma path) */
+    int64_t x_row_stride; /* elements between rows of x (>= x_cols; a multiple of 8 on the mma path) */
     int64_t y_row_stride; /* elements between rows of y (>= y_cols) */
     int32_t x_cols;       /* columns of x present (<= k*p) */
     int32_t y_cols;       /* columns of y written (<= l*s) */
@@ -54,6 +54,10 @@ typedef struct MonarchParams {
 
 /* Most tokens per CTA of the simt kernel (its per-thread accumulators). */
 #define ATTNKIT_MONARCH_SIMT_TOKENS 8
+/* Shared memory of one warp's operand staging in monarch_forward_mma{MT}, after h: two
+ * buffers of A (16*MT rows) and two of B (16 rows), 32 two-byte elements a row. The host sizes
+ * the launch as 16*MT*h_stride*2 + warps * this. */
+#define ATTNKIT_MONARCH_STAGE_BYTES(mt) (2 * (16 * (mt) + 16) * 64)
 /* Threads per CTA of the two kernels. */
 #define ATTNKIT_MONARCH_MMA_THREADS 256
 #define ATTNKIT_MONARCH_SIMT_THREADS 256
@@ -61,9 +65,9 @@ typedef struct MonarchParams {
  * TILE x TILE tile of one product, tiles(a, b) = ceil(a / TILE) * ceil(b / TILE) of them for
  * an [a x b] product. monarch_backward_mid_mma: k * tiles(tokens, q) CTAs for h (block i's
  * [tokens x q]), then l * tiles(tokens, r) for dh. monarch_backward_weights_mma:
- * l * tiles(s, r) for dw2, then k * tiles(q, p) for dw1, then k * tiles(tokens, p) for dx
- * (into y: y_row_stride its row stride, y_cols = k*p), then ceil(l*s / THREADS) for dbias
- * when present. */
+ * ceil(l*s / THREADS) for dbias when present, then l * tiles(s, r) for dw2, k * tiles(q, p)
+ * for dw1 and k * tiles(tokens, p) for dx (into y: y_row_stride its row stride,
+ * y_cols = k*p). */
 #define ATTNKIT_MONARCH_GRAD_THREADS 128
 #define ATTNKIT_MONARCH_GRAD_TILE 64
 /* Its dynamic shared memory: two buffers of two 32-token x TILE operand tiles, 2-byte elements. */

@@ -15,13 +15,15 @@ use crate::cuda::{CudaDevice, DevPtrs, params as c};
 use crate::dtype::{DType, Element};
 use crate::error::{DriverContext, Error, Result};
 
+const _: () = assert!(tiles::MMA_WARPS * 32 == c::ATTNKIT_MONARCH_MMA_THREADS as usize);
+
 /// [`tiles::plan`], remembered per argument set: planning walks every 16-column tile of the
 /// intermediate once per candidate group (`n_mid / 16` checks each), which is worth doing
 /// once per shape, not once per call.
 fn cached_plan(
     shape: MonarchShape,
     dtype: DType,
-    even: bool,
+    vec: bool,
     smem_limit: usize,
     transpose: bool,
     tokens: usize,
@@ -31,7 +33,7 @@ fn cached_plan(
     let bucket = tokens.max(1).next_power_of_two();
     type Key = (MonarchShape, DType, bool, usize, bool, usize, usize);
     static PLANS: OnceLock<Mutex<HashMap<Key, Option<Plan>>>> = OnceLock::new();
-    let key = (shape, dtype, even, smem_limit, transpose, bucket, sms);
+    let key = (shape, dtype, vec, smem_limit, transpose, bucket, sms);
     let plans = PLANS.get_or_init(|| Mutex::new(HashMap::new()));
     if let Some(p) = plans.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
         return *p;
@@ -39,7 +41,7 @@ fn cached_plan(
     let plan = tiles::plan_for(
         shape,
         dtype,
-        even,
+        vec,
         smem_limit,
         transpose,
         Some((bucket, sms)),
@@ -71,12 +73,29 @@ pub(super) fn product<T: Element>(
         .attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
         .driver("shared memory limit")?
         .max(0) as usize;
-    let even = x_rows.row_stride % 2 == 0;
+    let elem = std::mem::align_of::<T>();
+    let xv = dev.view("x", x)?;
+    let w1v = dev.view("w1", &w.w1)?;
+    let w2v = dev.view("w2", &w.w2)?;
+    let bv = match bias {
+        Some(b) => Some(dev.view("bias", b)?),
+        None => None,
+    };
+    let yv = dev.view_mut("y", y)?;
+    let mut ptrs = DevPtrs::default();
+    let (xp, w1p, w2p) = (
+        ptrs.read("x", xv, &dev.stream, elem)?,
+        ptrs.read("w1", w1v, &dev.stream, elem)?,
+        ptrs.read("w2", w2v, &dev.stream, elem)?,
+    );
+    // The mma kernel copies x rows and weight rows in 16-byte chunks (p, r multiples of 16
+    // keep every chunk inside a row aligned when the row starts are).
+    let vec = x_rows.row_stride % 8 == 0 && (xp | w1p | w2p) % 16 == 0;
     let sms = dev.sm_count as usize;
     let plan = cached_plan(
         shape,
         T::DTYPE,
-        even,
+        vec,
         smem_limit,
         transpose,
         x_rows.tokens,
@@ -102,35 +121,20 @@ pub(super) fn product<T: Element>(
             arg: "x",
             detail: format!("{} tokens need more than 2^31 CTAs", x_rows.tokens),
         })?;
-    let (name, threads, align) = match plan.kernel {
-        // The mma kernel reads x, w1 and w2 as 32-bit pairs.
-        Kernel::Mma { mt: 1 } => ("monarch_forward_mma1", c::ATTNKIT_MONARCH_MMA_THREADS, 4),
-        Kernel::Mma { mt: 2 } => ("monarch_forward_mma2", c::ATTNKIT_MONARCH_MMA_THREADS, 4),
-        Kernel::Mma { .. } => ("monarch_forward_mma4", c::ATTNKIT_MONARCH_MMA_THREADS, 4),
-        Kernel::Simt => (
-            "monarch_product_simt",
-            c::ATTNKIT_MONARCH_SIMT_THREADS,
-            std::mem::align_of::<T>(),
-        ),
+    let (name, threads) = match plan.kernel {
+        Kernel::Mma { mt: 1 } => ("monarch_forward_mma1", c::ATTNKIT_MONARCH_MMA_THREADS),
+        Kernel::Mma { mt: 2 } => ("monarch_forward_mma2", c::ATTNKIT_MONARCH_MMA_THREADS),
+        Kernel::Mma { .. } => ("monarch_forward_mma4", c::ATTNKIT_MONARCH_MMA_THREADS),
+        Kernel::Simt => ("monarch_product_simt", c::ATTNKIT_MONARCH_SIMT_THREADS),
     };
-    let elem = std::mem::align_of::<T>();
-    let xv = dev.view("x", x)?;
-    let w1v = dev.view("w1", &w.w1)?;
-    let w2v = dev.view("w2", &w.w2)?;
-    let bv = match bias {
-        Some(b) => Some(dev.view("bias", b)?),
-        None => None,
-    };
-    let yv = dev.view_mut("y", y)?;
-    let mut ptrs = DevPtrs::default();
     let bias = match bv {
         Some(b) => ptrs.read("bias", b, &dev.stream, elem)? as *const _,
         None => std::ptr::null(),
     };
     let params = c::MonarchParams {
-        x: ptrs.read("x", xv, &dev.stream, align)? as *const _,
-        w1: ptrs.read("w1", w1v, &dev.stream, align)? as *const _,
-        w2: ptrs.read("w2", w2v, &dev.stream, align)? as *const _,
+        x: xp as *const _,
+        w1: w1p as *const _,
+        w2: w2p as *const _,
         bias,
         y: ptrs.write("y", yv, &dev.stream, elem)? as *mut _,
         tokens: x_rows.tokens as i64,
@@ -194,8 +198,8 @@ fn grid_stride(dev: &CudaDevice, n: usize) -> LaunchConfig {
 }
 
 /// The launches of `monarch_backward_mid_mma` and `monarch_backward_weights_mma`: one CTA
-/// per 64 x 64 tile of every product, in the order kernels/monarch.h states (h, dh; dw2, dw1,
-/// dx, then one thread per dbias column). A grid past 2^31 - 1 CTAs is an error, not a wrapped
+/// per 64 x 64 tile of every product, in the order kernels/monarch.h states (h, dh; one
+/// thread per dbias column, then dw2, dw1, dx). A grid past 2^31 - 1 CTAs is an error, not a wrapped
 /// launch.
 fn mma_grids(shape: MonarchShape, tokens: usize, bias: bool) -> Result<[LaunchConfig; 2]> {
     let tile = c::ATTNKIT_MONARCH_GRAD_TILE as usize;

@@ -353,9 +353,10 @@ pub(crate) enum Mode {
 ///
 /// Errors name the argument: `w1`/`w2`/`bias` of the wrong length, `x` whose width is not
 /// `k*p` or that is too short for its rows, strides below the width, buffers that do not live
-/// where `dev` runs, misaligned device pointers (the tensor-core path, taken for bf16/f16 with
-/// `p`, `r`, `s` multiples of 16 and an even x row stride, reads `x`, `w1`, `w2` in 4-byte
-/// pairs).
+/// where `dev` runs, device pointers not aligned to their element. The tensor-core path is
+/// taken for bf16/f16 with `p`, `r`, `s` multiples of 16, x's row stride a multiple of 8 and
+/// `x`, `w1`, `w2` 16-byte aligned (it copies rows in 16-byte chunks); anything else runs on
+/// CUDA cores, with the same result up to rounding.
 ///
 /// ```
 /// use attnkit::monarch::{self, MonarchShape, Rows, Weights};
@@ -587,10 +588,10 @@ pub fn backward_workspace_len(shape: MonarchShape, tokens: usize) -> Option<usiz
 /// stride `dy_row_stride`), writes `dx`, `dw1`, `dw2` (and `dbias`). The intermediate `h` is
 /// recomputed into the caller's workspace with its gradient `dh` (both rounded to `T`, as the
 /// forward pass rounds `h`); each weight gradient entry then sums its outer-product terms over
-/// the tokens in f32; `dx = M^T dy` is the transpose product. On a GPU: three launches; for
-/// bf16/f16 the weight gradients run on tensor cores (every block of `dw1` and `dw2` is a
-/// product over tokens, in 64 x 64 tiles, summing 32 tokens a step), the rest on CUDA cores;
-/// f32 sums each entry over the tokens in order on CUDA cores, as the CPU path does.
+/// the tokens in f32; `dx = M^T dy` is the transpose product. On a GPU, bf16/f16: two
+/// launches, every product on tensor cores in 64 x 64 tiles (h and dh, then `dw1`, `dw2` as
+/// sums over tokens 32 a step, and `dx` from `dh`); f32: three launches on CUDA cores, each
+/// gradient entry summing the tokens in order, as the CPU path does.
 ///
 /// ```
 /// use attnkit::monarch::{self, Grads, MonarchShape, Rows, Weights};

@@ -10,6 +10,16 @@ use crate::dtype::DType;
 /// Tokens per CTA of the simt kernel (`ATTNKIT_MONARCH_SIMT_TOKENS` in kernels/monarch.h).
 pub(crate) const SIMT_TOKENS: usize = 8;
 
+/// Warps of the mma kernel (`ATTNKIT_MONARCH_MMA_THREADS / 32`; src/monarch/cuda.rs asserts it).
+pub(crate) const MMA_WARPS: usize = 8;
+
+/// Shared bytes of one warp's operand staging in the mma kernel at `16 * mt` tokens
+/// (`ATTNKIT_MONARCH_STAGE_BYTES` in kernels/monarch.h): two buffers of the A rows and two of
+/// 16 B rows, 32 two-byte elements a row.
+pub(crate) fn stage_bytes(mt: usize) -> usize {
+    2 * (16 * mt + 16) * 64
+}
+
 /// Which kernel runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Kernel {
@@ -61,30 +71,31 @@ fn traffic(shape: MonarchShape, transpose: bool, group: usize, tokens: usize) ->
     (group * per_block * (p + s)) as f64 / tokens as f64 + (n_x * (blocks / group)) as f64
 }
 
-/// The tiling for `shape` and `dtype` with `smem_limit` bytes of shared memory per CTA, an
-/// even (`x_even_stride`) row stride of x, for the forward product or its transpose; None when
-/// even one output block's intermediate for one token does not fit.
+/// The tiling for `shape` and `dtype` with `smem_limit` bytes of shared memory per CTA, x rows
+/// and weights that take 16-byte copies (`x_vec`: x's row stride a multiple of 8 elements, x,
+/// w1 and w2 16-byte aligned), for the forward product or its transpose; None when even one
+/// output block's intermediate for one token does not fit.
 ///
-/// - Forward, bf16/f16 with `p`, `r`, `s` multiples of 16 (the mma tile's K and N), an even x
-///   stride (32-bit pair loads) and a group whose column tiles stay in one input block: the
-///   mma kernel, `16 * mt` tokens for mt in {1, 2, 4} (mt = 4 takes about 144 registers per
-///   thread at 256 threads with the K loop unrolled 4 times, no spills).
+/// - Forward, bf16/f16 with `p`, `r`, `s` multiples of 16 (the mma tile's K and N), `x_vec`
+///   (16-byte cp.async copies) and a group whose column tiles stay in one input block: the
+///   mma kernel, `16 * mt` tokens for mt in {1, 2, 4}, its shared memory h plus the warps'
+///   staging ([`stage_bytes`]).
 /// - Everything else (f32, other shapes, the transpose): the simt kernel, up to 8 tokens (its
 ///   per-thread accumulators), groups over `l` (forward) or `k` (transpose).
 ///
 /// Among the candidates that fit, the least [`traffic`]: many small blocks (n = 4096, 64
 /// blocks) come out at G = 32 with 32 tokens (x read twice, weights 8K elements per token),
-/// few large ones (n = 4096, 4 blocks of 1024) at G = 1 with 64 tokens (r = 1024 values of h
-/// per token, 129 KB).
+/// few large ones (n = 4096, 4 blocks of 1024) at G = 1 with 64 tokens on an H100 (r = 1024
+/// values of h per token: 129 KB, plus 80 KB of staging) and 32 on an A100's 163 KB.
 #[cfg(test)]
 pub(crate) fn plan(
     shape: MonarchShape,
     dtype: DType,
-    x_even_stride: bool,
+    x_vec: bool,
     smem_limit: usize,
     transpose: bool,
 ) -> Option<Plan> {
-    plan_for(shape, dtype, x_even_stride, smem_limit, transpose, None)
+    plan_for(shape, dtype, x_vec, smem_limit, transpose, None)
 }
 
 /// [`plan`] for a known launch: `occupancy = (tokens, SMs)`. The traffic estimate is divided
@@ -95,18 +106,14 @@ pub(crate) fn plan(
 pub(crate) fn plan_for(
     shape: MonarchShape,
     dtype: DType,
-    x_even_stride: bool,
+    x_vec: bool,
     smem_limit: usize,
     transpose: bool,
     occupancy: Option<(usize, usize)>,
 ) -> Option<Plan> {
     let ([k, q, p], [l, s, r]) = (shape.w1_dims(), shape.w2_dims());
-    let mma_ok = !transpose
-        && dtype != DType::F32
-        && p % 16 == 0
-        && r % 16 == 0
-        && s % 16 == 0
-        && x_even_stride;
+    let mma_ok =
+        !transpose && dtype != DType::F32 && p % 16 == 0 && r % 16 == 0 && s % 16 == 0 && x_vec;
     let (blocks, per_block) = if transpose { (k, q) } else { (l, r) };
     let mut best: Option<(f64, Plan)> = None;
     // Largest groups first, so a tie keeps the larger group.
@@ -119,7 +126,7 @@ pub(crate) fn plan_for(
             [4, 2, 1]
                 .into_iter()
                 .filter_map(|mt| {
-                    let smem = 16 * mt * h_stride * dtype.size();
+                    let smem = 16 * mt * h_stride * dtype.size() + MMA_WARPS * stage_bytes(mt);
                     (smem <= smem_limit).then_some(Plan {
                         kernel: Kernel::Mma { mt },
                         group,
@@ -208,11 +215,12 @@ mod tests {
             (Kernel::Mma { mt: 2 }, 32, 32)
         );
         let large = MonarchShape::square(4096, 4).unwrap();
-        for limit in [H100, A100] {
+        // 64 tokens need 129 KB of h and 80 KB of staging: an H100 has room, an A100 not.
+        for (limit, mt) in [(H100, 4), (A100, 2)] {
             let p = plan(large, DType::F16, true, limit, false).unwrap();
             assert_eq!(
                 (p.kernel, p.group, p.block_tokens),
-                (Kernel::Mma { mt: 4 }, 1, 64)
+                (Kernel::Mma { mt }, 1, 16 * mt)
             );
             assert!(p.smem_bytes <= limit);
         }
