@@ -35,7 +35,7 @@ struct Smem {
     static constexpr int PAD = 16 / sizeof(T);
     static constexpr int PK = D + PAD;   // pitch of K and Q tiles [BLOCK][D]
     static constexpr int PV = ET + PAD;  // pitch of V, P [BLOCK][ET] and the state copy [D][ET]
-    static constexpr int PS = ET;        // pitch of the f32 state [D][ET]
+    static constexpr int PS = ET + 8;    // pitch of the f32 state [D][ET]: 8 rows of float2 pairs on distinct banks
     static constexpr bool COPY = sizeof(T) == 2;  // 16-bit: a T copy of the state feeds Q S
     static constexpr size_t K_OFF = 0;
     static constexpr size_t V_OFF = K_OFF + sizeof(T) * BLOCK * PK;
@@ -115,29 +115,26 @@ __device__ __forceinline__ void update_state(float* sS, T* sC, const T* sK, cons
 #pragma unroll
         for (int j = 0; j < ET / 8; ++j) {
             const int ra = row0 + m * 16 + g, c = 8 * j + 2 * t;
-            acc[m][j][0] = whole * sS[ra * L::PS + c];
-            acc[m][j][1] = whole * sS[ra * L::PS + c + 1];
-            acc[m][j][2] = whole * sS[(ra + 8) * L::PS + c];
-            acc[m][j][3] = whole * sS[(ra + 8) * L::PS + c + 1];
+            const float2 lo = *reinterpret_cast<const float2*>(sS + ra * L::PS + c);
+            const float2 hi = *reinterpret_cast<const float2*>(sS + (ra + 8) * L::PS + c);
+            acc[m][j][0] = whole * lo.x;
+            acc[m][j][1] = whole * lo.y;
+            acc[m][j][2] = whole * hi.x;
+            acc[m][j][3] = whole * hi.y;
         }
 #pragma unroll 1
     for (int kk = 0; kk < BLOCK; kk += 16)
 #pragma unroll
         for (int m = 0; m < MT; ++m)
-#pragma unroll
-            for (int j = 0; j < ET / 8; ++j)
-                // A(r = state row, k = token) = Kd[token][row]; B(k = token, n) = V[token][n].
-                warp_mma_16x8x16(acc[m][j], sK + kk * L::PK + row0 + m * 16, 1, L::PK,
-                                 sV + kk * L::PV + 8 * j, L::PV, 1);
+            // A(r = state row, k = token) = Kd[token][row]; B(k = token, n) = V[token][n].
+            warp_mma_16xn<true, true>(acc[m], sK + kk * L::PK + row0 + m * 16, L::PK, sV + kk * L::PV, L::PV);
 #pragma unroll
     for (int m = 0; m < MT; ++m)
 #pragma unroll
         for (int j = 0; j < ET / 8; ++j) {
             const int ra = row0 + m * 16 + g, c = 8 * j + 2 * t;
-            sS[ra * L::PS + c] = acc[m][j][0];
-            sS[ra * L::PS + c + 1] = acc[m][j][1];
-            sS[(ra + 8) * L::PS + c] = acc[m][j][2];
-            sS[(ra + 8) * L::PS + c + 1] = acc[m][j][3];
+            store2(sS + ra * L::PS + c, acc[m][j][0], acc[m][j][1]);
+            store2(sS + (ra + 8) * L::PS + c, acc[m][j][2], acc[m][j][3]);
             if constexpr (COPY) {
                 store2(sC + ra * L::PV + c, acc[m][j][0], acc[m][j][1]);
                 store2(sC + (ra + 8) * L::PV + c, acc[m][j][2], acc[m][j][3]);
@@ -160,10 +157,7 @@ __device__ __forceinline__ void output_block(const LightningParams& p, const T* 
     zero_frags(acc);
     // Inter-block: Q_i KV.
 #pragma unroll 1
-    for (int kk = 0; kk < D; kk += 16)
-#pragma unroll
-        for (int j = 0; j < ET / 8; ++j)
-            warp_mma_16x8x16(acc[j], sQ + r0 * L::PK + kk, L::PK, 1, sSop + kk * sp + 8 * j, sp, 1);
+    for (int kk = 0; kk < D; kk += 16) warp_mma_16xn<false, true>(acc, sQ + r0 * L::PK + kk, L::PK, sSop + kk * sp, sp);
     const float fa = p.causal ? p.scale * exp2f((float)(ra + 1) * log2_decay) : p.scale;
     const float fb = p.causal ? p.scale * exp2f((float)(rb + 1) * log2_decay) : p.scale;
 #pragma unroll
@@ -180,11 +174,7 @@ __device__ __forceinline__ void output_block(const LightningParams& p, const T* 
         zero_frags(sc);
 #pragma unroll 1
         for (int kk = 0; kk < D; kk += 16)
-#pragma unroll
-            for (int j = 0; j < BLOCK / 8; ++j)
-                if (j < jmax)
-                    warp_mma_16x8x16(sc[j], sQ + r0 * L::PK + kk, L::PK, 1, sK + 8 * j * L::PK + kk,
-                                     1, L::PK);
+            warp_mma_16xn<false, false>(sc, sQ + r0 * L::PK + kk, L::PK, sK + kk, L::PK, jmax);
         // Decay mask and scale, rounded to T into this warp's rows of P.
 #pragma unroll
         for (int j = 0; j < BLOCK / 8; ++j) {
@@ -199,10 +189,7 @@ __device__ __forceinline__ void output_block(const LightningParams& p, const T* 
         // Intra-block: P V over the keys up to this warp's last row.
 #pragma unroll 1
         for (int kk = 0; kk < 16 * (warp + 1); kk += 16)
-#pragma unroll
-                for (int j = 0; j < ET / 8; ++j)
-                    warp_mma_16x8x16(acc[j], sP + r0 * L::PV + kk, L::PV, 1, sV + kk * L::PV + 8 * j,
-                                     L::PV, 1);
+            warp_mma_16xn<false, true>(acc, sP + r0 * L::PV + kk, L::PV, sV + kk * L::PV, L::PV);
     }
 #pragma unroll
     for (int j = 0; j < ET / 8; ++j) {
@@ -461,10 +448,7 @@ template <typename T>
 __device__ __forceinline__ void warp_rows_product(float (&acc)[ET / 8][4], const T* a, int ap,
                                                   const T* b, int bp, int kend) {
 #pragma unroll 1
-    for (int k0 = 0; k0 < kend; k0 += 16)
-#pragma unroll
-        for (int j = 0; j < ET / 8; ++j)
-            warp_mma_16x8x16(acc[j], a + k0, ap, 1, b + k0 * bp + 8 * j, bp, 1);
+    for (int k0 = 0; k0 < kend; k0 += 16) warp_mma_16xn<false, true>(acc, a + k0, ap, b + k0 * bp, bp);
 }
 
 // The warp's 16 rows of the intra-block weights, P[r][c] = scale lambda^(r-c) (a_r . b_c) for
@@ -478,12 +462,8 @@ __device__ __forceinline__ void decayed_scores(const T* sA, const T* sB, T* sP, 
     const int r0 = 16 * warp, tiles = 2 * warp + 2;
     float s[BLOCK / 8][4] = {};
 #pragma unroll 1
-    for (int k0 = 0; k0 < D; k0 += 16)
-#pragma unroll
-        for (int j = 0; j < BLOCK / 8; ++j)
-            if (j < tiles)  // B(k, col) = b_col[k]: the keys' rows read as columns
-                warp_mma_16x8x16(s[j], sA + r0 * L::PK + k0, L::PK, 1, sB + 8 * j * L::PK + k0,
-                                 1, L::PK);
+    for (int k0 = 0; k0 < D; k0 += 16)  // B(k, col) = b_col[k]: the keys' rows read as columns
+        warp_mma_16xn<false, false>(s, sA + r0 * L::PK + k0, L::PK, sB + k0, L::PK, tiles);
 #pragma unroll
     for (int j = 0; j < BLOCK / 8; ++j)
 #pragma unroll

@@ -3,45 +3,15 @@
 // tile loads and paired stores. The kernels in lightning.cu read as the paper's algorithm.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "common.cuh"
 
 namespace lightning {
 
-__device__ __forceinline__ uint16_t bits(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
-__device__ __forceinline__ uint16_t bits(__half x) { return __half_as_ushort(x); }
-
-// Two 16-bit values in one register, the lower index in the low half (mma's operand order).
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(T lo, T hi) {
-    return (uint32_t)bits(lo) | ((uint32_t)bits(hi) << 16);
-}
-
-// C (16 x 8, f32, the mma accumulator fragment: lane holds rows g and g+8, columns 2t and
-// 2t+1, g = lane/4, t = lane%4) += A (16 x 16) * B (16 x 8), operands in shared memory at any
-// strides: A(r, k) = a[r*a_rs + k*a_ks], B(k, n) = b[k*b_ks + n*b_ns]. One warp, all lanes.
-template <typename T>
-__device__ __forceinline__ void warp_mma_16x8x16(float (&c)[4], const T* a, int a_rs, int a_ks,
-                                                 const T* b, int b_ks, int b_ns) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    auto A = [&](int r, int k) { return a[r * a_rs + k * a_ks]; };
-    auto B = [&](int k, int n) { return b[k * b_ks + n * b_ns]; };
-    const uint32_t a0 = pack2(A(g, 2 * t), A(g, 2 * t + 1));
-    const uint32_t a1 = pack2(A(g + 8, 2 * t), A(g + 8, 2 * t + 1));
-    const uint32_t a2 = pack2(A(g, 2 * t + 8), A(g, 2 * t + 9));
-    const uint32_t a3 = pack2(A(g + 8, 2 * t + 8), A(g + 8, 2 * t + 9));
-    const uint32_t b0 = pack2(B(2 * t, g), B(2 * t + 1, g));
-    const uint32_t b1 = pack2(B(2 * t + 8, g), B(2 * t + 9, g));
-    const uint32_t frag[4] = {a0, a1, a2, a3};
-    mma_16816<T>(c, frag, b0, b1);
-}
-
-// The f32 path: the same fragment, in FMAs (f32 accuracy, no tensor cores).
-template <>
-__device__ __forceinline__ void warp_mma_16x8x16<float>(float (&c)[4], const float* a, int a_rs,
-                                                        int a_ks, const float* b, int b_ks,
-                                                        int b_ns) {
+// The f32 path's 16x8x16 step, in the mma accumulator layout (lane holds rows g and g+8,
+// columns 2t and 2t+1, g = lane/4, t = lane%4): C += A (16 x 16) * B (16 x 8) in FMAs (f32
+// accuracy, no tensor cores), A(r, k) = a[r*a_rs + k*a_ks], B(k, n) = b[k*b_ks + n*b_ns].
+__device__ __forceinline__ void fma_16x8x16(float (&c)[4], const float* a, int a_rs, int a_ks, const float* b,
+                                            int b_ks, int b_ns) {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll 4
     for (int k = 0; k < 16; ++k) {
@@ -51,6 +21,45 @@ __device__ __forceinline__ void warp_mma_16x8x16<float>(float (&c)[4], const flo
         c[1] = fmaf(x0, y1, c[1]);
         c[2] = fmaf(x1, y0, c[2]);
         c[3] = fmaf(x1, y1, c[3]);
+    }
+}
+
+// acc[j] += A (16 x 16) * B_j (16 x 8, columns 8j..8j+7 of B) for j < min(NT, jmax), one warp,
+// operands in shared memory: A(r, k) at a[r*lda + k], or a[k*lda + r] when A_KMAJOR; B(k, n)
+// at b[k*ldb + n] when B_KMAJOR, else b[n*ldb + k]. 16-bit types: A's fragment is one
+// ldmatrix.x4 (.trans when k-major) serving every j, B's two n8 tiles a time one more
+// (.trans when k-major: the mma wants k along a fragment's pair); rows must start 16-byte
+// aligned, and a pitch of an odd number of 16-byte units keeps the 8 rows of each matrix on
+// distinct banks (the tiles' 16-byte padding). f32: the same products in FMAs.
+template <bool A_KMAJOR, bool B_KMAJOR, int NT, typename T>
+__device__ __forceinline__ void warp_mma_16xn(float (&acc)[NT][4], const T* a, int lda, const T* b, int ldb,
+                                              int jmax = NT) {
+    static_assert(NT % 2 == 0, "B in pairs of n8 tiles");
+    if constexpr (sizeof(T) == 4) {
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            if (j < jmax) {
+                fma_16x8x16(acc[j], a, A_KMAJOR ? 1 : lda, A_KMAJOR ? lda : 1, B_KMAJOR ? b + 8 * j : b + 8 * j * ldb,
+                            B_KMAJOR ? ldb : 1, B_KMAJOR ? 1 : ldb);
+            }
+        }
+    } else {
+        const int lane = threadIdx.x & 31, lo = lane & 7, b3 = (lane >> 3) & 1, b4 = lane >> 4;
+        uint32_t af[4];
+        // Matrices (m0, k0), (m0 + 8, k0), (m0, k0 + 8), (m0 + 8, k0 + 8).
+        if (A_KMAJOR) ldmatrix_x4_trans(af, smem_addr(a + (lo + 8 * b4) * lda + 8 * b3));
+        else ldmatrix_x4(af, smem_addr(a + (lo + 8 * b3) * lda + 8 * b4));
+#pragma unroll
+        for (int n2 = 0; n2 < NT / 2; ++n2) {
+            if (2 * n2 < jmax) {
+                // Matrices (k0, n0), (k0 + 8, n0), (k0, n0 + 8), (k0 + 8, n0 + 8) of this pair.
+                uint32_t bf[4];
+                if (B_KMAJOR) ldmatrix_x4_trans(bf, smem_addr(b + (lo + 8 * b3) * ldb + 16 * n2 + 8 * b4));
+                else ldmatrix_x4(bf, smem_addr(b + (16 * n2 + lo + 8 * b4) * ldb + 8 * b3));
+                mma_16816<T>(acc[2 * n2], af, bf[0], bf[1]);
+                if (2 * n2 + 1 < jmax) mma_16816<T>(acc[2 * n2 + 1], af, bf[2], bf[3]);
+            }
+        }
     }
 }
 

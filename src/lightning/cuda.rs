@@ -27,12 +27,12 @@ fn dtype_of<T: Element>() -> i32 {
 const TILE_ALIGN: usize = 16;
 
 /// Shared memory of the split-state (`output == false`) and output kernels: the host mirror
-/// of `Smem<T, D>` in kernels/lightning.cu (rows padded by 16 bytes; the kernels trap if
-/// they get less than they lay out).
+/// of `Smem<T, D>` in kernels/lightning.cu (16-bit and f32 tile rows padded by 16 bytes, the
+/// f32 state's by 8 floats; the kernels trap if they get less than they lay out).
 fn smem_bytes(elem: usize, d: usize, output: bool) -> usize {
     let pad = 16 / elem;
     let (pk, pv) = (d + pad, E_TILE + pad);
-    let split = elem * BLOCK * pk + elem * BLOCK * pv + 4 * d * E_TILE;
+    let split = elem * BLOCK * pk + elem * BLOCK * pv + 4 * d * (E_TILE + 8);
     if !output {
         return split;
     }
