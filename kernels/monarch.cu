@@ -16,7 +16,7 @@
 // Two kernels, same structure:
 // - monarch_forward_mma{1,2,4}: bf16/f16 on tensor cores (mma.sync m16n8k16, f32 accumulate),
 //   16*MT tokens per CTA, 8 warps (a 130 KB tile leaves one CTA per SM: 8 warps hide more
-//   latency than 4; mt = 4 takes 135 registers per thread, no spills). Stage 1: each warp
+//   latency than 4; mt = 4 takes 115 registers per thread on sm_80, no spills). Stage 1: each warp
 //   takes 16-column tiles of the group's h (the host guarantees a tile never straddles two
 //   input blocks), A = x rows, B = the w1 rows of those columns, K = p, both copied by
 //   cp.async into the warp's own double buffer 32 of K a step ahead (WarpStage) and read by
@@ -44,7 +44,7 @@
 #include "common.cuh"
 #include "monarch.cuh"
 
-extern __shared__ __align__(16) unsigned char monarch_smem[];
+extern __shared__ __align__(128) unsigned char monarch_smem[];
 
 namespace monarch {
 
@@ -113,7 +113,7 @@ __device__ __forceinline__ void forward_mma(const MonarchParams& p) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, c4 = lane % 4;  // c4: copy chunk
     const int nwarps = blockDim.x / 32;
     const int G = p.group, width = G * p.r;
-    // h takes BM * h_stride * 2 bytes, a multiple of 512 (h_stride is a multiple of 8): the
+    // h takes BM * h_stride * 2 bytes, a multiple of 256 (h_stride is a multiple of 8): the
     // staging after it starts 128-byte aligned.
     const Stage st{smem_addr(monarch_smem + BM * p.h_stride * 2 + warp * ATTNKIT_MONARCH_STAGE_BYTES(MT))};
 

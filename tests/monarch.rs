@@ -1060,7 +1060,7 @@ mod gpu {
     use attnkit::{Buf, BufMut};
 
     /// Shapes the tensor-core kernel takes (p, r, s multiples of 16): square with 2, 4, 8,
-    /// sqrt(n) = 16 blocks, few large blocks (256 wide: group 1), and rectangular.
+    /// sqrt(n) = 16 blocks, few large blocks (256 wide: group 1), and rectangular ones.
     const MMA_SHAPES: &[([usize; 3], [usize; 3])] = &[
         ([4, 32, 32], [4, 32, 32]),
         ([8, 16, 16], [8, 16, 16]),
@@ -1070,6 +1070,8 @@ mod gpu {
         ([4, 64, 32], [16, 32, 16]),
         ([8, 32, 16], [4, 48, 64]),
         ([64, 16, 16], [16, 32, 64]),
+        // K ending half way through a 32-wide step in both stages (p = 48, r = 80).
+        ([5, 32, 48], [2, 64, 80]),
     ];
 
     #[allow(clippy::too_many_arguments)]
@@ -1173,9 +1175,10 @@ mod gpu {
         };
         let stream = dev.stream().unwrap();
         let mut rng = rng("gpu_layer");
-        // 250 -> 250 with 8 blocks: padded to 256 (blocks of 32: the mma kernel); 10 -> 7 by 4
-        // (the simt kernel).
-        for (inf, outf, blocks) in [(250, 250, 8), (10, 7, 4)] {
+        // 250 -> 250 with 8 blocks: padded to 256 (blocks of 32), x rows 256 apart: the mma
+        // kernel, its last chunk of a row partial (250 of 256 columns present); rows 250 apart
+        // (not 16-byte aligned) and 10 -> 7 by 4: the simt kernel.
+        for (inf, outf, blocks, xs) in [(250, 250, 8, 256), (250, 250, 8, 250), (10, 7, 4, 10)] {
             let layer = MonarchLinear::<Bf16>::new(inf, outf, blocks, true, rng.random()).unwrap();
             let w1d = stream.clone_htod(layer.w1()).unwrap();
             let w2d = stream.clone_htod(layer.w2()).unwrap();
@@ -1188,11 +1191,15 @@ mod gpu {
             };
             let tokens = 37;
             let x: Vec<Bf16> = random(&mut rng, tokens * inf);
-            let xd = stream.clone_htod(&x).unwrap();
+            let xd = stream.clone_htod(&strided(&x, inf, xs)).unwrap();
             let mut yd = stream.clone_htod(&poisoned::<Bf16>(tokens * outf)).unwrap();
             let rows = Rows::contiguous(tokens, inf);
+            let x_rows = Rows {
+                row_stride: xs,
+                ..rows
+            };
             layer
-                .forward_with(&dev, &w, (&xd).into(), rows, (&mut yd).into(), outf)
+                .forward_with(&dev, &w, (&xd).into(), x_rows, (&mut yd).into(), outf)
                 .unwrap();
             let y = stream.clone_dtoh(&yd).unwrap();
             let mut yc = poisoned::<Bf16>(tokens * outf);
@@ -1202,7 +1209,7 @@ mod gpu {
             // Same function on both backends: agreement to a bf16 rounding of the output.
             let want: Vec<f64> = yc.iter().map(|v| v.to_f32() as f64).collect();
             assert_close(
-                &format!("gpu layer {inf}->{outf}"),
+                &format!("gpu layer {inf}->{outf} x stride {xs}"),
                 &to_f32(&y),
                 &want,
                 2e-2,
