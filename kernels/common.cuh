@@ -44,13 +44,13 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// 16-byte global -> shared copy that bypasses L1. When `valid` is false nothing is read and
-// the destination is zero-filled (src-size 0): out-of-range rows become zeros, never garbage.
-// The same reading only the first `src_bytes` (0..16) of the source and zero-filling the rest:
-// a row's last, partial chunk.
+// 16-byte global -> shared copy that bypasses L1, reading only the first `src_bytes` (0..16)
+// of the source and zero-filling the rest of the destination (a row's last, partial chunk).
 __device__ __forceinline__ void cp_async_16_zfill(uint32_t dst, const void* src, int src_bytes) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
 }
+// The whole 16 bytes; when `valid` is false nothing is read and the destination is zero-filled
+// (src-size 0): out-of-range rows become zeros, never garbage.
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
     cp_async_16_zfill(dst, src, valid ? 16 : 0);
 }

@@ -73,7 +73,9 @@ template <typename S, bool UNIT> struct Strided {
         float v[8];
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
-            v[e] = row < rows && e0 + e < elems ? to_f32(base[row * row_stride + (e0 + e) * (UNIT ? 1 : elem_stride)]) : 0.f;
+            v[e] = row < rows && e0 + e < elems
+                       ? to_f32(base[row * row_stride + (e0 + e) * (UNIT ? 1 : elem_stride)])
+                       : 0.f;
         }
         return make_uint4(pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]), pack2<T>(v[4], v[5]),
                           pack2<T>(v[6], v[7]));
@@ -106,8 +108,8 @@ template <bool K_MAJOR> struct OperandTile {
 };
 
 // Where a product's tile goes: element (row, col) at base[row * row_stride + col * col_stride]
-// for row < rows, col < cols; ROUND rounds the f32 sum to T first (h and dh, which the
-// forward pass and the CPU path round).
+// for row < rows, col < cols (gemm_tile's ROUND rounds the f32 sum to T first: h and dh, as
+// the forward pass and the CPU path round them).
 template <typename O> struct StridedOut {
     O* base;
     int64_t row_stride;

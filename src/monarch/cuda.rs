@@ -199,8 +199,8 @@ fn grid_stride(dev: &CudaDevice, n: usize) -> LaunchConfig {
 
 /// The launches of `monarch_backward_mid_mma` and `monarch_backward_weights_mma`: one CTA
 /// per 64 x 64 tile of every product, in the order kernels/monarch.h states (h, dh; one
-/// thread per dbias column, then dw2, dw1, dx). A grid past 2^31 - 1 CTAs is an error, not a wrapped
-/// launch.
+/// thread per dbias column, then dw2, dw1, dx). A grid past 2^31 - 1 CTAs is an error, not
+/// a wrapped launch.
 fn mma_grids(shape: MonarchShape, tokens: usize, bias: bool) -> Result<[LaunchConfig; 2]> {
     let tile = c::ATTNKIT_MONARCH_GRAD_TILE as usize;
     let threads = c::ATTNKIT_MONARCH_GRAD_THREADS;
